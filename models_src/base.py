@@ -1,0 +1,65 @@
+"""The contract every architecture answers.
+
+Training and evaluation call ``forward(input_ids, targets)``. Generation calls
+``init_state(batch_size)`` once and then ``step(tokens, state, lengths)`` for the
+prompt and for every new token, so each new token costs the same whatever the
+length of the text before it: the state is the recurrent (h, c) of an RNN or the
+key/value cache of an attention model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100  # targets equal to this are not scored
+
+
+class LanguageModel(nn.Module):
+    """Base class: holds the config and the shared loss; subclasses build the network."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    #: The longest sequence ``step`` can hold; ``None`` means unbounded (RNNs).
+    max_context: int | None = None
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(logits, loss)``: logits (B, T, V) for every position; the mean
+        cross-entropy over targets that are not ``IGNORE_INDEX`` when targets are given."""
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int) -> Any:
+        """A fresh decoding state for ``batch_size`` sequences of length zero."""
+        raise NotImplementedError
+
+    def step(
+        self, tokens: torch.Tensor, state: Any, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Feed ``tokens`` (B, T) after what ``state`` has seen; return logits (B, T, V)
+        and the new state (the old one may have been updated in place).
+
+        ``lengths`` (B,) says how many of the T tokens are real in each row (the rest
+        is right padding: its logits are meaningless and it does not enter the state).
+        """
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )

@@ -1,0 +1,52 @@
+"""A GPT-2-style decoder: learned positions, pre-LayerNorm blocks, tied embeddings.
+
+The layout and parameter names follow GPT-2 so that `models_src.hf_export` can hand
+the weights to `transformers.GPT2LMHeadModel` unchanged (bar the Conv1D transpose).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LanguageModel
+from .config import ModelConfig
+from .layers import Block, KVCache, init_transformer_weights
+
+
+class GPT(LanguageModel):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.max_context = config.block_size
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, causal=True) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        init_transformer_weights(self, config.n_layer)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+
+    def forward(self, input_ids, targets=None):
+        T = input_ids.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"input of {T} tokens exceeds block_size {self.config.block_size}")
+        x = self.drop(self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, None if targets is None else self.loss(logits, targets)
+
+    def init_state(self, batch_size: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
+                       device=self.device, dtype=self.wte.weight.dtype)
+
+    def step(self, tokens, state: KVCache, lengths=None):
+        positions = state.begin(tokens.size(1), lengths)
+        x = self.drop(self.wte(tokens) + self.wpe(positions))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=state, layer=i)
+        state.end()
+        return self.lm_head(self.ln_f(x)), state

@@ -1,0 +1,169 @@
+"""Transformer pieces shared by the GPT decoder and the encoder–decoder model.
+
+The key/value cache is pre-allocated once per generation and written in place, so a
+decoding step costs the same at token 10 and at token 1,000 (up to the attention
+over the cached keys), and rows of a batch may have different lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch`` sequences of up to ``max_len`` tokens.
+
+    ``lengths[b]`` is how many tokens row b holds. A step first calls ``begin(T, lengths)``
+    (positions and attention mask are computed once for all layers), then each layer
+    calls ``update``, then ``end()`` advances the lengths.
+    """
+
+    def __init__(self, n_layer, batch, n_head, max_len, head_dim, *, device, dtype):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # While every row has the same length we know it as a Python int: the common
+        # case (batch 1, equal prompts) then needs no index tensors and no mask.
+        self.uniform: int | None = 0
+
+    def begin(self, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Prepare a step of T tokens; return their positions (B, T)."""
+        self._T, self._step_lengths = T, lengths
+        if self.uniform is not None and lengths is None:
+            start = self.uniform
+            if start + T > self.max_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
+            self._end = start + T
+            self._mask = None if T == 1 or start == 0 else self._offset_mask(
+                torch.full_like(self.lengths, start), T)
+            self._causal = start == 0 and T > 1
+            return torch.arange(start, start + T, device=self.lengths.device).expand(len(self.lengths), T)
+        positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        self._end = int(positions[:, -1].max()) + 1
+        if self._end > self.max_len:
+            raise ValueError(f"sequence of {self._end} tokens exceeds the context of {self.max_len}")
+        self._index = positions
+        self._mask = self._offset_mask(self.lengths, T)
+        self._causal = False
+        return positions
+
+    def _offset_mask(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
+        # query i of row b may see key j iff j <= offsets[b] + i
+        keys = torch.arange(self._end, device=offsets.device)
+        allowed = keys[None, None, :] <= (offsets[:, None] + torch.arange(T, device=offsets.device))[:, :, None]
+        return allowed[:, None]  # (B, 1, T, L)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""
+        if self.uniform is not None and self._step_lengths is None:
+            start = self._end - self._T
+            self.k[layer, :, :, start:self._end] = k
+            self.v[layer, :, :, start:self._end] = v
+        else:
+            index = self._index[:, None, :, None].expand_as(k)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end], self._mask, self._causal
+
+    def end(self) -> None:
+        if self.uniform is not None and self._step_lengths is None:
+            self.uniform += self._T
+            self.lengths += self._T
+        else:
+            step = self._step_lengths if self._step_lengths is not None else self._T
+            self.lengths += step
+            self.uniform = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, causal: bool) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.n_head, self.causal, self.dropout = config.n_head, causal, config.dropout
+        self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
+        self.c_proj = nn.Linear(d, d, bias=config.bias)
+
+    def forward(self, x, *, mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        causal = self.causal and mask is None
+        if cache is not None:
+            k, v, mask, causal = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CrossAttention(nn.Module):
+    """Decoder attends to the encoder's output; its keys/values are computed once."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.q_proj = nn.Linear(d, d, bias=config.bias)
+        self.kv_proj = nn.Linear(d, 2 * d, bias=config.bias)
+        self.c_proj = nn.Linear(d, d, bias=config.bias)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, C = memory.shape
+        k, v = self.kv_proj(memory).view(B, S, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, memory_kv, memory_mask):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k, v = memory_kv
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=memory_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # tanh-approximated GELU, as GPT-2 ("gelu_new"), so exported weights match exactly
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; with ``cross=True`` a decoder block."""
+
+    def __init__(self, config: ModelConfig, causal: bool, cross: bool = False) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SelfAttention(config, causal)
+        if cross:
+            self.ln_cross = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.cross = CrossAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, *, mask=None, cache=None, layer=0, memory_kv=None, memory_mask=None):
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), mask=mask, cache=cache, layer=layer))
+        if memory_kv is not None:
+            x = x + self.resid_dropout(self.cross(self.ln_cross(x), memory_kv, memory_mask))
+        return x + self.mlp(self.ln_2(x))
+
+
+def init_transformer_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers)."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith("c_proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)

@@ -1,0 +1,130 @@
+"""Every architecture keeps the one contract: forward == incremental steps, and it learns."""
+
+import pytest
+import torch
+
+from models_src import ARCHITECTURES, ModelConfig, build_model
+
+V, SEP = 50, 3
+
+
+def make(arch, **overrides):
+    torch.manual_seed(0)
+    cfg = dict(arch=arch, vocab_size=V, n_layer=2, n_embd=32, n_head=4, n_hidden=48,
+               block_size=64, sep_id=SEP)
+    cfg.update(overrides)
+    return build_model(ModelConfig(**cfg)).eval()
+
+
+def random_ids(B, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (B, T), generator=g)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_token_by_token_matches_forward(arch):
+    model = make(arch)
+    ids = random_ids(2, 24)
+    if arch == "seq2seq":
+        ids[:, 9] = SEP  # source of 9 tokens, target from the separator on
+    with torch.inference_mode():
+        full, _ = model(ids)
+        first = 10 if arch == "seq2seq" else 1  # seq2seq must see its whole source first
+        state = model.init_state(2)
+        logits, state = model.step(ids[:, :first], state)
+        pieces = [logits]
+        for t in range(first, ids.size(1)):
+            logits, state = model.step(ids[:, t:t + 1], state)
+            pieces.append(logits)
+        stepped = torch.cat(pieces, dim=1)
+    start = 9 if arch == "seq2seq" else 0
+    assert (full[:, start:] - stepped[:, start:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_ragged_batch_prefill_matches_rows_alone(arch):
+    """Right-padded prompts with lengths give each row what it would get alone."""
+    model = make(arch)
+    rows = [random_ids(1, 12, seed=2)[0], random_ids(1, 7, seed=3)[0]]
+    if arch == "seq2seq":
+        rows[0][4] = SEP
+        rows[1][2] = SEP
+    lengths = torch.tensor([len(r) for r in rows])
+    padded = torch.zeros(2, 12, dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+    nxt = torch.tensor([[5], [6]])
+    with torch.inference_mode():
+        state = model.init_state(2)
+        logits, state = model.step(padded, state, lengths)
+        after, _ = model.step(nxt, state)
+        for i, r in enumerate(rows):
+            alone_state = model.init_state(1)
+            alone, alone_state = model.step(r[None], alone_state)
+            assert (logits[i, len(r) - 1] - alone[0, -1]).abs().max() < 1e-5
+            alone_after, _ = model.step(nxt[i:i + 1], alone_state)
+            assert (after[i] - alone_after[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_few_steps_lower_the_loss(arch):
+    text = ("the cat sat on the mat. " * 40).encode()
+    data = torch.tensor([b % V for b in text])
+    model = make(arch).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = data[:256].view(8, 32), data[1:257].view(8, 32)
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_awd_lstm_regularisers_train_and_are_off_in_eval():
+    model = make("lstm", dropout=0.4, dropout_input=0.3, dropout_hidden=0.25,
+                 dropout_embedding=0.1, weight_drop=0.5).train()
+    ids = random_ids(4, 16)
+    a, loss = model(ids, ids)
+    b, _ = model(ids, ids)
+    assert not torch.equal(a, b)  # stochastic in training
+    loss.backward()
+    assert model.layers[0].weight_hh_l0.grad is not None  # DropConnect still trains W_hh
+    model.eval()
+    assert torch.equal(model(ids)[0], model(ids)[0])
+
+
+def test_tied_weights_share_storage():
+    lstm, gpt = make("lstm"), make("gpt")
+    assert lstm.decoder.weight is lstm.embedding.weight
+    assert gpt.lm_head.weight is gpt.wte.weight
+    assert make("lstm", tie_weights=False).decoder.weight.shape == (V, 48)
+
+
+def test_gpt_rejects_input_longer_than_its_context():
+    model = make("gpt", block_size=8)
+    with pytest.raises(ValueError, match="block_size"):
+        model(random_ids(1, 9))
+    state = model.init_state(1)
+    model.step(random_ids(1, 8), state)
+    with pytest.raises(ValueError, match="context"):
+        model.step(random_ids(1, 1), state)
+
+
+def test_seq2seq_without_separator_is_a_language_model():
+    model = make("seq2seq")
+    ids = random_ids(2, 10)
+    logits, loss = model(ids, ids)
+    assert logits.abs().sum() > 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("bad", [dict(arch="transformer"), dict(n_embd=30, n_head=4),
+                                 dict(arch="seq2seq", sep_id=None), dict(dropout=1.0)])
+def test_config_validation(bad):
+    cfg = dict(arch="gpt", vocab_size=V, sep_id=SEP)
+    cfg.update(bad)
+    with pytest.raises(ValueError):
+        ModelConfig(**cfg)
