@@ -6,17 +6,9 @@ It imports neither Flask nor the training loop; `training/` and `app/` stand on 
 from .base import IGNORE_INDEX, LanguageModel
 from .config import ARCHITECTURES, ModelConfig
 from .gpt import GPT
+from .registry import build_model
 from .rnn import RecurrentLM
 from .seq2seq import Seq2SeqTransformer
-
-
-def build_model(config: ModelConfig) -> LanguageModel:
-    """The model an architecture name stands for, freshly initialised."""
-    if config.arch == "gpt":
-        return GPT(config)
-    if config.arch == "seq2seq":
-        return Seq2SeqTransformer(config)
-    return RecurrentLM(config)
 
 
 __all__ = [

@@ -128,3 +128,15 @@ def test_config_validation(bad):
     cfg.update(bad)
     with pytest.raises(ValueError):
         ModelConfig(**cfg)
+
+
+def test_inspection_counts_tied_parameters_once():
+    from models_src.summary import count_parameters, layer_summary, size_mb
+    model = make("gpt")
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert count_parameters(model) == sum(unique.values())
+    assert size_mb(model) == pytest.approx(count_parameters(model) * 4 / 1e6)
+    table = layer_summary(model)
+    assert "blocks.0.attn.c_attn" in table
+    assert "weight tied to wte.weight" in table  # the head shares the embedding
+    assert f"total: {count_parameters(model):,} parameters" in table

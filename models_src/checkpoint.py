@@ -1,0 +1,193 @@
+"""The checkpoint format: one directory per model, no pickles.
+
+    <dir>/config.json         format version, model config, tokenizer kind, training summary
+    <dir>/model.safetensors   the weights (tied weights stored once)
+    <dir>/tokenizer.json      the tokenizer, self-contained (+ tokenizer_config.json)
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so
+a crash while saving leaves the previous checkpoint whole. Loading checks every file
+and every tensor shape and says which one is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .registry import build_model
+from .base import LanguageModel
+from .config import ModelConfig
+from .tokenization import Tokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LEGACY_WEIGHTS = ("model.pt", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    model: LanguageModel
+    tokenizer: Tokenizer
+    config: ModelConfig
+    summary: dict = field(default_factory=dict)  # training facts: perplexity, tokens seen, ...
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "model"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind torch.compile or DDP wrappers (no `_orig_mod.` prefixes)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors listed once (safetensors refuses shared storage)."""
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # a tied weight is one Parameter under two names
+            seen.add(id(tensor))
+            unique[name] = tensor.detach()
+    return unique
+
+
+def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
+                    summary: dict | None = None, *, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint atomically; ``dtype`` (e.g. torch.float16) shrinks the weights."""
+    model = unwrap(model)
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+        "training": summary or {},
+    }
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in _unique_state(model).items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    # os.replace cannot replace a non-empty directory: move the old one aside first.
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_config(directory) -> dict:
+    """The parsed, version-checked config.json of a checkpoint directory."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: missing the 'model' section")
+    return config
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    if path.is_file():
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: weights are corrupt or truncated ({e})") from None
+    for name in LEGACY_WEIGHTS:
+        legacy = directory / name
+        if legacy.is_file():
+            return _read_legacy(legacy)
+    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict, read without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError for truncated zips, ...
+        raise CheckpointError(f"{path}: refused; only plain tensor state dicts are read ({e})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # nanoGPT-style {"model": state_dict, ...}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_checkpoint(directory, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Load, validate and return a checkpoint's model (in eval mode) and tokenizer."""
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config ({e})") from None
+    try:
+        tokenizer = Tokenizer.load(directory)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: tokenizer cannot be loaded ({e})") from None
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise CheckpointError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                              f"model only {model_config.vocab_size}")
+    with torch.device("meta"):
+        expected = _unique_state(build_model(model_config))
+    tensors = _read_weights(directory)
+    problems = [f"missing tensor {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: shape {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} expected"
+                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"{directory}: weights do not match config.json: " + "; ".join(problems[:5])
+                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    model = build_model(model_config)
+    model.load_state_dict(tensors, strict=False)  # tied aliases are filled by the tie itself
+    model.to(device=device, dtype=dtype).eval()
+    return Checkpoint(model, tokenizer, model_config, config.get("training", {}), directory)
