@@ -1,0 +1,1 @@
+"""Offline training side of Fable: data preparation, the trainer and experiments."""
