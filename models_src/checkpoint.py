@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,12 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
-                    summary: dict | None = None, *, dtype: torch.dtype | None = None) -> Path:
-    """Write a checkpoint atomically; ``dtype`` (e.g. torch.float16) shrinks the weights."""
+                    summary: dict | None = None, *, dtype: torch.dtype | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint atomically; ``dtype`` (e.g. torch.float16) shrinks the weights.
+
+    ``write_extra(tmp_dir)`` may add files (the trainer's resume state) before the
+    directory is renamed into place, so they are part of the same atomic write."""
     model = unwrap(model)
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,8 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.save(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

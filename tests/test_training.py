@@ -1,0 +1,209 @@
+"""Training end to end on generated text: checkpoints, experiment rows, exact resume
+after SIGKILL, torchrun, early stopping, a non-finite loss, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from models_src.checkpoint import load_checkpoint
+from training import train as train_module
+from training.config import ConfigError, load_config
+from training.evaluate import evaluate
+from training.experiments import query
+from training.train import Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the a cat dog bird sat ran saw ate on under near big small red mat tree house".split()
+
+
+def make_corpus(path: Path, sentences: int = 3000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
+             for _ in range(sentences)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def raw_config(tmp_path: Path, arch: str = "gpt", **training) -> dict:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        make_corpus(corpus)
+    model = (dict(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=32) if arch in ("gpt", "seq2seq")
+             else dict(arch=arch, n_layer=2, n_embd=32, n_hidden=48, dropout=0.1, weight_drop=0.2))
+    return {
+        "name": f"tiny-{arch}",
+        "model": model,
+        "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "max_seq_len": 32},
+        "tokenizer": {"kind": "char"},
+        "training": {"batch_size": 8, "learning_rate": 3e-3, "max_steps": 30, "warmup_steps": 5,
+                     "eval_every": 10, "eval_batches": 4, "save_every": 10, "num_threads": 1,
+                     **training},
+        "output": {"dir": str(tmp_path / "runs" / "{name}"), "experiments_dir": str(tmp_path / "exp")},
+    }
+
+
+def write_config(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_tiny_run_writes_checkpoints_and_experiment_rows(tmp_path, arch):
+    cfg = load_config(raw=raw_config(tmp_path, arch))
+    summary = Trainer(cfg, quiet=True).fit()
+    assert summary["finished"] and summary["step"] == 30
+    assert summary["val_loss"] < math.log(summary["vocab_size"])  # learned something
+    run = tmp_path / "runs" / f"tiny-{arch}"
+    for which in ("last", "best", "final"):
+        loaded = load_checkpoint(run / which)
+        assert loaded.config.arch == arch
+    final = load_checkpoint(run / "final")
+    assert final.summary["val_perplexity"] == pytest.approx(math.exp(final.summary["val_loss"]))
+    assert final.summary["bits_per_char"] > 0
+    rows = query(tmp_path / "exp", "SELECT step, kind, val_loss, architecture FROM experiments ORDER BY step, kind")
+    assert [(r["step"], r["kind"]) for r in rows] == [(10, "train_eval"), (20, "train_eval"),
+                                                      (30, "final"), (30, "train_eval")]
+    assert all(r["architecture"] == arch for r in rows)
+
+
+def test_cli_overrides_and_clear_errors(tmp_path, capsys):
+    path = write_config(tmp_path, raw_config(tmp_path))
+    assert train_module.main(["--config", str(path), "--quiet", "training.max_steps=5",
+                              "training.eval_every=5", "model.n_layer=1"]) == 0
+    assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").config.n_layer == 1
+    assert train_module.main(["--config", str(path), "training.nonsense=1"]) == 2
+    assert "unknown keys nonsense" in capsys.readouterr().err
+    assert train_module.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert train_module.main(["--config", str(path), "data.path=" + str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+
+
+def test_corpus_too_short_for_one_batch_names_the_file(tmp_path, capsys):
+    raw = raw_config(tmp_path)
+    (tmp_path / "short.txt").write_text("Too short.")
+    raw["data"]["path"] = str(tmp_path / "short.txt")
+    assert train_module.main(["--config", str(write_config(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err
+    assert "short.txt" in err and "too short for one batch" in err
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "training/configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.model["arch"] in ("rnn", "gru", "lstm", "gpt", "seq2seq"), path
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(configs[0], ["model.preset=gigantic"])
+
+
+def test_presets_fill_sizes_and_config_keys_win(tmp_path):
+    raw = raw_config(tmp_path)
+    raw["model"] = {"arch": "gpt", "preset": "nano", "n_layer": 3}
+    cfg = load_config(raw=raw)
+    assert cfg.model == {"arch": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 64, "block_size": 128}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(raw=raw_config(tmp_path, save_every=5)), quiet=True)
+    real_forward = trainer.forward
+
+    def forward(x, y):
+        loss = real_forward(x, y)
+        return loss * float("nan") if trainer.step >= 7 else loss
+    monkeypatch.setattr(trainer, "forward", forward)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 8.*last"):
+        trainer.fit()
+    last = load_checkpoint(tmp_path / "runs/tiny-gpt/last")
+    assert last.summary["step"] == 5 and all(torch.isfinite(p).all() for p in last.model.parameters())
+
+
+def test_early_stopping(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(raw=raw_config(tmp_path, max_steps=100, early_stopping_patience=2,
+                                                 eval_every=5)), quiet=True)
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda n: {**real(1), "loss": next(losses)} if n else real(n))
+    summary = trainer.fit()
+    assert summary["step"] == 20  # evals at 5, 10 (best), 15, 20: two without improvement
+    assert summary["best_val_loss"] == 2.0
+
+
+def run_cli(config: Path, *extra: str, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(config), "--quiet",
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, arch):
+    raw = raw_config(tmp_path, arch, max_steps=80, save_every=10, eval_every=20)
+    raw["model"].update(n_embd=64, dropout=0.1)  # dropout: the RNG state must resume too
+    uninterrupted = Trainer(load_config(raw=raw), quiet=True).fit()
+
+    raw["output"]["dir"] = str(tmp_path / "killed" / "{name}")
+    config = write_config(tmp_path, raw)
+    last = tmp_path / "killed" / f"tiny-{arch}" / "last"
+    proc = run_cli(config)
+    deadline = time.monotonic() + 120
+    while not (last / "trainer_state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(last).summary["step"]  # whole, never half-written
+    assert 0 < killed_at < 80 and not (last.parent / "final").exists()
+
+    resumed = run_cli(config, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()
+    final = load_checkpoint(last.parent / "final").summary
+    assert final["step"] == 80
+    assert abs(final["val_loss"] - uninterrupted["val_loss"]) < 1e-6
+    rows = query(tmp_path / "exp", "SELECT DISTINCT run_id FROM experiments WHERE kind = 'final'")
+    assert len(rows) == 2  # the uninterrupted run and the killed-then-resumed one
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    config = write_config(tmp_path, raw_config(tmp_path, max_steps=6, eval_every=3, save_every=3))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "training.train", "--config", str(config),
+                           "--quiet"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    final = load_checkpoint(tmp_path / "runs/tiny-gpt/final")
+    assert final.summary["hardware"].startswith("2 x ")
+    assert final.summary["tokens_seen"] == 6 * 8 * 32 * 2
+    runs = query(tmp_path / "exp", "SELECT count(DISTINCT run_id) AS n FROM experiments")
+    assert runs[0]["n"] == 1  # only rank 0 records
+
+
+def test_evaluate_scores_every_token_and_records_a_row(tmp_path):
+    Trainer(load_config(raw=raw_config(tmp_path)), quiet=True).fit()
+    ckpt = tmp_path / "runs/tiny-gpt/final"
+    held_out = make_corpus(tmp_path / "held_out.txt", sentences=200, seed=1)
+    full = evaluate(str(ckpt), str(held_out), "all", experiments_dir=str(tmp_path / "exp"), samples=1)
+    text_len = len(held_out.read_text())
+    assert full["tokens"] == text_len  # every character, plus eos, minus the first
+    strided = evaluate(str(ckpt), str(held_out), "all", stride=8, experiments_dir=None, samples=0)
+    assert strided["tokens"] == full["tokens"] and strided["loss"] < full["loss"] + 0.05
+    assert full["bits_per_char"] == pytest.approx(full["loss"] * full["tokens"] / math.log(2) / text_len)
+    assert len(full["samples"]) == 1
+    rows = query(tmp_path / "exp", "SELECT split, kind FROM experiments WHERE kind = 'evaluate'")
+    assert rows == [{"split": "all", "kind": "evaluate"}]

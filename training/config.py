@@ -1,0 +1,176 @@
+"""Run configuration: a YAML file with `model`, `data`, `tokenizer`, `training` and
+`output` sections, plus `section.key=value` overrides from the command line.
+
+Size presets fill the model sizes a config leaves out, so a config can say
+`preset: small` and override only what it cares about.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+# Sizes per family; anything a config sets itself wins over its preset.
+PRESETS = {
+    "attention": {
+        "nano": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+        "micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+        "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512),
+        "large": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    },
+    "recurrent": {
+        "nano": dict(n_layer=1, n_embd=64, n_hidden=128),
+        "micro": dict(n_layer=2, n_embd=128, n_hidden=256),
+        "small": dict(n_layer=2, n_embd=256, n_hidden=512),
+        "medium": dict(n_layer=3, n_embd=400, n_hidden=1150),  # AWD-LSTM's sizes
+        "large": dict(n_layer=3, n_embd=512, n_hidden=1536),
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4  # cosine schedule floor
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; or give `epochs`
+    epochs: float | None = None
+    schedule: str = "cosine"  # cosine (with warm-up) | plateau | constant
+    warmup_steps: int = 100
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    eval_every: int = 200
+    eval_batches: int | None = 50  # validation windows per periodic eval; None = whole split
+    save_every: int = 500  # periodic checkpoint for --resume
+    early_stopping_patience: int | None = None  # evals without improvement before stopping
+    early_stopping_min_delta: float = 0.0
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    num_threads: int | None = None  # torch intra-op threads on CPU
+    tbptt: bool | None = None  # carry RNN state across windows; None: on for RNNs
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("training: give max_steps or epochs")
+        if self.schedule not in ("cosine", "plateau", "constant"):
+            raise ConfigError(f"training.schedule must be cosine, plateau or constant, not {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be at least 1")
+        if self.learning_rate <= 0:
+            raise ConfigError("training.learning_rate must be positive")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/{name}"  # holds last/, best/ and final/ checkpoints
+    experiments_dir: str = "experiments"
+    checkpoint_dtype: str = "float32"  # final/best weights; last/ is always float32 for exact resume
+
+
+@dataclass
+class RunConfig:
+    name: str
+    model: dict
+    data: dict
+    tokenizer: dict
+    training: TrainingConfig
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: str | None = None  # the YAML file it came from
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model": self.model, "data": self.data,
+                "tokenizer": self.tokenizer, "training": asdict(self.training),
+                "output": asdict(self.output)}
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`training.learning_rate=3e-4` -> (["training", "learning_rate"], 0.0003)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def _dataclass_from(cls, section: str, values: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def resolve_model_sizes(model: dict) -> dict:
+    """Fill sizes from the preset; the config's own keys win."""
+    model = dict(model)
+    preset = model.pop("preset", None)
+    if preset is not None:
+        family = "recurrent" if model.get("arch") in ("rnn", "gru", "lstm") else "attention"
+        if preset not in PRESETS[family]:
+            raise ConfigError(f"model.preset must be one of {', '.join(PRESETS[family])}, not {preset!r}")
+        model = {**PRESETS[family][preset], **model}
+    return model
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None) -> RunConfig:
+    """Read a YAML config (or a dict), apply overrides, validate every section."""
+    if raw is None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    raw = apply_overrides(raw, list(overrides))
+    unknown = sorted(set(raw) - {"name", "model", "data", "tokenizer", "training", "output"})
+    if unknown:
+        raise ConfigError(f"unknown config sections: {', '.join(unknown)}")
+    for section in ("model", "data", "training"):
+        if not isinstance(raw.get(section), dict):
+            raise ConfigError(f"the config needs a '{section}' section")
+    name = raw.get("name") or (Path(path).stem if path else None)
+    if not name:
+        raise ConfigError("the config needs a name")
+    return RunConfig(
+        name=str(name),
+        model=resolve_model_sizes(raw["model"]),
+        data=dict(raw["data"]),
+        tokenizer=dict(raw.get("tokenizer") or {"kind": "char"}),
+        training=_dataclass_from(TrainingConfig, "training", raw["training"]),
+        output=_dataclass_from(OutputConfig, "output", raw.get("output") or {}),
+        source=str(path) if path else None,
+    )

@@ -1,0 +1,144 @@
+"""Evaluate a checkpoint: loss, perplexity, token accuracy, bits per character, samples.
+
+    python -m training.evaluate --checkpoint runs/char-gpt-shakespeare/final
+    python -m training.evaluate --checkpoint DIR --data held_out.txt --split all --stride 64
+
+Without ``--data`` the checkpoint's own training corpus and split are used (from the
+config stored in it). ``--split all`` scores every token of the given data. Perplexity is
+exp(total loss / tokens) over every token of the split. Bits per character divide the
+total loss by the split's characters, so character, word and BPE models compare on one
+scale. With ``--bleu N`` the model also continues N validation documents from their first
+half and is scored against the true second half (sacrebleu). Each evaluation appends an
+experiment row (kind "evaluate").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import sacrebleu
+import torch
+
+from models_src.checkpoint import CheckpointError, load_checkpoint
+from models_src.sampling import SamplingParams, generate
+from models_src.summary import count_parameters
+
+from .data import DataConfig, DataError, encode_documents, load_documents, read_all_documents
+from .experiments import ExperimentLog
+from .metrics import score
+
+DEFAULT_PROMPTS = ("", "Once upon a time", "The ")
+
+
+def documents_for(checkpoint, data_path: str | None, split: str) -> list[str]:
+    """The documents of ``split``: from ``data_path``, or the checkpoint's training data."""
+    trained_on = checkpoint.summary.get("config", {}).get("data", {})
+    if data_path is None and not trained_on:
+        raise DataError(f"{checkpoint.path} records no training data: pass --data")
+    config = DataConfig.from_dict({**trained_on, "path": data_path} if data_path else trained_on)
+    if split == "all":  # every document of the file, unsplit
+        return read_all_documents(config)
+    splits = load_documents(config)
+    if split not in splits:
+        raise DataError(f"{config.path or config.hub_name} has no {split} split (it has {', '.join(splits)})")
+    return splits[split]
+
+
+def continuation_bleu(checkpoint, docs: list[str], count: int, max_tokens: int = 64) -> float:
+    """BLEU of greedy continuations of each document's first half against its second half."""
+    tok, hypotheses, references = checkpoint.tokenizer, [], []
+    for doc in docs[:count]:
+        ids = tok.encode(doc)[: 2 * max_tokens]
+        if len(ids) < 4:
+            continue
+        half = len(ids) // 2
+        params = SamplingParams(max_new_tokens=len(ids) - half, temperature=0)
+        out = generate(checkpoint.model, tok, prompt_ids=[[tok.bos_id, *ids[:half]]], params=params)[0]
+        hypotheses.append(out.text)
+        references.append(tok.decode(ids[half:]))
+    if not hypotheses:
+        raise DataError("no document is long enough for --bleu")
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
+
+def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validation",
+             stride: int | None = None, batch_size: int = 16, samples: int = 3, bleu: int = 0,
+             experiments_dir: str | None = "experiments", device: str = "cpu") -> dict:
+    started = time.perf_counter()
+    checkpoint = load_checkpoint(checkpoint_dir, device=device)
+    docs = documents_for(checkpoint, data, split)
+    tokens = encode_documents(docs, checkpoint.tokenizer)
+    seq_len = checkpoint.summary.get("seq_len") or checkpoint.config.block_size
+    if len(tokens) < 2:
+        raise DataError(f"the {split} split has too little text to score")
+    scores = score(checkpoint.model, tokens, seq_len, batch_size=batch_size, stride=stride)
+    result = {
+        "checkpoint": str(checkpoint.path), "split": split, "tokens": scores.tokens,
+        "characters": sum(map(len, docs)), "loss": scores.loss, "perplexity": scores.perplexity,
+        "token_accuracy": scores.accuracy,
+        "bits_per_char": scores.bits_per_char(sum(map(len, docs))),
+        "vocab_size": checkpoint.tokenizer.vocab_size, "seq_len": seq_len, "stride": stride or seq_len,
+    }
+    if bleu:
+        result["bleu"] = continuation_bleu(checkpoint, docs, bleu)
+    if samples:
+        params = SamplingParams(max_new_tokens=80, temperature=0.8, top_k=40, seed=0)
+        outs = generate(checkpoint.model, checkpoint.tokenizer, list(DEFAULT_PROMPTS[:samples]), params)
+        result["samples"] = [p + o.text for p, o in zip(DEFAULT_PROMPTS, outs)]
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    if experiments_dir:
+        log = ExperimentLog(experiments_dir, checkpoint.summary.get("name", checkpoint.name),
+                            config=checkpoint.summary.get("config"))
+        log.log(model=checkpoint.name, architecture=checkpoint.config.arch,
+                parameters=count_parameters(checkpoint.model), step=checkpoint.summary.get("step", 0),
+                epoch=float(checkpoint.summary.get("epoch", 0.0)), val_loss=scores.loss,
+                val_perplexity=scores.perplexity, token_accuracy=scores.accuracy,
+                bits_per_char=result["bits_per_char"], bleu=result.get("bleu"),
+                tokens_seen=checkpoint.summary.get("tokens_seen"),
+                wall_time_s=result["seconds"], split=split, kind="evaluate")
+    return result
+
+
+def format_result(result: dict) -> str:
+    lines = [f"checkpoint      {result['checkpoint']}",
+             f"split           {result['split']} ({result['tokens']:,} tokens, {result['characters']:,} characters)",
+             f"loss            {result['loss']:.4f} nats/token",
+             f"perplexity      {result['perplexity']:.3f} (vocabulary {result['vocab_size']:,})",
+             f"token accuracy  {result['token_accuracy']:.2%}",
+             f"bits per char   {result['bits_per_char']:.4f}",
+             f"context         {result['seq_len']} tokens, stride {result['stride']}"]
+    if "bleu" in result:
+        lines.append(f"BLEU            {result['bleu']:.2f} (greedy continuations)")
+    for sample in result.get("samples", []):
+        lines.append("sample          " + json.dumps(sample, ensure_ascii=False))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--data", help="corpus to score (default: the checkpoint's training data)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test", "all"])
+    parser.add_argument("--stride", type=int, help="sliding-window stride for fixed-context models")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=3, help="sample generations to show (0-3)")
+    parser.add_argument("--bleu", type=int, default=0, metavar="N", help="BLEU over N continuations")
+    parser.add_argument("--experiments-dir", default="experiments", help="'' to record nothing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.checkpoint, args.data, args.split, args.stride, args.batch_size,
+                          args.samples, args.bleu, args.experiments_dir or None, args.device)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

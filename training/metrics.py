@@ -1,0 +1,87 @@
+"""Scoring a token stream: loss, perplexity and token accuracy over every token.
+
+Perplexity is exp(total negative log-likelihood / tokens scored) over all tokens of the
+split, never an average of per-batch perplexities. Fixed-context models are scored with
+windows (a stride below the window length gives each token more context); recurrent
+models read the stream in order and carry their state, so no context is ever cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models_src.base import IGNORE_INDEX
+
+from .data import SequentialBatches, eval_windows
+
+
+@dataclass
+class Scores:
+    nll: float = 0.0  # summed negative log-likelihood, nats
+    tokens: int = 0
+    correct: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, targets = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+        scored = targets != IGNORE_INDEX
+        self.nll += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        self.tokens += int(scored.sum())
+        self.correct += int(((logits.argmax(-1) == targets) & scored).sum())
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.tokens, 1)
+
+    def bits_per_char(self, characters: int | None) -> float | None:
+        """Comparable across character, word and BPE models: nats over the text's characters."""
+        return self.nll / math.log(2) / characters if characters else None
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity,
+                "token_accuracy": self.accuracy, "tokens": self.tokens}
+
+
+def _batched(iterable, n: int):
+    iterator = iter(iterable)
+    while chunk := list(islice(iterator, n)):
+        yield chunk
+
+
+@torch.no_grad()
+def score(model, tokens: np.ndarray, seq_len: int, *, batch_size: int = 16, stride: int | None = None,
+          max_batches: int | None = None, device=None, autocast=None) -> Scores:
+    """Score ``tokens`` with ``model`` (in eval mode; its previous mode is restored)."""
+    device = device or model.device
+    was_training = model.training
+    model.eval()
+    scores = Scores()
+    try:
+        with autocast or contextlib.nullcontext():
+            if model.max_context is None:  # recurrent: in order, carrying the state
+                state = model.init_state(batch_size)
+                for x, y in islice(SequentialBatches(tokens, batch_size, seq_len), max_batches):
+                    logits, state = model.step(x.to(device), state)
+                    scores.add(logits, y.to(device))
+            else:  # fixed context: windows of equal length, several per forward pass
+                windows = eval_windows(tokens, min(seq_len, model.max_context), stride)
+                for chunk in islice(_batched(windows, batch_size), max_batches):
+                    x, y = (torch.cat(parts).to(device) for parts in zip(*chunk))
+                    scores.add(model(x)[0], y)
+    finally:
+        model.train(was_training)
+    return scores

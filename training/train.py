@@ -1,0 +1,368 @@
+"""Train a model from a YAML config.
+
+    python -m training.train --config training/configs/char_gpt_shakespeare.yaml [key=value ...]
+    python -m training.train --config ... --resume          # continue from runs/<name>/last
+    torchrun --nproc_per_node 2 -m training.train --config ...   # data-parallel (gloo on CPU, NCCL on GPU)
+
+One loop, top to bottom: AdamW with gradient clipping and accumulation, a cosine (with
+warm-up), plateau or constant schedule, periodic evaluation with an experiment row each
+time, early stopping, bf16 autocast and fused AdamW on CUDA, optional torch.compile, and
+three checkpoints under the run directory: ``last/`` (periodic, with everything needed to
+resume exactly), ``best/`` (best validation loss) and ``final/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models_src import ModelConfig, build_model
+from models_src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
+from models_src.summary import count_parameters
+
+from .config import ConfigError, RunConfig, load_config
+from .data import DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, prepare, random_batch
+from .experiments import ExperimentLog
+from .metrics import score
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+def detach(state):
+    """Cut the graph behind a recurrent state (truncated back-propagation through time)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return type(state)(detach(s) for s in state)
+
+
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False) -> None:
+        self.cfg, self.t = cfg, cfg.training
+        self.quiet = quiet
+        self.device = pick_device(self.t.device, int(os.environ.get("LOCAL_RANK", 0)))
+        self.dist = Distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.t.num_threads:
+            torch.set_num_threads(self.t.num_threads)
+        torch.manual_seed(self.t.seed)
+
+        self.data = prepare(DataConfig.from_dict(cfg.data), TokenizerConfig.from_dict(cfg.tokenizer))
+        self.tokenizer = self.data.tokenizer
+        model_cfg = ModelConfig(vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id,
+                                sep_id=self.tokenizer.sep_id, **cfg.model)
+        self.model = build_model(model_cfg).to(self.device)
+        self.recurrent = self.model.max_context is None
+        self.seq_len = cfg.data.get("max_seq_len") or (128 if self.recurrent else model_cfg.block_size)
+        if not self.recurrent and self.seq_len > model_cfg.block_size:
+            raise ConfigError(f"data.max_seq_len ({self.seq_len}) exceeds model.block_size ({model_cfg.block_size})")
+        check_enough_tokens(self.data, self.t.batch_size, self.seq_len)
+        self.tbptt = self.recurrent if self.t.tbptt is None else self.t.tbptt
+
+        self.optimizer = self._optimizer()
+        self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=self.t.plateau_factor, patience=self.t.plateau_patience)
+            if self.t.schedule == "plateau" else None)
+        self.network = torch.compile(self.model) if self.t.compile else self.model
+        if self.dist.world > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+
+        train = self.data.splits["train"]
+        tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum * self.dist.world
+        self.steps_per_epoch = max(1, len(train) // tokens_per_step)
+        self.max_steps = self.t.max_steps or math.ceil(self.t.epochs * self.steps_per_epoch)
+        self.tokens_per_step = tokens_per_step
+        # Each rank draws its own batches; the generator's state is saved for exact resume.
+        self.generator = torch.Generator().manual_seed(self.t.seed + self.dist.rank)
+        if self.tbptt:
+            shard = len(train) // self.dist.world
+            self.windows = SequentialBatches(train[self.dist.rank * shard:(self.dist.rank + 1) * shard],
+                                             self.t.batch_size, self.seq_len)
+        self.step, self.window, self.hidden = 0, 0, None
+        self.best_val, self.bad_evals, self.train_time = math.inf, 0, 0.0
+        self.last_train_loss = None
+        self.run_dir = cfg.run_dir
+        self.log = ExperimentLog(cfg.output.experiments_dir, cfg.name, config=cfg.to_dict()) if self.dist.main else None
+
+    # --- pieces -------------------------------------------------------------------------
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on biases, norms and (for RNNs) nothing 1-D: decay shrinks matrices.
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.t.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.t.learning_rate, betas=self.t.betas,
+                                 fused=self.device.type == "cuda")
+
+    def lr_at(self, step: int) -> float:
+        if self.t.schedule != "cosine":
+            return self.optimizer.param_groups[0]["lr"]  # constant, or whatever the plateau set
+        if step < self.t.warmup_steps:
+            return self.t.learning_rate * (step + 1) / self.t.warmup_steps
+        progress = min(1.0, (step - self.t.warmup_steps) / max(1, self.max_steps - self.t.warmup_steps))
+        return self.t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.t.learning_rate - self.t.min_lr)
+
+    def next_batch(self):
+        if not self.tbptt:
+            x, y = random_batch(self.data.splits["train"], self.t.batch_size, self.seq_len, self.generator)
+            return x.to(self.device), y.to(self.device)
+        if self.window >= len(self.windows):  # a new epoch starts from a fresh state
+            self.window, self.hidden = 0, None
+        x, y = self.windows[self.window]
+        self.window += 1
+        return x.to(self.device), y.to(self.device)
+
+    def forward(self, x, y):
+        with self.autocast:
+            if not self.tbptt:
+                return self.network(x, y)[1]
+            state = self.hidden if self.hidden is not None else self.model.init_state(x.size(0))
+            logits, state = self.model.step(x, state)
+            self.hidden = detach(state)
+            return self.model.loss(logits, y)
+
+    def evaluate(self, max_batches: int | None) -> dict:
+        scores = score(self.model, self.data.splits["validation"], self.seq_len,
+                       batch_size=self.t.batch_size, max_batches=max_batches, device=self.device,
+                       autocast=self.autocast if self.device.type == "cuda" else None)
+        result = scores.as_dict()
+        chars = self.data.characters.get("validation") if max_batches is None else None
+        result["bits_per_char"] = scores.bits_per_char(chars)
+        return result
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def summary(self, metrics: dict | None = None, finished: bool = False) -> dict:
+        metrics = metrics or {}
+        return {
+            "name": self.cfg.name, "finished": finished, "step": self.step,
+            "epoch": self.step / self.steps_per_epoch, "tokens_seen": self.step * self.tokens_per_step,
+            "train_loss": self.last_train_loss, "val_loss": metrics.get("loss"),
+            "val_perplexity": metrics.get("perplexity"), "token_accuracy": metrics.get("token_accuracy"),
+            "bits_per_char": metrics.get("bits_per_char"), "best_val_loss": self.best_val,
+            "training_time_s": round(self.train_time, 1), "data": self.data.source,
+            "tokenizer": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size,
+            "seq_len": self.seq_len, "hardware": hardware(self.device, self.dist.world),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, which: str, summary: dict, with_state: bool = False) -> Path:
+        dtype = None if with_state else getattr(torch, self.cfg.output.checkpoint_dtype)
+        extra = self._write_trainer_state if with_state else None
+        return save_checkpoint(self.run_dir / which, self.model, self.tokenizer, summary,
+                               dtype=dtype, write_extra=extra)
+
+    def _write_trainer_state(self, directory: Path) -> None:
+        torch.save({
+            "step": self.step, "window": self.window, "best_val": self.best_val,
+            "bad_evals": self.bad_evals, "train_time": self.train_time,
+            "last_train_loss": self.last_train_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "hidden": self.hidden, "run_id": self.log.run_id if self.log else None,
+        }, directory / TRAINER_STATE)
+
+    def resume(self) -> None:
+        last = self.run_dir / "last"
+        try:
+            restored = load_checkpoint(last, device=self.device)
+        except CheckpointError as e:
+            raise TrainingError(f"cannot resume: {e}") from None
+        if restored.config != self.model.config:
+            raise TrainingError(f"cannot resume: {last} was trained with another model config")
+        self.model.load_state_dict(restored.model.state_dict())
+        # Only tensors, numbers and containers: weights_only refuses anything else.
+        state = torch.load(last / TRAINER_STATE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.plateau and state["plateau"]:
+            self.plateau.load_state_dict(state["plateau"])
+        self.step, self.window, self.best_val = state["step"], state["window"], state["best_val"]
+        self.bad_evals, self.train_time = state["bad_evals"], state["train_time"]
+        self.last_train_loss = state["last_train_loss"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.hidden = state["hidden"]
+        if self.log and state["run_id"]:
+            self.log = ExperimentLog(self.cfg.output.experiments_dir, self.cfg.name,
+                                     run_id=state["run_id"], config=self.cfg.to_dict())
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            self.resume()
+        main = self.dist.main
+        if main and not self.quiet:
+            print(f"{self.cfg.name}: {self.model.config.arch}, {count_parameters(self.model):,} parameters, "
+                  f"{self.tokenizer.kind} tokenizer ({self.tokenizer.vocab_size} tokens), "
+                  f"{len(self.data.splits['train']):,} training tokens, {self.max_steps} steps on {self.device}"
+                  + (f" x{self.dist.world}" if self.dist.world > 1 else ""), file=sys.stderr)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not main or self.quiet,
+                   dynamic_ncols=True, desc=self.cfg.name)
+        metrics: dict = {}
+        self.model.train()
+        while self.step < self.max_steps:
+            started = time.perf_counter()
+            lr = self.lr_at(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for micro in range(self.t.grad_accum):
+                x, y = self.next_batch()
+                sync = micro == self.t.grad_accum - 1 or self.dist.world == 1
+                with contextlib.nullcontext() if sync else self.network.no_sync():
+                    loss = self.forward(x, y)
+                    (loss / self.t.grad_accum).backward()
+                total += loss.item() / self.t.grad_accum
+            if not math.isfinite(total):
+                raise TrainingError(
+                    f"the loss became {total} at step {self.step + 1}; stopped. The last good "
+                    f"checkpoint is {self.run_dir / 'last'} (lower training.learning_rate or raise "
+                    f"training.warmup_steps, then --resume)")
+            if self.t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.last_train_loss = total
+            elapsed = time.perf_counter() - started
+            self.train_time += elapsed
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_step / elapsed:,.0f}")
+
+            stop = False
+            if self.step % self.t.eval_every == 0 or self.step == self.max_steps:
+                metrics = self.evaluate(self.t.eval_batches)
+                stop = self.after_eval(metrics, lr)
+            if self.step % self.t.save_every == 0 and main:
+                self.save("last", self.summary(metrics), with_state=True)
+            if stop:
+                break
+        bar.close()
+        final = self.evaluate(None)
+        summary = self.summary(final, finished=True)
+        if main:
+            self.save("last", summary, with_state=True)
+            self.save("final", summary)
+            self.log_row(final, kind="final", lr=self.optimizer.param_groups[0]["lr"])
+            if not self.quiet:
+                print(f"{self.cfg.name}: step {self.step}, validation loss {final['loss']:.4f}, "
+                      f"perplexity {final['perplexity']:.2f}, checkpoint {self.run_dir / 'final'}", file=sys.stderr)
+        self.dist.barrier()
+        self.dist.close()
+        return summary
+
+    def after_eval(self, metrics: dict, lr: float) -> bool:
+        """Record, keep the best, step the plateau schedule; True when early stopping says stop."""
+        if self.plateau:
+            self.plateau.step(metrics["loss"])
+        improved = metrics["loss"] < self.best_val - self.t.early_stopping_min_delta
+        if improved:
+            self.best_val, self.bad_evals = metrics["loss"], 0
+        else:
+            self.bad_evals += 1
+        if self.dist.main:
+            self.log_row(metrics, kind="train_eval", lr=lr)
+            if improved:
+                self.save("best", self.summary(metrics))
+        patience = self.t.early_stopping_patience
+        if patience is not None and self.bad_evals >= patience:
+            if self.dist.main and not self.quiet:
+                print(f"\nearly stopping at step {self.step}: no improvement in {patience} evaluations",
+                      file=sys.stderr)
+            return True
+        return False
+
+    def log_row(self, metrics: dict, kind: str, lr: float) -> None:
+        self.log.log(
+            model=self.cfg.name, architecture=self.model.config.arch,
+            parameters=count_parameters(self.model), step=self.step,
+            epoch=self.step / self.steps_per_epoch, train_loss=self.last_train_loss,
+            val_loss=metrics["loss"], val_perplexity=metrics["perplexity"],
+            token_accuracy=metrics["token_accuracy"], bits_per_char=metrics.get("bits_per_char"),
+            tokens_per_s=self.step * self.tokens_per_step / max(self.train_time, 1e-9),
+            tokens_seen=self.step * self.tokens_per_step, learning_rate=lr,
+            wall_time_s=self.train_time, split="validation", kind=kind)
+
+
+def hardware(device: torch.device, world: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{world} x {name}" if world > 1 else name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--resume", action="store_true", help="continue from <run dir>/last")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any config key, e.g. training.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        trainer = Trainer(load_config(args.config, args.overrides), quiet=args.quiet)
+        trainer.fit(resume=args.resume)
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
