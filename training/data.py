@@ -93,6 +93,8 @@ class DataConfig:
     cache_dir: str = ".cache/fable"
     offline: bool = True
     seed: int = 1234  # document shuffle
+    task: str = "lm"  # lm (a token stream) | infill | infill+lm (whole examples: training.examples)
+    infill_fraction: float = 0.5  # infill+lm: share of stories turned into infilling examples
 
     def __post_init__(self) -> None:
         self.split = [float(f) for f in self.split]
@@ -109,6 +111,10 @@ class DataConfig:
                 f"data: split must be 2 or 3 positive fractions (train, validation[, test])"
                 f" summing to 1, got {self.split}"
             )
+        if self.task not in ("lm", "infill", "infill+lm"):
+            raise DataError(f"data: task must be lm, infill or infill+lm, not {self.task!r}")
+        if not 0.0 <= self.infill_fraction <= 1.0:
+            raise DataError(f"data: infill_fraction must be in [0, 1], got {self.infill_fraction}")
         if self.subset_size < 1:
             raise DataError(f"data: subset_size must be positive, got {self.subset_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
@@ -475,7 +481,7 @@ def _cache_key(source: _Source, data: DataConfig, tok: TokenizerConfig) -> str:
     stats = [(p, p.stat()) for p in source.stamp]
     files = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in stats]
     # path is covered by the resolved files; the rest does not change the tokens
-    unused = ("path", "max_seq_len", "cache_dir", "offline")
+    unused = ("path", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction")
     settings = {k: v for k, v in asdict(data).items() if k not in unused}
     payload = {"version": CACHE_VERSION, "source": files or source.location,
                "data": settings, "tokenizer": tok.to_dict()}

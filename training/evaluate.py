@@ -8,8 +8,9 @@ config stored in it). ``--split all`` scores every token of the given data. Perp
 exp(total loss / tokens) over every token of the split. Bits per character divide the
 total loss by the split's characters, so character, word and BPE models compare on one
 scale. With ``--bleu N`` the model also continues N validation documents from their first
-half and is scored against the true second half (sacrebleu). Each evaluation appends an
-experiment row (kind "evaluate").
+half and is scored against the true second half (sacrebleu). ``--task infill`` scores
+story middles instead (``training.infill_eval``). Each evaluation appends an experiment
+row (kind "evaluate", or "infill:<given>").
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from models_src.summary import count_parameters
 
 from .data import DataConfig, DataError, encode_documents, load_documents, read_all_documents
 from .experiments import ExperimentLog
+from .infill_eval import GIVEN, generated_middles, middle_scores, story_parts
 from .metrics import score
 
 DEFAULT_PROMPTS = ("", "Once upon a time", "The ")
@@ -64,12 +66,34 @@ def continuation_bleu(checkpoint, docs: list[str], count: int, max_tokens: int =
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
+def evaluate_infill(checkpoint, docs: list[str], given: str, batch_size: int, bleu: int) -> dict:
+    parts, without_middle = story_parts(docs)
+    if not parts:
+        raise DataError("no story in this split has a middle (three sentences or more)")
+    max_len = checkpoint.model.max_context
+    scores = middle_scores(checkpoint, parts, given, batch_size, max_len)
+    result = {"task": "infill", "given": given, "stories": len(parts), "skipped": without_middle,
+              "tokens": scores.tokens, "loss": scores.loss, "perplexity": scores.perplexity,
+              "token_accuracy": scores.accuracy}
+    if bleu:
+        result.update(generated_middles(checkpoint, parts, bleu))
+    return result
+
+
 def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validation",
              stride: int | None = None, batch_size: int = 16, samples: int = 3, bleu: int = 0,
-             experiments_dir: str | None = "experiments", device: str = "cpu") -> dict:
+             experiments_dir: str | None = "experiments", device: str = "cpu",
+             task: str = "lm", given: str = "first+last") -> dict:
     started = time.perf_counter()
     checkpoint = load_checkpoint(checkpoint_dir, device=device)
     docs = documents_for(checkpoint, data, split)
+    if task == "infill":
+        result = evaluate_infill(checkpoint, docs, given, batch_size, bleu)
+        result.update(checkpoint=str(checkpoint.path), split=split,
+                      seconds=round(time.perf_counter() - started, 2))
+        if experiments_dir:
+            record(experiments_dir, checkpoint, result, kind=f"infill:{given}")
+        return result
     tokens = encode_documents(docs, checkpoint.tokenizer)
     seq_len = checkpoint.summary.get("seq_len") or checkpoint.config.block_size
     if len(tokens) < 2:
@@ -90,19 +114,40 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
         result["samples"] = [p + o.text for p, o in zip(DEFAULT_PROMPTS, outs)]
     result["seconds"] = round(time.perf_counter() - started, 2)
     if experiments_dir:
-        log = ExperimentLog(experiments_dir, checkpoint.summary.get("name", checkpoint.name),
-                            config=checkpoint.summary.get("config"))
-        log.log(model=checkpoint.name, architecture=checkpoint.config.arch,
-                parameters=count_parameters(checkpoint.model), step=checkpoint.summary.get("step", 0),
-                epoch=float(checkpoint.summary.get("epoch", 0.0)), val_loss=scores.loss,
-                val_perplexity=scores.perplexity, token_accuracy=scores.accuracy,
-                bits_per_char=result["bits_per_char"], bleu=result.get("bleu"),
-                tokens_seen=checkpoint.summary.get("tokens_seen"),
-                wall_time_s=result["seconds"], split=split, kind="evaluate")
+        record(experiments_dir, checkpoint, result, kind="evaluate")
     return result
 
 
+def record(experiments_dir: str, checkpoint, result: dict, kind: str) -> None:
+    """One experiment row for this evaluation."""
+    log = ExperimentLog(experiments_dir, checkpoint.summary.get("name", checkpoint.name),
+                        config=checkpoint.summary.get("config"))
+    log.log(model=checkpoint.name, architecture=checkpoint.config.arch,
+            parameters=count_parameters(checkpoint.model), step=checkpoint.summary.get("step", 0),
+            epoch=float(checkpoint.summary.get("epoch", 0.0)), val_loss=result["loss"],
+            val_perplexity=result["perplexity"], token_accuracy=result["token_accuracy"],
+            bits_per_char=result.get("bits_per_char"), bleu=result.get("bleu"),
+            tokens_seen=checkpoint.summary.get("tokens_seen"),
+            wall_time_s=result["seconds"], split=result["split"], kind=kind)
+
+
+def format_infill(result: dict) -> str:
+    lines = [f"checkpoint      {result['checkpoint']}",
+             f"stories         {result['stories']:,} in {result['split']} ({result['skipped']} without a middle)",
+             f"middle given    {result['given']}",
+             f"loss            {result['loss']:.4f} nats/token over {result['tokens']:,} middle tokens",
+             f"perplexity      {result['perplexity']:.3f}",
+             f"token accuracy  {result['token_accuracy']:.2%}"]
+    if "bleu" in result:
+        lines.append(f"BLEU            {result['bleu']:.2f} (length ratio {result['length_ratio']:.2f})")
+        for ex in result["examples"]:
+            lines.append("example         " + json.dumps(ex, ensure_ascii=False))
+    return "\n".join(lines)
+
+
 def format_result(result: dict) -> str:
+    if result.get("task") == "infill":
+        return format_infill(result)
     lines = [f"checkpoint      {result['checkpoint']}",
              f"split           {result['split']} ({result['tokens']:,} tokens, {result['characters']:,} characters)",
              f"loss            {result['loss']:.4f} nats/token",
@@ -128,11 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bleu", type=int, default=0, metavar="N", help="BLEU over N continuations")
     parser.add_argument("--experiments-dir", default="experiments", help="'' to record nothing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--task", default="lm", choices=["lm", "infill"],
+                        help="infill: score story middles (training.infill_eval)")
+    parser.add_argument("--given", default="first+last", choices=list(GIVEN),
+                        help="infill: what the middle is conditioned on")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.data, args.split, args.stride, args.batch_size,
-                          args.samples, args.bleu, args.experiments_dir or None, args.device)
+                          args.samples, args.bleu, args.experiments_dir or None, args.device,
+                          args.task, args.given)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -62,26 +62,40 @@ def _batched(iterable, n: int):
         yield chunk
 
 
-@torch.no_grad()
-def score(model, tokens: np.ndarray, seq_len: int, *, batch_size: int = 16, stride: int | None = None,
-          max_batches: int | None = None, device=None, autocast=None) -> Scores:
-    """Score ``tokens`` with ``model`` (in eval mode; its previous mode is restored)."""
+def score_batches(model, batches, *, device=None, autocast=None) -> Scores:
+    """Score (x, y) batches with ``model`` (in eval mode; its previous mode is restored)."""
     device = device or model.device
     was_training = model.training
     model.eval()
     scores = Scores()
     try:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            for x, y in batches:
+                scores.add(model(x.to(device))[0], y.to(device))
+    finally:
+        model.train(was_training)
+    return scores
+
+
+@torch.no_grad()
+def score(model, tokens: np.ndarray, seq_len: int, *, batch_size: int = 16, stride: int | None = None,
+          max_batches: int | None = None, device=None, autocast=None) -> Scores:
+    """Score a token stream: every token once (in eval mode; the previous mode is restored)."""
+    device = device or model.device
+    if model.max_context is not None:  # fixed context: windows of equal length, several per pass
+        windows = eval_windows(tokens, min(seq_len, model.max_context), stride)
+        batches = ((torch.cat(x), torch.cat(y)) for x, y in
+                   (zip(*chunk) for chunk in islice(_batched(windows, batch_size), max_batches)))
+        return score_batches(model, batches, device=device, autocast=autocast)
+    was_training = model.training  # recurrent: in order, carrying the state
+    model.eval()
+    scores = Scores()
+    try:
         with autocast or contextlib.nullcontext():
-            if model.max_context is None:  # recurrent: in order, carrying the state
-                state = model.init_state(batch_size)
-                for x, y in islice(SequentialBatches(tokens, batch_size, seq_len), max_batches):
-                    logits, state = model.step(x.to(device), state)
-                    scores.add(logits, y.to(device))
-            else:  # fixed context: windows of equal length, several per forward pass
-                windows = eval_windows(tokens, min(seq_len, model.max_context), stride)
-                for chunk in islice(_batched(windows, batch_size), max_batches):
-                    x, y = (torch.cat(parts).to(device) for parts in zip(*chunk))
-                    scores.add(model(x)[0], y)
+            state = model.init_state(batch_size)
+            for x, y in islice(SequentialBatches(tokens, batch_size, seq_len), max_batches):
+                logits, state = model.step(x.to(device), state)
+                scores.add(logits, y.to(device))
     finally:
         model.train(was_training)
     return scores

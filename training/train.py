@@ -6,7 +6,7 @@
 
 One loop, top to bottom: AdamW with gradient clipping and accumulation, a cosine (with
 warm-up), plateau or constant schedule, periodic evaluation with an experiment row each
-time, early stopping, bf16 autocast and fused AdamW on CUDA, optional torch.compile, and
+time, early stopping, fused AdamW, bf16 autocast on CUDA, optional torch.compile, and
 three checkpoints under the run directory: ``last/`` (periodic, with everything needed to
 resume exactly), ``best/`` (best validation loss) and ``final/``.
 """
@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -33,8 +33,9 @@ from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
 from .data import DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, prepare, random_batch
+from .examples import example_batch, in_order, prepare_examples
 from .experiments import ExperimentLog
-from .metrics import score
+from .metrics import score, score_batches
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -94,7 +95,8 @@ class Trainer:
             torch.set_num_threads(self.t.num_threads)
         torch.manual_seed(self.t.seed)
 
-        self.data = prepare(DataConfig.from_dict(cfg.data), TokenizerConfig.from_dict(cfg.tokenizer))
+        data_cfg = DataConfig.from_dict(cfg.data)
+        self.data = prepare(data_cfg, TokenizerConfig.from_dict(cfg.tokenizer))
         self.tokenizer = self.data.tokenizer
         model_cfg = ModelConfig(vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id,
                                 sep_id=self.tokenizer.sep_id, **cfg.model)
@@ -103,21 +105,25 @@ class Trainer:
         self.seq_len = cfg.data.get("max_seq_len") or (128 if self.recurrent else model_cfg.block_size)
         if not self.recurrent and self.seq_len > model_cfg.block_size:
             raise ConfigError(f"data.max_seq_len ({self.seq_len}) exceeds model.block_size ({model_cfg.block_size})")
-        check_enough_tokens(self.data, self.t.batch_size, self.seq_len)
-        self.tbptt = self.recurrent if self.t.tbptt is None else self.t.tbptt
+        self.examples = None  # whole-example tasks (infilling) batch examples, not windows
+        if data_cfg.task != "lm":
+            self.examples = prepare_examples(data_cfg, self.data, self.seq_len)
+            if not len(self.examples["train"]) or not len(self.examples.get("validation", ())):
+                raise DataError(f"{self.data.source}: no {data_cfg.task} examples in train or validation "
+                                f"({self.examples['train'].skipped} stories had no middle)")
+        else:
+            check_enough_tokens(self.data, self.t.batch_size, self.seq_len)
+        self.tbptt = self.examples is None and (self.recurrent if self.t.tbptt is None else self.t.tbptt)
 
         self.optimizer = self._optimizer()
         self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=self.t.plateau_factor, patience=self.t.plateau_patience)
             if self.t.schedule == "plateau" else None)
-        self.network = torch.compile(self.model) if self.t.compile else self.model
-        if self.dist.world > 1:
-            self.network = torch.nn.parallel.DistributedDataParallel(
-                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.network = self._wrap(torch.compile(self.model) if self.t.compile else self.model)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
 
-        train = self.data.splits["train"]
+        train = self.data.splits["train"] if self.examples is None else self.examples["train"].tokens
         tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum * self.dist.world
         self.steps_per_epoch = max(1, len(train) // tokens_per_step)
         self.max_steps = self.t.max_steps or math.ceil(self.t.epochs * self.steps_per_epoch)
@@ -141,8 +147,15 @@ class Trainer:
         params = list({id(p): p for p in self.model.parameters()}.values())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.t.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.t.learning_rate, betas=self.t.betas,
-                                 fused=self.device.type == "cuda")
+        # The fused kernel (CPU and CUDA) does the whole update in one pass: ~10 % faster steps here.
+        return torch.optim.AdamW(groups, lr=self.t.learning_rate, betas=self.t.betas, fused=True)
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What the training step calls: the model, maybe compiled, under DDP when distributed."""
+        if self.dist.world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def lr_at(self, step: int) -> float:
         if self.t.schedule != "cosine":
@@ -153,6 +166,10 @@ class Trainer:
         return self.t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.t.learning_rate - self.t.min_lr)
 
     def next_batch(self):
+        if self.examples is not None:
+            x, y = example_batch(self.examples["train"], self.t.batch_size, self.generator,
+                                 self.tokenizer.pad_id)
+            return x.to(self.device), y.to(self.device)
         if not self.tbptt:
             x, y = random_batch(self.data.splits["train"], self.t.batch_size, self.seq_len, self.generator)
             return x.to(self.device), y.to(self.device)
@@ -165,16 +182,31 @@ class Trainer:
     def forward(self, x, y):
         with self.autocast:
             if not self.tbptt:
-                return self.network(x, y)[1]
+                try:
+                    return self.network(x, y)[1]
+                except torch._dynamo.exc.BackendCompilerFailed as e:
+                    if not self.t.compile:
+                        raise
+                    # No working compiler here (torch.compile needs a C++ toolchain on CPU):
+                    # the same model runs eagerly, only slower.
+                    print(f"warning: torch.compile failed ({str(e).splitlines()[0]}); training eagerly",
+                          file=sys.stderr)
+                    self.t.compile, self.network = False, self._wrap(self.model)
+                    return self.network(x, y)[1]
             state = self.hidden if self.hidden is not None else self.model.init_state(x.size(0))
             logits, state = self.model.step(x, state)
             self.hidden = detach(state)
             return self.model.loss(logits, y)
 
     def evaluate(self, max_batches: int | None) -> dict:
+        autocast = self.autocast if self.device.type == "cuda" else None
+        if self.examples is not None:
+            batches = islice(in_order(self.examples["validation"], self.t.batch_size,
+                                      self.tokenizer.pad_id), max_batches)
+            return score_batches(self.model, batches, device=self.device, autocast=autocast).as_dict()
         scores = score(self.model, self.data.splits["validation"], self.seq_len,
                        batch_size=self.t.batch_size, max_batches=max_batches, device=self.device,
-                       autocast=self.autocast if self.device.type == "cuda" else None)
+                       autocast=autocast)
         result = scores.as_dict()
         chars = self.data.characters.get("validation") if max_batches is None else None
         result["bits_per_char"] = scores.bits_per_char(chars)

@@ -1,0 +1,48 @@
+"""Story infilling: given a story's first and last sentence, write the middle.
+
+One sequence format serves training and generation, for the decoder-only GPT and for
+the encoder–decoder model (which splits it at ``<sep>``)::
+
+    <bos> first <blank> last <sep> middle <eos>
+
+The middle and the last sentence are encoded with a leading space, as they follow a
+sentence in running text (it matters for BPE and character vocabularies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .sampling import Completion, SamplingParams, Stream, generate, stream
+
+
+def infill_prompt_ids(tokenizer, first: str, last: str) -> list[int]:
+    """``<bos> first <blank> last <sep>``: what the model continues with the middle."""
+    return [tokenizer.bos_id, *tokenizer.encode(first.strip()), tokenizer.blank_id,
+            *tokenizer.encode(" " + last.strip()), tokenizer.sep_id]
+
+
+def infill_example_ids(tokenizer, first: str, middle: str, last: str) -> tuple[list[int], int]:
+    """A training example and the index where its middle starts (what gets scored)."""
+    prompt = infill_prompt_ids(tokenizer, first, last)
+    return prompt + tokenizer.encode(" " + middle.strip()) + [tokenizer.eos_id], len(prompt)
+
+
+def _params(params: SamplingParams | None, last: str) -> SamplingParams:
+    # The last sentence is a stop string: the middle never runs on into the ending.
+    params = params or SamplingParams()
+    return replace(params, stop=[*params.stop, last.strip()]) if last.strip() else params
+
+
+def infill(model, tokenizer, first: str, last: str, params: SamplingParams | None = None) -> Completion:
+    """The middle of the story, as clean text (eos ends it; the last sentence is never repeated)."""
+    prompt = infill_prompt_ids(tokenizer, first, last)
+    completion = generate(model, tokenizer, prompt_ids=[prompt], params=_params(params, last))[0]
+    completion.text = completion.text.strip()
+    return completion
+
+
+def stream_infill(model, tokenizer, first: str, last: str, params: SamplingParams | None = None) -> Stream:
+    """The middle as it is written (pieces as ``sampling.stream`` yields them)."""
+    return stream(model, tokenizer, prompt_ids=infill_prompt_ids(tokenizer, first, last),
+                  params=_params(params, last))

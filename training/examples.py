@@ -1,0 +1,139 @@
+"""Whole-example training data: story infilling, and plain stories mixed in.
+
+Language modelling reads random windows of one long token stream (``training.data``).
+Infilling needs every example whole, ``<bos> first <blank> last <sep> middle <eos>``,
+so these tasks batch examples instead: one example per row, right-padded, padding never
+scored. ``task: infill+lm`` mixes infilling examples with plain ``<bos> story <eos>``
+ones, so one model both infills and continues prompts.
+
+Stories are split into first sentence, middle and last sentence with ``sentencex`` (a
+rule-based segmenter that keeps ``"Hi!" said Tom.``, ``Mr.``/``Dr.`` and ellipses in
+one sentence); a story with fewer than three sentences has no middle and is skipped
+(and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentencex import segment
+
+from models_src.base import IGNORE_INDEX
+from models_src.infill import infill_example_ids
+
+from .data import DataConfig, PreparedData, load_documents, token_dtype
+
+TASKS = ("lm", "infill", "infill+lm")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in segment("en", " ".join(text.split())) if s.strip()]
+
+
+def split_story(text: str) -> tuple[str, str, str] | None:
+    """(first sentence, middle, last sentence), or None when there is no middle."""
+    sentences = split_sentences(text)
+    if len(sentences) < 3:
+        return None
+    return sentences[0], " ".join(sentences[1:-1]), sentences[-1]
+
+
+@dataclass
+class Examples:
+    """Variable-length examples stored flat: example i is ``tokens[offsets[i]:offsets[i+1]]``."""
+    tokens: np.ndarray
+    offsets: np.ndarray  # int64, one more than there are examples
+    scored_from: np.ndarray  # int64: first target position of the part that infilling scores
+    infill: np.ndarray  # bool: an infilling example (else plain text)
+    skipped: int = 0  # stories too short to have a middle
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float, max_len: int,
+                   seed: int) -> Examples:
+    """Encode ``docs`` for ``task``; examples longer than ``max_len + 1`` tokens are cut."""
+    rng = random.Random(seed)
+    rows, scored_from, infill, skipped = [], [], [], 0
+    for doc in docs:
+        parts = split_story(doc) if task == "infill" or rng.random() < infill_fraction else None
+        if parts is not None:
+            ids, middle_start = infill_example_ids(tokenizer, *parts)
+            rows.append(ids), scored_from.append(middle_start - 1), infill.append(True)
+        elif task == "infill":
+            skipped += 1
+        else:
+            rows.append([tokenizer.bos_id, *tokenizer.encode(doc.strip()), tokenizer.eos_id])
+            scored_from.append(0), infill.append(False)
+    rows = [r[:max_len + 1] for r in rows]
+    offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+    tokens = np.fromiter((t for r in rows for t in r), dtype=token_dtype(tokenizer.vocab_size),
+                         count=int(offsets[-1]))
+    return Examples(tokens, offsets, np.array(scored_from, dtype=np.int64),
+                    np.array(infill, dtype=bool), skipped)
+
+
+def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> dict[str, Examples]:
+    """Examples of every split, cached beside the token streams they share a tokenizer with."""
+    key = f"examples-{data.task}-{data.infill_fraction}-{max_len}-{data.seed}"
+    directory = Path(prepared.cache_path) / key
+    if not directory.is_dir():
+        splits = load_documents(data)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=directory.parent))
+        try:
+            meta = {}
+            for name, docs in splits.items():
+                ex = build_examples(docs, prepared.tokenizer, data.task, data.infill_fraction,
+                                    max_len, data.seed)
+                for field in ("tokens", "offsets", "scored_from", "infill"):
+                    np.save(tmp / f"{name}.{field}.npy", getattr(ex, field))
+                meta[name] = {"examples": len(ex), "skipped": ex.skipped}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((directory / "meta.json").read_text())
+    return {name: Examples(*(np.load(directory / f"{name}.{f}.npy", mmap_mode="r")
+                             for f in ("tokens", "offsets", "scored_from", "infill")), info["skipped"])
+            for name, info in meta.items()}
+
+
+def collate(examples: Examples, indices, pad_id: int, only_scored: bool = False):
+    """Right-padded (x, y) for the given examples; padding (and, with ``only_scored``, the
+    part before each example's middle) gets target ``IGNORE_INDEX``."""
+    rows = [torch.from_numpy(examples.ids(i).astype(np.int64)) for i in indices]
+    T = max(len(r) for r in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (i, row) in enumerate(zip(indices, rows)):
+        n = len(row) - 1
+        x[b, :n], y[b, :n] = row[:-1], row[1:]
+        if only_scored:
+            y[b, :examples.scored_from[i]] = IGNORE_INDEX
+    return x, y
+
+
+def example_batch(examples: Examples, batch_size: int, generator: torch.Generator, pad_id: int):
+    """A random batch of whole examples (indices drawn from ``generator`` for exact resume)."""
+    indices = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
+    return collate(examples, indices, pad_id)
+
+
+def in_order(examples: Examples, batch_size: int, pad_id: int, only_scored: bool = False,
+             only_infill: bool = False, limit: int | None = None):
+    """Every example once, in order, in batches (for evaluation)."""
+    indices = [i for i in range(len(examples)) if not only_infill or examples.infill[i]][:limit]
+    for start in range(0, len(indices), batch_size):
+        yield collate(examples, indices[start:start + batch_size], pad_id, only_scored)

@@ -1,0 +1,77 @@
+"""Generate from a checkpoint: continue a prompt, or infill a story.
+
+    python -m training.generate --checkpoint DIR --prompt "Once upon a time"
+    python -m training.generate --checkpoint DIR --first-sentence "Tom had a red ball." \\
+        --last-sentence "He was happy again." --max-tokens 200 --temperature 1.0
+
+Flags also take underscores (``--first_sentence``), as the seeds' ``generate_story`` did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from models_src.checkpoint import CheckpointError, load_checkpoint
+from models_src.infill import stream_infill
+from models_src.sampling import SamplingParams, stream
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.split("\n\n")[0])
+
+    def option(name: str, **kwargs):
+        names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        p.add_argument(*names, **kwargs)
+
+    option("checkpoint", required=True, help="checkpoint directory")
+    option("prompt", help="text to continue (default: start from nothing)")
+    option("first-sentence", help="infilling: the story's first sentence")
+    option("last-sentence", help="infilling: the story's last sentence")
+    option("max-tokens", type=int, default=200, help="new tokens at most")
+    option("temperature", type=float, default=1.0, help="0 = greedy")
+    option("top-k", type=int)
+    option("top-p", type=float)
+    option("repetition-penalty", type=float, default=1.0)
+    option("stop", action="append", default=[], help="stop string (repeatable)")
+    option("seed", type=int)
+    option("device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.first_sentence is None) != (args.last_sentence is None):
+        p.error("infilling needs both --first-sentence and --last-sentence")
+    if args.first_sentence is not None and args.prompt is not None:
+        p.error("give --prompt, or --first-sentence with --last-sentence, not both")
+    try:
+        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, stop=args.stop,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    except (ValueError, CheckpointError) as e:
+        p.error(str(e))
+    if args.first_sentence is not None:
+        pieces = stream_infill(ckpt.model, ckpt.tokenizer, args.first_sentence, args.last_sentence, params)
+        print(args.first_sentence.strip(), end=" ", flush=True)
+        started = False  # the middle begins with a space; the line above already has one
+        for piece in pieces:
+            piece = piece if started else piece.lstrip()
+            started = started or bool(piece)
+            print(piece, end="", flush=True)
+        print(" " + args.last_sentence.strip())
+    else:
+        prompt = args.prompt or ""
+        print(prompt, end="", flush=True)
+        for piece in stream(ckpt.model, ckpt.tokenizer, prompt, params):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
