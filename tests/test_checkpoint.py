@@ -135,7 +135,7 @@ def test_legacy_pickles_are_never_unpickled(tmp_path, tokenizer):
     class Evil:
         def __reduce__(self):
             return (exec, ("import pathlib; pathlib.Path('pwned').touch()",))
-    (path / "model.pt").write_bytes(pickle.dumps(Evil()))
+    (path / "model.pt").write_bytes(pickle.dumps(Evil(), protocol=2))
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()

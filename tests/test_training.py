@@ -77,6 +77,7 @@ def test_tiny_run_writes_checkpoints_and_experiment_rows(tmp_path, arch):
     assert [(r["step"], r["kind"]) for r in rows] == [(10, "train_eval"), (20, "train_eval"),
                                                       (30, "final"), (30, "train_eval")]
     assert all(r["architecture"] == arch for r in rows)
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_overrides_and_clear_errors(tmp_path, capsys):
@@ -207,3 +208,29 @@ def test_evaluate_scores_every_token_and_records_a_row(tmp_path):
     assert len(full["samples"]) == 1
     rows = query(tmp_path / "exp", "SELECT split, kind FROM experiments WHERE kind = 'evaluate'")
     assert rows == [{"split": "all", "kind": "evaluate"}]
+
+
+def test_sweep_compares_architectures_in_one_table(tmp_path, monkeypatch, capsys):
+    from training import sweep
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, raw_config(tmp_path))
+    assert sweep.main(["--config", str(path), "--vary", "model.arch=gpt,lstm", "training.max_steps=4",
+                       "training.eval_every=4"]) == 0
+    table = capsys.readouterr().out
+    assert "arch=gpt" in table and "arch=lstm" in table and "val_perplexity" in table
+    rows = query(tmp_path / "exp", "SELECT DISTINCT model, architecture FROM experiments ORDER BY 1")
+    assert rows == [{"model": "arch=gpt", "architecture": "gpt"}, {"model": "arch=lstm", "architecture": "lstm"}]
+    assert (tmp_path / "runs/tiny-gpt-sweep/arch=lstm/final/model.safetensors").is_file()
+    assert (tmp_path / "runs/tiny-gpt-sweep/arch=lstm/loss.png").is_file()
+
+
+def test_a_compiled_models_checkpoint_loads_into_a_plain_one(tmp_path):
+    from models_src import ModelConfig, build_model
+    from models_src.checkpoint import save_checkpoint
+    from models_src.tokenization import Tokenizer
+    tok = Tokenizer.train_char(["abc"])
+    model = build_model(ModelConfig(arch="gpt", vocab_size=tok.vocab_size, n_layer=1, n_embd=16, n_head=2,
+                                    block_size=8))
+    save_checkpoint(tmp_path / "c", torch.compile(model), tok)
+    loaded = load_checkpoint(tmp_path / "c").model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

@@ -41,13 +41,15 @@ def middle_scores(checkpoint, parts, given: str = "first+last", batch_size: int 
     tok = checkpoint.tokenizer
     rows, scored_from = [], []
     for first, middle, last in parts:
-        if given == "first+last":
-            ids, start = infill_example_ids(tok, first, middle, last)
-        else:
+        ids, start = infill_example_ids(tok, first, middle, last)
+        # Stories too long for the context are left out, judged by the longer (infilling)
+        # format so that both ways of conditioning score the same stories.
+        if max_len is not None and len(ids) > max_len + 1:
+            continue
+        if given == "first":
             prefix = [tok.bos_id, *tok.encode(first)]
             ids, start = prefix + tok.encode(" " + middle) + [tok.eos_id], len(prefix)
-        if max_len is None or len(ids) <= max_len + 1:  # longer ones would lose their context
-            rows.append(ids), scored_from.append(start - 1)
+        rows.append(ids), scored_from.append(start - 1)
     examples = _examples(rows, scored_from, np.int64)
     return score_batches(checkpoint.model, in_order(examples, batch_size, tok.pad_id, only_scored=True))
 

@@ -34,7 +34,7 @@ from models_src.summary import count_parameters
 from .config import ConfigError, RunConfig, load_config
 from .data import DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, prepare, random_batch
 from .examples import example_batch, in_order, prepare_examples
-from .experiments import ExperimentLog
+from .experiments import ExperimentLog, plot_curves
 from .metrics import score, score_batches
 
 TRAINER_STATE = "trainer_state.pt"
@@ -218,6 +218,7 @@ class Trainer:
         metrics = metrics or {}
         return {
             "name": self.cfg.name, "finished": finished, "step": self.step,
+            "parameters": count_parameters(self.model),
             "epoch": self.step / self.steps_per_epoch, "tokens_seen": self.step * self.tokens_per_step,
             "train_loss": self.last_train_loss, "val_loss": metrics.get("loss"),
             "val_perplexity": metrics.get("perplexity"), "token_accuracy": metrics.get("token_accuracy"),
@@ -331,6 +332,7 @@ class Trainer:
             self.save("last", summary, with_state=True)
             self.save("final", summary)
             self.log_row(final, kind="final", lr=self.optimizer.param_groups[0]["lr"])
+            plot_curves(self.cfg.output.experiments_dir, self.log.run_id, self.run_dir / "loss.png")
             if not self.quiet:
                 print(f"{self.cfg.name}: step {self.step}, validation loss {final['loss']:.4f}, "
                       f"perplexity {final['perplexity']:.2f}, checkpoint {self.run_dir / 'final'}", file=sys.stderr)
@@ -361,7 +363,7 @@ class Trainer:
 
     def log_row(self, metrics: dict, kind: str, lr: float) -> None:
         self.log.log(
-            model=self.cfg.name, architecture=self.model.config.arch,
+            model=self.run_dir.name, architecture=self.model.config.arch,
             parameters=count_parameters(self.model), step=self.step,
             epoch=self.step / self.steps_per_epoch, train_loss=self.last_train_loss,
             val_loss=metrics["loss"], val_perplexity=metrics["perplexity"],

@@ -1,0 +1,73 @@
+"""Does the infilling model use the ending? Perplexity of the true middle of each
+validation story given its first AND last sentence, against the same architecture,
+data and budget given only the first sentence.
+
+    python benchmarks/infill.py [--steps 600] [--data ../shared/data/tinystories]
+
+Two GPTs are trained on the same TinyStories stories with the same budget and batching
+(whole stories, one per row): A on ``first <blank> last <sep> middle <eos>``
+(``data.task: infill``), B on plain ``<bos> story <eos>`` (``task: infill+lm`` with
+``infill_fraction: 0``). A scores the middle given first and last sentence, B given the
+first sentence. The issue's target: A's perplexity at least 10 % lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import ROOT, environment
+from models_src.checkpoint import load_checkpoint
+from training.config import load_config
+from training.data import DataConfig, load_documents
+from training.infill_eval import middle_scores, story_parts
+from training.train import Trainer
+
+DATA = Path(os.environ.get("FABLE_DATA_DIR", ROOT.parent / "shared" / "data")) / "tinystories"
+
+
+def train(name: str, task: str, fraction: float, args, tmp: Path) -> Path:
+    raw = {"name": name,
+           "model": {"arch": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 320, "dropout": 0.1},
+           "data": {"path": str(args.data), "cache_dir": str(tmp / "cache"), "task": task,
+                    "infill_fraction": fraction},
+           "tokenizer": {"kind": "bpe", "vocab_size": 1024},
+           "training": {"batch_size": 16, "learning_rate": 2e-3, "min_lr": 2e-4, "warmup_steps": 50,
+                        "max_steps": args.steps, "eval_every": args.steps, "eval_batches": 10,
+                        "save_every": 10**9, "seed": 0, "num_threads": args.threads},
+           "output": {"dir": str(tmp / "runs/{name}"), "experiments_dir": str(tmp / "exp")}}
+    summary = Trainer(load_config(raw=raw), quiet=True).fit()
+    print(f"  trained {name}: {summary['step']} steps in {summary['training_time_s']:.0f} s")
+    return tmp / "runs" / name / "final"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# infilling benchmark — {environment()}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        infiller = load_checkpoint(train("infill", "infill", 1.0, args, tmp))
+        plain = load_checkpoint(train("plain", "infill+lm", 0.0, args, tmp))
+        docs = load_documents(DataConfig(path=str(args.data)))["validation"]
+        parts, skipped = story_parts(docs)
+        both = middle_scores(infiller, parts, "first+last", max_len=320)
+        first = middle_scores(plain, parts, "first", max_len=320)
+        print(f"validation: {len(parts)} stories with a middle ({skipped} without), "
+              f"{both.tokens:,} middle tokens scored")
+        print(f"middle perplexity given first and last sentence (infilling model): {both.perplexity:.3f}")
+        print(f"middle perplexity given the first sentence only (plain model):    {first.perplexity:.3f}")
+        lower = 1 - both.perplexity / first.perplexity
+        print(f"the ending lowers perplexity by {lower:.1%} (target: at least 10 %)")
+
+
+if __name__ == "__main__":
+    main()
