@@ -42,7 +42,7 @@ def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir) -> Path:
         raise ValueError("GPT-2's format has biases everywhere; this model was built with bias=False")
     hf_config = GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+        n_head=c.n_head, activation_function="gelu", layer_norm_epsilon=1e-5,
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
         tie_word_embeddings=c.tie_weights)

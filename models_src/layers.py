@@ -134,8 +134,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # tanh-approximated GELU, as GPT-2 ("gelu_new"), so exported weights match exactly
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        # Exact (erf) GELU, as nanoGPT: on CPU it is several times faster than GPT-2's tanh
+        # approximation, backward included; the export names it ("gelu") for transformers.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
