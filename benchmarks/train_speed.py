@@ -11,9 +11,8 @@
    with ``training.compile: true`` (start-up excluded).
 2. With ``--nanogpt DIR`` (a checkout of karpathy/nanoGPT beside the project; never
    committed), nanoGPT trains its baby config for 2,000 iterations on Tiny Shakespeare;
-   then our trainer gets the same wall-clock (its step count set from its own measured
-   speed) with the same shape and hyper-parameters, and both final validation losses are
-   printed.
+   then our trainer gets the same wall-clock (``training.max_time_s``) with the same shape
+   and hyper-parameters, and both speeds and final validation losses are printed.
 """
 
 from __future__ import annotations
@@ -173,22 +172,23 @@ def run_nanogpt(nanogpt: Path, text: str, threads: int) -> tuple[float, float, f
 
 
 def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int) -> dict:
+    """Our trainer, nanoGPT's shape and hyper-parameters (no biases, as its baby config), with
+    nanoGPT's wall-clock as its budget: ``training.max_time_s`` ends the loop and the cosine
+    schedule follows the clock, start-up and the final evaluation counted against it."""
     b = BABY
-    raw = {"name": "baby", "model": {"arch": "gpt", "dropout": 0.0, "n_layer": b["n_layer"],
+    raw = {"name": "baby", "model": {"arch": "gpt", "dropout": 0.0, "bias": False, "n_layer": b["n_layer"],
                                      "n_head": b["n_head"], "n_embd": b["n_embd"], "block_size": b["block_size"]},
            "data": {"path": str(corpus), "cache_dir": str(tmp / "cache")}, "tokenizer": {"kind": "char"},
            "training": {"batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "min_lr": b["min_lr"],
                         "warmup_steps": b["warmup"], "weight_decay": b["weight_decay"],
                         "betas": [0.9, b["beta2"]], "grad_clip": 1.0, "eval_every": 250, "eval_batches": 20,
-                        "save_every": 10**9, "num_threads": threads, "max_steps": 100},
+                        "save_every": 10**9, "num_threads": threads, "max_time_s": wall},
            "output": {"dir": str(tmp / "runs/{name}"), "experiments_dir": str(tmp / "exp")}}
     started = time.perf_counter()
-    calibration = Trainer(load_config(raw=raw), quiet=True).fit()
-    overhead = time.perf_counter() - started - calibration["training_time_s"]  # start-up, evals, saves
-    steps_per_s = calibration["step"] / calibration["training_time_s"]
-    raw["training"]["max_steps"] = int((wall - overhead) * steps_per_s * 0.97)
-    started = time.perf_counter()
-    summary = Trainer(load_config(raw=raw), quiet=True).fit()
+    trainer = Trainer(load_config(raw=raw), quiet=True)
+    final_eval = 5.0  # seconds kept for the final evaluation and checkpoints
+    trainer.t.max_time_s = wall - (time.perf_counter() - started) - final_eval
+    summary = trainer.fit()
     summary["wall"] = time.perf_counter() - started
     return summary
 

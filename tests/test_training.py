@@ -234,3 +234,12 @@ def test_a_compiled_models_checkpoint_loads_into_a_plain_one(tmp_path):
     save_checkpoint(tmp_path / "c", torch.compile(model), tok)
     loaded = load_checkpoint(tmp_path / "c").model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_time_budget_ends_the_run_and_the_schedule(tmp_path):
+    raw = raw_config(tmp_path, max_time_s=2.0, eval_every=10**6)
+    del raw["training"]["max_steps"]
+    started = time.perf_counter()
+    summary = Trainer(load_config(raw=raw), quiet=True).fit()
+    assert time.perf_counter() - started < 30 and summary["step"] > 5
+    assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").summary["finished"]

@@ -45,8 +45,9 @@ class TrainingConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int | None = None  # optimizer steps; or give `epochs`
+    max_steps: int | None = None  # optimizer steps; or give `epochs`, or `max_time_s`
     epochs: float | None = None
+    max_time_s: float | None = None  # wall-clock budget of the loop; the cosine schedule follows it
     schedule: str = "cosine"  # cosine (with warm-up) | plateau | constant
     warmup_steps: int = 100
     plateau_factor: float = 0.5
@@ -64,8 +65,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.max_steps is None and self.epochs is None:
-            raise ConfigError("training: give max_steps or epochs")
+        if self.max_steps is None and self.epochs is None and self.max_time_s is None:
+            raise ConfigError("training: give max_steps, epochs or max_time_s")
         if self.schedule not in ("cosine", "plateau", "constant"):
             raise ConfigError(f"training.schedule must be cosine, plateau or constant, not {self.schedule!r}")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every"):

@@ -101,7 +101,11 @@ def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> 
                     np.save(tmp / f"{name}.{field}.npy", getattr(ex, field))
                 meta[name] = {"examples": len(ex), "skipped": ex.skipped}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except OSError:
+                if not directory.is_dir():
+                    raise  # else another process (a torchrun rank) built the same examples first
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     meta = json.loads((directory / "meta.json").read_text())

@@ -126,7 +126,10 @@ class Trainer:
         train = self.data.splits["train"] if self.examples is None else self.examples["train"].tokens
         tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum * self.dist.world
         self.steps_per_epoch = max(1, len(train) // tokens_per_step)
-        self.max_steps = self.t.max_steps or math.ceil(self.t.epochs * self.steps_per_epoch)
+        if self.t.max_steps or self.t.epochs:
+            self.max_steps = self.t.max_steps or math.ceil(self.t.epochs * self.steps_per_epoch)
+        else:  # a time budget alone: the clock ends the run
+            self.max_steps = 10**12
         self.tokens_per_step = tokens_per_step
         # Each rank draws its own batches; the generator's state is saved for exact resume.
         self.generator = torch.Generator().manual_seed(self.t.seed + self.dist.rank)
@@ -135,6 +138,7 @@ class Trainer:
             self.windows = SequentialBatches(train[self.dist.rank * shard:(self.dist.rank + 1) * shard],
                                              self.t.batch_size, self.seq_len)
         self.step, self.window, self.hidden = 0, 0, None
+        self.elapsed_before, self.loop_started = 0.0, time.perf_counter()
         self.best_val, self.bad_evals, self.train_time = math.inf, 0, 0.0
         self.last_train_loss = None
         self.run_dir = cfg.run_dir
@@ -163,7 +167,13 @@ class Trainer:
         if step < self.t.warmup_steps:
             return self.t.learning_rate * (step + 1) / self.t.warmup_steps
         progress = min(1.0, (step - self.t.warmup_steps) / max(1, self.max_steps - self.t.warmup_steps))
+        if self.t.max_time_s:  # with a time budget the schedule follows the clock
+            progress = max(progress, min(1.0, self.loop_time() / self.t.max_time_s))
         return self.t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.t.learning_rate - self.t.min_lr)
+
+    def loop_time(self) -> float:
+        """Seconds of this run's loop so far, evaluations included (resumed runs add up)."""
+        return self.elapsed_before + time.perf_counter() - self.loop_started
 
     def next_batch(self):
         if self.examples is not None:
@@ -238,7 +248,7 @@ class Trainer:
     def _write_trainer_state(self, directory: Path) -> None:
         torch.save({
             "step": self.step, "window": self.window, "best_val": self.best_val,
-            "bad_evals": self.bad_evals, "train_time": self.train_time,
+            "bad_evals": self.bad_evals, "train_time": self.train_time, "loop_time": self.loop_time(),
             "last_train_loss": self.last_train_loss,
             "optimizer": self.optimizer.state_dict(),
             "plateau": self.plateau.state_dict() if self.plateau else None,
@@ -263,6 +273,7 @@ class Trainer:
             self.plateau.load_state_dict(state["plateau"])
         self.step, self.window, self.best_val = state["step"], state["window"], state["best_val"]
         self.bad_evals, self.train_time = state["bad_evals"], state["train_time"]
+        self.elapsed_before = state["loop_time"]
         self.last_train_loss = state["last_train_loss"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -282,10 +293,13 @@ class Trainer:
         if main and not self.quiet:
             print(f"{self.cfg.name}: {self.model.config.arch}, {count_parameters(self.model):,} parameters, "
                   f"{self.tokenizer.kind} tokenizer ({self.tokenizer.vocab_size} tokens), "
-                  f"{len(self.data.splits['train']):,} training tokens, {self.max_steps} steps on {self.device}"
+                  f"{len(self.data.splits['train']):,} training tokens, "
+                  + (f"{self.max_steps} steps" if self.max_steps < 10**12 else f"{self.t.max_time_s:.0f} s")
+                  + f" on {self.device}"
                   + (f" x{self.dist.world}" if self.dist.world > 1 else ""), file=sys.stderr)
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not main or self.quiet,
-                   dynamic_ncols=True, desc=self.cfg.name)
+        bar = tqdm(total=self.max_steps if self.max_steps < 10**12 else None, initial=self.step,
+                   disable=not main or self.quiet, dynamic_ncols=True, desc=self.cfg.name)
+        self.loop_started = time.perf_counter()
         metrics: dict = {}
         self.model.train()
         while self.step < self.max_steps:
@@ -323,6 +337,8 @@ class Trainer:
                 stop = self.after_eval(metrics, lr)
             if self.step % self.t.save_every == 0 and main:
                 self.save("last", self.summary(metrics), with_state=True)
+            if self.t.max_time_s and self.loop_time() >= self.t.max_time_s:
+                stop = True  # out of time: what follows is the usual final evaluation
             if stop:
                 break
         bar.close()
