@@ -1,0 +1,48 @@
+# Fable on a Hugging Face Space (Docker SDK): gunicorn serving the bundled checkpoints on
+# port 7860, as uid 1000. Build: docker build -t fable . ; run: docker run -p 7860:7860 fable
+# tests/test_app_server.py runs this file's CMD with its ENV (no Docker engine needed).
+
+# ---- front-end assets: htmx and its SSE extension, pinned by package-lock.json ----
+FROM node:20-slim AS assets
+WORKDIR /assets
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+
+# ---- the app ----
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Spaces run the container as uid 1000: build and run as that user.
+RUN useradd -m -u 1000 user
+USER user
+ENV HOME=/home/user \
+    PATH=/home/user/.local/bin:$PATH
+# Every cache in a folder the user can write (the defaults under / are not).
+ENV HF_HOME=$HOME/.cache/huggingface \
+    XDG_CACHE_HOME=$HOME/.cache \
+    MPLCONFIGDIR=$HOME/.cache/matplotlib \
+    TORCHINDUCTOR_CACHE_DIR=$HOME/.cache/torchinductor
+# Serving settings (see app/settings.py and gunicorn.conf.py); a Space's variables override them.
+ENV PORT=7860 \
+    FABLE_CHECKPOINT_DIR=$HOME/app/checkpoints \
+    FABLE_WORKERS=1 \
+    FABLE_THREADS=4
+
+WORKDIR $HOME/app
+
+# CPU-only torch first, from PyTorch's CPU index, so requirements.txt's torch pin is
+# already satisfied and pip never pulls the multi-GB CUDA build.
+COPY --chown=user requirements.txt .
+RUN pip install --user torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install --user -r requirements.txt
+
+COPY --chown=user . .
+COPY --chown=user --from=assets /assets/node_modules/htmx.org/dist/htmx.min.js static/vendor/htmx.min.js
+COPY --chown=user --from=assets /assets/node_modules/htmx-ext-sse/dist/sse.js static/vendor/sse.js
+
+EXPOSE 7860
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]

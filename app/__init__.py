@@ -1,0 +1,128 @@
+"""Fable's web app: a Flask factory, flaskr style.
+
+``create_app()`` runs once per gunicorn worker (no ``--preload``: torch and CUDA must
+not start in the master before the fork). It reads the settings, sets torch's thread
+count, loads every checkpoint into a ``ModelRegistry``, builds the worker's one
+``GenerationService`` and registers the blueprints. Blueprints reach the shared objects
+through ``app.extensions``:
+
+    app.extensions["fable.settings"]   app.settings.Settings
+    app.extensions["fable.registry"]   app.registry.ModelRegistry
+    app.extensions["fable.service"]    app.service.GenerationService
+
+(``get_settings()``, ``get_registry()`` and ``get_service()``, in the modules that
+define them, read them inside a request.) A new area is one more blueprint registered
+in ``_register_blueprints``; ``app.validation`` checks form values with the APIs' rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed
+
+__version__ = "0.1.0"
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Paths whose errors are JSON whatever the client accepts (``/v1`` in OpenAI's shape).
+JSON_PREFIXES = ("/api", "/v1", "/healthz", "/openapi.json")
+
+log = logging.getLogger(__name__)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """The app; ``test_config`` overrides ``FABLE_*`` settings and Flask config keys."""
+    import torch
+
+    from .registry import ModelRegistry
+    from .service import GenerationService
+    from .settings import Settings, resolve_device
+
+    app = Flask(__name__, static_folder=str(ROOT / "static"),
+                template_folder=str(ROOT / "templates"))
+    _configure_logging(app)
+    settings = Settings.load(overrides=test_config)
+    app.config.from_mapping(MAX_CONTENT_LENGTH=settings.max_body_bytes)
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    app.json.sort_keys = False  # keep the documented field order of Ollama/OpenAI objects
+
+    torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    registry = ModelRegistry.load(settings.checkpoint_dir, device)
+    if not len(registry):
+        log.warning("no model loaded from %s (%d failed)", settings.checkpoint_dir,
+                    len(registry.errors))
+    app.extensions["fable.settings"] = settings
+    app.extensions["fable.registry"] = registry
+    app.extensions["fable.service"] = GenerationService.from_settings(settings, registry)
+
+    _register_blueprints(app)
+    _register_error_handlers(app)
+    return app
+
+
+def _register_blueprints(app: Flask) -> None:
+    from . import api, openai_api
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(openai_api.bp)
+
+
+def _configure_logging(app: Flask) -> None:
+    """Under gunicorn, the package's loggers write where gunicorn's error log does."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    package_log = logging.getLogger(__name__)
+    if gunicorn_log.handlers and not package_log.handlers:
+        package_log.handlers = list(gunicorn_log.handlers)
+        package_log.setLevel(gunicorn_log.level)
+        package_log.propagate = False
+
+
+def wants_json() -> bool:
+    """Errors on API paths, or for clients that prefer JSON, are JSON (never HTML)."""
+    path = request.path
+    if any(path == p or path.startswith(p + "/") for p in JSON_PREFIXES):
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def _error_body(status: int, message: str):
+    from .api import ollama_error
+    from .openai_api import openai_error
+
+    if request.path == "/v1" or request.path.startswith("/v1/"):
+        return openai_error(status, message)
+    return ollama_error(status, message)
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        if not wants_json():
+            return e
+        messages = {
+            404: f"not found: {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}"
+                 + (f"; use {', '.join(sorted(e.valid_methods))}"
+                    if isinstance(e, MethodNotAllowed) and e.valid_methods else ""),
+            413: f"request body too large; the limit is {app.config['MAX_CONTENT_LENGTH']} bytes",
+        }
+        response = _error_body(e.code or 500, messages.get(e.code, e.description or e.name))
+        for name, value in e.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value  # e.g. Allow on a 405
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        if not wants_json():
+            return InternalServerError()
+        return _error_body(500, "internal server error")
+

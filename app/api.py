@@ -1,0 +1,208 @@
+"""Ollama-compatible JSON API, plus the server's own JSON routes.
+
+    POST /api/generate   Ollama's generate (NDJSON stream by default; suffix = infilling)
+    GET  /api/tags       Ollama's model list (what ``ollama.Client().list()`` reads)
+    GET  /api/version    {"version": ...}
+    GET  /api/models     every fact about the loaded models, and the load errors (admin)
+    GET  /healthz        200 when at least one model is loaded, else 503
+    GET  /openapi.json   the OpenAPI 3.1 description of every JSON route
+
+Errors are ``{"error": "..."}`` with a 4xx status (5xx only for real server faults);
+an error after a stream has started is one more NDJSON line ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from functools import wraps
+
+from flask import Blueprint, Response, jsonify, request
+
+from .registry import get_registry
+from .service import GenerationStream, ServiceError, get_service
+from .settings import get_settings
+from .validation import GenerationRequest, ValidationError, parse_ollama_generate, read_json_object
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__)
+
+#: Headers of every streamed response: proxies (nginx, the HF Spaces front end) must
+#: pass each piece on at once instead of buffering the whole body.
+STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+
+
+def ollama_error(status: int, message: str, headers: dict | None = None) -> Response:
+    response = jsonify(error=message)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(e: ValidationError):
+    return ollama_error(e.status, e.message)
+
+
+@bp.errorhandler(ServiceError)
+def _service_error(e: ServiceError):
+    return ollama_error(e.status, e.message, retry_headers(e))
+
+
+def retry_headers(e: ServiceError) -> dict:
+    return {"Retry-After": "1"} if e.status == 503 else {}
+
+
+# ---- shared by both generation APIs ---------------------------------------------------
+
+def open_stream(req: GenerationRequest) -> GenerationStream:
+    """Start the generation a validated request asks for (raises ServiceError before any
+    text is produced: unknown model, cannot infill, busy)."""
+    service = get_service()
+    if req.suffix is not None:
+        return service.stream_infill(req.model, req.prompt, req.suffix, req.params)
+    return service.stream(req.model, req.prompt, req.params)
+
+
+def streamed(lines: Iterator[str], stream: GenerationStream, mimetype: str) -> Response:
+    """A streaming response whose generator closes ``stream`` however it ends: finished,
+    failed, or closed by the WSGI server because the client went away."""
+    def body():
+        try:
+            yield from lines
+        finally:
+            stream.close()
+    return Response(body(), mimetype=mimetype, headers=STREAM_HEADERS)
+
+
+def admin_required(view: Callable) -> Callable:
+    """When ``FABLE_ADMIN_TOKEN`` is set, the view needs ``Authorization: Bearer <token>``."""
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        if not is_admin():
+            return ollama_error(401, "this route needs the admin token: send "
+                                     "'Authorization: Bearer <FABLE_ADMIN_TOKEN>'",
+                                {"WWW-Authenticate": "Bearer"})
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def is_admin() -> bool:
+    """True when no admin token is configured or the request carries it."""
+    token = get_settings().admin_token
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return (scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token.encode()))
+
+
+# ---- Ollama ---------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _ndjson(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
+           response: str) -> dict:
+    """Ollama's last object: the reason and the counts; durations in nanoseconds
+    (load_duration is the wait for a generation slot: models are loaded at start-up)."""
+    completion = stream.completion
+    end = stream.finished_ns or time.perf_counter_ns()
+    first = stream.first_piece_ns or end
+    return {
+        "model": req.model, "created_at": _now(), "response": response, "done": True,
+        "done_reason": completion.finish_reason,
+        "total_duration": time.perf_counter_ns() - received_ns,
+        "load_duration": stream.queued_ns,
+        "prompt_eval_count": completion.prompt_tokens,
+        "prompt_eval_duration": first - stream.started_ns,
+        "eval_count": completion.completion_tokens,
+        "eval_duration": end - first,
+    }
+
+
+@bp.post("/api/generate")
+def generate():
+    received = time.perf_counter_ns()
+    req = parse_ollama_generate(read_json_object(request), get_settings().limits)
+    stream = open_stream(req)
+    if not req.stream:
+        completion = stream.collect()
+        return jsonify(_final(req, stream, received, completion.text))
+
+    def lines() -> Iterator[str]:
+        try:
+            for piece in stream:
+                yield _ndjson({"model": req.model, "created_at": _now(), "response": piece,
+                               "done": False})
+            if stream.completion is None:
+                raise RuntimeError("generation ended without a completion")
+            yield _ndjson(_final(req, stream, received, ""))
+        except Exception as e:  # the status line is gone: report in the stream
+            log.exception("generation with %s failed mid-stream", req.model)
+            yield _ndjson({"error": f"generation failed ({type(e).__name__})"})
+    return streamed(lines(), stream, "application/x-ndjson")
+
+
+def parameter_size(n: int) -> str:
+    """Ollama's style: 7.2B, 124.4M, 85.3K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+@bp.get("/api/tags")
+def tags():
+    models = []
+    for facts in get_registry().facts():
+        models.append({
+            "name": facts.name, "model": facts.name, "modified_at": facts.modified_at,
+            "size": facts.size_bytes, "digest": facts.digest,
+            "details": {"parent_model": "", "format": "safetensors",
+                        "family": facts.architecture, "families": [facts.architecture],
+                        "parameter_size": parameter_size(facts.parameters),
+                        "quantization_level": facts.dtype.upper().replace("FLOAT", "F")},
+        })
+    return jsonify(models=models)
+
+
+@bp.get("/api/version")
+def version():
+    from . import __version__
+    return jsonify(version=__version__)
+
+
+@bp.get("/api/models")
+@admin_required
+def models():
+    registry, service = get_registry(), get_service()
+    return jsonify(models=[f.to_dict() for f in registry.facts()], errors=registry.errors,
+                   device=registry.device, service=service.stats())
+
+
+@bp.get("/healthz")
+def healthz():
+    """200 while at least one model is loaded, even if other checkpoints failed; 503 when
+    none is (nothing can be served). The process answering at all is the liveness signal."""
+    registry = get_registry()
+    body = {"status": "ok" if len(registry) else "no models loaded", "models": len(registry),
+            "errors": len(registry.errors), "active": get_service().active}
+    return jsonify(body), 200 if len(registry) else 503
+
+
+@bp.get("/openapi.json")
+def openapi():
+    from . import __version__
+    from .openapi import build_spec
+    return jsonify(build_spec(__version__, get_settings().limits))

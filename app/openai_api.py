@@ -1,0 +1,120 @@
+"""OpenAI-compatible completions, for the official ``openai`` client and its kin.
+
+    POST /v1/completions     text completion (suffix = story infilling); SSE when stream
+    GET  /v1/models          {"object": "list", "data": [{"id", "object": "model", ...}]}
+    GET  /v1/models/<id>     one model
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Every
+deterministic refusal is a 4xx: the official client retries 408, 409, 429 and 5xx, so
+only "busy" (503, with Retry-After) and real server faults are 5xx. There is no
+``/v1/chat/completions``: these models have no chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+
+from flask import Blueprint, Response, jsonify, request
+
+from .api import open_stream, retry_headers, streamed
+from .registry import get_registry
+from .service import ServiceError
+from .settings import get_settings
+from .validation import ValidationError, parse_openai_completion, read_json_object
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          429: "rate_limit_error"}
+
+
+def openai_error(status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None) -> Response:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    response = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(e: ValidationError):
+    code = "unsupported_media_type" if e.status == 415 else "invalid_value" if e.field else None
+    return openai_error(e.status, e.message, param=e.field, code=code)
+
+
+@bp.errorhandler(ServiceError)
+def _service_error(e: ServiceError):
+    code = {404: "model_not_found", 503: "server_busy"}.get(e.status)
+    return openai_error(e.status, e.message, param=e.param, code=code, headers=retry_headers(e))
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@bp.post("/completions")
+def completions():
+    req = parse_openai_completion(read_json_object(request), get_settings().limits)
+    stream = open_stream(req)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": req.model}
+
+    def usage() -> dict:
+        c = stream.completion
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+    def choice(text: str, finish_reason: str | None) -> dict:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+
+    if not req.stream:
+        completion = stream.collect()
+        return jsonify({**head, "choices": [choice(completion.text, completion.finish_reason)],
+                        "usage": usage()})
+
+    # With include_usage every chunk carries "usage": null and one last chunk, with no
+    # choices, carries the totals (OpenAI's documented behaviour).
+    extra = {"usage": None} if req.include_usage else {}
+
+    def events() -> Iterator[str]:
+        try:
+            for piece in stream:
+                yield _sse({**head, "choices": [choice(piece, None)], **extra})
+            if stream.completion is None:
+                raise RuntimeError("generation ended without a completion")
+            yield _sse({**head, "choices": [choice("", stream.completion.finish_reason)], **extra})
+            if req.include_usage:
+                yield _sse({**head, "choices": [], "usage": usage()})
+            yield _sse("[DONE]")
+        except Exception as e:  # headers are sent: the client raises on an "error" event
+            log.exception("completion with %s failed mid-stream", req.model)
+            yield _sse({"error": {"message": f"generation failed ({type(e).__name__})",
+                                  "type": "server_error", "param": None, "code": None}})
+    return streamed(events(), stream, "text/event-stream")
+
+
+def _model(facts) -> dict:
+    created = int(datetime.fromisoformat(facts.modified_at.replace("Z", "+00:00")).timestamp())
+    return {"id": facts.name, "object": "model", "created": created, "owned_by": "fable"}
+
+
+@bp.get("/models")
+def list_models():
+    return jsonify(object="list", data=[_model(f) for f in get_registry().facts()])
+
+
+@bp.get("/models/<path:model>")
+def retrieve_model(model: str):
+    loaded = get_registry().get(model)
+    if loaded is None:
+        return openai_error(404, f"The model {model[:100]!r} does not exist", param="model",
+                            code="model_not_found")
+    return jsonify(_model(loaded.facts))

@@ -1,0 +1,198 @@
+"""The models a worker serves: every valid checkpoint directly under one directory.
+
+Loaded once, when the app is created (inside each gunicorn worker). A directory that
+fails to load is skipped, and why is kept in ``registry.errors`` for the admin page; the
+app starts even with no model at all. Models are looked up by exact name among the
+loaded ones only, so a name in a request can never become a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flask import current_app
+
+from models_src.checkpoint import Checkpoint, load_checkpoint, read_config
+from models_src.summary import count_parameters
+
+log = logging.getLogger(__name__)
+
+#: Training facts copied from a checkpoint's summary (``config.json`` "training").
+SUMMARY_KEYS = ("val_perplexity", "val_loss", "bits_per_char", "token_accuracy", "tokens_seen",
+                "training_time_s", "data", "step", "hardware")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What listings show about one loaded model (all JSON-safe; unknown facts are None)."""
+    name: str
+    architecture: str
+    parameters: int
+    tokenizer: str  # tokenizer kind: char, word, bpe, gpt2, hf
+    vocab_size: int
+    context: int | None  # longest context an attention model sees; None for RNNs
+    n_layer: int
+    n_embd: int
+    dtype: str  # how the weights are stored on disk (they are served as float32)
+    device: str
+    size_bytes: int  # the checkpoint directory's files
+    modified_at: str  # ISO 8601, UTC: newest file in the directory
+    digest: str  # sha256 (hex) over the directory's files, names included
+    can_infill: bool  # the tokenizer has the <blank>/<sep> story-infilling markers
+    val_perplexity: float | None = None
+    val_loss: float | None = None
+    bits_per_char: float | None = None
+    token_accuracy: float | None = None
+    tokens_seen: int | None = None
+    training_time_s: float | None = None
+    data: Any = None
+    step: int | None = None
+    hardware: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    checkpoint: Checkpoint
+    facts: ModelFacts
+
+    @property
+    def model(self):
+        return self.checkpoint.model
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+
+class ModelRegistry:
+    """Loaded models by name, plus the directories that failed (``errors``: name -> why)."""
+
+    def __init__(self, directory: Path, device: str,
+                 models: dict[str, LoadedModel] | None = None,
+                 errors: dict[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.device = device
+        self._models = dict(sorted((models or {}).items()))
+        self.errors = dict(sorted((errors or {}).items()))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> ModelRegistry:
+        """Load every non-hidden directory under ``directory``; never raises for a bad one."""
+        directory = Path(directory)
+        models, errors = {}, {}
+        if not directory.is_dir():
+            log.warning("checkpoint directory %s does not exist: serving no models", directory)
+            return cls(directory, device)
+        for path in sorted(directory.iterdir()):
+            # Hidden entries are save_checkpoint's temporary / previous directories.
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            try:
+                checkpoint = load_checkpoint(path, device=device)
+                models[path.name] = LoadedModel(path.name, checkpoint,
+                                                _facts(path, checkpoint, device))
+            except Exception as e:  # one broken checkpoint must not stop the others
+                reason = _relative(str(e) or type(e).__name__, directory)
+                if not isinstance(e, ValueError):  # CheckpointError is a ValueError
+                    reason = f"{type(e).__name__}: {reason}"
+                errors[path.name] = reason
+                log.warning("skipping checkpoint %s: %s", path.name, reason)
+            else:
+                log.info("loaded %s (%s, %s parameters) on %s", path.name,
+                         checkpoint.config.arch, f"{models[path.name].facts.parameters:,}", device)
+        return cls(directory, device, models, errors)
+
+    def get(self, name: Any) -> LoadedModel | None:
+        """The loaded model called exactly ``name``, else None (never touches the disk)."""
+        return self._models.get(name) if isinstance(name, str) else None
+
+    def __contains__(self, name: Any) -> bool:
+        return self.get(name) is not None
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(self._models.values())
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def facts(self) -> list[ModelFacts]:
+        return [m.facts for m in self._models.values()]
+
+
+def _relative(message: str, directory: Path) -> str:
+    """Error messages name files relative to the checkpoint directory (no server paths)."""
+    for prefix in {str(directory.resolve()), str(directory)}:
+        message = message.replace(prefix + "/", "")
+    return message
+
+
+def _json_safe(value: Any) -> Any:
+    """Summary values as strict JSON: NaN/inf (which json.dumps would write) become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _number(value: Any) -> Any:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _facts(path: Path, checkpoint: Checkpoint, device: str) -> ModelFacts:
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    stats = [f.stat() for f in files]
+    newest = max((s.st_mtime for s in stats), default=path.stat().st_mtime)
+    config, tok = checkpoint.config, checkpoint.tokenizer
+    summary = _json_safe(checkpoint.summary if isinstance(checkpoint.summary, dict) else {})
+    try:
+        can_infill = tok.blank_id is not None and tok.sep_id is not None
+    except (AttributeError, KeyError):
+        can_infill = False
+    numeric = {k: _number(summary.get(k)) for k in SUMMARY_KEYS if k not in ("data", "hardware")}
+    return ModelFacts(
+        name=path.name,
+        architecture=config.arch,
+        parameters=count_parameters(checkpoint.model),
+        tokenizer=tok.kind,
+        vocab_size=tok.vocab_size,
+        context=checkpoint.model.max_context,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+        dtype=str(read_config(path).get("dtype", "float32")),
+        device=device,
+        size_bytes=sum(s.st_size for s in stats),
+        modified_at=datetime.fromtimestamp(newest, timezone.utc).isoformat().replace("+00:00", "Z"),
+        digest=digest.hexdigest(),
+        can_infill=can_infill,
+        data=summary.get("data"),
+        hardware=summary.get("hardware"),
+        **numeric,
+    )
+
+
+def get_registry() -> ModelRegistry:
+    """The current app's registry (inside a request or app context)."""
+    return current_app.extensions["fable.registry"]

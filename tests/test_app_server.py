@@ -1,0 +1,249 @@
+"""A real gunicorn, started exactly as the Docker image starts it, spoken to by the
+official ``ollama`` and ``openai`` Python clients and by raw HTTP.
+
+No Docker engine runs here, so the server is started from the Dockerfile itself: its
+final stage's ``CMD`` is the command line (run from the repository root, which the image
+copies to ``$HOME/app``) and its ``ENV`` lines are the environment, expanded as Docker
+expands them. ``/home/user`` becomes a temporary home whose ``.local/bin/gunicorn`` is
+the virtual environment's (where ``pip install --user`` puts it in the image), and a few
+values are overridden for a test: a free port on 127.0.0.1, the test checkpoints, one
+generation slot (so a leaked slot shows), a very large token limit (so the endless model
+streams until it is stopped) and a short graceful timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ENDLESS_CHAR, MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER_HOME = "/home/user"
+
+
+def parse_dockerfile(path: Path, base_env: dict[str, str]) -> dict:
+    """The final stage's ENV (expanded over ``base_env``), CMD, USER and EXPOSE."""
+    instructions, current = [], ""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#") or (not line and not current):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        instructions.append((current + line).strip())
+        current = ""
+    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    env, out = dict(base_env), {"cmd": None, "user": None, "expose": [], "workdir": None}
+
+    def expand(value: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), value)
+
+    for line in instructions[last_from + 1:]:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "ENV":  # one instruction's values see the environment before it
+            updates = dict(token.split("=", 1) for token in shlex.split(rest))
+            env.update({k: expand(v) for k, v in updates.items()})
+        elif keyword == "CMD":
+            out["cmd"] = json.loads(rest)
+        elif keyword == "USER":
+            out["user"] = rest.strip()
+        elif keyword == "EXPOSE":
+            out["expose"] += rest.split()
+        elif keyword == "WORKDIR":
+            out["workdir"] = expand(rest.strip())
+    out["env"] = env
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def stop(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM (gunicorn's graceful stop), then SIGKILL the master and its workers."""
+    if process.poll() is not None:
+        return
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        workers = _children(process.pid) or workers
+        process.kill()
+        process.wait(5)
+    for pid in workers:  # only these ids: the workers this test's gunicorn forked
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    base = {"PATH": "/usr/local/bin:/usr/bin:/bin"}  # stands in for the base image's PATH
+    return parse_dockerfile(ROOT / "Dockerfile", base)
+
+
+@pytest.fixture(scope="module")
+def server(dockerfile, checkpoint_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "gunicorn").symlink_to(Path(sys.executable).parent / "gunicorn")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FABLE_", "GUNICORN", "WEB_CONCURRENCY")) and k != "PORT"}
+    env.update({k: v.replace(DOCKER_HOME, str(home)) for k, v in dockerfile["env"].items()})
+    env.update({
+        "FABLE_HOST": "127.0.0.1", "PORT": str(port),
+        "FABLE_CHECKPOINT_DIR": str(checkpoint_dir),
+        "FABLE_MAX_CONCURRENT": "1", "FABLE_QUEUE_TIMEOUT_S": "5",
+        "FABLE_MAX_NEW_TOKENS": "1000000", "FABLE_DEFAULT_NEW_TOKENS": "64",
+        "FABLE_REQUEST_TIMEOUT_S": "60", "FABLE_TORCH_THREADS": "1",
+        "GUNICORN_GRACEFUL_TIMEOUT": "3",
+    })
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(dockerfile["cmd"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"gunicorn exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"gunicorn did not become healthy:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield {"url": url, "port": port, "process": process, "log": log_path, "env": env}
+    finally:
+        stop(process)
+
+
+def test_the_image_command_serves_the_checkpoints(dockerfile, server):
+    assert dockerfile["cmd"] == ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
+    assert dockerfile["user"] == "user" and dockerfile["expose"] == ["7860"]
+    assert dockerfile["env"]["PORT"] == "7860" and dockerfile["workdir"] == f"{DOCKER_HOME}/app"
+    for cache in ("HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert dockerfile["env"][cache].startswith(f"{DOCKER_HOME}/.cache")
+    assert dockerfile["env"]["PATH"].startswith(f"{DOCKER_HOME}/.local/bin:")
+    health = httpx.get(f"{server['url']}/healthz")
+    assert health.status_code == 200 and health.json()["models"] == len(MODELS)
+    text = httpx.post(f"{server['url']}/api/generate", json={
+        "model": "endless", "prompt": "x", "stream": False, "options": {"num_predict": 3}}).json()
+    assert text["response"] == ENDLESS_CHAR * 3
+    log = server["log"].read_text()
+    assert "gthread" in log and '"GET /healthz' in log  # worker class; access log on stdout
+
+
+def test_ollama_client(server):
+    import ollama
+
+    client = ollama.Client(host=server["url"])
+    try:
+        assert [m.model for m in client.list().models] == list(MODELS)
+        options = {"seed": 4, "num_predict": 30}
+        whole = client.generate(model="tiny-gpt", prompt="Once", options=options)
+        assert whole.done and whole.done_reason in ("stop", "length") and whole.eval_count >= 1
+        parts = list(client.generate(model="tiny-gpt", prompt="Once", stream=True, options=options))
+        assert all(not p.done for p in parts[:-1]) and parts[-1].done
+        assert "".join(p.response for p in parts) == whole.response
+        middle = client.generate(model="endless", prompt="Lily saw a ball.", suffix="The end.",
+                                 options={"num_predict": 5, "temperature": 0, "stop": ["<EOT>"]})
+        assert middle.response == ENDLESS_CHAR * 5
+        with pytest.raises(ollama.ResponseError) as error:
+            client.generate(model="nope", prompt="x")
+        assert error.value.status_code == 404 and "not found" in error.value.error
+    finally:
+        client.close()  # no idle keep-alive connection left to delay gunicorn's stop
+
+
+def test_openai_client(server):
+    import openai
+
+    with openai.OpenAI(api_key="x", base_url=f"{server['url']}/v1", max_retries=0) as client:
+        assert [m.id for m in client.models.list()] == list(MODELS)
+        completion = client.completions.create(model="tiny-lstm", prompt="Once", max_tokens=20,
+                                               seed=2)
+        choice, usage = completion.choices[0], completion.usage
+        assert choice.finish_reason in ("stop", "length") and usage.prompt_tokens == 5
+        assert usage.total_tokens == 5 + usage.completion_tokens
+        chunks = list(client.completions.create(model="tiny-lstm", prompt="Once", max_tokens=20,
+                                                seed=2, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+        assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt="x")
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model="tiny-lstm", prompt="x", temperature=3)
+        assert error.value.param == "temperature"
+
+
+def test_raw_http_errors(server):
+    url = server["url"]
+    wrong_type = httpx.post(f"{url}/api/generate", content=b'{"model": "tiny-gpt"}',
+                            headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415 and "application/json" in wrong_type.json()["error"]
+    too_big = httpx.post(f"{url}/v1/completions",
+                         json={"model": "tiny-gpt", "prompt": "x" * 100_000})
+    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "invalid_request_error"
+    method = httpx.get(f"{url}/api/generate")
+    assert method.status_code == 405 and method.headers["content-type"] == "application/json"
+    assert httpx.get(f"{url}/healthz").status_code == 200  # the server is fine after all that
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(server):
+    """The endless model would stream for the whole 60 s deadline, holding the only
+    generation slot; once its client is gone, the slot must be free at once."""
+    url = server["url"]
+    body = json.dumps({"model": "endless", "prompt": "x",
+                       "options": {"num_predict": 1_000_000}}).encode()
+    sock = socket.create_connection(("127.0.0.1", server["port"]), timeout=10)
+    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while received.count(b'"done": false') < 3:  # several lines: it streams, unbuffered
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and b"application/x-ndjson" in received
+    assert httpx.get(f"{url}/healthz").json()["active"] == 1
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+    sock.close()
+
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/healthz").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{url}/healthz").json()["active"] == 0
+    after = httpx.post(f"{url}/api/generate", timeout=30, json={
+        "model": "tiny-gpt", "stream": False, "options": {"num_predict": 3}})
+    assert after.status_code == 200  # a 503 would mean the abandoned stream kept the slot
