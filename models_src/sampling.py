@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+GREEDY_BELOW = 1e-4  # dividing float32 logits by a smaller temperature overflows to inf
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for bytes that are not (yet) a character
 
 
@@ -34,7 +35,7 @@ class Tokenizer(Protocol):
 class SamplingParams:
     """How each next token is picked, and when a completion ends."""
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 means greedy: argmax, no randomness
+    temperature: float = 1.0  # 0 (or below 1e-4, which float32 logits cannot honour) is greedy
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already seen
@@ -118,7 +119,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = apply_temperature(logits, params.temperature)
     if params.top_k is not None:

@@ -399,3 +399,10 @@ def test_invalid_bytes_are_flushed_at_the_end():
     assert s.push(0xE2) == ""
     assert s.flush() == "\ufffd"
     assert s.text == TOK.decode(s.ids)
+
+
+def test_a_vanishing_temperature_is_greedy_not_an_overflow():
+    model = FakeLM()
+    greedy = generate(model, TOK, "abc", SamplingParams(max_new_tokens=6, temperature=0))[0]
+    tiny = generate(model, TOK, "abc", SamplingParams(max_new_tokens=6, temperature=1e-300, seed=1))[0]
+    assert tiny.token_ids == greedy.token_ids
