@@ -45,7 +45,7 @@ def main() -> None:
                                 "--samples", "0", "--json"))
         model = summary["config"]["model"]
         shape = (f"{model['arch']} {model['n_layer']}x{model.get('n_hidden') or model.get('n_embd')}")
-        print(f"| `{name}` | {shape} | {summary['parameters'] / 1e6:.2f}M | {Path(summary['data']).name} "
+        print(f"| `{name}` | {shape} | {summary['parameters'] / 1e6:.2f}M | {'/'.join(Path(summary['data']).parts[-2:])} "
               f"| {summary['tokenizer']} ({result['vocab_size']:,}) | {result['perplexity']:.2f} "
               f"| {result['bits_per_char']:.3f} | {result['token_accuracy']:.1%} "
               f"| {summary['training_time_s'] / 60:.1f} min | {summary['hardware']} |", flush=True)

@@ -120,9 +120,9 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
 
 def record(experiments_dir: str, checkpoint, result: dict, kind: str) -> None:
     """One experiment row for this evaluation."""
-    log = ExperimentLog(experiments_dir, checkpoint.summary.get("name", checkpoint.name),
-                        config=checkpoint.summary.get("config"))
-    log.log(model=checkpoint.name, architecture=checkpoint.config.arch,
+    name = checkpoint.summary.get("name", checkpoint.name)  # the run's name, not "final"
+    log = ExperimentLog(experiments_dir, name, config=checkpoint.summary.get("config"))
+    log.log(model=name, architecture=checkpoint.config.arch,
             parameters=count_parameters(checkpoint.model), step=checkpoint.summary.get("step", 0),
             epoch=float(checkpoint.summary.get("epoch", 0.0)), val_loss=result["loss"],
             val_perplexity=result["perplexity"], token_accuracy=result["token_accuracy"],
