@@ -80,6 +80,15 @@ def test_tiny_run_writes_checkpoints_and_experiment_rows(tmp_path, arch):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_publish_writes_a_float16_copy_for_the_app(tmp_path):
+    raw = raw_config(tmp_path, max_steps=3, eval_every=3)
+    raw["output"]["publish"] = str(tmp_path / "checkpoints" / "{name}")
+    Trainer(load_config(raw=raw), quiet=True).fit()
+    published = load_checkpoint(tmp_path / "checkpoints/tiny-gpt")
+    assert json.loads((tmp_path / "checkpoints/tiny-gpt/config.json").read_text())["dtype"] == "float16"
+    assert published.summary["finished"] and published.summary["val_perplexity"] > 1
+
+
 def test_cli_overrides_and_clear_errors(tmp_path, capsys):
     path = write_config(tmp_path, raw_config(tmp_path))
     assert train_module.main(["--config", str(path), "--quiet", "training.max_steps=5",

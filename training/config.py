@@ -81,6 +81,7 @@ class OutputConfig:
     dir: str = "runs/{name}"  # holds last/, best/ and final/ checkpoints
     experiments_dir: str = "experiments"
     checkpoint_dtype: str = "float32"  # final/best weights; last/ is always float32 for exact resume
+    publish: str | None = None  # also write the final model here (e.g. checkpoints/{name}), in float16
 
 
 @dataclass
@@ -96,6 +97,10 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
+
+    @property
+    def publish_dir(self) -> Path | None:
+        return Path(self.output.publish.format(name=self.name)) if self.output.publish else None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "model": self.model, "data": self.data,

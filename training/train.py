@@ -347,6 +347,8 @@ class Trainer:
         if main:
             self.save("last", summary, with_state=True)
             self.save("final", summary)
+            if self.cfg.publish_dir:  # the small copy the app serves (fp16 halves the file)
+                save_checkpoint(self.cfg.publish_dir, self.model, self.tokenizer, summary, dtype=torch.float16)
             self.log_row(final, kind="final", lr=self.optimizer.param_groups[0]["lr"])
             plot_curves(self.cfg.output.experiments_dir, self.log.run_id, self.run_dir / "loss.png")
             if not self.quiet:
