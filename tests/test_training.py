@@ -252,3 +252,14 @@ def test_a_time_budget_ends_the_run_and_the_schedule(tmp_path):
     summary = Trainer(load_config(raw=raw), quiet=True).fit()
     assert time.perf_counter() - started < 30 and summary["step"] > 5
     assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").summary["finished"]
+
+
+def test_preset_recommendation_follows_the_machine(capsys):
+    from training import presets
+    assert presets.recommend({"cores": 2, "ram_gb": 16, "gpu": None, "gpu_gb": 0})[0] == "micro"
+    assert presets.recommend({"cores": 32, "ram_gb": 64, "gpu": None, "gpu_gb": 0})[0] == "small"
+    assert presets.recommend({"cores": 8, "ram_gb": 64, "gpu": "A100", "gpu_gb": 80})[0] == "large"
+    assert presets.recommend({"cores": 8, "ram_gb": 64, "gpu": "T4", "gpu_gb": 16})[0] == "medium"
+    assert presets.main(["--arch", "lstm"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: model.preset=" in out and "medium" in out and "M parameters" in out
