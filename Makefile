@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all bench clean
+.PHONY: install assets serve test test-all bench screenshots results clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,32 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# htmx is served from its npm package (never a CDN): installed, then copied under static/
+assets: static/vendor/htmx.min.js static/vendor/sse.js
+
+static/vendor/htmx.min.js static/vendor/sse.js: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	mkdir -p static/vendor
+	cp node_modules/htmx.org/dist/htmx.min.js node_modules/htmx-ext-sse/dist/sse.js static/vendor/
+
+# The web app on the bundled models: http://localhost:7860
+serve: $(STAMP) assets
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
+
+test: $(STAMP) assets
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: $(STAMP) assets
 	$(PY) -m pytest -m ""
+
+screenshots: $(STAMP) assets
+	FABLE_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py -k screenshots -o addopts=""
+
+results: $(STAMP)
+	$(PY) benchmarks/results.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/generation.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis node_modules static/vendor

@@ -67,10 +67,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from . import api, openai_api
+    from . import admin, api, openai_api, ui
 
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(ui.bp)  # the pages: / (generate) and /infill
+    app.register_blueprint(admin.bp)  # /admin
 
 
 def _configure_logging(app: Flask) -> None:

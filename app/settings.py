@@ -4,6 +4,7 @@ Every setting has the same name in the environment and in ``create_app(test_conf
 so a test writes ``{"FABLE_CHECKPOINT_DIR": tmp}`` exactly as a Space sets a variable.
 
     FABLE_CHECKPOINT_DIR      checkpoints   every directory directly under it is a model
+    FABLE_EXPERIMENTS_DIR     experiments   training records (Parquet) the admin page reads
     FABLE_DEVICE              auto          auto (cuda when available, else cpu), cpu, cuda,
                                             cuda:N, mps
     FABLE_MAX_PROMPT_CHARS    4000          longest prompt (+ suffix) a request may send
@@ -13,7 +14,8 @@ so a test writes ``{"FABLE_CHECKPOINT_DIR": tmp}`` exactly as a Space sets a var
     FABLE_MAX_BODY_BYTES      65536         largest request body (Flask's MAX_CONTENT_LENGTH;
                                             a larger one gets 413)
     FABLE_ADMIN_TOKEN         unset         when set, admin routes (/api/models) need
-                                            "Authorization: Bearer <token>"
+                                            "Authorization: Bearer <token>"; the /admin
+                                            page also takes it as a Basic password
     FABLE_WORKERS             $WEB_CONCURRENCY or 1   gunicorn workers (gunicorn.conf.py
                                             reads it too)
     FABLE_MAX_CONCURRENT      2             generations running at once in one worker; more
@@ -65,6 +67,7 @@ class Limits:
 @dataclass(frozen=True)
 class Settings:
     checkpoint_dir: Path = Path("checkpoints")
+    experiments_dir: Path = Path("experiments")
     device: str = "auto"
     max_prompt_chars: int = 4000
     max_new_tokens: int = 512
@@ -101,6 +104,7 @@ class Settings:
         threads = max(1, available_cores() // (workers * max_concurrent))
         settings = cls(
             checkpoint_dir=Path(read.string("CHECKPOINT_DIR", "checkpoints")),
+            experiments_dir=Path(read.string("EXPERIMENTS_DIR", "experiments")),
             device=read.string("DEVICE", "auto").lower(),
             max_prompt_chars=read.integer("MAX_PROMPT_CHARS", 4000, minimum=1),
             max_new_tokens=max_new,

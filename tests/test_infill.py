@@ -129,10 +129,11 @@ def test_the_middle_never_repeats_the_last_sentence(tokenizer):
     assert out.text == "He lost it."
 
 
-def test_train_and_evaluate_an_infilling_model(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["gpt", "seq2seq"])
+def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
     corpus = write_stories(tmp_path / "stories.txt")
     raw = {"name": "tiny-infill",
-           "model": {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 192},
+           "model": {"arch": arch, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 192},
            "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "task": "infill+lm",
                     "infill_fraction": 0.7},
            "tokenizer": {"kind": "char"},
@@ -140,7 +141,7 @@ def test_train_and_evaluate_an_infilling_model(tmp_path, capsys):
                         "eval_every": 20, "eval_batches": 3, "save_every": 20, "num_threads": 1},
            "output": {"dir": str(tmp_path / "runs/{name}"), "experiments_dir": str(tmp_path / "exp")}}
     summary = Trainer(load_config(raw=raw), quiet=True).fit()
-    assert summary["val_loss"] < 2.5
+    assert summary["val_loss"] < 3.2  # from ln(vocab) ~ 3.7: it learned something
     ckpt = str(tmp_path / "runs/tiny-infill/final")
     both = evaluate(ckpt, task="infill", given="first+last", bleu=3, experiments_dir=str(tmp_path / "exp"))
     first = evaluate(ckpt, task="infill", given="first", experiments_dir=None)

@@ -1,0 +1,160 @@
+"""The admin page: what this worker serves, what failed to load, and how training went.
+
+    GET /admin                       models (architecture, size, tokenizer, training facts),
+                                     checkpoints that failed to load, the best runs by
+                                     validation perplexity and the latest training curves
+    GET /admin/curves/<run_id>.png   one run's loss curves (``training.experiments``)
+
+Experiment records are read from ``FABLE_EXPERIMENTS_DIR`` (Parquet files, queried with
+DuckDB); an empty or missing store is an empty state, a broken one an inline message.
+
+When ``FABLE_ADMIN_TOKEN`` is set every route here needs it, as HTTP Basic (any user
+name, the token as password: what a browser's sign-in dialog sends) or as
+``Authorization: Bearer <token>``; anything else gets 401 with
+``WWW-Authenticate: Basic``. The token is compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, current_app, render_template, request
+
+from .registry import get_registry
+from .service import get_service
+from .settings import get_settings
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+BEST_ROWS = 10  # rows of the best-runs table
+CURVE_RUNS = 6  # runs whose curves are drawn, newest first
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also safe inside a glob
+RUNS_SQL = """SELECT experiment, run_id, any_value(model) AS model,
+    count(*) AS evaluations, max(step) AS last_step, min(val_perplexity) AS best_val_perplexity,
+    max(timestamp) AS last_logged
+    FROM experiments GROUP BY experiment, run_id
+    HAVING count(train_loss) + count(val_loss) > 0
+    ORDER BY last_logged DESC, run_id LIMIT ?"""
+
+
+# ---- access ---------------------------------------------------------------------------
+
+def authorized() -> bool:
+    """No token configured, or the request carries it (Basic password or Bearer token)."""
+    token = get_settings().admin_token
+    if token is None:
+        return True
+    auth = request.authorization
+    if auth is None:
+        return False
+    if auth.type == "basic":
+        given = auth.password or ""
+    elif auth.type == "bearer":
+        given = auth.token or ""
+    else:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+
+@bp.before_request
+def _require_admin():
+    if not authorized():
+        html = render_template("admin_denied.html", kind="admin")
+        return html, 401, {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-8"',
+                           "Cache-Control": "no-store"}
+    return None
+
+
+# ---- the page -------------------------------------------------------------------------
+
+def _store_problem(e: Exception, root: Path) -> str:
+    """The first line of what went wrong, with file names relative to the store."""
+    message = (str(e) or type(e).__name__).strip().splitlines()[0]
+    for prefix in {str(root.resolve()), str(root)}:
+        message = message.replace(prefix + "/", "")
+    return f"{type(e).__name__}: {message}"
+
+
+@bp.get("")
+def index():
+    from training.experiments import best, query
+
+    settings, registry, service = get_settings(), get_registry(), get_service()
+    root = settings.experiments_dir
+    best_rows, runs, store_error = [], [], None
+    try:
+        best_rows = best(root, "val_perplexity", top=BEST_ROWS)
+        runs = query(root, RUNS_SQL, [CURVE_RUNS])
+    except Exception as e:  # a broken file must not take the page down
+        log.warning("cannot read the experiment records in %s: %s", root, e)
+        store_error = _store_problem(e, root)
+    return render_template("admin.html", kind="admin", models=registry.facts(),
+                           load_errors=registry.errors, device=registry.device,
+                           stats=service.stats(), checkpoint_dir=registry.directory,
+                           experiments_dir=root, best_rows=best_rows, runs=runs,
+                           store_error=store_error, vendor=False)
+
+
+# ---- training curves ------------------------------------------------------------------
+
+class PngCache:
+    """Rendered curve PNGs by (run id, its files' paths, sizes and mtimes): a run that is
+    still training gets a fresh plot after each evaluation is logged. Bounded, LRU."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: tuple, png: bytes) -> None:
+        with self._lock:
+            self._items[key] = png
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+def _cache() -> PngCache:
+    return current_app.extensions.setdefault("fable.admin.curves", PngCache())
+
+
+@bp.get("/curves/<run_id>.png")
+def curves(run_id: str):
+    from training.experiments import plot_curves
+
+    if not RUN_ID.match(run_id):
+        abort(404)
+    root = get_settings().experiments_dir
+    files = sorted(root.glob(f"**/{run_id}.parquet"))
+    if not files:
+        abort(404)
+    key = (run_id, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    png = _cache().get(key)
+    if png is None:
+        with tempfile.TemporaryDirectory(prefix="fable-curves-") as tmp:
+            try:
+                out = plot_curves(root, run_id, Path(tmp) / "curves.png")
+            except ValueError:  # no such run, or no finite loss to draw
+                abort(404)
+            png = out.read_bytes()
+        _cache().put(key, png)
+    response = Response(png, mimetype="image/png",
+                        headers={"Cache-Control": "private, no-cache"})
+    response.set_etag(hashlib.sha256(repr(key).encode()).hexdigest()[:32])
+    return response.make_conditional(request)

@@ -1,0 +1,512 @@
+"""The HTML pages: write a story (generate) and fill in a story's middle (infill).
+
+    GET  /                  the generate page (HEAD too: Spaces probe ``/``)
+    POST /                  the form without JavaScript: the whole page with the finished text
+    POST /generate/start    the form through htmx: a fragment that opens the stream below
+                            (or the form again, with its errors inline)
+    GET  /generate/stream   ``text/event-stream`` of one generation, described by ``?job=``
+    GET  /infill, POST /infill, POST /infill/start, GET /infill/stream    the same, for infill
+
+Streaming. htmx 2's SSE extension opens an ``EventSource``, which can only GET. So the
+form is POSTed (``hx-post``) to ``/<kind>/start``, which validates it and answers with a
+fragment holding ``sse-connect="/<kind>/stream?job=<token>"``. The token *is* the
+validated request: base64url(zlib(JSON)), no server-side state, so any gunicorn worker
+can serve the stream; the stream endpoint validates it again from scratch, exactly like
+an API call, so nobody gains anything by forging one. A token longer than
+``MAX_JOB_CHARS`` (a huge, incompressible prompt) would not fit gunicorn's default
+request line (4094 bytes): such a request is answered at once with the finished text.
+
+The stream always answers 200 ``text/event-stream``: an EventSource that gets any other
+status reconnects forever, and would run the generation again. It sends
+
+    message   the next text, HTML-escaped (a generated ``<script>`` is text, never markup);
+              several lines of text are several ``data:`` lines; pieces decoded within
+              ``FLUSH_S`` of each other travel in one event
+    failed    what went wrong (bad job, busy server, error mid-stream), shown in the page
+    done      always last: the finish note, and the form's button enabled again (an
+              out-of-band swap); the page closes the EventSource on it (``sse-close``)
+
+Events carry ids: a browser that lost the connection reconnects with ``Last-Event-ID``,
+and is told the stream was interrupted instead of getting a second, different text.
+
+Without JavaScript (or without ``static/vendor/``), the same forms are plain POSTs that
+render the whole page with the finished text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import secrets
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import (Blueprint, Response, current_app, render_template, request,
+                   stream_with_context, url_for)
+from markupsafe import escape
+
+from models_src.sampling import SamplingParams
+
+from .api import STREAM_HEADERS
+from .registry import get_registry
+from .service import GenerationStream, ServiceError, get_service
+from .settings import get_settings
+from .validation import (ValidationError, make_params, model_name, prompt_and_suffix,
+                         sampling_values, string)
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ui", __name__)
+
+TEXT_FIELDS = {"generate": ("prompt",), "infill": ("first", "last")}
+SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "seed",
+                   "repetition_penalty", "stop")
+#: Longest job token: "GET /infill/stream?job=<token> HTTP/1.1" stays under gunicorn's
+#: default limit_request_line (4094 bytes) and any proxy's.
+MAX_JOB_CHARS = 3800
+MAX_JOB_JSON_BYTES = 256 * 1024  # a token never inflates past this (zip-bomb guard)
+FLUSH_S = 0.04  # pieces decoded closer together than this share one event
+SEED_RANGE = 2 ** 31  # seeds picked for the user: short enough to read and retype
+VENDOR_FILES = ("htmx.min.js", "sse.js")
+DEFAULT_TEMPERATURE = "0.8"
+
+
+class FormErrors(Exception):
+    """Every problem of one submitted form: field name -> message (None: the whole form)."""
+
+    def __init__(self, errors: dict[str | None, str]) -> None:
+        super().__init__("; ".join(errors.values()))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated generation request from a page: what a job token carries."""
+    kind: str  # "generate" or "infill"
+    model: str
+    texts: dict[str, str]  # generate: prompt; infill: first, last
+    values: dict[str, Any] = field(default_factory=dict)  # SamplingParams kwargs, seed set
+
+    @property
+    def seed(self) -> int:
+        return self.values["seed"]
+
+    def params(self) -> SamplingParams:
+        return make_params(self.values, get_settings().limits)
+
+    def to_token(self) -> str:
+        data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        return base64.urlsafe_b64encode(zlib.compress(data, 9)).rstrip(b"=").decode("ascii")
+
+    def open(self) -> GenerationStream:
+        """Start generating (raises ServiceError: busy, unknown model, cannot infill)."""
+        service = get_service()
+        if self.kind == "infill":
+            return service.stream_infill(self.model, self.texts["first"], self.texts["last"],
+                                         self.params())
+        return service.stream(self.model, self.texts["prompt"], self.params())
+
+
+# ---- reading forms and tokens ---------------------------------------------------------
+
+def _unescape_stop(text: str) -> str:
+    r"""A stop string as typed in a one-line box: ``\n`` is a line break, ``\t`` a tab,
+    ``\\`` a backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Job:
+    """A validated ``Job`` from form fields (strings) or a decoded token (typed values);
+    raises ``FormErrors`` with every problem found, each under its field's name."""
+    limits, registry = get_settings().limits, get_registry()
+    errors: dict[str | None, str] = {}
+    model = ""
+    try:
+        model = model_name(raw)
+        loaded = registry.get(model)
+        if loaded is None:
+            raise ValidationError("model", f"'model' must be one of the loaded models; "
+                                           f"{model!r} is not loaded")
+        if kind == "infill" and not loaded.facts.can_infill:
+            raise ValidationError("model", f"'model' must be able to infill; {model!r} "
+                                           f"cannot (its tokenizer has no <blank>/<sep> tokens)")
+    except ValidationError as e:
+        errors["model"] = e.message
+
+    texts: dict[str, str] = {}
+    fields = TEXT_FIELDS[kind]
+    given = {}
+    for name in fields:
+        value = raw.get(name)
+        if from_form and isinstance(value, str):
+            value = value.replace("\r\n", "\n")  # browsers send a textarea's lines as CRLF
+        given[name] = "" if value is None else value
+    try:
+        if kind == "generate":
+            texts["prompt"] = string(given["prompt"], "prompt", max_chars=limits.max_prompt_chars)
+        else:
+            first, last = prompt_and_suffix(given["first"], given["last"], limits,
+                                            fields=("first", "last"))
+            texts = {"first": first, "last": last or ""}
+            for name, label in (("first", "first sentence"), ("last", "last sentence")):
+                if not texts[name].strip():
+                    errors[name] = f"'{name}' is required: the story's {label}"
+    except ValidationError as e:
+        errors[e.field or fields[0]] = e.message
+
+    values: dict[str, Any] = {}
+    for name in SAMPLING_FIELDS:
+        value = raw.get(name)
+        if name == "stop" and from_form and isinstance(value, str):
+            value = _unescape_stop(value) if value else None
+        try:
+            values.update(sampling_values({name: value}, limits, from_form=True))
+        except ValidationError as e:
+            errors[e.field or name] = e.message
+    if errors:
+        raise FormErrors(errors)
+    values.setdefault("seed", secrets.randbelow(SEED_RANGE))  # shown, so a text can be redone
+    return Job(kind, model, texts, values)
+
+
+def job_from_token(kind: str, token: str) -> Job:
+    """The job a token describes, validated again from scratch (it came from a URL)."""
+    invalid = FormErrors({None: "this generation link is invalid; submit the form again"})
+    if not token or len(token) > MAX_JOB_CHARS * 2:
+        raise invalid
+    try:
+        blob = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        inflate = zlib.decompressobj()
+        data = inflate.decompress(blob, MAX_JOB_JSON_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ValueError("truncated or too large")
+        body = json.loads(data.decode("utf-8"))
+    except (binascii.Error, zlib.error, ValueError):
+        raise invalid from None
+    if not isinstance(body, dict) or body.get("kind") != kind:
+        raise invalid
+    return read_job(kind, body, from_form=False)
+
+
+# ---- results --------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """What a result panel shows: the texts given, the text generated so far, and either
+    the finish note or the URL of the stream that will write them."""
+    job: Job
+    text: str = ""
+    note: str | None = None
+    error: str | None = None
+    status: int = 200  # the HTTP status an error maps to
+    stream_url: str | None = None
+
+
+def finish_note(stream: GenerationStream, seed: int) -> str:
+    completion = stream.completion
+    if completion is None:
+        return f"Stopped · seed {seed}"
+    if stream.timed_out:
+        reason = "Stopped at the time limit"
+    elif completion.finish_reason == "length":
+        reason = "Reached the token limit"
+    else:
+        reason = "Finished"
+    seconds = ((stream.finished_ns or time.perf_counter_ns()) - stream.started_ns) / 1e9
+    tokens = completion.completion_tokens
+    plural = "" if tokens == 1 else "s"
+    return f"{reason} · {tokens:,} token{plural} in {seconds:.1f} s · seed {seed}"
+
+
+def run_to_end(job: Job) -> Result:
+    """Generate the whole text now (the no-JavaScript path)."""
+    try:
+        stream = job.open()
+    except ServiceError as e:
+        return Result(job, error=e.message, status=e.status)
+    try:
+        completion = stream.collect()
+    except Exception as e:
+        log.exception("generation with %s failed", job.model)
+        return Result(job, text=stream.text, error=f"generation failed ({type(e).__name__})",
+                      status=500)
+    return Result(job, text=completion.text, note=finish_note(stream, job.seed))
+
+
+# ---- rendering ------------------------------------------------------------------------
+
+def vendor_ready() -> bool:
+    """htmx and its SSE extension are installed in static/vendor/ (``make assets``)."""
+    folder = Path(current_app.static_folder or "static") / "vendor"
+    return all((folder / name).is_file() for name in VENDOR_FILES)
+
+
+def default_form(kind: str) -> dict[str, str]:
+    models = [f for f in get_registry().facts() if kind != "infill" or f.can_infill]
+    return {"model": models[0].name if models else "", "temperature": DEFAULT_TEMPERATURE,
+            "max_new_tokens": str(get_settings().default_new_tokens)}
+
+
+def _first_error(kind: str, errors: Mapping[str | None, str]) -> str | None:
+    for name in ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS):
+        if name in errors:
+            return name
+    return None
+
+
+def _context(kind: str, form: Mapping[str, Any], errors: Mapping[str | None, str] | None = None,
+             **extra) -> dict[str, Any]:
+    errors = dict(errors or {})
+    return {"kind": kind, "form": form, "errors": errors, "first_error": _first_error(kind, errors),
+            "models": get_registry().facts(), "limits": get_settings().limits, **extra}
+
+
+def render_page(kind: str, form: Mapping[str, Any], *, errors=None, result: Result | None = None,
+                status: int = 200, headers: dict | None = None):
+    html = render_template(f"{kind}.html", vendor=vendor_ready(), result=result,
+                           **_context(kind, form, errors))
+    return html, status, headers or {}
+
+
+def render_fragment(kind: str, form: Mapping[str, Any], result: Result, *, busy: bool) -> str:
+    """The htmx answer: the result panel, and the form again out of band (errors cleared,
+    its button disabled while the text streams)."""
+    return (render_template(f"partials/{kind}_result.html", result=result)
+            + render_template(f"partials/{kind}_form.html", oob=True, busy=busy,
+                              **_context(kind, form)))
+
+
+def _page_post(kind: str):
+    """A form posted without JavaScript: the whole page, with the finished text."""
+    try:
+        job = read_job(kind, request.form)
+    except FormErrors as e:
+        return render_page(kind, request.form, errors=e.errors, status=400)
+    result = run_to_end(job)
+    if result.error is not None and not result.text:
+        headers = {"Retry-After": "1"} if result.status == 503 else {}
+        return render_page(kind, request.form, errors={None: result.error},
+                           status=result.status, headers=headers)
+    return render_page(kind, request.form, result=result)
+
+
+def _start(kind: str):
+    """A form posted through htmx: a fragment that opens the stream, or the form with its
+    errors (swapped in place of the form, status 200 so that htmx swaps it)."""
+    try:
+        job = read_job(kind, request.form)
+    except FormErrors as e:
+        html = render_template(f"partials/{kind}_form.html", oob=False, busy=False,
+                               **_context(kind, request.form, e.errors))
+        return html, 200, {"HX-Retarget": f"#{kind}-form", "HX-Reswap": "outerHTML"}
+    token = job.to_token()
+    if len(token) > MAX_JOB_CHARS:  # cannot travel in a URL: answer with the whole text
+        result = run_to_end(job)
+        return render_fragment(kind, request.form, result, busy=False)
+    result = Result(job, stream_url=url_for(f"ui.{kind}_stream", job=token))
+    return render_fragment(kind, request.form, result, busy=True)
+
+
+# ---- server-sent events ---------------------------------------------------------------
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def sse_event(data: str, event: str | None = None, event_id: str | None = None) -> str:
+    """One event; each line of ``data`` is its own ``data:`` line (the browser joins them
+    with newlines), as SSE framing requires."""
+    head = ([f"id: {event_id}"] if event_id else []) + ([f"event: {event}"] if event else [])
+    return "\n".join(head + [f"data: {line}" for line in _LINE_BREAK.split(data)]) + "\n\n"
+
+
+def coalesce(pieces: Iterable[str], interval: float = FLUSH_S) -> Iterator[str]:
+    """The pieces, joined while they arrive less than ``interval`` seconds apart (the first
+    one goes out at once)."""
+    held: list[str] = []
+    last = -math.inf
+    for piece in pieces:
+        held.append(piece)
+        now = time.monotonic()
+        if now - last >= interval:
+            yield "".join(held)
+            held, last = [], now
+    if held:
+        yield "".join(held)
+
+
+def _done(kind: str, note: str) -> str:
+    html = (f'<span class="status-text">{escape(note)}</span>'
+            + render_template("partials/submit_button.html", kind=kind, busy=False,
+                              button_oob=True))
+    return sse_event(html, "done")
+
+
+def _failed(message: str) -> str:
+    return sse_event(f'<p class="stream-error-text">{escape(message)}</p>', "failed")
+
+
+def event_stream(kind: str) -> Response:
+    token = request.args.get("job", "")
+    resumed = request.headers.get("Last-Event-ID") is not None
+
+    def events() -> Iterator[str]:
+        yield ": fable\n\n"  # sends the headers now; EventSource ignores comments
+        if resumed:
+            yield _failed("The connection was interrupted; generate again for a new text.")
+            yield _done(kind, "Interrupted")
+            return
+        try:
+            job = job_from_token(kind, token)
+            stream = job.open()
+        except FormErrors as e:
+            yield _failed(next(iter(e.errors.values())))
+            yield _done(kind, "Not started")
+            return
+        except ServiceError as e:
+            yield _failed(e.message)
+            yield _done(kind, "Not started")
+            return
+        with stream:  # closed however this ends, the client going away included
+            try:
+                for number, text in enumerate(coalesce(stream), start=1):
+                    yield sse_event(str(escape(text)), event_id=str(number))
+            except Exception as e:
+                log.exception("generation with %s failed mid-stream", job.model)
+                yield _failed(f"Generation failed ({type(e).__name__}).")
+            yield _done(kind, finish_note(stream, job.seed))
+
+    # stream_with_context: the generator validates and renders with the app's settings
+    return Response(stream_with_context(events()), mimetype="text/event-stream",
+                    headers=STREAM_HEADERS)
+
+
+# ---- routes ---------------------------------------------------------------------------
+
+@bp.get("/")
+def generate_page():
+    return render_page("generate", default_form("generate"))
+
+
+@bp.post("/")
+def generate_submit():
+    return _page_post("generate")
+
+
+@bp.post("/generate/start")
+def generate_start():
+    return _start("generate")
+
+
+@bp.get("/generate/stream")
+def generate_stream():
+    return event_stream("generate")
+
+
+@bp.get("/infill")
+def infill_page():
+    return render_page("infill", default_form("infill"))
+
+
+@bp.post("/infill")
+def infill_submit():
+    return _page_post("infill")
+
+
+@bp.post("/infill/start")
+def infill_start():
+    return _start("infill")
+
+
+@bp.get("/infill/stream")
+def infill_stream():
+    return event_stream("infill")
+
+
+# ---- template filters (the admin page uses them too) ----------------------------------
+
+@bp.app_template_filter("count")
+def count_filter(value: Any) -> str:
+    """12345 -> 12,345; None -> an en dash."""
+    if value is None:
+        return "–"
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.0f}"
+
+
+@bp.app_template_filter("params")
+def params_filter(value: int | None) -> str:
+    """Parameter counts as people say them: 85.3K, 1.2M."""
+    if value is None:
+        return "–"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return str(value)
+
+
+@bp.app_template_filter("metric")
+def metric_filter(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+@bp.app_template_filter("duration")
+def duration_filter(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+@bp.app_template_filter("describe")
+def describe_filter(value: Any) -> str:
+    """A training summary's free-form value (text, a list or a mapping) as one line."""
+    if value is None or value == "" or value == {} or value == []:
+        return "–"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {describe_filter(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(describe_filter(v) for v in value)
+    return str(value)
+
+
+ARCHITECTURES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "gpt": "GPT",
+                 "seq2seq": "Encoder–decoder"}
+TOKENIZERS = {"char": "characters", "word": "words", "bpe": "BPE", "gpt2": "GPT-2 BPE",
+              "hf": "Hugging Face"}
+
+
+@bp.app_template_filter("arch")
+def arch_filter(value: str | None) -> str:
+    return ARCHITECTURES.get(value or "", value or "–")
+
+
+@bp.app_template_filter("tokenizer_kind")
+def tokenizer_filter(value: str | None) -> str:
+    return TOKENIZERS.get(value or "", value or "–")
+
+
+@bp.app_template_filter("filesize")
+def filesize_filter(size: int | None) -> str:
+    if size is None:
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"

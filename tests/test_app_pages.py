@@ -1,0 +1,502 @@
+"""The HTML pages through Flask's test client: generate, infill and admin; the no-JS form
+posts, the htmx fragments, the job tokens and the server-sent event streams.
+
+The browser side (htmx really streaming into the page) is tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import zlib
+from html import unescape
+
+import pytest
+
+from app import ui
+from conftest import ENDLESS_CHAR, MODELS, SUMMARY
+from models_src.sampling import Completion
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+FORM = {"model": "endless", "prompt": "Once", "temperature": "0", "max_new_tokens": "6"}
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+def parse_sse(text: str) -> list[dict]:
+    """Events as a browser's EventSource sees them: data lines joined with newlines;
+    comments skipped. Each event: {"event", "data", "id"}."""
+    assert text.endswith("\n\n"), text[-200:]
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        event = {"event": "message", "data": [], "id": None}
+        lines = block.split("\n")
+        if all(line.startswith(":") for line in lines):
+            continue
+        for line in lines:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                event["data"].append(value)
+            elif name in ("event", "id"):
+                event[name] = value
+            else:
+                assert name == "", f"unexpected SSE line {line!r}"
+        event["data"] = "\n".join(event["data"])
+        events.append(event)
+    return events
+
+
+def stream_url(html: str) -> str:
+    match = re.search(r'sse-connect="([^"]+)"', html)
+    assert match, html
+    return unescape(match.group(1))
+
+
+def token_of(url: str) -> dict:
+    token = url.split("job=", 1)[1]
+    return json.loads(zlib.decompress(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))))
+
+
+def make_token(body: dict) -> str:
+    data = zlib.compress(json.dumps(body).encode())
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def texts(events, kind="message") -> list[str]:
+    return [e["data"] for e in events if e["event"] == kind]
+
+
+class Scripted:
+    """A stand-in for models_src.sampling.stream: yields fixed pieces, then a completion."""
+
+    def __init__(self, pieces):
+        self.pieces = list(pieces)
+        self.completion = None
+        self._it = iter(self.pieces)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.completion = Completion("".join(self.pieces), [], "stop", 1, len(self.pieces))
+            raise
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """``scripted(pieces)``: every generation writes exactly these pieces."""
+    def install(pieces):
+        monkeypatch.setattr("app.service.library_stream", lambda *a, **k: Scripted(pieces))
+    return install
+
+
+# ---- the generate page ------------------------------------------------------------------
+
+def test_generate_page_lists_models_with_kind_and_perplexity(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    for name in MODELS:
+        assert f'value="{name}"' in html
+    assert "broken" not in html  # not servable: listed on the admin page only
+    assert f"{SUMMARY['val_perplexity']:.2f}" in html  # tiny-gpt's validation perplexity
+    assert "GPT · characters" in html and "LSTM · characters" in html
+    for field in ("prompt", "temperature", "max_new_tokens", "top_k", "top_p", "seed",
+                  "repetition_penalty", "stop"):
+        assert f'name="{field}"' in html
+        assert f'<label for="field-{field}">' in html  # every control has a label
+    # a plain form for browsers without JavaScript, htmx attributes for the others
+    assert 'method="post" action="/"' in html
+    assert 'hx-post="/generate/start"' in html
+    assert "hx-disabled-elt=" in html
+    assert 'aria-current="page"' in html
+    assert "<script>" not in html and " on" + "click=" not in html  # no inline scripts
+
+
+def test_root_answers_head_like_spaces_probe(client):
+    response = client.head("/")
+    assert response.status_code == 200
+    assert response.get_data() == b""
+
+
+def test_pages_reference_vendored_htmx_only_when_installed(make_app, tmp_path):
+    app = make_app()
+    html = app.test_client().get("/").get_data(as_text=True)
+    with app.test_request_context():
+        installed = ui.vendor_ready()  # after `make assets` (npm ci + copy), or not
+    assert ("/static/vendor/htmx.min.js" in html) == installed
+    assert ("/static/vendor/sse.js" in html) == installed
+    assert "unpkg.com" not in html and "cdn" not in html.lower()
+    # without static/vendor/ the pages are plain forms: no htmx script tags at all
+    app.static_folder = str(tmp_path)
+    html = app.test_client().get("/").get_data(as_text=True)
+    assert "vendor/htmx.min.js" not in html and "vendor/sse.js" not in html
+    assert 'method="post" action="/"' in html
+
+
+def test_no_js_generate_post_renders_the_whole_page_with_the_text(client):
+    response = client.post("/", data=FORM)
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert html.startswith("<!doctype html>")
+    generated = re.search(r'<span class="output-generated">([^<]*)</span>', html).group(1)
+    assert generated == ENDLESS_CHAR * 6
+    assert "Reached the token limit · 6 tokens" in html
+    assert 'sse-connect' not in html  # finished, nothing to stream
+    # the form keeps what was submitted
+    assert re.search(r'<textarea id="field-prompt"[^>]*>\nOnce</textarea>', html)
+    assert 'value="endless" checked' in html
+
+
+def test_no_js_post_with_invalid_fields_shows_each_error_inline(client):
+    response = client.post("/", data={**FORM, "model": "nope", "temperature": "hot",
+                                       "top_p": "2", "max_new_tokens": "100000"})
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert html.startswith("<!doctype html>")
+    assert 'class="error-summary" role="alert"' in html
+    assert "There are 4 problems" in html
+    for field, words in (("temperature", "must be a number"), ("top_p", "at most 1"),
+                         ("max_new_tokens", "between 1 and 512"), ("model", "not loaded")):
+        message = re.search(rf'<p class="field-error" id="error-{field}">(.*?)</p>', html).group(1)
+        assert f"&#39;{field}&#39;" in message and words in message  # names the field
+    assert re.search(r'id="field-temperature"[^>]*aria-describedby="hint-temperature '
+                     r'error-temperature" aria-invalid="true"', html)
+    assert re.search(r'id="field-model-0"[^>]*autofocus', html)  # focus on the first error
+    assert 'value="hot"' in html  # the values come back for correction
+    assert "output-generated" not in html
+
+
+def test_no_js_post_when_busy_is_a_503_page(make_app):
+    app = make_app(FABLE_MAX_CONCURRENT=1, FABLE_QUEUE_TIMEOUT_S=0)
+    held = app.extensions["fable.service"].stream("endless", "x")
+    try:
+        response = app.test_client().post("/", data=FORM)
+    finally:
+        held.close()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "server busy" in response.get_data(as_text=True)
+
+
+def test_prompt_markup_is_escaped_in_pages_and_fragments(client):
+    prompt = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    for url in ("/", "/generate/start"):
+        html = client.post(url, data={**FORM, "prompt": prompt}).get_data(as_text=True)
+        assert "<script>alert" not in html and "<img src=x" not in html
+        assert ("&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;"
+                "&lt;img src=x onerror=alert(1)&gt;") in html
+
+
+def test_stop_box_understands_backslash_n(client):
+    html = client.post("/generate/start", data={**FORM, "stop": r"The end.\n"}).get_data(
+        as_text=True)
+    assert token_of(stream_url(html))["stop"] == ["The end.\n"]
+
+
+# ---- htmx: start, then stream -----------------------------------------------------------
+
+def test_htmx_start_returns_a_fragment_that_opens_the_stream(client):
+    response = client.post("/generate/start", data={**FORM, "seed": "42"},
+                           headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert not html.lstrip().startswith("<!doctype")  # a fragment, not a page
+    assert 'hx-ext="sse"' in html and 'sse-close="done"' in html
+    assert 'sse-swap="message" hx-target="this" hx-swap="beforeend"' in html
+    assert 'sse-swap="done"' in html and 'sse-swap="failed"' in html
+    url = stream_url(html)
+    assert url.startswith("/generate/stream?job=")
+    assert len(url) < 4000  # fits gunicorn's default request line (4094 bytes)
+    job = token_of(url)
+    assert job == {"kind": "generate", "model": "endless", "prompt": "Once", "temperature": 0.0,
+                   "max_new_tokens": 6, "seed": 42}
+    # the form comes back out of band: errors cleared, its button disabled while streaming
+    assert re.search(r'<form id="generate-form"[^>]*hx-swap-oob="true"', html)
+    assert re.search(r'<button type="submit" id="generate-submit" class="[^"]*is-busy[^"]*" '
+                     r'disabled>Generating…</button>', html)
+
+
+def test_htmx_start_with_errors_swaps_the_form_in_place(client):
+    response = client.post("/generate/start", data={**FORM, "top_k": "0"})
+    assert response.status_code == 200  # htmx swaps 2xx answers only
+    assert response.headers["HX-Retarget"] == "#generate-form"
+    assert response.headers["HX-Reswap"] == "outerHTML"
+    html = response.get_data(as_text=True)
+    assert "&#39;top_k&#39; must be &gt;= 1, got 0" in html
+    assert re.search(r'id="field-top_k"[^>]*aria-invalid="true" autofocus', html)
+    assert "sse-connect" not in html and "hx-swap-oob" not in html
+
+
+def test_seed_is_picked_when_empty_and_shown(client):
+    html = client.post("/", data=FORM).get_data(as_text=True)
+    assert re.search(r"seed \d+", html)
+    url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
+    assert isinstance(token_of(url)["seed"], int)
+
+
+def test_stream_headers_framing_and_done_event(client):
+    url = stream_url(client.post("/generate/start", data={**FORM, "max_new_tokens": "30"})
+                     .get_data(as_text=True))
+    response = client.get(url)
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["Cache-Control"] == "no-cache"
+    events = parse_sse(response.get_data(as_text=True))
+    assert "".join(texts(events)) == ENDLESS_CHAR * 30
+    ids = [int(e["id"]) for e in events if e["event"] == "message"]
+    assert ids == list(range(1, len(ids) + 1))
+    assert [e["event"] for e in events][-1] == "done"
+    assert not texts(events, "failed")
+    done = texts(events, "done")[0]
+    assert "Reached the token limit · 30 tokens" in done
+    # the done event hands the enabled button back, out of band
+    assert ('<button type="submit" id="generate-submit" class="button button-primary" '
+            'hx-swap-oob="true">Generate</button>') in done
+
+
+def test_stream_escapes_generated_markup_and_frames_each_line(client, scripted):
+    pieces = ["<scr", "ipt>alert(1)</script>", "\nline 2\r\nline 3 & <b>", "\n"]
+    scripted(pieces)
+    url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
+    body = client.get(url).get_data(as_text=True)
+    assert "<scr" not in body.split("event: done")[0]  # no raw markup before the done event
+    events = parse_sse(body)
+    received = "".join(texts(events))
+    assert received == "&lt;script&gt;alert(1)&lt;/script&gt;\nline 2\nline 3 &amp; &lt;b&gt;\n"
+    assert unescape(received) == "".join(pieces).replace("\r\n", "\n")
+    # several lines are several data: lines, never a bare newline inside one
+    for block in body.split("\n\n"):
+        for line in block.split("\n"):
+            assert line == "" or re.match(r"^(data|id|event): |^: ", line), repr(line)
+
+
+def test_stream_of_a_forged_or_damaged_token_reports_an_error_event(client):
+    forged = make_token({"kind": "generate", "model": "endless", "prompt": "x",
+                         "max_new_tokens": 100000, "seed": 1})
+    wrong_kind = make_token({"kind": "infill", "model": "endless", "first": "a", "last": "b"})
+    bomb = base64.urlsafe_b64encode(zlib.compress(b" " * 10_000_000)).decode().rstrip("=")
+    cases = {forged: "&#39;max_new_tokens&#39; must be between 1 and 512",
+             "not*base64": "link is invalid", wrong_kind: "link is invalid",
+             bomb: "link is invalid", "": "link is invalid"}
+    for token, message in cases.items():
+        response = client.get(f"/generate/stream?job={token}")
+        assert response.status_code == 200  # an EventSource would retry any other status
+        events = parse_sse(response.get_data(as_text=True))
+        assert [e["event"] for e in events] == ["failed", "done"], token
+        assert message in events[0]["data"]
+
+
+def test_stream_reconnect_is_told_the_stream_was_interrupted(client):
+    url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
+    events = parse_sse(client.get(url, headers={"Last-Event-ID": "3"}).get_data(as_text=True))
+    assert [e["event"] for e in events] == ["failed", "done"]
+    assert "interrupted" in events[0]["data"]
+
+
+def test_stream_when_busy_reports_it_and_frees_nothing(make_app):
+    app = make_app(FABLE_MAX_CONCURRENT=1, FABLE_QUEUE_TIMEOUT_S=0)
+    client = app.test_client()
+    url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
+    service = app.extensions["fable.service"]
+    held = service.stream("endless", "x")
+    try:
+        events = parse_sse(client.get(url).get_data(as_text=True))
+    finally:
+        held.close()
+    assert [e["event"] for e in events] == ["failed", "done"]
+    assert "server busy" in events[0]["data"]
+    assert service.active == 0
+
+
+def test_stream_closed_early_gives_the_slot_back(app):
+    client = app.test_client()
+    url = stream_url(client.post("/generate/start", data={**FORM, "max_new_tokens": "500"})
+                     .get_data(as_text=True))
+    response = client.get(url, buffered=False)
+    chunks = iter(response.response)
+    while "data:" not in next(chunks).decode():
+        pass
+    service = app.extensions["fable.service"]
+    assert service.active == 1
+    response.close()  # what the WSGI server does when the browser goes away
+    assert service.active == 0
+
+
+def test_stream_error_mid_generation_is_an_event(client, monkeypatch):
+    class Failing(Scripted):
+        def __next__(self):
+            if not self.pieces:
+                raise RuntimeError("boom")
+            return self.pieces.pop(0)
+    monkeypatch.setattr("app.service.library_stream", lambda *a, **k: Failing(["Hello"]))
+    url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
+    events = parse_sse(client.get(url).get_data(as_text=True))
+    assert [e["event"] for e in events] == ["message", "failed", "done"]
+    assert "Generation failed (RuntimeError)" in events[1]["data"]
+
+
+def test_huge_incompressible_prompt_is_answered_without_streaming(client):
+    rng = random.Random(0)
+    prompt = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(4000))
+    assert len(ui.Job("generate", "endless", {"prompt": prompt}, {"seed": 1}).to_token()) \
+        > ui.MAX_JOB_CHARS
+    response = client.post("/generate/start", data={**FORM, "prompt": prompt,
+                                                    "max_new_tokens": "3"})
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "sse-connect" not in html
+    assert f'<span class="output-generated">{ENDLESS_CHAR * 3}</span>' in html
+    assert "Reached the token limit" in html
+    assert re.search(r'<button type="submit" id="generate-submit" '
+                     r'class="button button-primary">Generate</button>', html)
+
+
+# ---- infill -----------------------------------------------------------------------------
+
+INFILL = {"model": "endless", "first": "Lily saw a ball.", "last": "The end.",
+          "temperature": "0", "max_new_tokens": "5"}
+
+
+def test_infill_page_renders(client):
+    response = client.get("/infill")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    for name in MODELS:
+        assert f'value="{name}"' in html
+    assert f"{SUMMARY['val_perplexity']:.2f}" in html
+    assert '<label for="field-first">' in html and '<label for="field-last">' in html
+    assert 'hx-post="/infill/start"' in html and 'action="/infill"' in html
+
+
+def test_no_js_infill_shows_three_parts_with_the_middle_marked(client):
+    response = client.post("/infill", data=INFILL)
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    story = re.search(r'<p id="output-text" class="output story"[^>]*>(.*?)</p>', html).group(1)
+    assert '<span class="story-first">Lily saw a ball.</span>' in story
+    assert f'<mark class="story-middle">{ENDLESS_CHAR * 5}</mark>' in story
+    assert '<span class="story-last">The end.</span>' in story
+    assert story.index("story-first") < story.index("story-middle") < story.index("story-last")
+    assert '<span class="visually-hidden">Generated middle: </span>' in story
+
+
+def test_infill_requires_both_sentences(client):
+    response = client.post("/infill", data={**INFILL, "first": "  ", "last": ""})
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert "&#39;first&#39; is required" in html and "&#39;last&#39; is required" in html
+
+
+def test_infill_streams_the_middle(client):
+    html = client.post("/infill/start", data=INFILL).get_data(as_text=True)
+    assert '<mark class="story-middle" sse-swap="message"' in html
+    assert '<span class="story-first">Lily saw a ball.</span>' in html
+    url = stream_url(html)
+    assert url.startswith("/infill/stream?job=")
+    assert token_of(url)["kind"] == "infill"
+    events = parse_sse(client.get(url).get_data(as_text=True))
+    assert "".join(texts(events)) == ENDLESS_CHAR * 5
+    assert 'id="infill-submit"' in texts(events, "done")[0]
+    # a generate link is not an infill link
+    response = client.get(url.replace("/infill/", "/generate/"))
+    assert "link is invalid" in response.get_data(as_text=True)
+
+
+# ---- admin ------------------------------------------------------------------------------
+
+def log_run(root, experiment="exp-a", model="tiny-gpt", losses=((1, 3.0, 2.9), (2, 2.5, 2.4))):
+    from training.experiments import ExperimentLog
+    log = ExperimentLog(root, experiment, config={"lr": 1e-3})
+    for step, train, val in losses:
+        log.log(model=model, architecture="gpt", parameters=16064, step=step, epoch=0.1 * step,
+                train_loss=train, val_loss=val, val_perplexity=2.718281828 ** val,
+                wall_time_s=float(step), kind="train_eval", split="validation")
+    return log.run_id
+
+
+def test_admin_lists_models_facts_and_load_errors(make_app, tmp_path):
+    client = make_app(FABLE_EXPERIMENTS_DIR=str(tmp_path / "none")).test_client()
+    response = client.get("/admin")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    for name in MODELS:
+        assert f'<th scope="row">{name}' in html
+    assert f"{SUMMARY['val_perplexity']:.2f}" in html
+    assert "12.3K" in html  # tokens seen: SUMMARY's 12345
+    assert "1.5 s" in html  # training time
+    assert SUMMARY["data"] in html
+    assert "broken" in html and "invalid JSON" in html  # the checkpoint that failed
+    assert "No experiment has been recorded yet" in html  # an empty store: empty state
+
+
+def test_admin_shows_best_runs_and_curves(make_app, tmp_path):
+    root = tmp_path / "experiments"
+    run_id = log_run(root)
+    other = log_run(root, "exp-b", model="tiny-lstm", losses=((5, 4.0, 3.9),))
+    client = make_app(FABLE_EXPERIMENTS_DIR=str(root)).test_client()
+    html = client.get("/admin").get_data(as_text=True)
+    assert run_id in html and other in html
+    assert f"{2.718281828 ** 2.4:.2f}" in html  # the best validation perplexity of exp-a
+    assert html.index(run_id) < html.index(other)  # best first
+    assert f'src="/admin/curves/{run_id}.png"' in html
+    png = client.get(f"/admin/curves/{run_id}.png")
+    assert png.status_code == 200 and png.mimetype == "image/png"
+    assert png.get_data().startswith(b"\x89PNG\r\n\x1a\n")
+    again = client.get(f"/admin/curves/{run_id}.png",
+                       headers={"If-None-Match": png.headers["ETag"]})
+    assert again.status_code == 304
+    for bad in ("nope", "..", ".hidden", "a*b"):
+        assert client.get(f"/admin/curves/{bad}.png").status_code == 404
+
+
+def test_admin_survives_an_unreadable_store(make_app, tmp_path):
+    root = tmp_path / "experiments"
+    (root / "exp").mkdir(parents=True)
+    (root / "exp" / "bad.parquet").write_bytes(b"not parquet")
+    response = make_app(FABLE_EXPERIMENTS_DIR=str(root)).test_client().get("/admin")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    alert = re.search(r'<p class="alert" role="alert">(.*?)</p>', html, re.S).group(1)
+    assert "The experiment records cannot be read" in alert and "exp/bad.parquet" in alert
+    assert str(tmp_path) not in alert  # file names relative to the store
+
+
+def test_admin_needs_the_token_when_one_is_set(make_app, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    root = tmp_path / "experiments"
+    run_id = log_run(root)
+    client = make_app(FABLE_ADMIN_TOKEN=ADMIN_TOKEN,
+                      FABLE_EXPERIMENTS_DIR=str(root)).test_client()
+
+    def basic(user, password):
+        credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {credentials}"}
+
+    denied = client.get("/admin")
+    assert denied.status_code == 401
+    assert denied.headers["WWW-Authenticate"].startswith("Basic ")
+    assert "Sign-in required" in denied.get_data(as_text=True)
+    for headers in (basic("admin", "wrong"), basic(ADMIN_TOKEN, ""),
+                    {"Authorization": "Bearer wrong"}, {"Authorization": ADMIN_TOKEN},
+                    {"Authorization": f"Digest {ADMIN_TOKEN}"}):
+        assert client.get("/admin", headers=headers).status_code == 401, headers
+    assert client.get(f"/admin/curves/{run_id}.png").status_code == 401
+    for headers in (basic("admin", ADMIN_TOKEN), basic("anyone", ADMIN_TOKEN),
+                    {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        response = client.get("/admin", headers=headers)
+        assert response.status_code == 200, headers
+        assert "tiny-gpt" in response.get_data(as_text=True)
+    assert client.get(f"/admin/curves/{run_id}.png",
+                      headers=basic("x", ADMIN_TOKEN)).status_code == 200
+    assert ADMIN_TOKEN not in caplog.text
+    # the other pages stay open
+    assert client.get("/").status_code == 200

@@ -1,0 +1,404 @@
+"""The pages in a real browser: headless Chromium (Debian's ``chromium`` package) driven
+by Playwright, against the app served by werkzeug on 127.0.0.1 in a thread.
+
+Checks what only a browser shows: htmx posting the form, the SSE extension appending
+text as it streams, the button disabled while it runs, the infilled middle marked,
+generated markup staying text, focus moving to a field in error, and the forms working
+with JavaScript off. Skips when Chromium, Playwright or the vendored htmx files
+(``static/vendor/``, installed by ``npm ci`` + copy) are missing.
+
+``FABLE_SCREENSHOTS=1`` also writes docs/screenshots/{generate,infill,admin}.png
+(desktop width) from the models in ``FABLE_SCREENSHOTS_CHECKPOINTS`` (default: the test
+checkpoints) and the records in ``FABLE_SCREENSHOTS_EXPERIMENTS`` (default: experiments).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ENDLESS_CHAR, MODELS, SUMMARY
+from models_src.sampling import Completion
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("FABLE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+VENDOR = [ROOT / "static" / "vendor" / name for name in ("htmx.min.js", "sse.js")]
+TIMEOUT_MS = 10_000
+
+if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+if not all(path.is_file() for path in VENDOR):
+    pytest.skip("htmx is not installed in static/vendor/ (npm ci, then copy: see Makefile)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+# ---- fixtures: a live server and a browser ------------------------------------------------
+
+@contextmanager
+def serve(app):
+    """The app on a free port of 127.0.0.1, in a thread (one more per request); stopped after."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="fable-test-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory) -> Path:
+    from training.experiments import ExperimentLog
+
+    root = tmp_path_factory.mktemp("experiments")
+    log = ExperimentLog(root, "tiny-stories", config={})
+    for step, loss in ((10, 3.2), (20, 2.6), (30, 2.2)):
+        log.log(model="tiny-gpt", architecture="gpt", parameters=16064, step=step, epoch=step / 30,
+                train_loss=loss, val_loss=loss + 0.1, val_perplexity=2.718 ** (loss + 0.1),
+                wall_time_s=float(step), kind="train_eval", split="validation")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_url(app_config, experiments):
+    from app import create_app
+
+    threads = torch.get_num_threads()
+    app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(experiments)})
+    with serve(app) as url:
+        yield url
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module; Playwright gives it a fresh temporary profile."""
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"JavaScript error: {error}"))
+    page.on("response", lambda response: response.status >= 400 and errors.append(
+        f"HTTP {response.status} for {response.url}"))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+class Slowed:
+    """A generation stream that waits ``delay`` seconds before each piece: slow enough for
+    the test to watch the page while the text streams."""
+
+    def __init__(self, source, delay: float):
+        self.source, self.delay = source, delay
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        piece = next(self.source)
+        time.sleep(self.delay)
+        return piece
+
+    @property
+    def completion(self):
+        return self.source.completion
+
+
+class Scripted:
+    """A generation stream that writes fixed pieces."""
+
+    def __init__(self, pieces):
+        self.pieces, self.completion, self._it = list(pieces), None, iter(pieces)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.completion = Completion("".join(self.pieces), [], "stop", 1, len(self.pieces))
+            raise
+
+
+#: Records each SSE message as the page gets it: the event, the text length then, whether
+#: the submit button was disabled, and when.
+RECORD_EVENTS = """
+window.__events = [];
+document.addEventListener("htmx:sseMessage", function (e) {
+  var out = document.querySelector(".output-generated, .story-middle");
+  var button = document.querySelector("button[type=submit]");
+  window.__events.push({type: e.detail.type, length: out ? out.textContent.length : -1,
+                        disabled: button ? button.disabled : null, t: performance.now()});
+});
+"""
+
+
+def fill_form(page, fields: dict) -> None:
+    for name, value in fields.items():
+        if name == "model":
+            page.check(f"input[name=model][value='{value}']")
+        else:
+            page.fill(f"#field-{name}", value)
+
+
+# ---- generate -----------------------------------------------------------------------------
+
+def test_generate_streams_text_into_the_page(page, base_url, monkeypatch):
+    from app import service
+
+    real = service.library_stream
+    monkeypatch.setattr(service, "library_stream",
+                        lambda *a, **k: Slowed(real(*a, **k), delay=0.03))
+    page.add_init_script(RECORD_EVENTS)
+    page.goto(base_url + "/")
+    fill_form(page, {"model": "endless", "prompt": "Once", "temperature": "0",
+                     "max_new_tokens": "40"})
+    button = page.locator("#generate-submit")
+    assert button.is_enabled()
+    button.click()
+    # while it streams: text visible before the end, the button disabled
+    page.wait_for_function("document.querySelector('.output-generated') && "
+                           "document.querySelector('.output-generated').textContent.length > 0")
+    assert page.locator(".status-text.is-streaming").count() == 1
+    assert page.locator("#generate-submit").is_disabled()
+    page.wait_for_selector(".status-text:not(.is-streaming)")
+    assert page.locator(".output-generated").text_content() == ENDLESS_CHAR * 40
+    assert page.locator(".output-prompt").text_content() == "Once"
+    assert "Reached the token limit · 40 tokens" in page.locator(".status").text_content()
+    expect = sync_api.expect
+    expect(page.locator("#generate-submit")).to_be_enabled()
+    expect(page.locator("#generate-submit")).to_have_text("Generate")
+    events = page.evaluate("window.__events")
+    messages = [e for e in events if e["type"] == "message"]
+    assert len(messages) >= 3, events  # arrived in several pieces...
+    lengths = [e["length"] for e in messages]
+    assert lengths == sorted(lengths) and lengths[0] < 40  # ...the text growing, first early
+    assert all(e["disabled"] for e in messages)  # the button stayed disabled meanwhile
+    assert events[-1]["type"] == "done" and events[-1]["t"] > messages[0]["t"]
+
+
+def test_generated_markup_is_shown_as_text_and_never_runs(page, base_url, monkeypatch):
+    pieces = ["<scr", "ipt>window.__pwned = 1</script>", '<img src=x onerror="window.__pwned=2">',
+              "\n<b>bold?</b>"]
+    monkeypatch.setattr("app.service.library_stream", lambda *a, **k: Scripted(pieces))
+    page.goto(base_url + "/")
+    prompt = '<script>window.__pwned = 3</script>'
+    fill_form(page, {"model": "tiny-gpt", "prompt": prompt, "max_new_tokens": "10"})
+    page.click("#generate-submit")
+    page.wait_for_selector(".status-text:not(.is-streaming)")
+    assert page.locator(".output-generated").text_content() == "".join(pieces)
+    assert page.locator(".output-prompt").text_content() == prompt
+    assert page.locator("#output-text script, #output-text img, #output-text b").count() == 0
+    page.wait_for_timeout(200)  # an onerror handler would have run by now
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+
+
+def test_invalid_field_is_reported_inline_and_focused(page, base_url):
+    page.goto(base_url + "/")
+    fill_form(page, {"model": "tiny-gpt", "prompt": "Once", "top_p": "5"})
+    page.click("#generate-submit")
+    error = page.locator("#error-top_p")
+    error.wait_for()
+    assert "'top_p' must be above 0 and at most 1, got 5" in error.text_content()
+    assert page.locator("#field-top_p").get_attribute("aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "field-top_p"
+    assert page.locator(".error-summary").is_visible()
+    assert page.locator("#generate-submit").is_enabled()
+    assert page.locator("#result .output").count() == 0  # nothing was generated
+
+
+def test_forms_work_without_javascript(browser, base_url):
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        page.goto(base_url + "/")
+        fill_form(page, {"model": "endless", "prompt": "Once", "temperature": "0",
+                         "max_new_tokens": "8"})
+        page.click("#generate-submit")
+        page.wait_for_load_state()
+        assert page.url == base_url + "/"
+        assert page.locator(".output-generated").text_content() == ENDLESS_CHAR * 8
+        assert page.locator(".copy-button").is_hidden()  # needs JavaScript
+        page.goto(base_url + "/infill")
+        fill_form(page, {"model": "endless", "first": "Lily saw a ball.", "last": "The end.",
+                         "temperature": "0", "max_new_tokens": "4"})
+        page.click("#infill-submit")
+        page.wait_for_load_state()
+        assert page.locator("mark.story-middle").text_content() == ENDLESS_CHAR * 4
+    finally:
+        context.close()
+
+
+STRICT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+              "connect-src 'self'; base-uri 'none'; form-action 'self'; object-src 'none'")
+
+
+def test_pages_run_under_a_strict_content_security_policy(browser, app_config, experiments):
+    """No inline script, style or eval anywhere: the CSP a later change adds will hold."""
+    from app import create_app
+
+    threads = torch.get_num_threads()
+    app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(experiments)})
+
+    @app.after_request
+    def add_csp(response):
+        response.headers["Content-Security-Policy"] = STRICT_CSP
+        return response
+
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    violations: list[str] = []
+    try:
+        with serve(app) as url:
+            page = context.new_page()
+            page.on("console", lambda message: "Content Security Policy" in message.text
+                    and violations.append(message.text))
+            page.on("pageerror", lambda error: violations.append(str(error)))
+            for path, kind, fields in (
+                    ("/", "generate", {"prompt": "Once"}),
+                    ("/infill", "infill", {"first": "Lily ran.", "last": "The end."})):
+                page.goto(url + path)
+                fill_form(page, {"model": "endless", **fields, "max_new_tokens": "5"})
+                page.click(f"#{kind}-submit")
+                page.wait_for_selector(".status-text:not(.is-streaming)")
+                assert page.locator(f"#{kind}-submit").is_enabled()
+            page.goto(url + "/admin")
+            curve = page.locator(".curve img").first
+            curve.scroll_into_view_if_needed()
+            # (a function, not an expression: Playwright evaluates those without eval)
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            while not curve.evaluate("image => image.complete && image.naturalWidth > 0"):
+                assert time.monotonic() < deadline, "the curve image never loaded"
+                time.sleep(0.05)
+    finally:
+        context.close()
+        torch.set_num_threads(threads)
+    assert not violations, violations
+
+
+# ---- infill and admin ---------------------------------------------------------------------
+
+def test_infill_shows_three_parts_with_the_middle_marked(page, base_url):
+    page.goto(base_url + "/infill")
+    fill_form(page, {"model": "endless", "first": "Lily saw a big red ball.",
+                     "last": "They played all day.", "temperature": "0", "max_new_tokens": "12"})
+    page.click("#infill-submit")
+    page.wait_for_selector(".status-text:not(.is-streaming)")
+    story = page.locator("#output-text")
+    assert story.locator(".story-first").text_content() == "Lily saw a big red ball."
+    assert story.locator("mark.story-middle").text_content() == ENDLESS_CHAR * 12
+    assert story.locator(".story-last").text_content() == "They played all day."
+    assert "Generated middle:" in story.locator(".visually-hidden").first.text_content()
+    expect = sync_api.expect
+    expect(page.locator("#infill-submit")).to_be_enabled()
+    # the marked middle stands out: a background colour of its own
+    background = page.evaluate("getComputedStyle(document.querySelector('mark.story-middle'))"
+                               ".backgroundColor")
+    assert background not in ("rgba(0, 0, 0, 0)", "transparent")
+
+
+def test_admin_lists_models_and_perplexities(page, base_url):
+    page.goto(base_url + "/admin")
+    rows = page.locator("table").first.locator("tbody tr")
+    assert rows.count() == len(MODELS)
+    text = page.locator("table").first.text_content()
+    for name in MODELS:
+        assert name in text
+    assert f"{SUMMARY['val_perplexity']:.2f}" in text
+    assert "broken" in page.locator(".load-errors").text_content()
+    image = page.locator(".curve img").first
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("() => { const i = document.querySelector('.curve img');"
+                           " return i.complete && i.naturalWidth > 0; }")
+
+
+def test_copy_button_copies_the_story(browser, base_url):
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    try:
+        page = context.new_page()
+        page.goto(base_url + "/")
+        fill_form(page, {"model": "endless", "prompt": "Once", "temperature": "0",
+                         "max_new_tokens": "5"})
+        page.click("#generate-submit")
+        page.wait_for_selector(".status-text:not(.is-streaming)")
+        page.click(".copy-button")
+        sync_api.expect(page.locator(".copy-button")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == "Once" + ENDLESS_CHAR * 5
+    finally:
+        context.close()
+
+
+# ---- screenshots for the docs -------------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("FABLE_SCREENSHOTS") != "1",
+                    reason="set FABLE_SCREENSHOTS=1 to write docs/screenshots/")
+def test_screenshots(browser, app_config, checkpoint_dir):
+    from app import create_app
+
+    out = ROOT / "docs" / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = os.environ.get("FABLE_SCREENSHOTS_CHECKPOINTS", str(checkpoint_dir))
+    experiments = os.environ.get("FABLE_SCREENSHOTS_EXPERIMENTS", str(ROOT / "experiments"))
+    model = os.environ.get("FABLE_SCREENSHOTS_MODEL")
+    prompt = os.environ.get("FABLE_SCREENSHOTS_PROMPT", "Once upon a time")
+    first = os.environ.get("FABLE_SCREENSHOTS_FIRST", "Lily wanted to fly a kite.")
+    last = os.environ.get("FABLE_SCREENSHOTS_LAST", "From then on, the kite hung in her room.")
+    seed = os.environ.get("FABLE_SCREENSHOTS_SEED", "7")
+    threads = torch.get_num_threads()
+    app = create_app({**app_config, "FABLE_CHECKPOINT_DIR": checkpoints,
+                      "FABLE_EXPERIMENTS_DIR": experiments, "FABLE_DEFAULT_NEW_TOKENS": 200,
+                      "FABLE_REQUEST_TIMEOUT_S": 60})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(60_000)
+    try:
+        with serve(app) as url:
+            page = context.new_page()
+            for kind, fields in (("generate", {"prompt": prompt}),
+                                 ("infill", {"first": first, "last": last})):
+                page.goto(url + ("/" if kind == "generate" else "/infill"))
+                if model:
+                    fields["model"] = model
+                fill_form(page, {**fields, "temperature": "0.8", "seed": seed,
+                                 "max_new_tokens": "200" if kind == "generate" else "80"})
+                page.click(f"#{kind}-submit")
+                page.wait_for_selector(".status-text:not(.is-streaming)")
+                page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+                page.mouse.move(1, 1)
+                page.screenshot(path=str(out / f"{kind}.png"), full_page=True)
+            page.goto(url + "/admin")
+            for image in page.locator(".curve img").all():
+                image.scroll_into_view_if_needed()
+            page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(out / "admin.png"), full_page=True)
+    finally:
+        context.close()
+        torch.set_num_threads(threads)
+    assert all((out / f"{name}.png").stat().st_size > 10_000
+               for name in ("generate", "infill", "admin"))
+
