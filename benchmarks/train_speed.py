@@ -43,7 +43,7 @@ SHAPES = {  # name: (model sizes, batch size)
     "nanoGPT baby": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 12),
 }
 BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3,
-            min_lr=1e-4, warmup=100, iters=2000, weight_decay=0.1, beta2=0.99)
+            warmup=100, iters=2000, weight_decay=0.1, beta2=0.99)
 
 
 def corpus_text() -> str:
@@ -171,7 +171,7 @@ def run_nanogpt(nanogpt: Path, text: str, threads: int) -> tuple[float, float, f
     return wall, b["batch_size"] * b["block_size"] / (np.median(iter_ms) / 1000), val
 
 
-def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int) -> dict:
+def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int, lr: float) -> dict:
     """Our trainer, nanoGPT's shape and hyper-parameters (no biases, as its baby config), with
     nanoGPT's wall-clock as its budget: ``training.max_time_s`` ends the loop and the cosine
     schedule follows the clock, start-up and the final evaluation counted against it."""
@@ -179,7 +179,7 @@ def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int) 
     raw = {"name": "baby", "model": {"arch": "gpt", "dropout": 0.0, "bias": False, "n_layer": b["n_layer"],
                                      "n_head": b["n_head"], "n_embd": b["n_embd"], "block_size": b["block_size"]},
            "data": {"path": str(corpus), "cache_dir": str(tmp / "cache")}, "tokenizer": {"kind": "char"},
-           "training": {"batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "min_lr": b["min_lr"],
+           "training": {"batch_size": b["batch_size"], "learning_rate": lr, "min_lr": lr / 10,
                         "warmup_steps": b["warmup"], "weight_decay": b["weight_decay"],
                         "betas": [0.9, b["beta2"]], "grad_clip": 1.0, "eval_every": 250, "eval_batches": 20,
                         "save_every": 10**9, "num_threads": threads, "max_time_s": wall},
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout to run as the peer")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    parser.add_argument("--lr", type=float, default=BABY["learning_rate"],
+                        help="our peak learning rate against nanoGPT (its own: 1e-3; min_lr is a tenth)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# training-speed benchmark — {environment()}")
@@ -214,11 +216,11 @@ def main() -> None:
             compare_with_hf(args, corpus, tmp)
         if args.nanogpt:
             wall, nano_tps, nano_val = run_nanogpt(args.nanogpt.resolve(), corpus.read_text(), args.threads)
-            ours = run_ours_same_wallclock(corpus, tmp, wall, args.threads)
+            ours = run_ours_same_wallclock(corpus, tmp, wall, args.threads, args.lr)
             ours_tps = ours["tokens_seen"] / ours["training_time_s"]
             print(f"\nnanoGPT baby, {BABY['iters']} iterations: {wall:.0f} s wall, {nano_tps:,.0f} tokens/s, "
                   f"val loss {nano_val:.4f} (20 random batches)")
-            print(f"ours, same shape and wall-clock: {ours['step']} steps in {ours['wall']:.0f} s, "
+            print(f"ours, same shape and wall-clock, learning rate {args.lr:g}: {ours['step']} steps in {ours['wall']:.0f} s, "
                   f"{ours_tps:,.0f} tokens/s ({ours_tps / nano_tps:.2f}x), val loss {ours['val_loss']:.4f} "
                   f"(whole validation split)")
 
