@@ -6,7 +6,7 @@ data and budget given only the first sentence.
 
 Two GPTs are trained on the same TinyStories stories with the same budget and batching
 (whole stories, one per row): A on ``first <blank> last <sep> middle <eos>``
-(``data.task: infill``), B on plain ``<bos> story <eos>`` (``task: infill+lm`` with
+(``data.task: infill``, loss on the middle only), B on plain ``<bos> story <eos>`` (``task: infill+lm`` with
 ``infill_fraction: 0``). A scores the middle given first and last sentence, B given the
 first sentence. The issue's target: A's perplexity at least 10 % lower.
 """
@@ -34,7 +34,7 @@ def train(name: str, task: str, fraction: float, args, tmp: Path) -> Path:
     raw = {"name": name,
            "model": {"arch": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 320, "dropout": 0.1},
            "data": {"path": str(args.data), "cache_dir": str(tmp / "cache"), "task": task,
-                    "infill_fraction": fraction},
+                    "infill_fraction": fraction, "middle_only": task == "infill"},
            "tokenizer": {"kind": "bpe", "vocab_size": 1024},
            "training": {"batch_size": 16, "learning_rate": 2e-3, "min_lr": 2e-4, "warmup_steps": 50,
                         "max_steps": args.steps, "eval_every": args.steps, "eval_batches": 10,

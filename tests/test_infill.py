@@ -15,7 +15,7 @@ from models_src.tokenization import Tokenizer
 from training import generate as generate_cli
 from training.config import load_config
 from training.evaluate import evaluate
-from training.examples import build_examples, collate, split_sentences, split_story
+from training.examples import build_examples, collate, example_batch, split_sentences, split_story
 from training.train import Trainer
 
 NAMES = ["Tom", "Lily", "Ben", "Mia", "Sam"]
@@ -82,6 +82,10 @@ def test_examples_count_skipped_stories_and_mask_padding(tokenizer):
     _, scored = collate(ex, [0], tokenizer.pad_id, only_scored=True)
     first_scored = int((scored[0] != -100).nonzero()[0])
     assert x[0, first_scored] == tokenizer.sep_id  # the sep position predicts the middle's first token
+    _, y_middle = example_batch(ex, 4, torch.Generator().manual_seed(0), tokenizer.pad_id, middle_only=True)
+    drawn = torch.randint(len(ex), (4,), generator=torch.Generator().manual_seed(0)).tolist()
+    # middle_only scores exactly each drawn example's middle and eos
+    assert (y_middle != -100).sum() == sum(len(ex.ids(i)) - 1 - ex.scored_from[i] for i in drawn)
     mixed = build_examples(docs * 20, tokenizer, "infill+lm", 0.5, max_len=100, seed=0)
     assert 0 < mixed.infill.sum() < len(mixed)  # both kinds, plain stories keep short ones
 

@@ -95,6 +95,7 @@ class DataConfig:
     seed: int = 1234  # document shuffle
     task: str = "lm"  # lm (a token stream) | infill | infill+lm (whole examples: training.examples)
     infill_fraction: float = 0.5  # infill+lm: share of stories turned into infilling examples
+    middle_only: bool = False  # infilling examples train on their middle (and eos) only
 
     def __post_init__(self) -> None:
         self.split = [float(f) for f in self.split]
@@ -481,7 +482,7 @@ def _cache_key(source: _Source, data: DataConfig, tok: TokenizerConfig) -> str:
     stats = [(p, p.stat()) for p in source.stamp]
     files = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in stats]
     # path is covered by the resolved files; the rest does not change the tokens
-    unused = ("path", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction")
+    unused = ("path", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction", "middle_only")
     settings = {k: v for k, v in asdict(data).items() if k not in unused}
     payload = {"version": CACHE_VERSION, "source": files or source.location,
                "data": settings, "tokenizer": tok.to_dict()}

@@ -129,10 +129,12 @@ def collate(examples: Examples, indices, pad_id: int, only_scored: bool = False)
     return x, y
 
 
-def example_batch(examples: Examples, batch_size: int, generator: torch.Generator, pad_id: int):
-    """A random batch of whole examples (indices drawn from ``generator`` for exact resume)."""
+def example_batch(examples: Examples, batch_size: int, generator: torch.Generator, pad_id: int,
+                  middle_only: bool = False):
+    """A random batch of whole examples (indices drawn from ``generator`` for exact resume);
+    with ``middle_only`` only the middle of infilling examples is scored (plain ones whole)."""
     indices = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
-    return collate(examples, indices, pad_id)
+    return collate(examples, indices, pad_id, only_scored=middle_only)
 
 
 def in_order(examples: Examples, batch_size: int, pad_id: int, only_scored: bool = False,

@@ -178,7 +178,7 @@ class Trainer:
     def next_batch(self):
         if self.examples is not None:
             x, y = example_batch(self.examples["train"], self.t.batch_size, self.generator,
-                                 self.tokenizer.pad_id)
+                                 self.tokenizer.pad_id, self.cfg.data.get("middle_only", False))
             return x.to(self.device), y.to(self.device)
         if not self.tbptt:
             x, y = random_batch(self.data.splits["train"], self.t.batch_size, self.seq_len, self.generator)
