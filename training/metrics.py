@@ -62,22 +62,28 @@ def _batched(iterable, n: int):
         yield chunk
 
 
+@contextlib.contextmanager
+def evaluating(model, autocast=None):
+    """Eval mode, no gradients (and ``autocast`` if given); the previous mode comes back."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def score_batches(model, batches, *, device=None, autocast=None) -> Scores:
     """Score (x, y) batches with ``model`` (in eval mode; its previous mode is restored)."""
     device = device or model.device
-    was_training = model.training
-    model.eval()
     scores = Scores()
-    try:
-        with torch.no_grad(), autocast or contextlib.nullcontext():
-            for x, y in batches:
-                scores.add(model(x.to(device))[0], y.to(device))
-    finally:
-        model.train(was_training)
+    with evaluating(model, autocast):
+        for x, y in batches:
+            scores.add(model(x.to(device))[0], y.to(device))
     return scores
 
 
-@torch.no_grad()
 def score(model, tokens: np.ndarray, seq_len: int, *, batch_size: int = 16, stride: int | None = None,
           max_batches: int | None = None, device=None, autocast=None) -> Scores:
     """Score a token stream: every token once (in eval mode; the previous mode is restored)."""
@@ -87,15 +93,10 @@ def score(model, tokens: np.ndarray, seq_len: int, *, batch_size: int = 16, stri
         batches = ((torch.cat(x), torch.cat(y)) for x, y in
                    (zip(*chunk) for chunk in islice(_batched(windows, batch_size), max_batches)))
         return score_batches(model, batches, device=device, autocast=autocast)
-    was_training = model.training  # recurrent: in order, carrying the state
-    model.eval()
-    scores = Scores()
-    try:
-        with autocast or contextlib.nullcontext():
-            state = model.init_state(batch_size)
-            for x, y in islice(SequentialBatches(tokens, batch_size, seq_len), max_batches):
-                logits, state = model.step(x.to(device), state)
-                scores.add(logits, y.to(device))
-    finally:
-        model.train(was_training)
+    scores = Scores()  # recurrent: in order, carrying the state
+    with evaluating(model, autocast):
+        state = model.init_state(batch_size)
+        for x, y in islice(SequentialBatches(tokens, batch_size, seq_len), max_batches):
+            logits, state = model.step(x.to(device), state)
+            scores.add(logits, y.to(device))
     return scores
