@@ -5,6 +5,11 @@ Training and evaluation call ``forward(input_ids, targets)``. Generation calls
 prompt and for every new token, so each new token costs the same whatever the
 length of the text before it: the state is the recurrent (h, c) of an RNN or the
 key/value cache of an attention model.
+
+A server decoding many requests together (continuous batching) also needs to regroup
+rows of states between steps: ``select_rows(state, rows)`` keeps some rows (finished
+ones leave) and ``concat_rows(states)`` appends rows (new requests, prefilled on their
+own, join the running batch).
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ class LanguageModel(nn.Module):
         ``lengths`` (B,) says how many of the T tokens are real in each row (the rest
         is right padding: its logits are meaningless and it does not enter the state).
         """
+        raise NotImplementedError
+
+    def select_rows(self, state: Any, rows: torch.Tensor) -> Any:
+        """A state holding only ``rows`` (B',) of ``state``, in that order."""
+        raise NotImplementedError
+
+    def concat_rows(self, states: list[Any]) -> Any:
+        """One state holding the rows of every state in ``states``, one after another."""
         raise NotImplementedError
 
     @property

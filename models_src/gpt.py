@@ -43,6 +43,12 @@ class GPT(LanguageModel):
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
                        device=self.device, dtype=self.wte.weight.dtype)
 
+    def select_rows(self, state: KVCache, rows) -> KVCache:
+        return state.select(rows)
+
+    def concat_rows(self, states: list[KVCache]) -> KVCache:
+        return KVCache.concat(states)
+
     def step(self, tokens, state: KVCache, lengths=None):
         positions = state.begin(tokens.size(1), lengths)
         x = self.drop(self.wte(tokens) + self.wpe(positions))

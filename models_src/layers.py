@@ -81,6 +81,29 @@ class KVCache:
             self.uniform = None
 
 
+    # ---- regrouping rows (continuous batching) ------------------------------------
+
+    @classmethod
+    def _from(cls, k, v, lengths) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.lengths = k, v, k.size(3), lengths
+        # one host sync per regrouping (not per step): equal rows keep the fast path
+        cache.uniform = int(lengths[0]) if len(lengths) and bool((lengths == lengths[0]).all()) else None
+        return cache
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache holding only ``rows``, in that order (copied)."""
+        return self._from(self.k[:, rows], self.v[:, rows], self.lengths[rows])
+
+    @classmethod
+    def concat(cls, caches: list[KVCache]) -> KVCache:
+        """One cache holding the rows of ``caches`` one after another (copied)."""
+        if len({c.max_len for c in caches}) != 1:
+            raise ValueError("caches of different context lengths cannot be joined")
+        return cls._from(torch.cat([c.k for c in caches], 1), torch.cat([c.v for c in caches], 1),
+                         torch.cat([c.lengths for c in caches]))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, causal: bool) -> None:
         super().__init__()

@@ -109,3 +109,11 @@ class RecurrentLM(LanguageModel):
 
     def step(self, tokens, state, lengths=None):
         return self._run(tokens, state, lengths)
+
+    # The state is, per layer, h or (h, c), each (1, B, hidden): rows are dimension 1.
+    def select_rows(self, state, rows):
+        return [tuple(t[:, rows] for t in h) if isinstance(h, tuple) else h[:, rows] for h in state]
+
+    def concat_rows(self, states):
+        return [tuple(torch.cat(ts, 1) for ts in zip(*layer)) if isinstance(layer[0], tuple)
+                else torch.cat(layer, 1) for layer in zip(*states)]

@@ -117,6 +117,29 @@ class Seq2SeqTransformer(LanguageModel):
                         device=self.device, dtype=self.wte.weight.dtype)
         return Seq2SeqState(cache)
 
+    def select_rows(self, state: Seq2SeqState, rows) -> Seq2SeqState:
+        if state.memory_kv is None:
+            return Seq2SeqState(state.cache.select(rows))
+        return Seq2SeqState(state.cache.select(rows), [(k[rows], v[rows]) for k, v in state.memory_kv],
+                            state.memory_mask[rows])
+
+    def concat_rows(self, states: list[Seq2SeqState]) -> Seq2SeqState:
+        """Rows join after their first step (the encoder has run); sources of different
+        lengths are padded to the longest, the padding masked out."""
+        if any(s.memory_kv is None for s in states):
+            raise ValueError("a seq2seq state joins a batch only after its first step")
+        S = max(s.memory_mask.size(-1) for s in states)
+
+        def pad(t, dim, value):  # to S along ``dim``: memory k/v (B, H, S', D), mask (B, 1, 1, S')
+            shape = list(t.shape)
+            shape[dim] = S - t.size(dim)
+            return torch.cat([t, t.new_full(shape, value)], dim) if shape[dim] else t
+
+        memory_kv = [tuple(torch.cat([pad(s.memory_kv[i][j], 2, 0.0) for s in states]) for j in (0, 1))
+                     for i in range(len(self.decoder))]
+        mask = torch.cat([pad(s.memory_mask, 3, False) for s in states])
+        return Seq2SeqState(KVCache.concat([s.cache for s in states]), memory_kv, mask)
+
     def step(self, tokens, state: Seq2SeqState, lengths=None):
         """The first call must carry the whole source and its separator."""
         first = state.memory_kv is None

@@ -1,0 +1,124 @@
+"""Continuous batching: sequences that join and leave a running batch get exactly the
+text they would get alone, for every architecture."""
+
+import pytest
+import torch
+
+from models_src import ARCHITECTURES, ModelConfig, build_model
+from models_src.batching import Batch
+from models_src.sampling import SamplingParams, generate
+
+V, SEP, BOS, EOS = 60, 3, 1, 2
+
+
+class IdTokenizer:
+    """Token i is the character chr(0x4e00 + i): every id decodes to its own text."""
+    bos_id, eos_id, pad_id = BOS, EOS, 0
+
+    def encode(self, text):
+        return [ord(c) - 0x4E00 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(0x4E00 + i) for i in ids if not (skip_special_tokens and i in (0, BOS, EOS)))
+
+
+TOK = IdTokenizer()
+
+
+def make(arch, block_size=64):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=V, n_layer=2, n_embd=32, n_head=4, n_hidden=48,
+                      block_size=block_size, sep_id=SEP)
+    return build_model(cfg).eval()
+
+
+def prompt(n, seed, arch):
+    g = torch.Generator().manual_seed(seed)
+    ids = [BOS, *torch.randint(4, V, (n,), generator=g).tolist()]
+    if arch == "seq2seq":
+        ids[len(ids) // 2] = SEP  # a source, then the target side from the separator on
+    return ids
+
+
+def alone(model, ids, params):
+    return generate(model, TOK, prompt_ids=[ids], params=params)[0]
+
+
+def run(batch, arrivals):
+    """Step the batch; arrivals maps a step number to requests joining before it."""
+    texts, step, seqs = {}, 0, []
+    while batch or any(k >= step for k in arrivals):
+        seqs += batch.add(arrivals.get(step, []))
+        for seq, piece in batch.step():
+            texts[seq] = texts.get(seq, "") + piece
+        step += 1
+    return seqs, texts
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_sequences_joining_at_different_steps_match_running_alone(arch):
+    model = make(arch)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=9, temperature=0.8, top_k=20, seed=7, ignore_eos=True)
+    penalised = SamplingParams(max_new_tokens=7, temperature=0.0, repetition_penalty=1.5, ignore_eos=True)
+    requests = {0: [(prompt(5, 1, arch), greedy), (prompt(11, 2, arch), sampled)],
+                3: [(prompt(8, 3, arch), penalised)],
+                4: [(prompt(3, 4, arch), greedy)]}
+    seqs, texts = run(Batch(model, TOK), requests)
+    expected = [alone(model, ids, params) for step in sorted(requests) for ids, params in requests[step]]
+    for seq, want in zip(seqs, expected):
+        assert seq.completion.token_ids == want.token_ids
+        assert seq.completion.text == want.text == texts[seq]
+        assert seq.completion.finish_reason == "length"
+        assert seq.completion.prompt_tokens == want.prompt_tokens
+        assert seq.completion.completion_tokens == want.completion_tokens
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_a_full_context_is_reprimed_like_the_sampling_loop(arch):
+    model = make(arch, block_size=16)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    requests = {0: [(prompt(10, 1, arch), params)], 2: [(prompt(4, 2, arch), params)]}
+    seqs, _ = run(Batch(model, TOK), requests)
+    for seq, (ids, p) in zip(seqs, [r for k in sorted(requests) for r in requests[k]]):
+        assert seq.completion.token_ids == alone(model, ids, p).token_ids
+
+
+def test_stop_strings_and_eos_end_rows_independently():
+    model = make("gpt")
+    free = alone(model, prompt(6, 1, "gpt"), SamplingParams(max_new_tokens=20, temperature=0.0,
+                                                           ignore_eos=True))
+    stop = free.text[5:7]
+    batch = Batch(model, TOK)
+    short, long = batch.add([
+        (prompt(6, 1, "gpt"), SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop])),
+        (prompt(6, 2, "gpt"), SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))])
+    while batch:
+        batch.step()
+        if short.completion is not None:
+            assert len(batch) <= 1  # the finished row left at once
+    assert short.completion.finish_reason == "stop"
+    assert short.completion.text == free.text[:free.text.index(stop)]
+    assert long.completion.finish_reason == "length" and len(long.completion.token_ids) == 20
+
+
+def test_removed_sequences_leave_and_the_rest_go_on():
+    model = make("lstm")
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    batch = Batch(model, TOK)
+    gone, kept = batch.add([(prompt(5, 1, "lstm"), params), (prompt(7, 2, "lstm"), params)])
+    batch.step()
+    batch.remove(gone)
+    assert len(batch) == 1
+    while batch:
+        batch.step()
+    assert gone.completion is None
+    assert kept.completion.token_ids == alone(model, prompt(7, 2, "lstm"), params).token_ids
+
+
+def test_zero_new_tokens_completes_without_joining_and_empty_prompts_are_refused():
+    batch = Batch(make("gpt"), TOK)
+    seq, = batch.add([([BOS, 5], SamplingParams(max_new_tokens=0))])
+    assert len(batch) == 0 and seq.completion.finish_reason == "length" and seq.completion.text == ""
+    with pytest.raises(ValueError, match="at least one token"):
+        batch.add([([], SamplingParams())])
