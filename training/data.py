@@ -96,6 +96,7 @@ class DataConfig:
     task: str = "lm"  # lm (a token stream) | infill | infill+lm (whole examples: training.examples)
     infill_fraction: float = 0.5  # infill+lm: share of stories turned into infilling examples
     middle_only: bool = False  # infilling examples train on their middle (and eos) only
+    infill_spans: int = 0  # extra infilling examples per training story, cut from runs of its sentences
 
     def __post_init__(self) -> None:
         self.split = [float(f) for f in self.split]
@@ -116,6 +117,10 @@ class DataConfig:
             raise DataError(f"data: task must be lm, infill or infill+lm, not {self.task!r}")
         if not 0.0 <= self.infill_fraction <= 1.0:
             raise DataError(f"data: infill_fraction must be in [0, 1], got {self.infill_fraction}")
+        if self.infill_spans < 0:
+            raise DataError(f"data: infill_spans must be 0 or more, got {self.infill_spans}")
+        if self.infill_spans and self.task == "lm":
+            raise DataError("data: infill_spans needs task infill or infill+lm")
         if self.subset_size < 1:
             raise DataError(f"data: subset_size must be positive, got {self.subset_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
@@ -482,7 +487,8 @@ def _cache_key(source: _Source, data: DataConfig, tok: TokenizerConfig) -> str:
     stats = [(p, p.stat()) for p in source.stamp]
     files = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in stats]
     # path is covered by the resolved files; the rest does not change the tokens
-    unused = ("path", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction", "middle_only")
+    unused = ("path", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction", "middle_only",
+              "infill_spans")
     settings = {k: v for k, v in asdict(data).items() if k not in unused}
     payload = {"version": CACHE_VERSION, "source": files or source.location,
                "data": settings, "tokenizer": tok.to_dict()}

@@ -10,6 +10,11 @@ Stories are split into first sentence, middle and last sentence with ``sentencex
 rule-based segmenter that keeps ``"Hi!" said Tom.``, ``Mr.``/``Dr.`` and ellipses in
 one sentence); a story with fewer than three sentences has no middle and is skipped
 (and counted).
+
+``infill_spans: k`` adds k more infilling examples per training story, each cut from a
+random run of at least three of its sentences (its first sentence, middle and last
+sentence standing in for a story's). Short middles whose ending gives much away teach the
+model to read the ending; validation examples are never augmented.
 """
 
 from __future__ import annotations
@@ -62,21 +67,43 @@ class Examples:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
 
+def random_spans(sentences: list[str], count: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    """``count`` (first, middle, last) triples from random runs of at least three sentences."""
+    n = len(sentences)
+    if n < 3:
+        return []
+    spans = []
+    for _ in range(count):
+        length = rng.randint(3, n)
+        start = rng.randint(0, n - length)
+        run = sentences[start:start + length]
+        spans.append((run[0], " ".join(run[1:-1]), run[-1]))
+    return spans
+
+
 def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float, max_len: int,
-                   seed: int) -> Examples:
-    """Encode ``docs`` for ``task``; examples longer than ``max_len + 1`` tokens are cut."""
+                   seed: int, spans: int = 0) -> Examples:
+    """Encode ``docs`` for ``task`` (plus ``spans`` extra infilling examples per story);
+    examples longer than ``max_len + 1`` tokens are cut."""
     rng = random.Random(seed)
     rows, scored_from, infill, skipped = [], [], [], 0
+
+    def add_infill(parts):
+        ids, middle_start = infill_example_ids(tokenizer, *parts)
+        rows.append(ids), scored_from.append(middle_start - 1), infill.append(True)
+
     for doc in docs:
         parts = split_story(doc) if task == "infill" or rng.random() < infill_fraction else None
         if parts is not None:
-            ids, middle_start = infill_example_ids(tokenizer, *parts)
-            rows.append(ids), scored_from.append(middle_start - 1), infill.append(True)
+            add_infill(parts)
         elif task == "infill":
             skipped += 1
         else:
             rows.append([tokenizer.bos_id, *tokenizer.encode(doc.strip()), tokenizer.eos_id])
             scored_from.append(0), infill.append(False)
+        if spans:
+            for span in random_spans(split_sentences(doc), spans, rng):
+                add_infill(span)
     rows = [r[:max_len + 1] for r in rows]
     offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
     tokens = np.fromiter((t for r in rows for t in r), dtype=token_dtype(tokenizer.vocab_size),
@@ -87,7 +114,7 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
 
 def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> dict[str, Examples]:
     """Examples of every split, cached beside the token streams they share a tokenizer with."""
-    key = f"examples-{data.task}-{data.infill_fraction}-{max_len}-{data.seed}"
+    key = f"examples-{data.task}-{data.infill_fraction}-{data.infill_spans}-{max_len}-{data.seed}"
     directory = Path(prepared.cache_path) / key
     if not directory.is_dir():
         splits = load_documents(data)
@@ -96,7 +123,7 @@ def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> 
             meta = {}
             for name, docs in splits.items():
                 ex = build_examples(docs, prepared.tokenizer, data.task, data.infill_fraction,
-                                    max_len, data.seed)
+                                    max_len, data.seed, data.infill_spans if name == "train" else 0)
                 for field in ("tokens", "offsets", "scored_from", "infill"):
                     np.save(tmp / f"{name}.{field}.npy", getattr(ex, field))
                 meta[name] = {"examples": len(ex), "skipped": ex.skipped}
