@@ -4,10 +4,12 @@
 A server gets requests at any moment, each with its own prompt, settings and length. A
 ``Batch`` lets sequences join between steps and leave the moment they end, so every step
 is one forward pass over all sequences still running (continuous batching, as in Orca and
-vLLM). Each sequence keeps its own sampling settings, random generator (a seed gives the
-same text whatever runs beside it, up to the rounding of batched arithmetic), stop strings
-and streaming detokenizer: the pieces of ``sampling`` (``sample_next``, ``TextStream``)
-applied per row.
+vLLM). Each sequence keeps its own sampling settings, random generator, stop strings and
+streaming detokenizer (``sampling.TextStream``). Sampling is done for all rows at once:
+the processors of ``sampling`` (repetition penalty, temperature, top-k, top-p, in that
+order) with a value per row, then one uniform draw per row from the row's own generator,
+so a seed gives the same text whatever runs beside it (up to the rounding of batched
+arithmetic).
 
     batch = Batch(model, tokenizer)
     seq, = batch.add([(prompt_ids, params)])   # prefilled now; sampled from the next step
@@ -28,7 +30,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from .sampling import Completion, SamplingParams, TextStream, _accept, _prefill, sample_next
+from .sampling import GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept, _prefill
 
 
 class Sequence:
@@ -59,6 +61,32 @@ class Sequence:
         self.completion = Completion(s.text, s.ids, reason, len(self.prompt_ids), self.generated)
 
 
+class _RowSettings:
+    """The sampling settings of a batch's rows as (B, 1) tensors, built when rows change.
+    A processor nobody uses is None (skipped); rows without it get a neutral value."""
+
+    def __init__(self, sequences: list[Sequence], vocab_size: int, device) -> None:
+        self.sequences = list(sequences)
+        params = [s.params for s in sequences]
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        self.greedy_list = [p.temperature < GREEDY_BELOW for p in params]
+        self.greedy = torch.tensor(self.greedy_list, device=device)
+        self.all_greedy = all(self.greedy_list)
+        self.temperature = column([1.0 if g else p.temperature for p, g in zip(params, self.greedy_list)])
+        self.penalty = self.unseen = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            self.penalty = column([p.repetition_penalty for p in params])
+            self.unseen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+        self.top_k = self.top_p = None
+        if any(p.top_k is not None for p in params):  # index of the k-th best, sorted
+            self.top_k = column([min(p.top_k or vocab_size, vocab_size) - 1 for p in params], torch.long)
+        if any(p.top_p is not None and p.top_p < 1.0 for p in params):
+            self.top_p = column([1.0 if p.top_p is None else p.top_p for p in params])
+
+
 class Batch:
     """Sequences decoded together by one model; see the module docstring."""
 
@@ -67,6 +95,7 @@ class Batch:
         self.sequences: list[Sequence] = []  # row i of the state is sequences[i]
         self._state = None
         self._logits: torch.Tensor | None = None  # (B, V): next-token logits of each row
+        self._rows: _RowSettings | None = None  # the rows' sampling settings as tensors
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -104,8 +133,7 @@ class Batch:
         if not self.sequences:
             return []
         with torch.inference_mode():
-            tokens = torch.cat([sample_next(self._logits[i:i + 1], s.params, s.generator, s.seen)
-                                for i, s in enumerate(self.sequences)])
+            tokens = self._sample(self._logits.float())
         events, running = [], []
         for s, token in zip(self.sequences, tokens.tolist()):  # the one host sync per step
             s.generated += 1
@@ -121,6 +149,44 @@ class Batch:
         return events
 
     # ---- internals ------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row (B,), each row with its own settings and generator."""
+        rows = self._settings
+        if rows.penalty is not None:
+            seen = torch.cat([s.seen if s.seen is not None else rows.unseen for s in self.sequences])
+            penalised = torch.where(logits > 0, logits / rows.penalty, logits * rows.penalty)
+            logits = torch.where(seen, penalised, logits)
+        greedy = logits.argmax(dim=-1)
+        if rows.all_greedy:
+            return greedy
+        logits = logits / rows.temperature
+        kept = None  # per row: how many of the sorted tokens may be drawn
+        if rows.top_k is not None or rows.top_p is not None:
+            logits, order = logits.sort(dim=-1, descending=True)
+            if rows.top_k is not None:  # ties with the k-th are kept, as sampling.apply_top_k
+                logits = logits.masked_fill(logits < logits.gather(1, rows.top_k), float("-inf"))
+            if rows.top_p is not None:  # as sampling.apply_top_p, in sorted order
+                probs = logits.softmax(dim=-1)
+                drop = probs.cumsum(dim=-1) - probs >= rows.top_p
+                drop[:, 0] = False
+                logits = logits.masked_fill(drop, float("-inf"))
+            kept = torch.isfinite(logits).sum(dim=-1, keepdim=True)
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+        u = torch.stack([torch.rand((), generator=s.generator) if not g else torch.zeros(())
+                         for s, g in zip(self.sequences, rows.greedy_list)]).to(cdf.device)
+        # inverse-CDF draw; right=True skips tokens of probability 0 at u = 0
+        picked = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)
+        picked = picked.clamp(max=(kept if kept is not None else cdf.size(-1)) - 1)
+        if kept is not None:
+            picked = order.gather(1, picked)
+        return torch.where(rows.greedy, greedy, picked.squeeze(1))
+
+    @property
+    def _settings(self) -> _RowSettings:
+        if self._rows is None or self._rows.sequences != self.sequences:
+            self._rows = _RowSettings(self.sequences, self.model.config.vocab_size, self._logits.device)
+        return self._rows
 
     def _advance(self, tokens: torch.Tensor, running: list[bool]) -> None:
         """Feed each running sequence its new token; re-prime those whose context is full."""
