@@ -38,6 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The app; ``test_config`` overrides ``FABLE_*`` settings and Flask config keys."""
     import torch
 
+    from . import security
     from .registry import ModelRegistry
     from .service import GenerationService
     from .settings import Settings, resolve_device
@@ -61,6 +62,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["fable.registry"] = registry
     app.extensions["fable.service"] = GenerationService.from_settings(settings, registry)
 
+    security.init_app(app, settings)  # headers, CSRF Origin check, rate limit
     _register_blueprints(app)
     _register_error_handlers(app)
     return app
@@ -103,9 +105,34 @@ def _error_body(status: int, message: str):
     return ollama_error(status, message)
 
 
+#: Largest refused body read to its end so the connection can serve the next request.
+DISCARD_LIMIT = 4 * 1024 * 1024
+
+
+def _discard_unread_body() -> None:
+    """Read and drop the body of a request refused as too large (413, refused unread).
+
+    gunicorn answers it with "Connection: keep-alive", then drains at most 64 KiB of what
+    the app left unread and otherwise closes the connection: the client's next request
+    on that kept-alive connection then fails with no response at all (the soak test saw
+    it). Up to DISCARD_LIMIT is read here instead; a bigger body still loses the
+    connection, which is cheaper than reading it."""
+    length = request.content_length
+    stream = request.environ.get("wsgi.input")
+    if stream is None or length is None or length > DISCARD_LIMIT:
+        return
+    while length > 0:
+        chunk = stream.read(min(length, 64 * 1024))
+        if not chunk:
+            break
+        length -= len(chunk)
+
+
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
+        if e.code == 413:
+            _discard_unread_body()
         if not wants_json():
             return e
         messages = {

@@ -7,7 +7,8 @@
     GET  /healthz        200 when at least one model is loaded, else 503
     GET  /openapi.json   the OpenAPI 3.1 description of every JSON route
 
-Errors are ``{"error": "..."}`` with a 4xx status (5xx only for real server faults);
+Errors are ``{"error": "..."}`` with a 4xx status (5xx only for real server faults;
+429 with Retry-After when ``FABLE_RATE_LIMIT`` is set and a client goes over it);
 an error after a stream has started is one more NDJSON line ``{"error": "..."}``.
 """
 
@@ -23,6 +24,7 @@ from functools import wraps
 
 from flask import Blueprint, Response, jsonify, request
 
+from .ratelimit import rate_limited
 from .registry import get_registry
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
@@ -132,6 +134,7 @@ def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
 
 
 @bp.post("/api/generate")
+@rate_limited
 def generate():
     received = time.perf_counter_ns()
     req = parse_ollama_generate(read_json_object(request), get_settings().limits)

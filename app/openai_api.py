@@ -22,6 +22,7 @@ from datetime import datetime
 from flask import Blueprint, Response, jsonify, request
 
 from .api import open_stream, retry_headers, streamed
+from .ratelimit import rate_limited
 from .registry import get_registry
 from .service import ServiceError
 from .settings import get_settings
@@ -61,6 +62,7 @@ def _sse(obj: dict | str) -> str:
 
 
 @bp.post("/completions")
+@rate_limited
 def completions():
     req = parse_openai_completion(read_json_object(request), get_settings().limits)
     stream = open_stream(req)

@@ -47,11 +47,12 @@ def _errors(shape: str, *codes: int) -> dict:
     text = {400: "Invalid request (the message names the field)", 401: "Admin token missing",
             404: "Unknown model or route", 405: "Method not allowed",
             413: "Request body too large", 415: "Content-Type is not application/json",
+            429: "Over the client's rate limit (FABLE_RATE_LIMIT); retry later",
             500: "Server fault", 503: "Server busy or no model loaded; retry later"}
     out = {}
     for code in codes:
         response = _json(_ref(shape), text[code])
-        if code == 503:
+        if code in (429, 503):
             response["headers"] = {"Retry-After": {"schema": {"type": "string"},
                                                    "description": "Seconds to wait"}}
         out[str(code)] = response
@@ -163,7 +164,8 @@ def build_spec(version: str, limits: Limits) -> dict:
             "errors": {"type": "object", "additionalProperties": {"type": "string"},
                        "description": "Checkpoint directories that failed to load -> why"},
             "device": {"type": "string"},
-            "service": _obj({"active": counts, "max_concurrent": counts,
+            "service": _obj({"active": counts, "queued": counts, "max_batch": counts,
+                             "max_queue": counts,
                              "queue_timeout_s": {"type": "number"},
                              "request_timeout_s": {"type": "number"}}, extra=True),
         }, ("models", "errors", "device")),
@@ -187,7 +189,8 @@ def build_spec(version: str, limits: Limits) -> dict:
             "logit_bias": _nullable({"type": "object", "maxProperties": 0}),
             "user": {"description": "Ignored"},
         }, ("model",), extra=True, description="OpenAI's completion request; top_k and "
-                                               "repetition_penalty are extras (as in vLLM)"),
+                                               "repetition_penalty are extras (as in vLLM). "
+                                               "stream_options needs stream true."),
         "CompletionChoice": _obj({
             "text": {"type": "string"}, "index": {"const": 0}, "logprobs": {"type": "null"},
             "finish_reason": _nullable({"enum": ["stop", "length"]}),
@@ -214,6 +217,12 @@ def build_spec(version: str, limits: Limits) -> dict:
                                  "data": {"type": "array", "items": _ref("OpenAIModel")}},
                                 ("object", "data")),
     }
+    # As OpenAI's: stream_options (when not null) is refused unless stream is true.
+    schemas["CompletionRequest"].update({
+        "if": {"properties": {"stream_options": {"type": "object"}},
+               "required": ["stream_options"]},
+        "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+    })
     ndjson = {"schema": {"anyOf": [_ref("GenerateChunk"), _ref("GenerateFinal"), _ref("Error")]},
               "description": "One JSON object per line: chunks, then the final object (or an "
                              "error object if generation fails mid-stream)"}
@@ -232,7 +241,7 @@ def build_spec(version: str, limits: Limits) -> dict:
                                       "application/x-ndjson": ndjson,
                                       "application/json": {"schema": _ref("GenerateFinal")}},
                                   "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
-                          **_errors("Error", 400, 404, 413, 415, 500, 503)}}},
+                          **_errors("Error", 400, 404, 413, 415, 429, 500, 503)}}},
         "/api/tags": {"get": {"operationId": "tags", "tags": ["ollama"],
                               "summary": "Loaded models (Ollama's list)",
                               "responses": {"200": _json(_ref("Tags"), "Models")}}},
@@ -259,7 +268,7 @@ def build_spec(version: str, limits: Limits) -> dict:
                                                  "of completion chunks",
                                   "content": {"application/json": {"schema": _ref("Completion")},
                                               "text/event-stream": sse}},
-                          **_errors("OpenAIError", 400, 404, 413, 415, 500, 503)}}},
+                          **_errors("OpenAIError", 400, 404, 413, 415, 429, 500, 503)}}},
         "/v1/models": {"get": {"operationId": "listModels", "tags": ["openai"],
                                "summary": "Loaded models (OpenAI's list)",
                                "responses": {"200": _json(_ref("OpenAIModelList"), "Models")}}},

@@ -1,8 +1,7 @@
 """The one place that runs generation, for every blueprint (Ollama API, OpenAI API, pages).
 
 One ``GenerationService`` per worker process (created by ``create_app``). Its interface
-is deliberately small, so the internals can become a continuous-batching scheduler
-without touching the blueprints:
+is deliberately small:
 
     service.generate(model, prompt, params)            -> models_src Completion
     service.infill(model, first, last, params)         -> Completion (middle, stripped)
@@ -12,19 +11,17 @@ without touching the blueprints:
 A ``GenerationStream`` behaves like ``models_src.sampling.Stream`` (iterate the text
 pieces; ``.completion`` is set at the end) and must be iterated to the end or closed.
 
-Concurrency: at most ``max_concurrent`` generations run at once in a worker (default 2:
-two interleaved generations keep two streaming users moving instead of one waiting for
-the other's whole text; torch's threads default to cores // (workers x max_concurrent),
-so the generations running at once never ask for more threads than there are cores,
-which makes OpenMP threads spin against each other). A request
-waits up to ``queue_timeout_s`` for a slot, then gets ``ServerBusy`` (HTTP 503 +
-Retry-After: a transient refusal that clients may retry). A stream takes its slot when
-it is created, so "busy" is an HTTP status and not an error in the middle of a stream,
-and gives it back when it ends, is closed (a client that disconnects: the WSGI server
-closes the response iterable) or is garbage-collected.
+Behind it, the worker's ``Scheduler`` (``app.scheduler``) decodes all running requests
+together with continuous batching: up to ``max_batch`` sequences share each forward
+pass, up to ``max_queue`` more wait for a row. A request that finds the queue full, or
+waits longer than ``queue_timeout_s``, gets ``ServerBusy`` (HTTP 503 + Retry-After: a
+transient refusal that clients may retry). A stream holds its row from the moment it is
+created, so "busy" is an HTTP status and not an error in the middle of a stream, and
+gives it back when it ends, is closed (a client that disconnects: the WSGI server closes
+the response iterable) or is garbage-collected; the scheduler then stops decoding it.
 
 Deadline: a generation may run ``request_timeout_s`` seconds from the moment it gets its
-slot. When the deadline passes the stream ends early, cleanly, with ``finish_reason``
+row. When the deadline passes the stream ends early, cleanly, with ``finish_reason``
 "length" (the text was cut by a server limit, exactly what "length" means to OpenAI and
 Ollama clients, which know no "timeout" value) and ``stream.timed_out`` set. Token counts
 of a timed-out completion are recounted from its text.
@@ -33,17 +30,17 @@ of a timed-out completion are recounted from its text.
 from __future__ import annotations
 
 import logging
-import threading
+import queue
 import time
 from collections.abc import Callable, Iterator
 
-import torch
 from flask import current_app
 
-from models_src.infill import infill_prompt_ids, stream_infill as library_stream_infill
-from models_src.sampling import Completion, SamplingParams, Stream, stream as library_stream
+from models_src.infill import infill_params, infill_prompt_ids
+from models_src.sampling import Completion, SamplingParams
 
 from .registry import LoadedModel, ModelRegistry
+from .scheduler import Failed, Finished, QueueFull, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +75,25 @@ class CannotInfill(ServiceError):
 class ServerBusy(ServiceError):
     status = 503
 
-    def __init__(self, waited_s: float) -> None:
-        super().__init__(f"server busy: no generation slot became free in {waited_s:g} s; "
+    def __init__(self, waited_s: float, queue_full: bool = False) -> None:
+        super().__init__("server busy: every generation slot is taken and the queue is full; "
+                         "retry later" if queue_full else
+                         f"server busy: no generation slot became free in {waited_s:g} s; "
                          f"retry later")
 
 
 class GenerationStream:
     """Text pieces of one generation, as they are decoded; ``completion`` is set at the end.
 
-    The pieces concatenate to ``completion.text``. Holds a generation slot until it ends
-    or ``close()`` is called (also a context manager). Timings, in nanoseconds from
-    ``time.perf_counter_ns``: ``queued_ns`` (waiting for the slot), ``started_ns``,
-    ``first_piece_ns`` and ``finished_ns`` (None until they happen).
+    The pieces concatenate to ``completion.text``. Holds a row of the scheduler until it
+    ends or ``close()`` is called (also a context manager). Timings, in nanoseconds from
+    ``time.perf_counter_ns``: ``queued_ns`` (waiting for a row and the prefill),
+    ``started_ns``, ``first_piece_ns`` and ``finished_ns`` (None until they happen).
     """
 
-    def __init__(self, model_name: str, source: Stream, *, deadline: float,
-                 clock: Callable[[], float], release: Callable[[], None],
-                 count_prompt: Callable[[], int], encode: Callable[[str], list[int]],
+    def __init__(self, model_name: str, ticket: Ticket, *, deadline: float,
+                 clock: Callable[[], float], release: Callable[[Ticket], None],
+                 prompt_tokens: int, encode: Callable[[str], list[int]],
                  queued_ns: int = 0, strip: bool = False) -> None:
         self.model_name = model_name
         self.completion: Completion | None = None
@@ -103,10 +102,10 @@ class GenerationStream:
         self.started_ns = time.perf_counter_ns()
         self.first_piece_ns: int | None = None
         self.finished_ns: int | None = None
-        self._source: Stream | None = source
+        self._ticket: Ticket | None = ticket
         self._deadline, self._clock = deadline, clock
-        self._release: Callable[[], None] | None = release
-        self._count_prompt, self._encode = count_prompt, encode
+        self._release = release
+        self._prompt_tokens, self._encode = prompt_tokens, encode
         self._strip = strip
         self._held = ""  # whitespace not yet handed out (strip mode)
         self._pieces: list[str] = []
@@ -116,23 +115,25 @@ class GenerationStream:
 
     def __next__(self) -> str:
         while True:
-            if self._source is None:
+            if self._ticket is None:
                 raise StopIteration
-            if self._clock() >= self._deadline:
-                self._time_out()
-                raise StopIteration
+            remaining = self._deadline - self._clock()
             try:
-                with torch.inference_mode():  # per step: the mode is thread-local state
-                    piece = next(self._source)
-            except StopIteration:
-                completion = self._source.completion
-                if self._strip and completion is not None:
-                    completion.text = completion.text.strip()
-                self._end(completion)
-                raise
-            except BaseException:
+                if remaining <= 0:
+                    raise queue.Empty
+                item = self._ticket.pieces.get(timeout=remaining)
+            except queue.Empty:
+                self._time_out()
+                raise StopIteration from None
+            if isinstance(item, Finished):
+                if self._strip:
+                    item.completion.text = item.completion.text.strip()
+                self._end(item.completion)
+                raise StopIteration
+            if isinstance(item, Failed):
                 self._end(None)
-                raise
+                raise item.error
+            piece = item
             if self._strip:  # whitespace is held back until text follows; the ends drop it
                 raw = self._held + piece if self._pieces else piece.lstrip()
                 piece = raw.rstrip()
@@ -163,19 +164,18 @@ class GenerationStream:
         log.warning("generation with %s hit the request deadline after %d characters",
                     self.model_name, len(text))
         ids = self._encode(text)
-        self._end(Completion(text, ids, "length", self._count_prompt(), len(ids)))
+        self._end(Completion(text, ids, "length", self._prompt_tokens, len(ids)))
 
     def _end(self, completion: Completion | None) -> None:
         self.completion = completion
         self.finished_ns = time.perf_counter_ns()
-        self._source = None  # dropping the library's generator stops it
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            self._release(ticket)  # the scheduler stops decoding it before its next step
 
     def close(self) -> None:
-        """Stop generating (a client went away) and give the slot back; idempotent."""
-        if self._release is not None:
+        """Stop generating (a client went away) and give the row back; idempotent."""
+        if self._ticket is not None:
             self._end(self.completion)
 
     def __enter__(self) -> GenerationStream:
@@ -184,7 +184,7 @@ class GenerationStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:  # last resort: a stream nobody closed must not keep a slot
+    def __del__(self) -> None:  # last resort: a stream nobody closed must not keep a row
         try:
             self.close()
         except Exception:
@@ -192,25 +192,21 @@ class GenerationStream:
 
 
 class GenerationService:
-    """Runs generation for every blueprint; bounds concurrency and enforces the deadline."""
+    """Runs generation for every blueprint through the worker's scheduler; bounds the
+    queue and enforces the deadline."""
 
-    def __init__(self, registry: ModelRegistry, *, max_concurrent: int = 2,
+    def __init__(self, registry: ModelRegistry, *, max_batch: int = 16, max_queue: int = 48,
                  queue_timeout_s: float = 30.0, request_timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be >= 1")
         self.registry = registry
-        self.max_concurrent = max_concurrent
+        self.scheduler = Scheduler(max_batch, max_queue)
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self._clock = clock
-        self._slots = threading.BoundedSemaphore(max_concurrent)
-        self._lock = threading.Lock()
-        self._active = 0
 
     @classmethod
     def from_settings(cls, settings, registry: ModelRegistry) -> GenerationService:
-        return cls(registry, max_concurrent=settings.max_concurrent,
+        return cls(registry, max_batch=settings.max_batch, max_queue=settings.max_queue,
                    queue_timeout_s=settings.queue_timeout_s,
                    request_timeout_s=settings.request_timeout_s)
 
@@ -227,9 +223,8 @@ class GenerationService:
                params: SamplingParams | None = None) -> GenerationStream:
         """Continue ``prompt`` ("" starts from bos), yielding text as it is decoded."""
         loaded = self.model(model_name)
-        tok = loaded.tokenizer
-        return self._start(loaded, lambda: library_stream(loaded.model, tok, prompt, params),
-                           count_prompt=lambda: 1 + len(tok.encode(prompt)))
+        ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(prompt)]
+        return self._start(loaded, ids, params or SamplingParams())
 
     def stream_infill(self, model_name: str, first: str, last: str,
                       params: SamplingParams | None = None) -> GenerationStream:
@@ -239,10 +234,8 @@ class GenerationService:
         loaded = self.model(model_name)
         if not loaded.facts.can_infill:
             raise CannotInfill(loaded.name)
-        tok = loaded.tokenizer
-        return self._start(
-            loaded, lambda: library_stream_infill(loaded.model, tok, first, last, params),
-            count_prompt=lambda: len(infill_prompt_ids(tok, first, last)), strip=True)
+        ids = infill_prompt_ids(loaded.tokenizer, first, last)
+        return self._start(loaded, ids, infill_params(params, last), strip=True)
 
     def generate(self, model_name: str, prompt: str,
                  params: SamplingParams | None = None) -> Completion:
@@ -254,38 +247,36 @@ class GenerationService:
 
     @property
     def active(self) -> int:
-        """Generations holding a slot right now."""
-        return self._active
+        """Generations holding a row right now."""
+        return self.scheduler.rows
 
     def stats(self) -> dict:
-        return {"active": self._active, "max_concurrent": self.max_concurrent,
+        return {"active": self.scheduler.rows, "queued": self.scheduler.queued,
+                "max_batch": self.scheduler.max_batch, "max_queue": self.scheduler.max_queue,
                 "queue_timeout_s": self.queue_timeout_s,
                 "request_timeout_s": self.request_timeout_s}
 
     # ---- internals ----------------------------------------------------------------
 
-    def _start(self, loaded: LoadedModel, make: Callable[[], Stream], *,
-               count_prompt: Callable[[], int], strip: bool = False) -> GenerationStream:
+    def _start(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, *,
+               strip: bool = False) -> GenerationStream:
         waited = time.perf_counter_ns()
-        if not self._slots.acquire(timeout=self.queue_timeout_s):
-            raise ServerBusy(self.queue_timeout_s)
-        waited = time.perf_counter_ns() - waited
-        with self._lock:
-            self._active += 1
+        ticket = Ticket(loaded, prompt_ids, params)
         try:
-            source = make()
-        except BaseException:
-            self._give_back()
-            raise
+            self.scheduler.submit(ticket)
+        except QueueFull:
+            raise ServerBusy(0.0, queue_full=True) from None
+        if not ticket.has_row.wait(self.queue_timeout_s) and self.scheduler.withdraw(ticket):
+            raise ServerBusy(self.queue_timeout_s)
+        if not ticket.admitted.wait(self.request_timeout_s):  # the prefill, at the next step
+            self.scheduler.release(ticket)
+            raise ServerBusy(self.request_timeout_s)
+        waited = time.perf_counter_ns() - waited
         return GenerationStream(
-            loaded.name, source, deadline=self._clock() + self.request_timeout_s,
-            clock=self._clock, release=self._give_back, count_prompt=count_prompt,
-            encode=loaded.tokenizer.encode, queued_ns=waited, strip=strip)
-
-    def _give_back(self) -> None:
-        with self._lock:
-            self._active -= 1
-        self._slots.release()
+            loaded.name, ticket, deadline=self._clock() + self.request_timeout_s,
+            clock=self._clock, release=self.scheduler.release,
+            prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
+            queued_ns=waited, strip=strip)
 
 
 def get_service() -> GenerationService:

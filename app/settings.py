@@ -18,13 +18,23 @@ so a test writes ``{"FABLE_CHECKPOINT_DIR": tmp}`` exactly as a Space sets a var
                                             page also takes it as a Basic password
     FABLE_WORKERS             $WEB_CONCURRENCY or 1   gunicorn workers (gunicorn.conf.py
                                             reads it too)
-    FABLE_MAX_CONCURRENT      2             generations running at once in one worker; more
-                                            wait for a slot
-    FABLE_TORCH_THREADS       cores // (workers x max concurrent), at least 1:
-                                            torch.set_num_threads in each worker
-    FABLE_QUEUE_TIMEOUT_S     30            how long a request waits for a slot (then 503)
+    FABLE_MAX_BATCH           16            sequences decoded together in one worker
+                                            (continuous batching); more wait in the queue
+    FABLE_MAX_QUEUE           48            requests waiting for a row; beyond it a request
+                                            gets 503 + Retry-After at once
+    FABLE_TORCH_THREADS       cores // workers, at least 1: torch.set_num_threads in each
+                                            worker (its scheduler is the one thread that
+                                            runs the model)
+    FABLE_QUEUE_TIMEOUT_S     30            how long a queued request waits for a row (then 503)
     FABLE_REQUEST_TIMEOUT_S   60            generation deadline per request; reaching it
                                             ends the text like a length limit
+    FABLE_RATE_LIMIT          0 (off)       generation requests a minute per client address,
+                                            counted in each worker (app/ratelimit.py); more
+                                            get 429 with Retry-After
+    FABLE_PROXY_HOPS          1 on a Space (SPACE_ID set), else 0   reverse proxies in
+                                            front of the app: the client address (for the
+                                            rate limit) is the Nth X-Forwarded-For entry
+                                            from the right; 0: the connection's address
 
 Reading settings never touches torch, so it is safe in gunicorn's master process.
 """
@@ -34,7 +44,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +83,15 @@ class Settings:
     max_new_tokens: int = 512
     default_new_tokens: int = 128
     max_body_bytes: int = 64 * 1024
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # never shown in logs or tracebacks
     workers: int = 1
     torch_threads: int = 1
-    max_concurrent: int = 2
+    max_batch: int = 16
+    max_queue: int = 48
     queue_timeout_s: float = 30.0
     request_timeout_s: float = 60.0
+    rate_limit: int = 0  # generation requests a minute per client; 0 = no limit
+    proxy_hops: int = 0  # trusted reverse proxies: where the client address is read
 
     @property
     def limits(self) -> Limits:
@@ -98,10 +111,9 @@ class Settings:
         workers = read.integer("WORKERS", web_concurrency.integer("WEB_CONCURRENCY", 1, minimum=1),
                                minimum=1)
         max_new = read.integer("MAX_NEW_TOKENS", 512, minimum=1)
-        max_concurrent = read.integer("MAX_CONCURRENT", 2, minimum=1)
-        # Every generation that runs at once uses torch's threads: more threads in all than
-        # cores makes OpenMP threads spin against each other (many times slower, measured).
-        threads = max(1, available_cores() // (workers * max_concurrent))
+        # Each worker's scheduler runs the model on torch's threads: more threads in all
+        # than cores makes OpenMP threads spin against each other (many times slower, measured).
+        threads = max(1, available_cores() // workers)
         settings = cls(
             checkpoint_dir=Path(read.string("CHECKPOINT_DIR", "checkpoints")),
             experiments_dir=Path(read.string("EXPERIMENTS_DIR", "experiments")),
@@ -113,9 +125,14 @@ class Settings:
             admin_token=read.string("ADMIN_TOKEN", "") or None,
             workers=workers,
             torch_threads=read.integer("TORCH_THREADS", threads, minimum=1),
-            max_concurrent=max_concurrent,
+            max_batch=read.integer("MAX_BATCH", 16, minimum=1),
+            max_queue=read.integer("MAX_QUEUE", 48, minimum=0),
             queue_timeout_s=read.number("QUEUE_TIMEOUT_S", 30.0, minimum=0.0),
             request_timeout_s=read.number("REQUEST_TIMEOUT_S", 60.0, minimum=0.001),
+            rate_limit=read.integer("RATE_LIMIT", 0, minimum=0),
+            # a Hugging Face Space (which sets SPACE_ID) sits behind HF's proxy
+            proxy_hops=read.integer("PROXY_HOPS", 1 if environ.get("SPACE_ID") else 0,
+                                    minimum=0),
         )
         if not _DEVICE.match(settings.device):
             raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu, mps, cuda or cuda:N, "

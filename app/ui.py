@@ -22,7 +22,8 @@ status reconnects forever, and would run the generation again. It sends
     message   the next text, HTML-escaped (a generated ``<script>`` is text, never markup);
               several lines of text are several ``data:`` lines; pieces decoded within
               ``FLUSH_S`` of each other travel in one event
-    failed    what went wrong (bad job, busy server, error mid-stream), shown in the page
+    failed    what went wrong (bad job, busy server, over the rate limit, error
+              mid-stream), shown in the page
     done      always last: the finish note, and the form's button enabled again (an
               out-of-band swap); the page closes the EventSource on it (``sse-close``)
 
@@ -55,6 +56,7 @@ from markupsafe import escape
 
 from models_src.sampling import SamplingParams
 
+from . import ratelimit
 from .api import STREAM_HEADERS
 from .registry import get_registry
 from .service import GenerationStream, ServiceError, get_service
@@ -287,6 +289,10 @@ def render_fragment(kind: str, form: Mapping[str, Any], result: Result, *, busy:
 
 def _page_post(kind: str):
     """A form posted without JavaScript: the whole page, with the finished text."""
+    wait = ratelimit.wait_needed()
+    if wait:  # the page again, the form as it was, the reason on top
+        return render_page(kind, request.form, errors={None: ratelimit.message(wait)},
+                           status=429, headers={"Retry-After": str(ratelimit.retry_after(wait))})
     try:
         job = read_job(kind, request.form)
     except FormErrors as e:
@@ -310,6 +316,7 @@ def _start(kind: str):
         return html, 200, {"HX-Retarget": f"#{kind}-form", "HX-Reswap": "outerHTML"}
     token = job.to_token()
     if len(token) > MAX_JOB_CHARS:  # cannot travel in a URL: answer with the whole text
+        ratelimit.enforce()  # generates here, so it counts (otherwise the stream does)
         result = run_to_end(job)
         return render_fragment(kind, request.form, result, busy=False)
     result = Result(job, stream_url=url_for(f"ui.{kind}_stream", job=token))
@@ -363,6 +370,11 @@ def event_stream(kind: str) -> Response:
         if resumed:
             yield _failed("The connection was interrupted; generate again for a new text.")
             yield _done(kind, "Interrupted")
+            return
+        wait = ratelimit.wait_needed()  # the htmx path generates here: this is what counts
+        if wait:
+            yield _failed(f"Not started: {ratelimit.message(wait)}.")
+            yield _done(kind, "Not started")
             return
         try:
             job = job_from_token(kind, token)

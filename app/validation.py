@@ -3,8 +3,9 @@
 Everything a client sends goes through here before it reaches the service: the body
 (content type, JSON, an object), then each field (type, range, length). A problem
 raises ``ValidationError`` naming the field (``options.temperature``, ``stop[1]``, ...);
-the blueprints turn it into their API's error shape. A bool is never a number, NaN and
-infinities are refused, and ``null`` means "not given" for every optional field.
+the blueprints turn it into their API's error shape. A bool is never a number, a whole
+float (2.0) is an integer (as in JSON Schema), NaN and infinities are refused, and
+``null`` means "not given" for every optional field.
 
 The building blocks (``number``, ``integer``, ``stop_list``, ``sampling_values``,
 ``make_params``) take ``from_form=True`` for HTML form values, which arrive as strings.
@@ -124,6 +125,8 @@ def integer(value: Any, field: str, *, minimum: int | None = None, maximum: int 
         except ValueError:
             raise ValidationError(field, f"'{field}' must be an integer, "
                                          f"got {_got(value)}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 2.0 is the integer 2 (JSON Schema agrees)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(field, f"'{field}' must be an integer, got {_got(value)}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -337,7 +340,15 @@ def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> Generati
 def _neutral(body: Mapping[str, Any], field: str, neutral: Any, message: str,
              also: tuple = ()) -> None:
     value = body.get(field)
-    if value is None or value in also:
+    if value is None or any(_same_json_value(value, v) for v in (neutral, *also)):
         return
-    if type(value) is not type(neutral) or value != neutral:
-        raise ValidationError(field, f"'{field}': {message}")
+    raise ValidationError(field, f"'{field}': {message}")
+
+
+def _same_json_value(value: Any, expected: Any) -> bool:
+    """Equal as JSON values: 1.0 is 1, but true is neither 1 nor 1.0."""
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return type(value) is type(expected) and value == expected
+    if isinstance(expected, (int, float)):
+        return isinstance(value, (int, float)) and value == expected
+    return value == expected

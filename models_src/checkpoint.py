@@ -114,7 +114,12 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None:  # put the previous checkpoint back rather than leave it hidden
+            os.rename(old, target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     fd = os.open(target.parent, os.O_RDONLY)
@@ -133,7 +138,10 @@ def read_config(directory) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    version = config.get("format_version") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or "format_version" not in config:
+        raise CheckpointError(f"{path}: not a Fable checkpoint (no format_version; "
+                              f"a config.json written by another program?)")
+    version = config["format_version"]
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
     if not isinstance(config.get("model"), dict):

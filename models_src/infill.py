@@ -28,8 +28,8 @@ def infill_example_ids(tokenizer, first: str, middle: str, last: str) -> tuple[l
     return prompt + tokenizer.encode(" " + middle.strip()) + [tokenizer.eos_id], len(prompt)
 
 
-def _params(params: SamplingParams | None, last: str) -> SamplingParams:
-    # The last sentence is a stop string: the middle never runs on into the ending.
+def infill_params(params: SamplingParams | None, last: str) -> SamplingParams:
+    """``params`` with the last sentence as a stop string: the middle never runs on into it."""
     params = params or SamplingParams()
     return replace(params, stop=[*params.stop, last.strip()]) if last.strip() else params
 
@@ -37,7 +37,7 @@ def _params(params: SamplingParams | None, last: str) -> SamplingParams:
 def infill(model, tokenizer, first: str, last: str, params: SamplingParams | None = None) -> Completion:
     """The middle of the story, as clean text (eos ends it; the last sentence is never repeated)."""
     prompt = infill_prompt_ids(tokenizer, first, last)
-    completion = generate(model, tokenizer, prompt_ids=[prompt], params=_params(params, last))[0]
+    completion = generate(model, tokenizer, prompt_ids=[prompt], params=infill_params(params, last))[0]
     completion.text = completion.text.strip()
     return completion
 
@@ -45,4 +45,4 @@ def infill(model, tokenizer, first: str, last: str, params: SamplingParams | Non
 def stream_infill(model, tokenizer, first: str, last: str, params: SamplingParams | None = None) -> Stream:
     """The middle as it is written (pieces as ``sampling.stream`` yields them)."""
     return stream(model, tokenizer, prompt_ids=infill_prompt_ids(tokenizer, first, last),
-                  params=_params(params, last))
+                  params=infill_params(params, last))

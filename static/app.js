@@ -71,13 +71,23 @@
   function requestFailed(event) {
     var result = document.getElementById("result");
     if (!result || !event.target.closest("form")) { return; }
-    var status = event.detail && event.detail.xhr ? event.detail.xhr.status : 0;
+    var xhr = event.detail && event.detail.xhr;
+    var status = xhr ? xhr.status : 0;
     var message = document.createElement("p");
     message.className = "alert";
     message.setAttribute("role", "alert");
-    message.textContent = status
-      ? "The server could not start the generation (HTTP " + status + "). Please try again."
-      : "The server cannot be reached. Check the connection and try again.";
+    if (status === 429) {
+      var wait = xhr.getResponseHeader("Retry-After");
+      message.textContent = "Too many generations from your address. Please try again" +
+        (wait ? " in " + wait + " s." : " in a moment.");
+    } else if (status === 403) {
+      message.textContent = "The server refused the form as coming from another site. " +
+        "Reload the page and try again.";
+    } else {
+      message.textContent = status
+        ? "The server could not start the generation (HTTP " + status + "). Please try again."
+        : "The server cannot be reached. Check the connection and try again.";
+    }
     result.replaceChildren(message);
   }
   document.addEventListener("htmx:responseError", requestFailed);

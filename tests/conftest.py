@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def app_config(checkpoint_dir) -> dict:
         "FABLE_DEFAULT_NEW_TOKENS": 64,
         "FABLE_MAX_BODY_BYTES": 64 * 1024,
         "FABLE_ADMIN_TOKEN": "",
-        "FABLE_MAX_CONCURRENT": 2,
+        "FABLE_MAX_BATCH": 4,
         "FABLE_QUEUE_TIMEOUT_S": 5,
         "FABLE_REQUEST_TIMEOUT_S": 30,
     }
@@ -111,3 +112,38 @@ def app(make_app):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+class ScriptedTicket:
+    """Stands in for a scheduler ticket: hands out fixed pieces (``delay`` seconds before
+    each), then a completion, or raises ``error`` after the pieces."""
+
+    def __init__(self, pieces, delay=0.0, error=None, reason="stop"):
+        from app.scheduler import Failed, Finished
+        from models_src.sampling import Completion
+
+        self._items = list(pieces) + [
+            Failed(error) if error is not None else
+            Finished(Completion("".join(pieces), [], reason, 1, len(pieces)))]
+        self.delay = delay
+        self.pieces = self  # its own queue: GenerationStream calls pieces.get(timeout=...)
+
+    def get(self, timeout=None):
+        time.sleep(self.delay)
+        return self._items.pop(0)
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """``script(pieces, delay=0, error=None, reason="stop")``: every generation (after the
+    usual checks of model and parameters) writes exactly these pieces."""
+    from app.service import GenerationService, GenerationStream
+
+    def install(pieces, **kwargs):
+        def start(self, loaded, prompt_ids, params, *, strip=False):
+            return GenerationStream(loaded.name, ScriptedTicket(pieces, **kwargs),
+                                    deadline=float("inf"), clock=lambda: 0.0,
+                                    release=lambda ticket: None, prompt_tokens=len(prompt_ids),
+                                    encode=loaded.tokenizer.encode, strip=strip)
+        monkeypatch.setattr(GenerationService, "_start", start)
+    return install

@@ -16,6 +16,7 @@ import pytest
 from app.service import GenerationService, ServerBusy, UnknownModel
 from app.settings import Limits, Settings, SettingsError
 from app.validation import ValidationError, make_params, sampling_values
+from models_src.batching import Batch
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
 
 GEN = "/api/generate"
@@ -512,18 +513,14 @@ def test_an_unexpected_failure_is_a_json_500_without_details(app, client, monkey
 
 def test_a_failure_mid_stream_is_an_error_line_and_frees_the_slot(app, client, monkeypatch):
     service = app.extensions["fable.service"]
-    real = service.stream
+    real, steps = Batch.step, []
 
-    def failing(*args, **kwargs):
-        stream = real(*args, **kwargs)
-        source = stream._source
-
-        def pieces():
-            yield next(source)
+    def failing(batch):  # every second decoding step fails
+        steps.append(batch)
+        if len(steps) % 2 == 0:
             raise RuntimeError("model exploded")
-        stream._source = pieces()
-        return stream
-    monkeypatch.setattr(service, "stream", failing)
+        return real(batch)
+    monkeypatch.setattr(Batch, "step", failing)
     lines = ndjson(client.post(GEN, json={"model": "endless", "prompt": "x"}))
     assert lines[0]["response"] == ENDLESS_CHAR
     assert lines[-1] == {"error": "generation failed (RuntimeError)"}
@@ -551,7 +548,7 @@ def test_a_client_that_goes_away_frees_its_slot(app, client):
 
 
 def test_busy_server_answers_503_with_retry_after(make_app):
-    app = make_app(FABLE_MAX_CONCURRENT=1, FABLE_QUEUE_TIMEOUT_S=0)
+    app = make_app(FABLE_MAX_BATCH=1, FABLE_QUEUE_TIMEOUT_S=0)
     client = app.test_client()
     holding = client.post(GEN, json={"model": "endless", "prompt": "x"})
     next(iter(holding.response))
@@ -713,7 +710,7 @@ def test_service_deadline_with_a_fake_clock(app):
 
 
 def test_service_slots_are_bounded(app):
-    service = GenerationService(app.extensions["fable.registry"], max_concurrent=2,
+    service = GenerationService(app.extensions["fable.registry"], max_batch=2, max_queue=0,
                                 queue_timeout_s=0)
     first, second = service.stream("endless", "x"), service.stream("endless", "x")
     with pytest.raises(ServerBusy):
@@ -732,14 +729,14 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("FABLE_WORKERS", "2")
     monkeypatch.setenv("FABLE_DEVICE", "CPU")
     monkeypatch.delenv("FABLE_TORCH_THREADS", raising=False)
-    monkeypatch.delenv("FABLE_MAX_CONCURRENT", raising=False)
+    monkeypatch.delenv("FABLE_MAX_BATCH", raising=False)
     settings = Settings.load(overrides={"FABLE_REQUEST_TIMEOUT_S": 9})
     assert settings.max_new_tokens == 100 and settings.default_new_tokens == 100
     assert settings.request_timeout_s == 9 and settings.device == "cpu"
     assert settings.max_body_bytes == 65536 and settings.admin_token is None
     from app.settings import available_cores
-    assert settings.max_concurrent == 2  # two workers x two generations share the cores
-    assert settings.torch_threads == max(1, available_cores() // 4)
+    assert settings.max_batch == 16 and settings.max_queue == 48
+    assert settings.torch_threads == max(1, available_cores() // 2)  # two workers share the cores
     for name, value, words in [("FABLE_MAX_NEW_TOKENS", "lots", "must be an integer"),
                                ("FABLE_MAX_PROMPT_CHARS", "0", ">= 1"),
                                ("FABLE_REQUEST_TIMEOUT_S", "nan", "finite"),

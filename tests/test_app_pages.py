@@ -17,7 +17,6 @@ import pytest
 
 from app import ui
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
-from models_src.sampling import Completion
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 FORM = {"model": "endless", "prompt": "Once", "temperature": "0", "max_new_tokens": "6"}
@@ -67,33 +66,6 @@ def make_token(body: dict) -> str:
 
 def texts(events, kind="message") -> list[str]:
     return [e["data"] for e in events if e["event"] == kind]
-
-
-class Scripted:
-    """A stand-in for models_src.sampling.stream: yields fixed pieces, then a completion."""
-
-    def __init__(self, pieces):
-        self.pieces = list(pieces)
-        self.completion = None
-        self._it = iter(self.pieces)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self.completion = Completion("".join(self.pieces), [], "stop", 1, len(self.pieces))
-            raise
-
-
-@pytest.fixture
-def scripted(monkeypatch):
-    """``scripted(pieces)``: every generation writes exactly these pieces."""
-    def install(pieces):
-        monkeypatch.setattr("app.service.library_stream", lambda *a, **k: Scripted(pieces))
-    return install
 
 
 # ---- the generate page ------------------------------------------------------------------
@@ -175,7 +147,7 @@ def test_no_js_post_with_invalid_fields_shows_each_error_inline(client):
 
 
 def test_no_js_post_when_busy_is_a_503_page(make_app):
-    app = make_app(FABLE_MAX_CONCURRENT=1, FABLE_QUEUE_TIMEOUT_S=0)
+    app = make_app(FABLE_MAX_BATCH=1, FABLE_QUEUE_TIMEOUT_S=0)
     held = app.extensions["fable.service"].stream("endless", "x")
     try:
         response = app.test_client().post("/", data=FORM)
@@ -263,9 +235,9 @@ def test_stream_headers_framing_and_done_event(client):
             'hx-swap-oob="true">Generate</button>') in done
 
 
-def test_stream_escapes_generated_markup_and_frames_each_line(client, scripted):
+def test_stream_escapes_generated_markup_and_frames_each_line(client, script):
     pieces = ["<scr", "ipt>alert(1)</script>", "\nline 2\r\nline 3 & <b>", "\n"]
-    scripted(pieces)
+    script(pieces)
     url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
     body = client.get(url).get_data(as_text=True)
     assert "<scr" not in body.split("event: done")[0]  # no raw markup before the done event
@@ -303,7 +275,7 @@ def test_stream_reconnect_is_told_the_stream_was_interrupted(client):
 
 
 def test_stream_when_busy_reports_it_and_frees_nothing(make_app):
-    app = make_app(FABLE_MAX_CONCURRENT=1, FABLE_QUEUE_TIMEOUT_S=0)
+    app = make_app(FABLE_MAX_BATCH=1, FABLE_QUEUE_TIMEOUT_S=0)
     client = app.test_client()
     url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
     service = app.extensions["fable.service"]
@@ -331,13 +303,8 @@ def test_stream_closed_early_gives_the_slot_back(app):
     assert service.active == 0
 
 
-def test_stream_error_mid_generation_is_an_event(client, monkeypatch):
-    class Failing(Scripted):
-        def __next__(self):
-            if not self.pieces:
-                raise RuntimeError("boom")
-            return self.pieces.pop(0)
-    monkeypatch.setattr("app.service.library_stream", lambda *a, **k: Failing(["Hello"]))
+def test_stream_error_mid_generation_is_an_event(client, script):
+    script(["Hello"], error=RuntimeError("boom"))
     url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
     events = parse_sse(client.get(url).get_data(as_text=True))
     assert [e["event"] for e in events] == ["message", "failed", "done"]

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
-from models_src.sampling import Completion
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("FABLE_CHROMIUM", "/usr/bin/chromium")
@@ -108,43 +107,6 @@ def page(browser):
     assert not errors, errors
 
 
-class Slowed:
-    """A generation stream that waits ``delay`` seconds before each piece: slow enough for
-    the test to watch the page while the text streams."""
-
-    def __init__(self, source, delay: float):
-        self.source, self.delay = source, delay
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        piece = next(self.source)
-        time.sleep(self.delay)
-        return piece
-
-    @property
-    def completion(self):
-        return self.source.completion
-
-
-class Scripted:
-    """A generation stream that writes fixed pieces."""
-
-    def __init__(self, pieces):
-        self.pieces, self.completion, self._it = list(pieces), None, iter(pieces)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self.completion = Completion("".join(self.pieces), [], "stop", 1, len(self.pieces))
-            raise
-
-
 #: Records each SSE message as the page gets it: the event, the text length then, whether
 #: the submit button was disabled, and when.
 RECORD_EVENTS = """
@@ -168,12 +130,9 @@ def fill_form(page, fields: dict) -> None:
 
 # ---- generate -----------------------------------------------------------------------------
 
-def test_generate_streams_text_into_the_page(page, base_url, monkeypatch):
-    from app import service
-
-    real = service.library_stream
-    monkeypatch.setattr(service, "library_stream",
-                        lambda *a, **k: Slowed(real(*a, **k), delay=0.03))
+def test_generate_streams_text_into_the_page(page, base_url, script):
+    # slow enough for the test to watch the page while the text streams
+    script([ENDLESS_CHAR] * 40, delay=0.03, reason="length")
     page.add_init_script(RECORD_EVENTS)
     page.goto(base_url + "/")
     fill_form(page, {"model": "endless", "prompt": "Once", "temperature": "0",
@@ -182,7 +141,8 @@ def test_generate_streams_text_into_the_page(page, base_url, monkeypatch):
     assert button.is_enabled()
     button.click()
     # while it streams: text visible before the end, the button disabled
-    page.wait_for_function("document.querySelector('.output-generated') && "
+    # (functions, not expressions: Playwright polls expressions with eval, which the CSP forbids)
+    page.wait_for_function("() => document.querySelector('.output-generated') && "
                            "document.querySelector('.output-generated').textContent.length > 0")
     assert page.locator(".status-text.is-streaming").count() == 1
     assert page.locator("#generate-submit").is_disabled()
@@ -202,10 +162,10 @@ def test_generate_streams_text_into_the_page(page, base_url, monkeypatch):
     assert events[-1]["type"] == "done" and events[-1]["t"] > messages[0]["t"]
 
 
-def test_generated_markup_is_shown_as_text_and_never_runs(page, base_url, monkeypatch):
+def test_generated_markup_is_shown_as_text_and_never_runs(page, base_url, script):
     pieces = ["<scr", "ipt>window.__pwned = 1</script>", '<img src=x onerror="window.__pwned=2">',
               "\n<b>bold?</b>"]
-    monkeypatch.setattr("app.service.library_stream", lambda *a, **k: Scripted(pieces))
+    script(pieces)
     page.goto(base_url + "/")
     prompt = '<script>window.__pwned = 3</script>'
     fill_form(page, {"model": "tiny-gpt", "prompt": prompt, "max_new_tokens": "10"})
@@ -254,21 +214,13 @@ def test_forms_work_without_javascript(browser, base_url):
         context.close()
 
 
-STRICT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
-              "connect-src 'self'; base-uri 'none'; form-action 'self'; object-src 'none'")
-
-
-def test_pages_run_under_a_strict_content_security_policy(browser, app_config, experiments):
-    """No inline script, style or eval anywhere: the CSP a later change adds will hold."""
-    from app import create_app
+def test_pages_run_under_the_apps_content_security_policy(browser, app_config, experiments):
+    """No inline script, style or eval anywhere: the pages work under the app's own strict
+    CSP (app/security.py) and the browser reports no violation."""
+    from app import create_app, security
 
     threads = torch.get_num_threads()
     app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(experiments)})
-
-    @app.after_request
-    def add_csp(response):
-        response.headers["Content-Security-Policy"] = STRICT_CSP
-        return response
 
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
@@ -282,7 +234,8 @@ def test_pages_run_under_a_strict_content_security_policy(browser, app_config, e
             for path, kind, fields in (
                     ("/", "generate", {"prompt": "Once"}),
                     ("/infill", "infill", {"first": "Lily ran.", "last": "The end."})):
-                page.goto(url + path)
+                served = page.goto(url + path).headers["content-security-policy"]
+                assert served == security.CONTENT_SECURITY_POLICY
                 fill_form(page, {"model": "endless", **fields, "max_new_tokens": "5"})
                 page.click(f"#{kind}-submit")
                 page.wait_for_selector(".status-text:not(.is-streaming)")
@@ -393,7 +346,7 @@ def test_screenshots(browser, app_config, checkpoint_dir):
             page.goto(url + "/admin")
             for image in page.locator(".curve img").all():
                 image.scroll_into_view_if_needed()
-            page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+            page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(out / "admin.png"), full_page=True)
     finally:

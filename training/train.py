@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models_src import ModelConfig, build_model
-from models_src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
+from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint, unwrap
 from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
@@ -242,8 +242,23 @@ class Trainer:
     def save(self, which: str, summary: dict, with_state: bool = False) -> Path:
         dtype = None if with_state else getattr(torch, self.cfg.output.checkpoint_dtype)
         extra = self._write_trainer_state if with_state else None
-        return save_checkpoint(self.run_dir / which, self.model, self.tokenizer, summary,
-                               dtype=dtype, write_extra=extra)
+        return self._write_checkpoint(self.run_dir / which, summary, dtype=dtype, write_extra=extra)
+
+    def _write_checkpoint(self, path: Path, summary: dict, **options) -> Path:
+        """save_checkpoint, with a write that fails (a full disk, a lost mount) turned into
+        a TrainingError naming the path and what is left there. save_checkpoint writes
+        beside the path and swaps atomically, so the previous checkpoint is still whole."""
+        try:
+            return save_checkpoint(path, self.model, self.tokenizer, summary, **options)
+        except OSError as e:
+            try:
+                step = read_config(path)["training"].get("step")
+                at = f" (step {step})" if step is not None else ""
+                previous = f"the previous checkpoint there{at} is intact"
+            except (CheckpointError, KeyError, AttributeError, OSError):
+                previous = "there was no previous checkpoint there"
+            raise TrainingError(f"could not write the checkpoint {path} at step {self.step}: "
+                                f"{e.strerror or e}; {previous}. Training stopped.") from e
 
     def _write_trainer_state(self, directory: Path) -> None:
         torch.save({
@@ -348,7 +363,7 @@ class Trainer:
             self.save("last", summary, with_state=True)
             self.save("final", summary)
             if self.cfg.publish_dir:  # the small copy the app serves (fp16 halves the file)
-                save_checkpoint(self.cfg.publish_dir, self.model, self.tokenizer, summary, dtype=torch.float16)
+                self._write_checkpoint(self.cfg.publish_dir, summary, dtype=torch.float16)
             self.log_row(final, kind="final", lr=self.optimizer.param_groups[0]["lr"])
             plot_curves(self.cfg.output.experiments_dir, self.log.run_id, self.run_dir / "loss.png")
             if not self.quiet:

@@ -1,0 +1,283 @@
+"""Aggregate tokens/s and latency of the served API under concurrent load, and the
+workers' memory before and after it.
+
+    python benchmarks/load.py [--checkpoints checkpoints] [--model NAME] [--levels 1 4 16 64]
+                              [--requests 200] [--seconds 60] [--workers 1] [--threads 64]
+                              [--num-predict 64] [--env FABLE_X=value ...] [--json]
+
+It starts a real gunicorn on a free port of 127.0.0.1 (the command ``make serve`` runs,
+``gunicorn -c gunicorn.conf.py 'app:create_app()'``, through tests/gunicorn_server.py)
+and talks to it over HTTP only, so it measures whatever the app's concurrency model is.
+At each concurrency level, that many client threads (each its own keep-alive httpx
+connection) send ``POST /api/generate`` with ``stream: false`` and ``num_predict`` tokens
+(default 64; each request its own seed, the same seeds at every level) until
+``--requests`` have been sent or ``--seconds`` have passed; requests already sent then
+finish. Per level it reports:
+
+- aggregate new tokens/s: the sum of the responses' ``eval_count`` over the level's
+  wall-clock time (first request sent to last answer received);
+- latency p50 / p99 (nearest rank) of the successful requests, client-side;
+- errors by HTTP status (503 "busy" included), and transport errors by exception.
+
+Then the two ratios the serving work targets: tokens/s at concurrency 16 over tokens/s
+at 1 (target >= 4x), and p99 latency at 16 over the latency of a lone request, the
+median at concurrency 1 (target <= 3x). Memory: each worker's PSS and RSS from
+/proc/<pid>/smaps_rollup once the models are loaded (before any request), after the
+warm-up requests and after the last level, and the PSS growth from the first to the last
+(the first requests allocate buffers once; tests/test_soak.py checks that memory then
+stays flat). ``--json`` prints all of it as one JSON object instead.
+
+A server needs a gunicorn thread per request in flight (``--threads``, which sets
+FABLE_THREADS, defaults to the highest level, at least 4); settings of the app itself (batch size,
+queue) are the app's defaults unless given with ``--env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from gunicorn_server import GunicornServer, Memory  # noqa: E402  (the path above)
+
+PROMPTS = ("ROMEO:", "Once upon a time", "The king said", "First Citizen:\n")
+TARGET_SPEEDUP, TARGET_LATENCY = 4.0, 3.0  # tokens/s 16 / 1 at least; p99 16 / lone at most
+
+
+@dataclass
+class Result:
+    status: int | None  # None: no HTTP answer
+    seconds: float
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    ok: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    requests_per_s: float
+    latency_ms: dict[str, float]
+    mean_tokens: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of ``values``; NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def request_body(model: str, index: int, num_predict: int, temperature: float) -> dict:
+    return {"model": model, "prompt": PROMPTS[index % len(PROMPTS)], "stream": False,
+            "options": {"num_predict": num_predict, "temperature": temperature, "seed": index}}
+
+
+def send(client: httpx.Client, body: dict) -> Result:
+    started = time.perf_counter()
+    try:
+        response = client.post("/api/generate", json=body)
+    except httpx.HTTPError as e:
+        return Result(None, time.perf_counter() - started, error=type(e).__name__)
+    seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        return Result(response.status_code, seconds)
+    try:
+        return Result(200, seconds, int(response.json()["eval_count"]))
+    except (ValueError, KeyError, TypeError):
+        return Result(200, seconds, error="malformed answer")
+
+
+def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> Level:
+    """``concurrency`` clients, each sending its next request when the last one returns."""
+    total = max(args.requests, concurrency)
+    results: list[Result] = []
+    lock = threading.Lock()
+    next_index = iter(range(total))
+    started = time.perf_counter()
+    stop_sending = started + args.seconds
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, timeout=args.timeout) as client:
+            while time.perf_counter() < stop_sending:
+                with lock:
+                    index = next(next_index, None)
+                if index is None:
+                    return
+                result = send(client, request_body(model, index, args.num_predict,
+                                                   args.temperature))
+                with lock:
+                    results.append(result)
+
+    clients = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    wall = time.perf_counter() - started
+    ok = [r for r in results if r.status == 200 and r.error is None]
+    tokens = sum(r.tokens for r in ok)
+    latencies = [r.seconds * 1e3 for r in ok]
+    errors = Counter(r.error if r.error else str(r.status) for r in results
+                     if r.status != 200 or r.error)
+    return Level(
+        concurrency=concurrency, requests=len(results), ok=len(ok), wall_s=round(wall, 3),
+        tokens=tokens, tokens_per_s=round(tokens / wall, 1),
+        requests_per_s=round(len(ok) / wall, 2),
+        latency_ms={"p50": round(percentile(latencies, 50), 1),
+                    "p99": round(percentile(latencies, 99), 1),
+                    "mean": round(sum(latencies) / len(latencies), 1) if latencies else None,
+                    "max": round(max(latencies), 1) if latencies else None},
+        mean_tokens=round(tokens / len(ok), 1) if ok else 0.0, errors=dict(errors))
+
+
+def ratios(levels: list[Level]) -> dict:
+    by = {level.concurrency: level for level in levels}
+    out = {"tokens_per_s_16_over_1": None, "p99_16_over_lone": None}
+    if 1 in by and 16 in by and by[1].tokens_per_s:
+        out["tokens_per_s_16_over_1"] = round(by[16].tokens_per_s / by[1].tokens_per_s, 2)
+        out["p99_16_over_lone"] = round(by[16].latency_ms["p99"] / by[1].latency_ms["p50"], 2)
+    return out
+
+
+def memory_table(memory: dict[int, Memory]) -> dict[str, dict[str, int]]:
+    return {str(pid): asdict(m) for pid, m in sorted(memory.items())}
+
+
+def growth_pct(before: dict[int, Memory], after: dict[int, Memory]) -> float | None:
+    pss_before = sum(m.pss_kib for m in before.values())
+    pss_after = sum(m.pss_kib for m in after.values())
+    return round((pss_after / pss_before - 1) * 100, 1) if pss_before else None
+
+
+def server_settings(args: argparse.Namespace) -> dict[str, str]:
+    env = {"FABLE_WORKERS": str(args.workers),
+           "FABLE_THREADS": str(args.threads or max(4, *args.levels))}
+    if args.num_predict > 512:  # the app's default limit on tokens per request
+        env["FABLE_MAX_NEW_TOKENS"] = str(args.num_predict)
+    for pair in args.env:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--env wants NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def measure(args: argparse.Namespace) -> dict:
+    env = server_settings(args)
+    with GunicornServer(args.checkpoints, env=env) as server:
+        tags = httpx.get(f"{server.url}/api/tags", timeout=30).json()["models"]
+        if not tags:
+            raise SystemExit(f"no model loaded from {args.checkpoints}:\n{server.log_text()}")
+        server.wait_for_workers(args.workers, models=len(tags))
+        model = args.model or tags[0]["name"]
+        if model not in {t["name"] for t in tags}:
+            raise SystemExit(f"no model {model!r}; loaded: {', '.join(t['name'] for t in tags)}")
+        memory_before = server.worker_memory()
+        with httpx.Client(base_url=server.url, timeout=args.timeout) as client:  # warm-up
+            for i in range(args.warmup):
+                send(client, request_body(model, -1 - i, args.num_predict, args.temperature))
+        memory_warm = server.worker_memory()
+        levels = []
+        for concurrency in args.levels:
+            levels.append(run_level(server.url, model, concurrency, args))
+            if not args.json:
+                print_level(levels[-1], header=len(levels) == 1)
+        memory_after = server.worker_memory()
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
+                   f"{platform.python_version()}",
+        "checkpoints": str(args.checkpoints), "model": model, "num_predict": args.num_predict,
+        "temperature": args.temperature, "server_env": env,
+        "levels": [asdict(level) for level in levels],
+        "ratios": ratios(levels),
+        "targets": {"tokens_per_s_16_over_1": f">= {TARGET_SPEEDUP:g}",
+                    "p99_16_over_lone": f"<= {TARGET_LATENCY:g}"},
+        "memory_kib": {"after_start": memory_table(memory_before),
+                       "after_warmup": memory_table(memory_warm),
+                       "after_load": memory_table(memory_after),
+                       "pss_growth_pct": growth_pct(memory_before, memory_after)},
+    }
+
+
+def print_level(level: Level, header: bool) -> None:
+    if header:
+        print(f"{'clients':>7} {'requests':>8} {'ok':>6} {'wall s':>7} {'tokens/s':>9} "
+              f"{'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'tok/req':>7}  errors")
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(level.errors.items())) or "-"
+    print(f"{level.concurrency:7} {level.requests:8} {level.ok:6} {level.wall_s:7.1f} "
+          f"{level.tokens_per_s:9.1f} {level.requests_per_s:7.2f} {level.latency_ms['p50']:8.0f} "
+          f"{level.latency_ms['p99']:8.0f} {level.mean_tokens:7.1f}  {errors}", flush=True)
+
+
+def print_report(report: dict) -> None:
+    r = report["ratios"]
+    if r["tokens_per_s_16_over_1"] is not None:
+        speedup, latency = r["tokens_per_s_16_over_1"], r["p99_16_over_lone"]
+        print(f"tokens/s at 16 / at 1: {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x: "
+              f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'})")
+        verdict = "met" if latency <= TARGET_LATENCY else "NOT met"
+        print(f"p99 latency at 16 / lone request (p50 at 1): {latency:.2f}x "
+              f"(target <= {TARGET_LATENCY:g}x: {verdict})")
+    memory = report["memory_kib"]
+    for when in ("after_start", "after_warmup", "after_load"):
+        workers = ", ".join(f"{pid}: PSS {m['pss_kib'] / 1024:.1f} MiB "
+                            f"(RSS {m['rss_kib'] / 1024:.1f})" for pid, m in memory[when].items())
+        print(f"worker memory {when.replace('_', ' ')}: {workers}")
+    print(f"PSS growth from start-up to after the load: {memory['pss_growth_pct']:+.1f} %")
+    print(f"# {report['model']} from {report['checkpoints']}, {report['num_predict']} tokens a "
+          f"request, {report['machine']}, server env {report['server_env']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
+                        help="FABLE_CHECKPOINT_DIR of the server (default: checkpoints/)")
+    parser.add_argument("--model", help="model to load (default: the first of GET /api/tags)")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64],
+                        help="concurrency levels (default: 1 4 16 64)")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="requests per level (at least the level's concurrency)")
+    parser.add_argument("--seconds", type=float, default=60,
+                        help="stop sending new requests at a level after this long")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers (FABLE_WORKERS)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="gunicorn threads per worker (FABLE_THREADS; default: the highest "
+                             "level, at least 4)")
+    parser.add_argument("--num-predict", type=int, default=64, help="new tokens a request")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--warmup", type=int, default=4, help="requests before the first level")
+    parser.add_argument("--timeout", type=float, default=300, help="client timeout per request")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="another server setting, e.g. FABLE_MAX_BATCH=32 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
+    args = parser.parse_args(argv)
+    if min(args.levels) < 1 or args.requests < 1 or args.num_predict < 1:
+        parser.error("levels, --requests and --num-predict must be positive")
+    report = measure(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The worker's scheduler: requests share decoding steps, the queue is bounded, and a
+reader that goes away stops its generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app.service import GenerationService, ServerBusy
+from conftest import ENDLESS_CHAR
+from models_src.batching import Batch
+from models_src.sampling import SamplingParams
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def service(app):
+    return GenerationService(app.extensions["fable.registry"], max_batch=4, max_queue=2,
+                             queue_timeout_s=5)
+
+
+def test_concurrent_requests_share_forward_passes(service, monkeypatch):
+    sizes, real = [], Batch.step
+
+    def recording(batch):
+        sizes.append(len(batch))
+        return real(batch)
+    monkeypatch.setattr(Batch, "step", recording)
+    params = SamplingParams(max_new_tokens=200, temperature=0.0)
+    streams = [service.stream("endless", "x", params) for _ in range(4)]
+    texts = [s.collect().text for s in streams]
+    assert texts == [ENDLESS_CHAR * 200] * 4
+    assert max(sizes) == 4  # all four rows decoded in the same steps
+    assert len(sizes) < 4 * 200
+
+
+def test_each_request_keeps_its_own_settings_and_seed(service):
+    greedy = SamplingParams(max_new_tokens=30, temperature=0.0)
+    seeded = SamplingParams(max_new_tokens=30, temperature=1.5, seed=3)
+    alone = [service.generate("tiny-gpt", "Once", p).text for p in (greedy, seeded)]
+    results = {}
+
+    def run(key, params):
+        results[key] = service.generate("tiny-gpt", "Once", params).text
+    threads = [threading.Thread(target=run, args=(i, p))
+               for i, p in enumerate([greedy, seeded, greedy, seeded])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(4)] == alone * 2
+    assert alone[0] != alone[1]
+
+
+def test_a_full_queue_is_refused_at_once_and_a_queued_request_gets_the_next_row(app):
+    service = GenerationService(app.extensions["fable.registry"], max_batch=1, max_queue=1,
+                                queue_timeout_s=30)
+    endless = SamplingParams(max_new_tokens=10**6)
+    running = service.stream("endless", "x", endless)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("stream", service.stream("endless", "y")))
+    waiter.start()
+    wait_for(lambda: service.scheduler.queued == 1)
+    start = time.monotonic()
+    with pytest.raises(ServerBusy, match="queue is full"):
+        service.stream("endless", "z")
+    assert time.monotonic() - start < 1  # refused at once, not after the queue timeout
+    running.close()
+    waiter.join(10)
+    assert next(got["stream"]) == ENDLESS_CHAR
+    got["stream"].close()
+    assert service.active == 0 and service.scheduler.queued == 0
+
+
+def test_a_reader_that_goes_away_stops_its_decoding(service):
+    stream = service.stream("endless", "x", SamplingParams(max_new_tokens=10**6))
+    assert next(stream) == ENDLESS_CHAR
+    assert service.scheduler.decoding() == 1
+    stream.close()
+    assert service.active == 0
+    wait_for(lambda: service.scheduler.decoding() == 0)  # dropped before the next step
+
+
+def test_a_failing_step_fails_every_request_of_the_batch_and_the_next_ones_work(service, monkeypatch):
+    real = Batch.step
+
+    def exploding(batch):
+        raise RuntimeError("model exploded")
+    monkeypatch.setattr(Batch, "step", exploding)
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    streams = [service.stream("endless", "x", params) for _ in range(2)]
+    for s in streams:
+        with pytest.raises(RuntimeError, match="exploded"):
+            list(s)
+    assert service.active == 0
+    monkeypatch.setattr(Batch, "step", real)
+    assert service.generate("endless", "x", params).text == ENDLESS_CHAR * 5
+
+
+def test_several_models_decode_side_by_side(service):
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    a, b = service.stream("endless", "x", params), service.stream("tiny-lstm", "x", params)
+    assert a.collect().text == ENDLESS_CHAR * 20
+    assert b.collect().completion_tokens <= 20

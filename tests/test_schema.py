@@ -1,0 +1,51 @@
+"""The JSON API against its own OpenAPI document, fuzzed by schemathesis.
+
+schemathesis generates requests for every operation of the document the app serves at
+``/openapi.json``, valid and invalid ones, sends them to the app (through WSGI, no
+server) and checks every answer: never a 5xx, a documented status, content type and
+headers, a body that matches the documented schema, invalid requests refused and valid
+ones accepted. The test checkpoints (tests/conftest.py) serve; generation stays cheap
+through the app's own limits (a few new tokens, short prompts), which the document
+states, so schemathesis never asks for more.
+
+The document is built here with the same limits as the app under test (schemathesis'
+lazy ``from_fixture`` loader does not work with pytest 9), and the first test checks it
+is exactly what that app serves.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from app import __version__  # noqa: E402
+from app.openapi import build_spec  # noqa: E402
+from app.settings import Limits  # noqa: E402
+
+MAX_EXAMPLES = 25  # per operation: the whole file runs in well under a minute
+LIMITS = Limits(max_prompt_chars=64, max_new_tokens=4, default_new_tokens=2)
+SETTINGS = {"FABLE_MAX_PROMPT_CHARS": LIMITS.max_prompt_chars,
+            "FABLE_MAX_NEW_TOKENS": LIMITS.max_new_tokens,
+            "FABLE_DEFAULT_NEW_TOKENS": LIMITS.default_new_tokens}
+
+schema = schemathesis.openapi.from_dict(build_spec(__version__, LIMITS))
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app(**SETTINGS)
+
+
+def test_the_fuzzed_document_is_the_one_the_app_serves(app):
+    served = app.test_client().get("/openapi.json")
+    assert served.status_code == 200
+    assert served.json == build_spec(__version__, LIMITS)
+
+
+@schema.parametrize()
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_every_operation_conforms_to_the_openapi_document(case, app):
+    case.call_and_validate(app=app)
