@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets serve test test-all bench screenshots results clean
+.PHONY: install assets serve test test-all bench load soak screenshots results clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ results: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/generation.py
+
+# gunicorn on the bundled models under 1, 4, 16 and 64 concurrent clients
+load: $(STAMP) assets
+	$(PY) benchmarks/load.py
+
+# five minutes at 32 clients (FABLE_SOAK_SECONDS to change it)
+soak: $(STAMP) assets
+	FABLE_SOAK_SECONDS=$${FABLE_SOAK_SECONDS:-300} $(PY) -m pytest tests/test_soak.py -m slow -o addopts="" -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis node_modules static/vendor
