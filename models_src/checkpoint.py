@@ -91,6 +91,9 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
     }
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in _unique_state(model).items()}
+    restore_set_aside(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -129,8 +132,19 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.close(fd)
 
 
+def restore_set_aside(target: Path) -> None:
+    """A writer killed between the two renames of ``_swap_into_place`` leaves no
+    ``target``, only the previous checkpoint set aside as ``.name.old-*``: put it back."""
+    if target.exists():
+        return
+    set_aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if set_aside:
+        os.rename(set_aside[-1], target)
+
+
 def read_config(directory) -> dict:
     """The parsed, version-checked config.json of a checkpoint directory."""
+    restore_set_aside(Path(directory))
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")

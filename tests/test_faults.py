@@ -285,3 +285,21 @@ def test_broken_checkpoints_at_start_up_are_skipped_and_reported(checkpoint_dir,
     for name in expected:
         refused = client.post("/api/generate", json={"model": name, "prompt": "x", "stream": False})
         assert refused.status_code == 404 and "not found" in refused.json["error"]
+
+
+def test_a_writer_killed_between_the_renames_loses_nothing(tmp_path):
+    """kill -9 after the old checkpoint was set aside and before the new one took its
+    place: the next read puts the old one back, the next save clears the leftovers."""
+    from conftest import build_checkpoints
+
+    source = build_checkpoints(tmp_path / "source") / "tiny-gpt"
+    runs = tmp_path / "run"
+    runs.mkdir()
+    shutil.copytree(source, runs / ".last.old-1a2b3c4d")  # what the kill leaves behind
+    (runs / ".last.tmp-zz").mkdir()
+    (runs / ".last.tmp-zz" / "model.safetensors").write_bytes(b"half a file")
+    loaded = load_checkpoint(runs / "last")
+    assert (runs / "last" / "config.json").exists()
+    assert not list(runs.glob(".last.old-*"))
+    save_checkpoint(runs / "last", loaded.model, loaded.tokenizer, {"step": 2})
+    assert sorted(p.name for p in runs.iterdir()) == ["last"]
