@@ -2,10 +2,11 @@
 
     python -m training.evaluate --checkpoint DIR --task infill [--bleu 50]
 
-* perplexity of the true middle (and its end marker) given the first **and** last
-  sentence (``--given first+last``, the infilling format), or given only the first sentence
-  as plain text (``--given first``: what a plain language model can do), over every
-  validation story that has a middle;
+* perplexity of the true middle's tokens given the first **and** last sentence
+  (``--given first+last``, the infilling format), or given only the first sentence as
+  plain text (``--given first``: what a plain language model can do), over every
+  validation story that has a middle. The end marker is not scored: after the middle a
+  plain model would go on with the last sentence, so only the middle compares;
 * BLEU (sacrebleu) and the length ratio of generated middles against the true ones.
 """
 
@@ -37,7 +38,7 @@ def _examples(rows: list[list[int]], scored_from: list[int], dtype) -> Examples:
 
 def middle_scores(checkpoint, parts, given: str = "first+last", batch_size: int = 16,
                   max_len: int | None = None) -> Scores:
-    """Loss of the middle tokens and the end marker, given the first (and last) sentence."""
+    """Loss of the middle's tokens, given the first (and last) sentence."""
     tok = checkpoint.tokenizer
     rows, scored_from = [], []
     for first, middle, last in parts:
@@ -46,9 +47,10 @@ def middle_scores(checkpoint, parts, given: str = "first+last", batch_size: int 
         # format so that both ways of conditioning score the same stories.
         if max_len is not None and len(ids) > max_len + 1:
             continue
+        ids = ids[:-1]  # the end marker
         if given == "first":
             prefix = [tok.bos_id, *tok.encode(first)]
-            ids, start = prefix + tok.encode(" " + middle) + [tok.eos_id], len(prefix)
+            ids, start = prefix + tok.encode(" " + middle), len(prefix)
         rows.append(ids), scored_from.append(start - 1)
     examples = _examples(rows, scored_from, np.int64)
     return score_batches(checkpoint.model, in_order(examples, batch_size, tok.pad_id, only_scored=True))
