@@ -33,8 +33,10 @@ test: $(STAMP) assets
 test-all: $(STAMP) assets
 	$(PY) -m pytest -m ""
 
+# docs/screenshots/*.png from the bundled models
 screenshots: $(STAMP) assets
-	FABLE_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py -k screenshots -o addopts=""
+	FABLE_SCREENSHOTS=1 FABLE_SCREENSHOTS_CHECKPOINTS=checkpoints FABLE_SCREENSHOTS_MODEL=tinystories-gpt \
+		$(PY) -m pytest tests/test_browser.py -k screenshots -o addopts=""
 
 results: $(STAMP)
 	$(PY) benchmarks/results.py
