@@ -2,13 +2,6 @@
 # port 7860, as uid 1000. Build: docker build -t fable . ; run: docker run -p 7860:7860 fable
 # tests/test_app_server.py runs this file's CMD with its ENV (no Docker engine needed).
 
-# ---- front-end assets: htmx and its SSE extension, pinned by package-lock.json ----
-FROM node:20-slim AS assets
-WORKDIR /assets
-COPY package.json package-lock.json ./
-RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
-
-# ---- the app ----
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,8 +22,7 @@ ENV HF_HOME=$HOME/.cache/huggingface \
 # Serving settings (see app/settings.py and gunicorn.conf.py); a Space's variables override them.
 ENV PORT=7860 \
     FABLE_CHECKPOINT_DIR=$HOME/app/checkpoints \
-    FABLE_WORKERS=1 \
-    FABLE_THREADS=4
+    FABLE_WORKERS=1
 
 WORKDIR $HOME/app
 
@@ -41,8 +33,8 @@ RUN pip install --user torch==2.13.0 --index-url https://download.pytorch.org/wh
  && pip install --user -r requirements.txt
 
 COPY --chown=user . .
-COPY --chown=user --from=assets /assets/node_modules/htmx.org/dist/htmx.min.js static/vendor/htmx.min.js
-COPY --chown=user --from=assets /assets/node_modules/htmx-ext-sse/dist/sse.js static/vendor/sse.js
+# htmx and its SSE extension, pinned and checksummed by package-lock.json
+RUN python scripts/vendor_assets.py
 
 EXPOSE 7860
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]

@@ -15,13 +15,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-# htmx is served from its npm package (never a CDN): installed, then copied under static/
+# htmx is served from its npm package (never a CDN), pinned and checksummed by
+# package-lock.json; fetched with Python alone, so no Node is needed
 assets: static/vendor/htmx.min.js static/vendor/sse.js
 
-static/vendor/htmx.min.js static/vendor/sse.js: package.json package-lock.json
-	npm ci --no-audit --no-fund
-	mkdir -p static/vendor
-	cp node_modules/htmx.org/dist/htmx.min.js node_modules/htmx-ext-sse/dist/sse.js static/vendor/
+static/vendor/htmx.min.js static/vendor/sse.js: package-lock.json scripts/vendor_assets.py
+	$(PYTHON) scripts/vendor_assets.py
 
 # The web app on the bundled models: http://localhost:7860
 serve: $(STAMP) assets
@@ -53,4 +52,4 @@ soak: $(STAMP) assets
 	FABLE_SOAK_SECONDS=$${FABLE_SOAK_SECONDS:-300} $(PY) -m pytest tests/test_soak.py -m slow -o addopts="" -s
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis node_modules static/vendor
+	rm -rf $(VENV) .pytest_cache .hypothesis static/vendor
