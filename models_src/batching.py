@@ -7,9 +7,9 @@ is one forward pass over all sequences still running (continuous batching, as in
 vLLM). Each sequence keeps its own sampling settings, random generator, stop strings and
 streaming detokenizer (``sampling.TextStream``). Sampling is done for all rows at once:
 the processors of ``sampling`` (repetition penalty, temperature, top-k, top-p, in that
-order) with a value per row, then one uniform draw per row from the row's own generator,
-so a seed gives the same text whatever runs beside it (up to the rounding of batched
-arithmetic).
+order) with a value per row, then ``sample_next``'s draw per row from the row's own
+generator, so a seed gives the same text whatever runs beside it, and the same as
+``sampling.generate`` gives it alone (up to the rounding of batched arithmetic).
 
     batch = Batch(model, tokenizer)
     seq, = batch.add([(prompt_ids, params)])   # prefilled now; sampled from the next step
@@ -30,7 +30,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from .sampling import GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept, _prefill
+from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept, _prefill,
+                       float32_safe)
 
 
 class Sequence:
@@ -75,10 +76,11 @@ class _RowSettings:
         self.greedy_list = [p.temperature < GREEDY_BELOW for p in params]
         self.greedy = torch.tensor(self.greedy_list, device=device)
         self.all_greedy = all(self.greedy_list)
-        self.temperature = column([1.0 if g else p.temperature for p, g in zip(params, self.greedy_list)])
+        self.temperature = column([1.0 if g else float32_safe(p.temperature)
+                                   for p, g in zip(params, self.greedy_list)])
         self.penalty = self.unseen = None
         if any(p.repetition_penalty != 1.0 for p in params):
-            self.penalty = column([p.repetition_penalty for p in params])
+            self.penalty = column([float32_safe(p.repetition_penalty) for p in params])
             self.unseen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
         self.top_k = self.top_p = None
         if any(p.top_k is not None for p in params):  # index of the k-th best, sorted
@@ -161,26 +163,25 @@ class Batch:
         if rows.all_greedy:
             return greedy
         logits = logits / rows.temperature
-        kept = None  # per row: how many of the sorted tokens may be drawn
         if rows.top_k is not None or rows.top_p is not None:
-            logits, order = logits.sort(dim=-1, descending=True)
+            ranked, order = logits.sort(dim=-1, descending=True)
             if rows.top_k is not None:  # ties with the k-th are kept, as sampling.apply_top_k
-                logits = logits.masked_fill(logits < logits.gather(1, rows.top_k), float("-inf"))
-            if rows.top_p is not None:  # as sampling.apply_top_p, in sorted order
-                probs = logits.softmax(dim=-1)
+                ranked = ranked.masked_fill(ranked < ranked.gather(1, rows.top_k), float("-inf"))
+            if rows.top_p is not None:  # as sampling.apply_top_p
+                probs = ranked.softmax(dim=-1)
                 drop = probs.cumsum(dim=-1) - probs >= rows.top_p
                 drop[:, 0] = False
-                logits = logits.masked_fill(drop, float("-inf"))
-            kept = torch.isfinite(logits).sum(dim=-1, keepdim=True)
-        cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-        u = torch.stack([torch.rand((), generator=s.generator) if not g else torch.zeros(())
-                         for s, g in zip(self.sequences, rows.greedy_list)]).to(cdf.device)
-        # inverse-CDF draw; right=True skips tokens of probability 0 at u = 0
-        picked = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)
-        picked = picked.clamp(max=(kept if kept is not None else cdf.size(-1)) - 1)
-        if kept is not None:
-            picked = order.gather(1, picked)
-        return torch.where(rows.greedy, greedy, picked.squeeze(1))
+                ranked = ranked.masked_fill(drop, float("-inf"))
+            removed = torch.isinf(ranked)
+            logits = logits.masked_fill(removed.scatter(1, order, removed), float("-inf"))
+        # sampling.sample_next's draw, argmax(p / q) with q ~ Exp(1), each row from its own
+        # generator: a seeded request gets the same tokens here as from sampling.generate
+        probs = logits.softmax(dim=-1)
+        q = torch.ones_like(probs)
+        for i, (s, g) in enumerate(zip(self.sequences, rows.greedy_list)):
+            if not g:
+                q[i].exponential_(generator=s.generator)
+        return torch.where(rows.greedy, greedy, probs.div_(q).argmax(dim=-1))
 
     @property
     def _settings(self) -> _RowSettings:

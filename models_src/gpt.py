@@ -7,6 +7,7 @@ the weights to `transformers.GPT2LMHeadModel` unchanged (bar the Conv1D transpos
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import LanguageModel
@@ -51,8 +52,23 @@ class GPT(LanguageModel):
 
     def step(self, tokens, state: KVCache, lengths=None):
         positions = state.begin(tokens.size(1), lengths)
-        x = self.drop(self.wte(tokens) + self.wpe(positions))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=state, layer=i)
+        if self.training:
+            x = self.drop(self.wte(tokens) + self.wpe(positions))
+            for i, block in enumerate(self.blocks):
+                x = block(x, cache=state, layer=i)
+            state.end()
+            return self.lm_head(self.ln_f(x)), state
+        # Generation: the same arithmetic on (B * T, C) rows without module calls or
+        # nn.Module.__getattr__ (see Block.decode): on a CPU, Python overhead is most of
+        # the cost of a one-token step.
+        modules = self._modules
+        B, T = tokens.shape
+        x = (F.embedding(tokens.reshape(-1), modules["wte"]._parameters["weight"])
+             + F.embedding(positions.reshape(-1), modules["wpe"]._parameters["weight"]))
+        for i, block in enumerate(modules["blocks"]._modules.values()):
+            x = block.decode(x, state, i, B)
         state.end()
-        return self.lm_head(self.ln_f(x)), state
+        ln_f = modules["ln_f"]
+        x = F.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
+                         ln_f._parameters["bias"], ln_f.eps)
+        return F.linear(x, modules["lm_head"]._parameters["weight"]).view(B, T, -1), state

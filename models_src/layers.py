@@ -182,6 +182,32 @@ class Block(nn.Module):
             x = x + self.resid_dropout(self.cross(self.ln_cross(x), memory_kv, memory_mask))
         return x + self.mlp(self.ln_2(x))
 
+    def decode(self, x, cache: KVCache, layer: int, batch: int):
+        """``forward(x, cache=cache, layer=layer)`` in eval mode (no dropout, no cross
+        attention) on the rows of x flattened to (batch * T, C): the same operations in the
+        same order on the same weights, so the same numbers. Generation's path: a one-token
+        step is ~100 small ops, and on a CPU the Python around them (module calls, no-op
+        dropouts, 3-D reshapes, and above all ``nn.Module.__getattr__``, which every
+        ``self.attn``-style access runs, ~16 per block) cost more than their arithmetic
+        (torch.profiler and py-spy; see benchmarks/README.md). So the weights are read
+        from the parameter dicts directly. Module hooks do not fire."""
+        modules = self._modules
+        attn, mlp = modules["attn"], modules["mlp"]
+        ln_1, ln_2 = modules["ln_1"], modules["ln_2"]
+        c_attn, proj = attn._modules["c_attn"]._parameters, attn._modules["c_proj"]._parameters
+        fc, mlp_proj = mlp._modules["c_fc"]._parameters, mlp._modules["c_proj"]._parameters
+        N, C = x.shape
+        h = F.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
+        qkv = F.linear(h, c_attn["weight"], c_attn["bias"])
+        qkv = qkv.view(batch, N // batch, 3, attn.n_head, C // attn.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        k, v, mask, causal = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        x = x + F.linear(y.transpose(1, 2).reshape(N, C), proj["weight"], proj["bias"])
+        h = F.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
+        h = F.gelu(F.linear(h, fc["weight"], fc["bias"]))
+        return x + F.linear(h, mlp_proj["weight"], mlp_proj["bias"])
+
 
 def init_transformer_weights(model: nn.Module, n_layer: int) -> None:
     """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers)."""

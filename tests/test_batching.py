@@ -83,10 +83,12 @@ def test_sequences_joining_at_different_steps_match_running_alone(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_decoding_matches_the_sampling_loop(arch):
+def test_a_sequence_alone_matches_the_sampling_loop(arch):
     model = make(arch)
     for params in (SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
-                   SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.5)):
+                   SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.5),
+                   SamplingParams(max_new_tokens=12, temperature=0.9, top_k=9, top_p=0.8, seed=4,
+                                  ignore_eos=True)):
         ids = prompt(6, 5, arch)
         want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
         assert alone(model, ids, params).token_ids == want.token_ids

@@ -97,6 +97,29 @@ def test_awd_lstm_regularisers_train_and_are_off_in_eval():
     assert torch.equal(model(ids)[0], model(ids)[0])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt_decode_path_gives_the_module_path_numbers(bias):
+    """In eval mode GPT.step runs Block.decode (direct calls, no modules); in training mode
+    the modules. With no dropout both must give bit-identical logits: generation's outputs
+    must not depend on the fast path. Uniform prefill, one-token steps and a ragged batch."""
+    model = make("gpt", bias=bias)
+    ids = random_ids(2, 12)
+    lengths = torch.tensor([5, 3])
+    results = {}
+    with torch.no_grad():
+        for training in (True, False):
+            model.train(training)
+            state = model.init_state(2)
+            out = [model.step(ids[:, :4], state)[0]]
+            out += [model.step(ids[:, t:t + 1], state)[0] for t in range(4, 8)]
+            ragged = model.init_state(2)
+            out.append(model.step(ids[:, :5], ragged, lengths)[0])
+            out.append(model.step(ids[:, 8:9], ragged)[0])
+            results[training] = out
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
 def test_tied_weights_share_storage():
     lstm, gpt = make("lstm"), make("gpt")
     assert lstm.decoder.weight is lstm.embedding.weight
