@@ -40,7 +40,7 @@ class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, vocab_size: int,
                  device) -> None:
         self.prompt_ids, self.params = prompt_ids, params
-        self.stream = TextStream(tokenizer, params.stop)
+        self.stream = TextStream(tokenizer, params.stop, context=prompt_ids)
         self.eos_id = None if params.ignore_eos else tokenizer.eos_id
         self.generator = torch.Generator(device=device)
         if params.seed is None:

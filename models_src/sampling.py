@@ -164,17 +164,25 @@ class TextStream:
     token differently at the start of a string), ``ids[read:]`` is what is new (vLLM's scheme).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (),
+                 context: Sequence[int] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, list(stop)
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the generated ids
         self.text = ""  # everything decoded so far; cut before the stop string once stopped
         self.stopped = False  # a stop string was found
-        self._prefix = self._read = 0  # window offsets into ids
+        # ``context`` (the prompt's last id) is decoded as left context only: a word-level
+        # tokenizer then puts the space between the prompt and the first new word.
+        context = list(context)[-1:]
+        if context and tokenizer.decode(context, skip_special_tokens=True).endswith(REPLACEMENT_CHAR):
+            context = []  # a prompt that ends inside a character: no usable left context
+        self._all = context  # context + ids: what the window offsets index
+        self._prefix, self._read = 0, len(context)  # window offsets into _all
         self._sent = 0  # characters of text already handed out
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the new text that is now certain (maybe "")."""
         self.ids.append(token_id)
+        self._all.append(token_id)
         return self._advance(final=False)
 
     def flush(self) -> str:
@@ -185,11 +193,11 @@ class TextStream:
         if self.stopped:
             return ""
         decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        window = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        before = decode(self._all[self._prefix:self._read], skip_special_tokens=True)
+        window = decode(self._all[self._prefix:], skip_special_tokens=True)
         if len(window) > len(before) and (final or not window.endswith(REPLACEMENT_CHAR)):
             self.text += window[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix, self._read = self._read, len(self._all)
         # No match can start before _sent: that text was never a possible stop prefix.
         hits = [i for i in (self.text.find(s, self._sent) for s in self.stop) if i >= 0]
         if hits:
@@ -250,7 +258,7 @@ def _steps(model, tokenizer: Tokenizer, prompt_ids: list[list[int]],
     their output is ignored; the loop ends when every row has finished.
     """
     B, ctx, limit = len(prompt_ids), model.max_context, params.max_new_tokens
-    streams = [TextStream(tokenizer, params.stop) for _ in range(B)]
+    streams = [TextStream(tokenizer, params.stop, context=p) for p in prompt_ids]
     eos_id = None if params.ignore_eos else tokenizer.eos_id
     reasons: list[str | None] = [None] * B
     generated = [0] * B  # tokens sampled per row, eos included

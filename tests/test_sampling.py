@@ -406,3 +406,14 @@ def test_a_vanishing_temperature_is_greedy_not_an_overflow():
     greedy = generate(model, TOK, "abc", SamplingParams(max_new_tokens=6, temperature=0))[0]
     tiny = generate(model, TOK, "abc", SamplingParams(max_new_tokens=6, temperature=1e-300, seed=1))[0]
     assert tiny.token_ids == greedy.token_ids
+
+
+def test_a_word_level_continuation_starts_with_its_space():
+    from models_src.tokenization import Tokenizer
+
+    words = Tokenizer.train_word(["the cat sat on the mat"])
+    stream = TextStream(words, context=words.encode("the cat"))
+    assert stream.push(words.encode("sat")[0]) + stream.flush() == " sat"
+    assert stream.ids == words.encode("sat")
+    fresh = TextStream(words, context=[words.bos_id])  # nothing before: no space
+    assert fresh.push(words.encode("sat")[0]) + fresh.flush() == "sat"
