@@ -19,8 +19,8 @@ from pathlib import Path
 from _common import ROOT
 from models_src.checkpoint import read_config
 
-CONFIGS = ["char_gpt_shakespeare", "char_lstm_shakespeare", "word_lstm_wikitext",
-           "bpe_lstm_tinystories", "bpe_gpt_tinystories"]
+CONFIGS = ["char_gpt_shakespeare", "char_lstm_shakespeare", "word_lstm_books", "tinystories_gpt",
+           "tinystories_word_lstm", "word_lstm_wikitext", "bpe_lstm_tinystories", "bpe_gpt_tinystories"]
 
 
 def run(*args: str) -> str:
