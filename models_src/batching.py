@@ -31,7 +31,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept, _prefill,
-                       float32_safe)
+                       float32_safe, make_generator, outside_nucleus, penalise)
 
 
 class Sequence:
@@ -42,22 +42,16 @@ class Sequence:
         self.prompt_ids, self.params = prompt_ids, params
         self.stream = TextStream(tokenizer, params.stop, context=prompt_ids)
         self.eos_id = None if params.ignore_eos else tokenizer.eos_id
-        self.generator = torch.Generator(device=device)
-        if params.seed is None:
-            self.generator.seed()  # fresh entropy, without touching torch's global generator
-        else:
-            self.generator.manual_seed(params.seed)
+        self.generator = make_generator(params.seed, device)
         self.seen = None  # (1, V) tokens in the prompt or generated: only the penalty needs it
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
             self.seen[0, prompt_ids] = True
         self.generated = 0  # tokens sampled, eos included
         self.filled = 0  # tokens the state holds (the context limit counts them)
-        self.finish_reason: str | None = None
         self.completion: Completion | None = None
 
     def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
         s = self.stream
         self.completion = Completion(s.text, s.ids, reason, len(self.prompt_ids), self.generated)
 
@@ -67,7 +61,6 @@ class _RowSettings:
     A processor nobody uses is None (skipped); rows without it get a neutral value."""
 
     def __init__(self, sequences: list[Sequence], vocab_size: int, device) -> None:
-        self.sequences = list(sequences)
         params = [s.params for s in sequences]
 
         def column(values, dtype=torch.float32):
@@ -157,8 +150,7 @@ class Batch:
         rows = self._settings
         if rows.penalty is not None:
             seen = torch.cat([s.seen if s.seen is not None else rows.unseen for s in self.sequences])
-            penalised = torch.where(logits > 0, logits / rows.penalty, logits * rows.penalty)
-            logits = torch.where(seen, penalised, logits)
+            logits = penalise(logits, seen, rows.penalty)
         greedy = logits.argmax(dim=-1)
         if rows.all_greedy:
             return greedy
@@ -168,10 +160,7 @@ class Batch:
             if rows.top_k is not None:  # ties with the k-th are kept, as sampling.apply_top_k
                 ranked = ranked.masked_fill(ranked < ranked.gather(1, rows.top_k), float("-inf"))
             if rows.top_p is not None:  # as sampling.apply_top_p
-                probs = ranked.softmax(dim=-1)
-                drop = probs.cumsum(dim=-1) - probs >= rows.top_p
-                drop[:, 0] = False
-                ranked = ranked.masked_fill(drop, float("-inf"))
+                ranked = ranked.masked_fill(outside_nucleus(ranked, rows.top_p), float("-inf"))
             removed = torch.isinf(ranked)
             logits = logits.masked_fill(removed.scatter(1, order, removed), float("-inf"))
         # sampling.sample_next's draw, argmax(p / q) with q ~ Exp(1), each row from its own
@@ -185,7 +174,7 @@ class Batch:
 
     @property
     def _settings(self) -> _RowSettings:
-        if self._rows is None or self._rows.sequences != self.sequences:
+        if self._rows is None:  # rows joined or left since the last step
             self._rows = _RowSettings(self.sequences, self.model.config.vocab_size, self._logits.device)
         return self._rows
 
@@ -215,10 +204,12 @@ class Batch:
             logits = torch.cat([self._logits, logits])
         self._state, self._logits = state, logits
         self.sequences = self.sequences + seqs
+        self._rows = None
 
     def _keep(self, mask: list[bool]) -> None:
         rows = [i for i, k in enumerate(mask) if k]
         self.sequences = [self.sequences[i] for i in rows]
+        self._rows = None
         if not rows:
             self._state = self._logits = None
             return

@@ -96,9 +96,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
     """
     if penalty == 1.0:
         return logits
-    penalty = float32_safe(penalty)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    return penalise(logits, seen, float32_safe(penalty))
+
+
+def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
+    """The penalty's sign rule; ``penalty`` a float or a (B, 1) tensor (one per row)."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -121,11 +124,28 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p
-    drop_sorted[..., 0] = False  # explicit: a p below float32 resolution would compare equal to 0
+    drop_sorted = outside_nucleus(sorted_logits, p)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def outside_nucleus(sorted_logits: torch.Tensor, p) -> torch.Tensor:
+    """Which of the descending ``sorted_logits`` top-p drops; ``p`` a float or (B, 1)."""
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= p
+    drop[..., 0] = False  # explicit: a p below float32 resolution would compare equal to 0
+    return drop
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    """A generator seeded with ``seed``, or with fresh entropy when None (never torch's
+    global generator)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,
@@ -270,11 +290,7 @@ def _steps(model, tokenizer: Tokenizer, prompt_ids: list[list[int]],
     if not B or not limit:
         return completions()
     device = model.device
-    generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()  # fresh entropy, without touching torch's global generator
-    else:
-        generator.manual_seed(params.seed)
+    generator = make_generator(params.seed, device)
     with torch.inference_mode():
         state, logits, filled = _prefill(model, prompt_ids, ctx)
         seen = None  # (B, V) tokens in the prompt or generated: only the penalty needs it
