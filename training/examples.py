@@ -45,7 +45,10 @@ def split_sentences(text: str) -> list[str]:
 
 def split_story(text: str) -> tuple[str, str, str] | None:
     """(first sentence, middle, last sentence), or None when there is no middle."""
-    sentences = split_sentences(text)
+    return _first_middle_last(split_sentences(text))
+
+
+def _first_middle_last(sentences: list[str]) -> tuple[str, str, str] | None:
     if len(sentences) < 3:
         return None
     return sentences[0], " ".join(sentences[1:-1]), sentences[-1]
@@ -76,8 +79,7 @@ def random_spans(sentences: list[str], count: int, rng: random.Random) -> list[t
     for _ in range(count):
         length = rng.randint(3, n)
         start = rng.randint(0, n - length)
-        run = sentences[start:start + length]
-        spans.append((run[0], " ".join(run[1:-1]), run[-1]))
+        spans.append(_first_middle_last(sentences[start:start + length]))
     return spans
 
 
@@ -93,7 +95,9 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
         rows.append(ids), scored_from.append(middle_start - 1), infill.append(True)
 
     for doc in docs:
-        parts = split_story(doc) if task == "infill" or rng.random() < infill_fraction else None
+        as_infill = task == "infill" or rng.random() < infill_fraction
+        sentences = split_sentences(doc) if as_infill or spans else None  # segmented once
+        parts = _first_middle_last(sentences) if as_infill else None
         if parts is not None:
             add_infill(parts)
         elif task == "infill":
@@ -102,7 +106,7 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
             rows.append([tokenizer.bos_id, *tokenizer.encode(doc.strip()), tokenizer.eos_id])
             scored_from.append(0), infill.append(False)
         if spans:
-            for span in random_spans(split_sentences(doc), spans, rng):
+            for span in random_spans(sentences, spans, rng):
                 add_infill(span)
     rows = [r[:max_len + 1] for r in rows]
     offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
