@@ -96,6 +96,13 @@ def test_cli_overrides_and_clear_errors(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").config.n_layer == 1
     assert train_module.main(["--config", str(path), "training.nonsense=1"]) == 2
     assert "unknown keys nonsense" in capsys.readouterr().err
+    assert train_module.main(["--config", str(path), "training.learning_rate=fast"]) == 2
+    assert "training.learning_rate must be a number, not 'fast'" in capsys.readouterr().err
+    # YAML 1.1 would read 2e-3 (no dot) as a string; configs and overrides mean the float
+    assert load_config(path, ["training.learning_rate=2e-3"]).training.learning_rate == 0.002
+    path.write_text(path.read_text().replace("learning_rate:", "learning_rate: 5E-4 #"))
+    assert load_config(path).training.learning_rate == 0.0005
+    path = write_config(tmp_path, raw_config(tmp_path))
     assert train_module.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert train_module.main(["--config", str(path), "data.path=" + str(tmp_path / "nope.txt")]) == 2

@@ -8,10 +8,25 @@ Size presets fill the model sizes a config leaves out, so a config can say
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` (no dot) as a string; configs mean the float, as YAML 1.2 does."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+
 
 # Sizes per family; anything a config sets itself wins over its preset.
 PRESETS = {
@@ -64,6 +79,11 @@ class TrainingConfig:
     tbptt: bool | None = None  # carry RNN state across windows; None: on for RNNs
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            numeric = f.type.split(" | ")[0] in ("int", "float")
+            if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"training.{f.name} must be a number, not {value!r}")
         self.betas = tuple(self.betas)
         if self.max_steps is None and self.epochs is None and self.max_time_s is None:
             raise ConfigError("training: give max_steps, epochs or max_time_s")
@@ -113,7 +133,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must look like section.key=value")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    return key.strip().split("."), _yaml(value) if value.strip() else None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -156,7 +176,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     """Read a YAML config (or a dict), apply overrides, validate every section."""
     if raw is None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = _yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
