@@ -94,7 +94,7 @@ class DataConfig:
     offline: bool = True
     seed: int = 1234  # document shuffle
     task: str = "lm"  # lm (a token stream) | infill | infill+lm (whole examples: training.examples)
-    infill_fraction: float = 0.5  # infill+lm: share of stories turned into infilling examples
+    infill_fraction: float = 0.5  # infill+lm: share of stories that also give an infilling example
     middle_only: bool = False  # infilling examples train on their middle (and eos) only
     infill_spans: int = 0  # extra infilling examples per training story, cut from runs of its sentences
 

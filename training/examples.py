@@ -3,8 +3,9 @@
 Language modelling reads random windows of one long token stream (``training.data``).
 Infilling needs every example whole, ``<bos> first <blank> last <sep> middle <eos>``,
 so these tasks batch examples instead: one example per row, right-padded, padding never
-scored. ``task: infill+lm`` mixes infilling examples with plain ``<bos> story <eos>``
-ones, so one model both infills and continues prompts.
+scored. ``task: infill+lm`` keeps every story as a plain ``<bos> story <eos>`` example
+and adds an infilling example for ``infill_fraction`` of them, so one model both infills
+and continues prompts without the language model losing any story.
 
 Stories are split into first sentence, middle and last sentence with ``sentencex`` (a
 rule-based segmenter that keeps ``"Hi!" said Tom.``, ``Mr.``/``Dr.`` and ellipses in
@@ -98,13 +99,13 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
         as_infill = task == "infill" or rng.random() < infill_fraction
         sentences = split_sentences(doc) if as_infill or spans else None  # segmented once
         parts = _first_middle_last(sentences) if as_infill else None
+        if task != "infill":
+            rows.append([tokenizer.bos_id, *tokenizer.encode(doc.strip()), tokenizer.eos_id])
+            scored_from.append(0), infill.append(False)
         if parts is not None:
             add_infill(parts)
         elif task == "infill":
             skipped += 1
-        else:
-            rows.append([tokenizer.bos_id, *tokenizer.encode(doc.strip()), tokenizer.eos_id])
-            scored_from.append(0), infill.append(False)
         if spans:
             for span in random_spans(sentences, spans, rng):
                 add_infill(span)
@@ -118,7 +119,7 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
 
 def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> dict[str, Examples]:
     """Examples of every split, cached beside the token streams they share a tokenizer with."""
-    key = f"examples-{data.task}-{data.infill_fraction}-{data.infill_spans}-{max_len}-{data.seed}"
+    key = f"examples-v2-{data.task}-{data.infill_fraction}-{data.infill_spans}-{max_len}-{data.seed}"
     directory = Path(prepared.cache_path) / key
     if not directory.is_dir():
         splits = load_documents(data)
