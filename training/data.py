@@ -31,12 +31,14 @@ import torch
 
 from models_src.tokenization import KINDS, Tokenizer, build_tokenizer
 
+from .lossy import dropped_bits
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 FORMATS = ("auto", "text", "tinystories", "jsonl", "csv", "parquet", "hf_disk", "hf_hub")
 IGNORE_INDEX = -100  # target value that cross-entropy skips (PyTorch's default ignore_index)
-CACHE_VERSION = 2  # bump when the cache layout or the tokenization recipe changes
+CACHE_VERSION = 3  # bump when the cache layout or the tokenization recipe changes
 
 # Corpora with fewer documents are split inside each document (by characters): a handful
 # of books cannot be dealt out by whole documents. Larger ones are shuffled and dealt out.
@@ -462,6 +464,7 @@ class PreparedData:
     documents: dict[str, int]  # split -> number of documents
     source: str  # the corpus's path or hub name, for messages
     characters: dict[str, int]  # split -> characters of text (for bits per character)
+    dropped_bits: dict[str, float]  # split -> bits its tokens leave out (case, spacing, <unk>)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -517,6 +520,9 @@ def _build_cache(data: DataConfig, tok: TokenizerConfig, directory: Path) -> Non
             "documents": {name: len(docs) for name, docs in splits.items()},
             # bits per character divide a split's total loss by its characters
             "characters": {name: sum(map(len, docs)) for name, docs in splits.items()},
+            # ... plus what the tokens leave out, coded by side models primed on train
+            "dropped_bits": {name: sum(dropped_bits(tokenizer, docs, splits["train"]).values())
+                             for name, docs in splits.items() if name != "train"},
             "tokenizer": {**tok.to_dict(), "vocab_size": tokenizer.vocab_size},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -562,7 +568,7 @@ def _load_cache(directory: Path, from_cache: bool) -> PreparedData:
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"the token cache {directory} is damaged ({err}); delete it") from err
     return PreparedData(tokenizer, splits, directory, from_cache, meta["documents"],
-                        meta["source"], meta["characters"])
+                        meta["source"], meta["characters"], meta["dropped_bits"])
 
 
 def _map_tokens(path: Path, dtype: np.dtype, count: int) -> np.ndarray:

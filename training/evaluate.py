@@ -7,7 +7,8 @@ Without ``--data`` the checkpoint's own training corpus and split are used (from
 config stored in it). ``--split all`` scores every token of the given data. Perplexity is
 exp(total loss / tokens) over every token of the split. Bits per character divide the
 total loss by the split's characters, so character, word and BPE models compare on one
-scale. With ``--bleu N`` the model also continues N validation documents from their first
+scale; what a lossy tokenizer leaves out (case, spacing, the spelling of ``<unk>``) is
+coded by side models and counted too (``training.lossy``). With ``--bleu N`` the model also continues N validation documents from their first
 half and is scored against the true second half (sacrebleu). ``--task infill`` scores
 story middles instead (``training.infill_eval``). Each evaluation appends an experiment
 row (kind "evaluate", or "infill:<given>").
@@ -30,23 +31,25 @@ from models_src.summary import count_parameters
 from .data import DataConfig, DataError, encode_documents, load_documents, read_all_documents
 from .experiments import ExperimentLog
 from .infill_eval import GIVEN, generated_middles, middle_scores, story_parts
+from .lossy import dropped_bits
 from .metrics import score
 
 DEFAULT_PROMPTS = ("", "Once upon a time", "The ")
 
 
-def documents_for(checkpoint, data_path: str | None, split: str) -> list[str]:
-    """The documents of ``split``: from ``data_path``, or the checkpoint's training data."""
+def documents_for(checkpoint, data_path: str | None, split: str) -> tuple[list[str], list[str]]:
+    """The documents of ``split`` and of the training split beside it (none for ``train``
+    and ``all``): from ``data_path``, or the checkpoint's training data."""
     trained_on = checkpoint.summary.get("config", {}).get("data", {})
     if data_path is None and not trained_on:
         raise DataError(f"{checkpoint.path} records no training data: pass --data")
     config = DataConfig.from_dict({**trained_on, "path": data_path} if data_path else trained_on)
     if split == "all":  # every document of the file, unsplit
-        return read_all_documents(config)
+        return read_all_documents(config), []
     splits = load_documents(config)
     if split not in splits:
         raise DataError(f"{config.path or config.hub_name} has no {split} split (it has {', '.join(splits)})")
-    return splits[split]
+    return splits[split], splits["train"] if split != "train" else []
 
 
 def continuation_bleu(checkpoint, docs: list[str], count: int, max_tokens: int = 64) -> float:
@@ -86,7 +89,7 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
              task: str = "lm", given: str = "first+last") -> dict:
     started = time.perf_counter()
     checkpoint = load_checkpoint(checkpoint_dir, device=device)
-    docs = documents_for(checkpoint, data, split)
+    docs, train_docs = documents_for(checkpoint, data, split)
     if task == "infill":
         result = evaluate_infill(checkpoint, docs, given, batch_size, bleu)
         result.update(checkpoint=str(checkpoint.path), split=split,
@@ -99,11 +102,14 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
     if len(tokens) < 2:
         raise DataError(f"the {split} split has too little text to score")
     scores = score(checkpoint.model, tokens, seq_len, batch_size=batch_size, stride=stride)
+    characters = sum(map(len, docs))
+    dropped = dropped_bits(checkpoint.tokenizer, docs, primed_on=train_docs)
     result = {
         "checkpoint": str(checkpoint.path), "split": split, "tokens": scores.tokens,
-        "characters": sum(map(len, docs)), "loss": scores.loss, "perplexity": scores.perplexity,
+        "characters": characters, "loss": scores.loss, "perplexity": scores.perplexity,
         "token_accuracy": scores.accuracy,
-        "bits_per_char": scores.bits_per_char(sum(map(len, docs))),
+        "bits_per_char": scores.bits_per_char(characters, sum(dropped.values())),
+        "dropped_bits_per_char": {part: bits / characters for part, bits in dropped.items()},
         "vocab_size": checkpoint.tokenizer.vocab_size, "seq_len": seq_len, "stride": stride or seq_len,
     }
     if bleu:
@@ -145,6 +151,13 @@ def format_infill(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _dropped(parts: dict[str, float]) -> str:
+    if not any(parts.values()):
+        return ""
+    named = ", ".join(f"{part} {bits:.4f}" for part, bits in parts.items())
+    return f" (of which the tokenizer drops {sum(parts.values()):.4f}: {named})"
+
+
 def format_result(result: dict) -> str:
     if result.get("task") == "infill":
         return format_infill(result)
@@ -153,7 +166,7 @@ def format_result(result: dict) -> str:
              f"loss            {result['loss']:.4f} nats/token",
              f"perplexity      {result['perplexity']:.3f} (vocabulary {result['vocab_size']:,})",
              f"token accuracy  {result['token_accuracy']:.2%}",
-             f"bits per char   {result['bits_per_char']:.4f}",
+             f"bits per char   {result['bits_per_char']:.4f}{_dropped(result['dropped_bits_per_char'])}",
              f"context         {result['seq_len']} tokens, stride {result['stride']}"]
     if "bleu" in result:
         lines.append(f"BLEU            {result['bleu']:.2f} (greedy continuations)")

@@ -47,9 +47,10 @@ class Scores:
     def accuracy(self) -> float:
         return self.correct / max(self.tokens, 1)
 
-    def bits_per_char(self, characters: int | None) -> float | None:
-        """Comparable across character, word and BPE models: nats over the text's characters."""
-        return self.nll / math.log(2) / characters if characters else None
+    def bits_per_char(self, characters: int | None, dropped_bits: float = 0.0) -> float | None:
+        """Comparable across character, word and BPE models: the bits of the whole text over
+        its characters, counting what a lossy tokenizer drops (``training.lossy``)."""
+        return (self.nll / math.log(2) + dropped_bits) / characters if characters else None
 
     def as_dict(self) -> dict:
         return {"loss": self.loss, "perplexity": self.perplexity,

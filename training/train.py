@@ -219,7 +219,7 @@ class Trainer:
                        autocast=autocast)
         result = scores.as_dict()
         chars = self.data.characters.get("validation") if max_batches is None else None
-        result["bits_per_char"] = scores.bits_per_char(chars)
+        result["bits_per_char"] = scores.bits_per_char(chars, self.data.dropped_bits.get("validation", 0.0))
         return result
 
     # --- checkpoints --------------------------------------------------------------------
