@@ -37,7 +37,7 @@ from conftest import ENDLESS_CHAR
 from gunicorn_server import ROOT, GunicornServer, server_environment
 from models_src import checkpoint as checkpoint_module
 from models_src.checkpoint import load_checkpoint, save_checkpoint
-from test_training import raw_config, write_config
+from training_runs import raw_config, write_config
 from training import train as train_module
 from training.config import load_config
 from training.train import Trainer

@@ -6,8 +6,11 @@ import random
 import pytest
 
 from models_src.tokenization import Tokenizer
+from training.config import load_config
 from training.evaluate import evaluate
 from training.lossy import _Backoff, dropped_bits, round_trips
+from training.train import Trainer
+from training_runs import raw_config
 
 NAMES = ["Tom", "Lily", "Sam", "Mia"]
 THINGS = ["ball", "cat", "tree", "kite", "box"]
@@ -69,10 +72,6 @@ def test_backoff_probabilities_sum_to_one():
 
 
 def test_evaluate_adds_the_dropped_bits_to_a_word_models_bits_per_char(tmp_path):
-    from tests.test_training import raw_config
-    from training.config import load_config
-    from training.train import Trainer
-
     corpus = tmp_path / "stories.txt"
     corpus.write_text("\n\n".join(stories(300, seed=3)) + "\n")
     raw = raw_config(tmp_path)
