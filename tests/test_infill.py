@@ -14,6 +14,7 @@ from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
 from training import generate as generate_cli
 from training.config import load_config
+from training.data import DataConfig, load_documents
 from training.evaluate import evaluate
 from training.examples import build_examples, collate, example_batch, split_sentences, split_story
 from training.train import Trainer
@@ -152,6 +153,10 @@ def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
     assert both["stories"] > 10 and both["tokens"] > 0
     assert first["tokens"] > 0 and both["perplexity"] > 1 and 0 <= both["bleu"] <= 100
     assert len(both["examples"]) == 3
+    # plain language modelling reads each story from <bos>, as the model was trained
+    lm = evaluate(ckpt, experiments_dir=None, samples=0)
+    docs = load_documents(DataConfig(path=str(corpus)))["validation"]
+    assert lm["reads"] == "documents" and lm["tokens"] == sum(len(d) + 1 for d in docs)
     assert generate_cli.main(["--checkpoint", ckpt, "--first_sentence", "Tom had a kite.",
                               "--last_sentence", "Tom was happy again.", "--max_tokens", "40",
                               "--seed", "1"]) == 0

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,3 +237,22 @@ def test_preset_recommendation_follows_the_machine(capsys):
     assert presets.main(["--arch", "lstm"]) == 0
     out = capsys.readouterr().out
     assert "recommended: model.preset=" in out and "medium" in out and "M parameters" in out
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_score_documents_reads_each_document_from_a_fresh_start(arch):
+    from models_src import ModelConfig, build_model
+    from training.metrics import score_documents
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, vocab_size=11, n_layer=1, n_head=2, n_embd=16,
+                                    n_hidden=16, block_size=16))
+    docs = [np.array([1, *rng_ids, 2]) for rng_ids in ([3, 4, 5], list(range(3, 11)) * 5)]  # 5 and 42 ids
+    scores = score_documents(model, docs, seq_len=16, stride=8)
+    assert scores.tokens == sum(len(d) - 1 for d in docs)  # every id after <bos>, a long one in windows
+    short = torch.tensor(docs[0])[None]
+    with torch.no_grad():
+        logits = model.eval()(short[:, :-1])[0]
+    alone = torch.nn.functional.cross_entropy(logits[0], short[0, 1:], reduction="sum").item()
+    first = score_documents(model, docs[:1], seq_len=16)
+    assert first.nll == pytest.approx(alone, rel=1e-5)  # from position 0 / a fresh state

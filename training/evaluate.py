@@ -7,7 +7,9 @@ Without ``--data`` the checkpoint's own training corpus and split are used (from
 config stored in it). ``--split all`` scores every token of the given data. Perplexity is
 exp(total loss / tokens) over every token of the split. Bits per character divide the
 total loss by the split's characters, so character, word and BPE models compare on one
-scale; what a lossy tokenizer leaves out (case, spacing, the spelling of ``<unk>``) is
+scale. A model trained on whole examples (``data.task: infill`` or ``infill+lm``) reads
+each document on its own from ``<bos>``, as in training; others read the split as one
+stream. What a lossy tokenizer leaves out (case, spacing, the spelling of ``<unk>``) is
 coded by side models and counted too (``training.lossy``). With ``--bleu N`` the model also continues N validation documents from their first
 half and is scored against the true second half (sacrebleu). ``--task infill`` scores
 story middles instead (``training.infill_eval``). Each evaluation appends an experiment
@@ -21,6 +23,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import sacrebleu
 import torch
 
@@ -32,7 +35,7 @@ from .data import DataConfig, DataError, encode_documents, load_documents, read_
 from .experiments import ExperimentLog
 from .infill_eval import GIVEN, generated_middles, middle_scores, story_parts
 from .lossy import dropped_bits
-from .metrics import score
+from .metrics import score, score_documents
 
 DEFAULT_PROMPTS = ("", "Once upon a time", "The ")
 
@@ -101,7 +104,15 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
     seq_len = checkpoint.summary.get("seq_len") or checkpoint.config.block_size
     if len(tokens) < 2:
         raise DataError(f"the {split} split has too little text to score")
-    scores = score(checkpoint.model, tokens, seq_len, batch_size=batch_size, stride=stride)
+    # Read the text the way the model was trained to: one token stream, or (whole-example
+    # tasks) every document on its own from <bos>; either way every token and eos counts.
+    by_document = checkpoint.summary.get("config", {}).get("data", {}).get("task", "lm") != "lm"
+    if by_document:
+        tok = checkpoint.tokenizer
+        documents = [np.array([tok.bos_id, *ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
+        scores = score_documents(checkpoint.model, documents, seq_len, batch_size=batch_size, stride=stride)
+    else:
+        scores = score(checkpoint.model, tokens, seq_len, batch_size=batch_size, stride=stride)
     characters = sum(map(len, docs))
     dropped = dropped_bits(checkpoint.tokenizer, docs, primed_on=train_docs)
     result = {
@@ -111,6 +122,7 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
         "bits_per_char": scores.bits_per_char(characters, sum(dropped.values())),
         "dropped_bits_per_char": {part: bits / characters for part, bits in dropped.items()},
         "vocab_size": checkpoint.tokenizer.vocab_size, "seq_len": seq_len, "stride": stride or seq_len,
+        "reads": "documents" if by_document else "stream",
     }
     if bleu:
         result["bleu"] = continuation_bleu(checkpoint, docs, bleu)
@@ -167,7 +179,9 @@ def format_result(result: dict) -> str:
              f"perplexity      {result['perplexity']:.3f} (vocabulary {result['vocab_size']:,})",
              f"token accuracy  {result['token_accuracy']:.2%}",
              f"bits per char   {result['bits_per_char']:.4f}{_dropped(result['dropped_bits_per_char'])}",
-             f"context         {result['seq_len']} tokens, stride {result['stride']}"]
+             f"context         {result['seq_len']} tokens, stride {result['stride']}, "
+             + ("each document on its own from <bos> (as trained)" if result["reads"] == "documents"
+                else "the documents as one stream")]
     if "bleu" in result:
         lines.append(f"BLEU            {result['bleu']:.2f} (greedy continuations)")
     for sample in result.get("samples", []):

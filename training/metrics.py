@@ -57,6 +57,22 @@ class Scores:
                 "token_accuracy": self.accuracy, "tokens": self.tokens}
 
 
+def score_documents(model, documents, seq_len: int, *, batch_size: int = 16, stride: int | None = None,
+                    device=None, autocast=None) -> Scores:
+    """Score each document (``<bos> ... <eos>`` ids) on its own, from a fresh state and
+    position 0: how a model trained on whole examples (``data.task: infill`` or
+    ``infill+lm``) reads a story. A document longer than the context goes on in windows."""
+    total = Scores()
+    if model.max_context is None:
+        batch_size = 1  # a recurrent model reads a document as one row, carrying its state
+    for doc in documents:
+        scores = score(model, doc, seq_len, batch_size=batch_size, stride=stride, device=device,
+                       autocast=autocast)
+        total.nll, total.tokens, total.correct = (total.nll + scores.nll, total.tokens + scores.tokens,
+                                                  total.correct + scores.correct)
+    return total
+
+
 def _batched(iterable, n: int):
     iterator = iter(iterable)
     while chunk := list(islice(iterator, n)):
