@@ -9,18 +9,11 @@ Two GPTs are trained on the same TinyStories stories with the same budget and ba
 (``data.task: infill``, loss on the middle only), B on plain ``<bos> story <eos>`` (``task: infill+lm`` with
 ``infill_fraction: 0``). A scores the middle given first and last sentence, B given the
 first sentence. The issue's target: A's perplexity at least 10 % lower.
-
-How much can an ending tell at all? By the chain rule, log p(M | F, L) - log p(M | F) =
-log p(L | F, M) - log p(L | F): whatever the ending saves on the middle, the middle saves
-on the ending. B (a plain model) measures the right side: the last sentence's loss after
-the first sentence and the middle, against after the first sentence alone. Spread over the
-middle's tokens, that is the saving a model with B's knowledge could get from the ending.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,12 +22,9 @@ import torch
 
 from _common import ROOT, environment
 from models_src.checkpoint import load_checkpoint
-from models_src.infill import infill_example_ids
 from training.config import load_config
 from training.data import DataConfig, load_documents
-from training.examples import in_order
-from training.infill_eval import _examples, middle_scores, story_parts
-from training.metrics import score_batches
+from training.infill_eval import middle_scores, story_parts
 from training.train import Trainer
 
 DATA = Path(os.environ.get("FABLE_DATA_DIR", ROOT.parent / "shared" / "data")) / "tinystories"
@@ -53,24 +43,6 @@ def train(name: str, task: str, fraction: float, args, tmp: Path) -> Path:
     summary = Trainer(load_config(raw=raw), quiet=True).fit()
     print(f"  trained {name}: {summary['step']} steps in {summary['training_time_s']:.0f} s")
     return tmp / "runs" / name / "final"
-
-
-def ending_information(plain, parts, max_len: int) -> tuple[float, int]:
-    """Nats the middle saves on the last sentence (B's loss of L after F alone minus after
-    F and M), and the middle tokens it would be spread over; same stories as middle_scores."""
-    tok = plain.tokenizer
-    rows = {"after first": ([], []), "after first and middle": ([], [])}
-    middle_tokens = 0
-    for first, middle, last in parts:
-        if len(infill_example_ids(tok, first, middle, last)[0]) > max_len + 1:
-            continue
-        f, m, l = [tok.bos_id, *tok.encode(first)], tok.encode(" " + middle), tok.encode(" " + last)
-        for key, ids in (("after first", f + l), ("after first and middle", f + m + l)):
-            rows[key][0].append(ids), rows[key][1].append(len(ids) - len(l) - 1)
-        middle_tokens += len(m)
-    nll = {key: score_batches(plain.model, in_order(_examples(r, s, "int64"), 16, tok.pad_id, only_scored=True)).nll
-           for key, (r, s) in rows.items()}
-    return nll["after first"] - nll["after first and middle"], middle_tokens
 
 
 def main() -> None:
@@ -95,10 +67,6 @@ def main() -> None:
         print(f"middle perplexity given the first sentence only (plain model):    {first.perplexity:.3f}")
         lower = 1 - both.perplexity / first.perplexity
         print(f"the ending lowers perplexity by {lower:.1%} (target: at least 10 %)")
-        saved, middle_tokens = ending_information(plain, parts, max_len=320)
-        print(f"chain rule, by the plain model: the middle saves {saved:.0f} nats on the last sentences, "
-              f"{saved / middle_tokens:.4f} per middle token: a {1 - math.exp(-saved / middle_tokens):.1%} "
-              f"lower middle perplexity for a model that knows what it knows")
 
 
 if __name__ == "__main__":
