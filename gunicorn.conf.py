@@ -10,7 +10,7 @@ environment without editing this file.
 - No preload: each worker imports torch and loads the models *after* the fork, because
   CUDA (and torch's thread pools) cannot survive a fork once initialised.
 - workers x FABLE_TORCH_THREADS should not exceed the cores: the app defaults its torch
-  threads to cores // workers.
+  threads to (cores - 1) // workers, leaving a core to the request threads.
 """
 
 import os

@@ -6,7 +6,7 @@ decodes every running sequence of a model together, one step at a time
 (``models_src.batching.Batch``): requests that arrive while others are decoding join at
 the next step, finished or abandoned ones leave at once, and each keeps its own sampling
 settings. One compute thread per worker also means torch's threads never compete with
-each other (``FABLE_TORCH_THREADS`` defaults to cores // workers).
+each other (``FABLE_TORCH_THREADS`` defaults to (cores - 1) // workers).
 
 Capacity: at most ``max_batch`` sequences hold a row at once in a worker (all models
 together); up to ``max_queue`` more wait for one, each for at most the queue timeout. A
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -46,7 +47,10 @@ class Failed:
 
 class Ticket:
     """One request's place in the scheduler. Its ``pieces`` queue receives text pieces,
-    then one ``Finished`` or ``Failed``."""
+    then one ``Finished`` or ``Failed``. A reader that wants only the end sets
+    ``collecting``: from the next piece on, pieces are kept in ``parts`` instead (for a
+    deadline's partial text), so the request thread wakes once, not once per token, and
+    sixteen such threads stop contending with the decoding thread for the GIL every step."""
 
     def __init__(self, loaded, prompt_ids: list[int], params: SamplingParams) -> None:
         self.loaded, self.prompt_ids, self.params = loaded, prompt_ids, params
@@ -55,6 +59,9 @@ class Ticket:
         self.admitted = threading.Event()  # prefilled: its first token comes at the next step
         self.cancelled = False
         self.holds_row = False  # guarded by the scheduler's lock
+        self.collecting = False  # set once by the reader, read by the scheduler thread
+        self.parts: list[str] = []  # pieces kept while collecting, in order after the queued ones
+        self.first_part_ns: int | None = None  # when the first of them was decoded
 
 
 class Scheduler:
@@ -183,7 +190,11 @@ class Scheduler:
             return
         for seq, piece in events:
             ticket = self._owner[seq]
-            if piece:
+            if piece and ticket.collecting:
+                if ticket.first_part_ns is None:
+                    ticket.first_part_ns = time.perf_counter_ns()
+                ticket.parts.append(piece)
+            elif piece:
                 ticket.pieces.put(piece)
             if seq.completion is not None:
                 del self._owner[seq]

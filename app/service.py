@@ -147,9 +147,14 @@ class GenerationStream:
 
     def collect(self) -> Completion:
         """Run to the end (or the deadline) and return the completion."""
+        ticket = self._ticket
         with self:
+            if ticket is not None:
+                ticket.collecting = True  # only the end is needed: no wake-up per piece
             for _ in self:
                 pass
+        if self.first_piece_ns is None and ticket is not None:
+            self.first_piece_ns = ticket.first_part_ns
         assert self.completion is not None
         return self.completion
 
@@ -161,6 +166,9 @@ class GenerationStream:
     def _time_out(self) -> None:
         self.timed_out = True
         text = self.text
+        if self._ticket is not None and self._ticket.parts:  # decoded while collecting
+            text += self._held + "".join(self._ticket.parts)
+            text = text.strip() if self._strip else text
         log.warning("generation with %s hit the request deadline after %d characters",
                     self.model_name, len(text))
         ids = self._encode(text)

@@ -22,9 +22,10 @@ so a test writes ``{"FABLE_CHECKPOINT_DIR": tmp}`` exactly as a Space sets a var
                                             (continuous batching); more wait in the queue
     FABLE_MAX_QUEUE           48            requests waiting for a row; beyond it a request
                                             gets 503 + Retry-After at once
-    FABLE_TORCH_THREADS       cores // workers, at least 1: torch.set_num_threads in each
-                                            worker (its scheduler is the one thread that
-                                            runs the model)
+    FABLE_TORCH_THREADS       (cores - 1) // workers, at least 1: torch.set_num_threads
+                                            in each worker (its scheduler is the one thread
+                                            that runs the model; one core is left to the
+                                            request threads)
     FABLE_QUEUE_TIMEOUT_S     30            how long a queued request waits for a row (then 503)
     FABLE_REQUEST_TIMEOUT_S   60            generation deadline per request; reaching it
                                             ends the text like a length limit
@@ -112,8 +113,11 @@ class Settings:
                                minimum=1)
         max_new = read.integer("MAX_NEW_TOKENS", 512, minimum=1)
         # Each worker's scheduler runs the model on torch's threads: more threads in all
-        # than cores makes OpenMP threads spin against each other (many times slower, measured).
-        threads = max(1, available_cores() // workers)
+        # than cores makes OpenMP threads spin against each other (many times slower,
+        # measured). One core stays with the request threads (HTTP, JSON, streaming): on 2
+        # cores, 2 torch threads made a lone 64-token request 2.5x slower than 1 did
+        # (benchmarks/load.py, p50 173 ms against 68 ms).
+        threads = max(1, (available_cores() - 1) // workers)
         settings = cls(
             checkpoint_dir=Path(read.string("CHECKPOINT_DIR", "checkpoints")),
             experiments_dir=Path(read.string("EXPERIMENTS_DIR", "experiments")),

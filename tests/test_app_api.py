@@ -736,7 +736,7 @@ def test_settings_from_the_environment(monkeypatch):
     assert settings.max_body_bytes == 65536 and settings.admin_token is None
     from app.settings import available_cores
     assert settings.max_batch == 16 and settings.max_queue == 48
-    assert settings.torch_threads == max(1, available_cores() // 2)  # two workers share the cores
+    assert settings.torch_threads == max(1, (available_cores() - 1) // 2)  # two workers share the cores but one
     for name, value, words in [("FABLE_MAX_NEW_TOKENS", "lots", "must be an integer"),
                                ("FABLE_MAX_PROMPT_CHARS", "0", ">= 1"),
                                ("FABLE_REQUEST_TIMEOUT_S", "nan", "finite"),

@@ -110,3 +110,14 @@ def test_several_models_decode_side_by_side(service):
     a, b = service.stream("endless", "x", params), service.stream("tiny-lstm", "x", params)
     assert a.collect().text == ENDLESS_CHAR * 20
     assert b.collect().completion_tokens <= 20
+
+
+def test_a_collecting_reader_is_sent_only_the_end(service):
+    stream = service.stream("endless", "x", SamplingParams(max_new_tokens=300, temperature=0.0))
+    ticket = stream._ticket
+    completion = stream.collect()
+    assert completion.text == ENDLESS_CHAR * 300 and completion.completion_tokens == 300
+    # the reader got at most the pieces decoded before collect() began; the rest waited
+    # in the ticket, and the queue's last item was the end
+    assert len(stream._pieces) < 10 and "".join(stream._pieces) + "".join(ticket.parts) == completion.text
+    assert stream.first_piece_ns is not None and service.active == 0
