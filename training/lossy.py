@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 END = "\x00"  # end of a spelled string
 ANY_CODE_POINT_BITS = math.log2(0x110000)  # a character the speller has never seen
 PARTS = ("spacing", "case", "unknown")
+PRIME_CHARACTERS = 2_000_000  # the side models are small: more training text adds little, and costs time
 
 
 class _Backoff:
@@ -128,9 +129,19 @@ def round_trips(tokenizer, docs: Iterable[str]) -> bool:
 def dropped_bits(tokenizer, docs: Sequence[str], primed_on: Iterable[str] = ()) -> dict[str, float]:
     """Bits needed to restore ``docs`` exactly from their tokens, by part (``PARTS``);
     all zero when the tokenizer round-trips them. ``primed_on`` (the training split)
-    teaches the side models first, uncharged."""
+    teaches the side models first, uncharged (its first ``PRIME_CHARACTERS``)."""
     if round_trips(tokenizer, docs):
         return dict.fromkeys(PARTS, 0.0)
     model = _SideModel(tokenizer)
-    model.code(primed_on)
+    model.code(_first_characters(primed_on, PRIME_CHARACTERS))
     return model.code(docs)
+
+
+def _first_characters(docs: Iterable[str], budget: int) -> list[str]:
+    taken = []
+    for doc in docs:
+        if budget <= 0:
+            break
+        taken.append(doc[:budget])
+        budget -= len(doc)
+    return taken
