@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 BEST_ROWS = 10  # rows of the best-runs table
-CURVE_RUNS = 6  # runs whose curves are drawn, newest first
+CURVE_RUNS = 6  # runs whose curves are drawn, newest first (a curve needs two steps: not evaluations)
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also safe inside a glob
 RUNS_SQL = """SELECT experiment, run_id, any_value(model) AS model,
     count(*) AS evaluations, max(step) AS last_step, min(val_perplexity) AS best_val_perplexity,
     max(timestamp) AS last_logged
     FROM experiments GROUP BY experiment, run_id
-    HAVING count(train_loss) + count(val_loss) > 0
+    HAVING count(train_loss) + count(val_loss) > 0 AND count(DISTINCT step) > 1
     ORDER BY last_logged DESC, run_id LIMIT ?"""
 
 

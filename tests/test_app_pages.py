@@ -415,6 +415,7 @@ def test_admin_shows_best_runs_and_curves(make_app, tmp_path):
     assert f"{2.718281828 ** 2.4:.2f}" in html  # the best validation perplexity of exp-a
     assert html.index(run_id) < html.index(other)  # best first
     assert f'src="/admin/curves/{run_id}.png"' in html
+    assert f'src="/admin/curves/{other}.png"' not in html  # one step (an evaluation) is no curve
     png = client.get(f"/admin/curves/{run_id}.png")
     assert png.status_code == 200 and png.mimetype == "image/png"
     assert png.get_data().startswith(b"\x89PNG\r\n\x1a\n")
