@@ -315,6 +315,9 @@ def test_tokenizer_config():
         TokenizerConfig.from_dict({"kind": "char", "vocab_size": 10})
     with pytest.raises(DataError, match="needs vocab_size"):
         TokenizerConfig.from_dict({"kind": "bpe"})
+    # null leaves an option out: how an override switches a word config to BPE
+    switched = TokenizerConfig.from_dict({"kind": "bpe", "min_freq": None, "vocab_size": 300})
+    assert switched.options == {"vocab_size": 300}
     with pytest.raises(DataError, match="unknown kind"):
         TokenizerConfig.from_dict({"kind": "sentencepiece"})
 

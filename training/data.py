@@ -158,7 +158,9 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenizerConfig:
-        options = dict(data)
+        # An option set to null is left out: `tokenizer.kind=bpe tokenizer.min_freq=null`
+        # switches a word config to BPE from the command line.
+        options = {key: value for key, value in data.items() if value is not None}
         return cls(kind=options.pop("kind", "char"), options=options)
 
     def to_dict(self) -> dict[str, Any]:
