@@ -67,13 +67,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+SAFE_FACTOR_MIN, SAFE_FACTOR_MAX = 1e-30, 1e30
+
+
 def float32_safe(factor: float) -> float:
     """A temperature or penalty clamped to [1e-30, 1e30]: dividing float32 logits (at most
     ~1e2) by it stays finite, and -inf logits stay -inf (never inf / inf = NaN)."""
     return min(max(factor, SAFE_FACTOR_MIN), SAFE_FACTOR_MAX)
-
-
-SAFE_FACTOR_MIN, SAFE_FACTOR_MAX = 1e-30, 1e30
 
 
 @dataclass

@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 
 
-
 class _ConfigLoader(yaml.SafeLoader):
     """YAML 1.1 reads `3e-4` (no dot) as a string; configs mean the float, as YAML 1.2 does."""
 

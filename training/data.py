@@ -522,9 +522,10 @@ def _build_cache(data: DataConfig, tok: TokenizerConfig, directory: Path) -> Non
             "documents": {name: len(docs) for name, docs in splits.items()},
             # bits per character divide a split's total loss by its characters
             "characters": {name: sum(map(len, docs)) for name, docs in splits.items()},
-            # ... plus what the tokens leave out, coded by side models primed on train
-            "dropped_bits": {name: sum(dropped_bits(tokenizer, docs, splits["train"]).values())
-                             for name, docs in splits.items() if name != "train"},
+            # ... plus what the tokens leave out, coded by side models primed on train (the
+            # trainer reports bits per character on validation only)
+            "dropped_bits": {"validation": sum(dropped_bits(tokenizer, splits["validation"],
+                                                            splits["train"]).values())},
             "tokenizer": {**tok.to_dict(), "vocab_size": tokenizer.vocab_size},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -10,8 +10,9 @@ total loss by the split's characters, so character, word and BPE models compare 
 scale. A model trained on whole examples (``data.task: infill`` or ``infill+lm``) reads
 each document on its own from ``<bos>``, as in training; others read the split as one
 stream. What a lossy tokenizer leaves out (case, spacing, the spelling of ``<unk>``) is
-coded by side models and counted too (``training.lossy``). With ``--bleu N`` the model also continues N validation documents from their first
-half and is scored against the true second half (sacrebleu). ``--task infill`` scores
+coded by side models and counted too (``training.lossy``). With ``--bleu N`` the model
+also continues N validation documents from their first half and is scored against the
+true second half (sacrebleu). ``--task infill`` scores
 story middles instead (``training.infill_eval``). Each evaluation appends an experiment
 row (kind "evaluate", or "infill:<given>").
 """
@@ -40,10 +41,15 @@ from .metrics import score, score_documents
 DEFAULT_PROMPTS = ("", "Once upon a time", "The ")
 
 
+def _trained_data(checkpoint) -> dict:
+    """The ``data`` section of the config the checkpoint was trained with ({} if none)."""
+    return checkpoint.summary.get("config", {}).get("data", {})
+
+
 def documents_for(checkpoint, data_path: str | None, split: str) -> tuple[list[str], list[str]]:
     """The documents of ``split`` and of the training split beside it (none for ``train``
     and ``all``): from ``data_path``, or the checkpoint's training data."""
-    trained_on = checkpoint.summary.get("config", {}).get("data", {})
+    trained_on = _trained_data(checkpoint)
     if data_path is None and not trained_on:
         raise DataError(f"{checkpoint.path} records no training data: pass --data")
     config = DataConfig.from_dict({**trained_on, "path": data_path} if data_path else trained_on)
@@ -100,21 +106,23 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
         if experiments_dir:
             record(experiments_dir, checkpoint, result, kind=f"infill:{given}")
         return result
-    tokens = encode_documents(docs, checkpoint.tokenizer)
+    tok = checkpoint.tokenizer
     seq_len = checkpoint.summary.get("seq_len") or checkpoint.config.block_size
-    if len(tokens) < 2:
-        raise DataError(f"the {split} split has too little text to score")
     # Read the text the way the model was trained to: one token stream, or (whole-example
     # tasks) every document on its own from <bos>; either way every token and eos counts.
-    by_document = checkpoint.summary.get("config", {}).get("data", {}).get("task", "lm") != "lm"
+    by_document = _trained_data(checkpoint).get("task", "lm") != "lm"
     if by_document:
-        tok = checkpoint.tokenizer
         documents = [np.array([tok.bos_id, *ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
+        if not documents:
+            raise DataError(f"the {split} split has too little text to score")
         scores = score_documents(checkpoint.model, documents, seq_len, batch_size=batch_size, stride=stride)
     else:
+        tokens = encode_documents(docs, tok)
+        if len(tokens) < 2:
+            raise DataError(f"the {split} split has too little text to score")
         scores = score(checkpoint.model, tokens, seq_len, batch_size=batch_size, stride=stride)
     characters = sum(map(len, docs))
-    dropped = dropped_bits(checkpoint.tokenizer, docs, primed_on=train_docs)
+    dropped = dropped_bits(tok, docs, primed_on=train_docs)
     result = {
         "checkpoint": str(checkpoint.path), "split": split, "tokens": scores.tokens,
         "characters": characters, "loss": scores.loss, "perplexity": scores.perplexity,

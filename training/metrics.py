@@ -52,6 +52,9 @@ class Scores:
         its characters, counting what a lossy tokenizer drops (``training.lossy``)."""
         return (self.nll / math.log(2) + dropped_bits) / characters if characters else None
 
+    def __add__(self, other: Scores) -> Scores:
+        return Scores(self.nll + other.nll, self.tokens + other.tokens, self.correct + other.correct)
+
     def as_dict(self) -> dict:
         return {"loss": self.loss, "perplexity": self.perplexity,
                 "token_accuracy": self.accuracy, "tokens": self.tokens}
@@ -62,15 +65,10 @@ def score_documents(model, documents, seq_len: int, *, batch_size: int = 16, str
     """Score each document (``<bos> ... <eos>`` ids) on its own, from a fresh state and
     position 0: how a model trained on whole examples (``data.task: infill`` or
     ``infill+lm``) reads a story. A document longer than the context goes on in windows."""
-    total = Scores()
     if model.max_context is None:
         batch_size = 1  # a recurrent model reads a document as one row, carrying its state
-    for doc in documents:
-        scores = score(model, doc, seq_len, batch_size=batch_size, stride=stride, device=device,
-                       autocast=autocast)
-        total.nll, total.tokens, total.correct = (total.nll + scores.nll, total.tokens + scores.tokens,
-                                                  total.correct + scores.correct)
-    return total
+    return sum((score(model, doc, seq_len, batch_size=batch_size, stride=stride, device=device,
+                      autocast=autocast) for doc in documents), Scores())
 
 
 def _batched(iterable, n: int):
