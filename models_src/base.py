@@ -58,11 +58,13 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def select_rows(self, state: Any, rows: torch.Tensor) -> Any:
-        """A state holding only ``rows`` (B',) of ``state``, in that order."""
+        """A state holding only ``rows`` (B',) of ``state``, in that order. It may be
+        ``state`` changed in place: use only the state returned."""
         raise NotImplementedError
 
     def concat_rows(self, states: list[Any]) -> Any:
-        """One state holding the rows of every state in ``states``, one after another."""
+        """One state holding the rows of every state in ``states``, one after another.
+        It may be the first of them changed in place: use only the state returned."""
         raise NotImplementedError
 
     @property

@@ -18,8 +18,9 @@ generator, so a seed gives the same text whatever runs beside it, and the same a
             ...                                  # seq.completion is set once it has ended
     batch.remove(seq)                           # e.g. its client went away
 
-Rows are regrouped with the model's ``select_rows``/``concat_rows`` (one copy of the
-state when sequences join or leave, none per step). A sequence that fills the model's
+Rows are regrouped with the model's ``select_rows``/``concat_rows`` when sequences join
+or leave (never per step); a leaving row's place goes to the last row, so a state
+regrouped in place (the GPT's key/value cache) copies only the rows that move. A sequence that fills the model's
 context is re-primed on its own from the last half-context, as ``sampling`` does.
 Not thread-safe: one thread (a server's scheduler) owns a batch.
 """
@@ -120,7 +121,8 @@ class Batch:
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence that has not ended (its completion stays unset)."""
         if seq in self.sequences:
-            self._keep([s is not seq for s in self.sequences])
+            with torch.inference_mode():  # the state is regrouped in place
+                self._keep([s is not seq for s in self.sequences])
 
     def step(self) -> list[tuple[Sequence, str]]:
         """Sample one token for every sequence; return (sequence, new text) for each
@@ -185,8 +187,9 @@ class Batch:
         keep = [r and not f for r, f in zip(running, full)]
         overflow = [s for s, f in zip(self.sequences, full) if f]
         if not all(keep):
-            tokens = tokens[torch.tensor(keep, device=tokens.device)]
-            self._keep(keep)
+            rows = self._keep(keep)
+            if rows is not None:
+                tokens = tokens[rows]
         if self.sequences:
             logits, self._state = self.model.step(tokens[:, None], self._state)
             self._logits = logits[:, -1]
@@ -206,13 +209,20 @@ class Batch:
         self.sequences = self.sequences + seqs
         self._rows = None
 
-    def _keep(self, mask: list[bool]) -> None:
-        rows = [i for i, k in enumerate(mask) if k]
+    def _keep(self, mask: list[bool]) -> torch.Tensor | None:
+        """Keep the rows where ``mask`` is true; return where each kept row came from
+        (None when no row is left)."""
+        # The last rows kept fill the places of the rows that leave, so that a state
+        # regrouped in place (the GPT's cache) moves as few rows as there are leavers.
+        n = sum(mask)
+        tail = [i for i in range(n, len(mask)) if mask[i]]
+        rows = [i if mask[i] else tail.pop() for i in range(n)]
         self.sequences = [self.sequences[i] for i in rows]
         self._rows = None
         if not rows:
             self._state = self._logits = None
-            return
+            return None
         index = torch.tensor(rows, device=self._logits.device)
         self._state = self.model.select_rows(self._state, index)
         self._logits = self._logits[index]
+        return index

@@ -24,13 +24,23 @@ class KVCache:
 
     def __init__(self, n_layer, batch, n_head, max_len, head_dim, *, device, dtype):
         shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # The storage may hold spare rows (a batch that shrank, room to grow); k and v
+        # are views of its first ``len(lengths)`` rows, the ones in use.
+        self._k_rows = torch.zeros(shape, device=device, dtype=dtype)
+        self._v_rows = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._use_rows(batch)
         # While every row has the same length we know it as a Python int: the common
         # case (batch 1, equal prompts) then needs no index tensors and no mask.
         self.uniform: int | None = 0
+
+    def _use_rows(self, n: int) -> None:
+        self.k, self.v = self._k_rows[:, :n], self._v_rows[:, :n]
+
+    @property
+    def capacity(self) -> int:
+        return self._k_rows.size(1)
 
     def begin(self, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
         """Prepare a step of T tokens; return their positions (B, T)."""
@@ -82,26 +92,51 @@ class KVCache:
 
 
     # ---- regrouping rows (continuous batching) ------------------------------------
+    # Rows join and leave a running batch many times a second. Copying the whole cache
+    # each time was 9 % of a 16-row server step (py-spy; benchmarks/README.md), so both
+    # work in place and copy only the rows that move: ``select`` moves the rows it keeps
+    # into the free slots, ``concat`` writes the new rows after the running ones and
+    # grows the storage (doubling) only when it is full.
 
-    @classmethod
-    def _from(cls, k, v, lengths) -> KVCache:
-        cache = cls.__new__(cls)
-        cache.k, cache.v, cache.max_len, cache.lengths = k, v, k.size(3), lengths
+    def _regrouped(self, lengths: torch.Tensor) -> KVCache:
+        self.lengths = lengths
+        self._use_rows(len(lengths))
         # one host sync per regrouping (not per step): equal rows keep the fast path
-        cache.uniform = int(lengths[0]) if len(lengths) and bool((lengths == lengths[0]).all()) else None
-        return cache
+        self.uniform = int(lengths[0]) if len(lengths) and bool((lengths == lengths[0]).all()) else None
+        return self
 
     def select(self, rows: torch.Tensor) -> KVCache:
-        """A cache holding only ``rows``, in that order (copied)."""
-        return self._from(self.k[:, rows], self.v[:, rows], self.lengths[rows])
+        """This cache holding only ``rows``, in that order. Rows are moved in place, so
+        the cache is changed: use the one returned (it is this one)."""
+        rows_list = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        moved = [(dst, src) for dst, src in enumerate(rows_list) if dst != src]
+        if moved:  # gathered before written: any order of rows is safe
+            dst, src = (torch.tensor(side, device=self.lengths.device) for side in zip(*moved))
+            self._k_rows[:, dst] = self._k_rows[:, src]
+            self._v_rows[:, dst] = self._v_rows[:, src]
+        return self._regrouped(self.lengths[torch.as_tensor(rows_list, dtype=torch.long,
+                                                             device=self.lengths.device)])
 
     @classmethod
     def concat(cls, caches: list[KVCache]) -> KVCache:
-        """One cache holding the rows of ``caches`` one after another (copied)."""
+        """The first cache with the rows of the others appended after its own (it is
+        changed in place and returned; the others are copied)."""
         if len({c.max_len for c in caches}) != 1:
             raise ValueError("caches of different context lengths cannot be joined")
-        return cls._from(torch.cat([c.k for c in caches], 1), torch.cat([c.v for c in caches], 1),
-                         torch.cat([c.lengths for c in caches]))
+        first = caches[0]
+        n, total = len(first.lengths), sum(len(c.lengths) for c in caches)
+        if total > first.capacity:  # grow: one full copy, then room for as many again
+            shape = list(first._k_rows.shape)
+            shape[1] = max(total, 2 * first.capacity)
+            k_rows, v_rows = first._k_rows.new_zeros(shape), first._v_rows.new_zeros(shape)
+            k_rows[:, :n], v_rows[:, :n] = first.k, first.v
+            first._k_rows, first._v_rows = k_rows, v_rows
+        for c in caches[1:]:
+            m = len(c.lengths)
+            first._k_rows[:, n:n + m] = c.k
+            first._v_rows[:, n:n + m] = c.v
+            n += m
+        return first._regrouped(torch.cat([c.lengths for c in caches]))
 
 
 class SelfAttention(nn.Module):

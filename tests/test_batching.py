@@ -9,6 +9,7 @@ import torch
 from models_src import ARCHITECTURES, ModelConfig, build_model
 from models_src.base import LanguageModel
 from models_src.batching import Batch
+from models_src.layers import KVCache
 from models_src.sampling import SamplingParams, generate
 
 V, SEP, BOS, EOS = 60, 3, 1, 2
@@ -187,18 +188,43 @@ def test_stop_strings_and_eos_end_rows_independently():
     assert long.completion.finish_reason == "length" and len(long.completion.token_ids) == 20
 
 
-def test_removed_sequences_leave_and_the_rest_go_on():
-    model = make("lstm")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_removed_sequences_leave_and_the_rest_go_on(arch):
+    model = make(arch)
     params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [prompt(5 + i, i, arch) for i in range(4)]
     batch = Batch(model, TOK)
-    gone, kept = batch.add([(prompt(5, 1, "lstm"), params), (prompt(7, 2, "lstm"), params)])
+    seqs = batch.add([(ids, params) for ids in prompts])
     batch.step()
-    batch.remove(gone)
-    assert len(batch) == 1
+    batch.remove(seqs[1])  # a middle row: the last one takes its place
+    assert len(batch) == 3
     while batch:
         batch.step()
-    assert gone.completion is None
-    assert kept.completion.token_ids == alone(model, prompt(7, 2, "lstm"), params).token_ids
+    assert seqs[1].completion is None
+    for i in (0, 2, 3):
+        assert seqs[i].completion.token_ids == alone(model, prompts[i], params).token_ids
+
+
+def test_the_key_value_cache_regroups_in_place_copying_only_moved_rows():
+    def cache(rows, lengths):
+        c = KVCache(2, rows, 2, 8, 4, device="cpu", dtype=torch.float32)
+        c.k.normal_(), c.v.normal_()
+        c.lengths = torch.tensor(lengths)
+        return c
+
+    a, b = cache(4, [3, 5, 2, 5]), cache(2, [1, 1])
+    want_k = torch.cat([a.k[:, [0, 3, 2]], b.k], 1)
+    want_v = torch.cat([a.v[:, [0, 3, 2]], b.v], 1)
+    storage = a._k_rows.data_ptr()
+    kept = a.select(torch.tensor([0, 3, 2]))  # row 1 leaves, row 3 moves into its place
+    joined = KVCache.concat([kept, b])  # 3 + 2 rows > 4: the storage doubles
+    assert joined.lengths.tolist() == [3, 5, 2, 1, 1] and joined.uniform is None
+    assert torch.equal(joined.k, want_k) and torch.equal(joined.v, want_v)
+    assert kept is a and joined is a and joined.capacity == 8 and a._k_rows.data_ptr() != storage
+    storage = joined._k_rows.data_ptr()
+    again = KVCache.concat([joined.select(torch.tensor([3, 4])), cache(3, [2, 2, 2])])
+    assert again.capacity == 8 and again._k_rows.data_ptr() == storage  # room enough: no new storage
+    assert again.lengths.tolist() == [1, 1, 2, 2, 2] and torch.equal(again.k[:, :2], want_k[:, 3:])
 
 
 def test_zero_new_tokens_completes_without_joining_and_empty_prompts_are_refused():
