@@ -13,10 +13,10 @@ from models_src.infill import infill, infill_example_ids, infill_prompt_ids, str
 from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
 from training import generate as generate_cli
-from training.config import load_config
+from training.config import ConfigError, load_config
 from training.data import DataConfig, load_documents
 from training.evaluate import evaluate
-from training.examples import build_examples, collate, example_batch, split_sentences, split_story
+from training.examples import as_stream, build_examples, collate, example_batch, split_sentences, split_story
 from training.train import Trainer
 
 NAMES = ["Tom", "Lily", "Ben", "Mia", "Sam"]
@@ -134,13 +134,30 @@ def test_the_middle_never_repeats_the_last_sentence(tokenizer):
     assert out.text == "He lost it."
 
 
-@pytest.mark.parametrize("arch", ["gpt", "seq2seq"])
+def test_a_recurrent_model_reads_whole_examples_as_one_shuffled_stream(tokenizer):
+    docs = [f"Tom ran {i} times. Mia sat. Ben ate. It was fun." for i in range(12)]
+    ex = build_examples(docs, tokenizer, "infill+lm", 0.5, max_len=None, seed=0)
+    stream = as_stream(ex, seed=1)
+    rows = [ex.ids(i).tolist() for i in range(len(ex))]
+    assert sorted(stream.tolist()) == sorted(t for r in rows for t in r)  # every example once
+    starts = [i for i, t in enumerate(stream.tolist()) if t == tokenizer.bos_id]
+    read = [stream[a:b].tolist() for a, b in zip(starts, starts[1:] + [len(stream)])]
+    assert sorted(read) == sorted(rows) and read != rows  # whole, in another order
+    assert stream[0] == tokenizer.bos_id and stream[-1] == tokenizer.eos_id
+
+
+MODELS = {"gpt": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 192},
+          "seq2seq": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 192},
+          "lstm": {"n_layer": 1, "n_embd": 32, "n_hidden": 64}}  # read by truncated BPTT
+
+
+@pytest.mark.parametrize("arch", MODELS)
 def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
     corpus = write_stories(tmp_path / "stories.txt")
     raw = {"name": "tiny-infill",
-           "model": {"arch": arch, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 192},
+           "model": {"arch": arch, **MODELS[arch]},
            "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "task": "infill+lm",
-                    "infill_fraction": 0.7},
+                    "infill_fraction": 0.7, "max_seq_len": 48 if arch == "lstm" else None},
            "tokenizer": {"kind": "char"},
            "training": {"batch_size": 8, "learning_rate": 3e-3, "max_steps": 40, "warmup_steps": 5,
                         "eval_every": 20, "eval_batches": 3, "save_every": 20, "num_threads": 1},
@@ -162,3 +179,16 @@ def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
                               "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Tom had a kite. ") and out.rstrip().endswith("Tom was happy again.")
+
+
+def test_middle_only_asks_for_batches_of_examples_not_a_stream(tmp_path):
+    corpus = write_stories(tmp_path / "stories.txt", count=40)
+    raw = {"name": "tiny", "model": {"arch": "lstm", **MODELS["lstm"]},
+           "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "task": "infill",
+                    "middle_only": True},
+           "tokenizer": {"kind": "char"}, "training": {"max_steps": 1},
+           "output": {"dir": str(tmp_path / "runs/{name}"), "experiments_dir": str(tmp_path / "exp")}}
+    with pytest.raises(ConfigError, match="training.tbptt=false"):
+        Trainer(load_config(raw=raw), quiet=True)
+    raw["training"]["tbptt"] = False  # whole examples in batches, each from a fresh state
+    assert Trainer(load_config(raw=raw), quiet=True).examples is not None

@@ -16,6 +16,9 @@ one sentence); a story with fewer than three sentences has no middle and is skip
 random run of at least three of its sentences (its first sentence, middle and last
 sentence standing in for a story's). Short middles whose ending gives much away teach the
 model to read the ending; validation examples are never augmented.
+
+A recurrent model trains on the same examples, whole, as one shuffled stream
+(``as_stream``) cut into truncated back-propagation windows, the way it reads text.
 """
 
 from __future__ import annotations
@@ -84,10 +87,10 @@ def random_spans(sentences: list[str], count: int, rng: random.Random) -> list[t
     return spans
 
 
-def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float, max_len: int,
+def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float, max_len: int | None,
                    seed: int, spans: int = 0) -> Examples:
     """Encode ``docs`` for ``task`` (plus ``spans`` extra infilling examples per story);
-    examples longer than ``max_len + 1`` tokens are cut."""
+    examples longer than ``max_len + 1`` tokens are cut (None: none is)."""
     rng = random.Random(seed)
     rows, scored_from, infill, skipped = [], [], [], 0
 
@@ -109,7 +112,8 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
         if spans:
             for span in random_spans(sentences, spans, rng):
                 add_infill(span)
-    rows = [r[:max_len + 1] for r in rows]
+    if max_len is not None:
+        rows = [r[:max_len + 1] for r in rows]
     offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
     tokens = np.fromiter((t for r in rows for t in r), dtype=token_dtype(tokenizer.vocab_size),
                          count=int(offsets[-1]))
@@ -117,9 +121,10 @@ def build_examples(docs: list[str], tokenizer, task: str, infill_fraction: float
                     np.array(infill, dtype=bool), skipped)
 
 
-def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> dict[str, Examples]:
-    """Examples of every split, cached beside the token streams they share a tokenizer with."""
-    key = f"examples-v2-{data.task}-{data.infill_fraction}-{data.infill_spans}-{max_len}-{data.seed}"
+def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int | None) -> dict[str, Examples]:
+    """Examples of every split, cached beside the token streams they share a tokenizer with
+    (``max_len`` None: whole, for a recurrent model)."""
+    key = f"examples-v2-{data.task}-{data.infill_fraction}-{data.infill_spans}-{max_len or 'whole'}-{data.seed}"
     directory = Path(prepared.cache_path) / key
     if not directory.is_dir():
         splits = load_documents(data)
@@ -144,6 +149,16 @@ def prepare_examples(data: DataConfig, prepared: PreparedData, max_len: int) -> 
     return {name: Examples(*(np.load(directory / f"{name}.{f}.npy", mmap_mode="r")
                              for f in ("tokens", "offsets", "scored_from", "infill")), info["skipped"])
             for name, info in meta.items()}
+
+
+def as_stream(examples: Examples, seed: int) -> np.ndarray:
+    """Every example once, one after another in a random order: what a recurrent model
+    reads by truncated back-propagation through time, carrying its state from one example
+    into the next as it does across the documents of a language-modelling stream (each
+    example starts with <bos>, so it learns where one begins). Shuffled, so that a story's
+    infilling example is not read just after the story it would copy from."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return np.concatenate([examples.ids(i) for i in order]) if len(order) else examples.tokens[:0]
 
 
 def collate(examples: Examples, indices, pad_id: int, only_scored: bool = False):

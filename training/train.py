@@ -33,7 +33,7 @@ from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
 from .data import DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, prepare, random_batch
-from .examples import example_batch, in_order, prepare_examples
+from .examples import as_stream, example_batch, in_order, prepare_examples
 from .experiments import ExperimentLog, plot_curves
 from .metrics import score, score_batches
 
@@ -105,15 +105,18 @@ class Trainer:
         self.seq_len = cfg.data.get("max_seq_len") or (128 if self.recurrent else model_cfg.block_size)
         if not self.recurrent and self.seq_len > model_cfg.block_size:
             raise ConfigError(f"data.max_seq_len ({self.seq_len}) exceeds model.block_size ({model_cfg.block_size})")
-        self.examples = None  # whole-example tasks (infilling) batch examples, not windows
+        # Truncated BPTT: an RNN carries its state from window to window of a stream.
+        self.tbptt = self.recurrent if self.t.tbptt is None else self.t.tbptt
+        self.examples = None  # whole-example tasks (infilling): batches of examples, or their stream
         if data_cfg.task != "lm":
-            self.examples = prepare_examples(data_cfg, self.data, self.seq_len)
+            if self.tbptt and data_cfg.middle_only:
+                raise ConfigError("data.middle_only needs batches of whole examples: set training.tbptt=false")
+            self.examples = prepare_examples(data_cfg, self.data, None if self.tbptt else self.seq_len)
             if not len(self.examples["train"]) or not len(self.examples.get("validation", ())):
                 raise DataError(f"{self.data.source}: no {data_cfg.task} examples in train or validation "
                                 f"({self.examples['train'].skipped} stories had no middle)")
         else:
             check_enough_tokens(self.data, self.t.batch_size, self.seq_len)
-        self.tbptt = self.examples is None and (self.recurrent if self.t.tbptt is None else self.t.tbptt)
 
         self.optimizer = self._optimizer()
         self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -123,7 +126,12 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
 
-        train = self.data.splits["train"] if self.examples is None else self.examples["train"].tokens
+        if self.examples is None:
+            train = self.data.splits["train"]
+        elif self.tbptt:  # whole examples, one after another, read like a stream
+            train = as_stream(self.examples["train"], self.t.seed)
+        else:
+            train = self.examples["train"].tokens
         tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum * self.dist.world
         self.steps_per_epoch = max(1, len(train) // tokens_per_step)
         if self.t.max_steps or self.t.epochs:
@@ -176,7 +184,7 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.loop_started
 
     def next_batch(self):
-        if self.examples is not None:
+        if self.examples is not None and not self.tbptt:
             x, y = example_batch(self.examples["train"], self.t.batch_size, self.generator,
                                  self.tokenizer.pad_id, self.cfg.data.get("middle_only", False))
             return x.to(self.device), y.to(self.device)
