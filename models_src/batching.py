@@ -32,7 +32,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept, _prefill,
-                       float32_safe, make_generator, outside_nucleus, penalise)
+                       float32_safe, inverse_cdf, make_generator, outside_nucleus, penalise, uniforms)
 
 
 class Sequence:
@@ -165,14 +165,14 @@ class Batch:
                 ranked = ranked.masked_fill(outside_nucleus(ranked, rows.top_p), float("-inf"))
             removed = torch.isinf(ranked)
             logits = logits.masked_fill(removed.scatter(1, order, removed), float("-inf"))
-        # sampling.sample_next's draw, argmax(p / q) with q ~ Exp(1), each row from its own
-        # generator: a seeded request gets the same tokens here as from sampling.generate
+        # sampling.sample_next's draw, one uniform per row from the row's own generator:
+        # a seeded request gets the same tokens here as from sampling.generate
         probs = logits.softmax(dim=-1)
-        q = torch.ones_like(probs)
+        u = torch.zeros(len(self.sequences), 1, dtype=torch.float64, device=probs.device)
         for i, (s, g) in enumerate(zip(self.sequences, rows.greedy_list)):
             if not g:
-                q[i].exponential_(generator=s.generator)
-        return torch.where(rows.greedy, greedy, probs.div_(q).argmax(dim=-1))
+                u[i] = uniforms(1, s.generator, probs.device)
+        return torch.where(rows.greedy, greedy, inverse_cdf(probs, u))
 
     @property
     def _settings(self) -> _RowSettings:

@@ -15,6 +15,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .base import LanguageModel
+from .kernels import aten_kernels
 from .config import ModelConfig
 
 CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -108,7 +109,10 @@ class RecurrentLM(LanguageModel):
         return state
 
     def step(self, tokens, state, lengths=None):
-        return self._run(tokens, state, lengths)
+        if self.training:  # truncated BPTT: windows of tokens, where oneDNN's LSTM is faster
+            return self._run(tokens, state, lengths)
+        with aten_kernels():  # generation: oneDNN's per-call set-up would be most of a step
+            return self._run(tokens, state, lengths)
 
     # The state is, per layer, h or (h, c), each (1, B, hidden): rows are dimension 1.
     def select_rows(self, state, rows):

@@ -24,6 +24,7 @@ from models_src.sampling import (
     apply_top_k,
     apply_top_p,
     generate,
+    inverse_cdf,
     sample_next,
     stream,
 )
@@ -175,6 +176,24 @@ def test_sampling_never_picks_filtered_tokens():
     g = torch.Generator().manual_seed(0)
     picked = set(sample_next(logits, SamplingParams(top_k=2), g).tolist())
     assert picked == {3, 4}
+
+
+def test_sampling_follows_the_distribution():
+    # 40,000 draws over 6 tokens: each frequency within 5 standard errors of its probability
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0, 0.1, 0.025])
+    logits = probs.clamp_min(1e-30).log().repeat(40_000, 1)
+    logits[:, 3] = float("-inf")
+    picked = sample_next(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(picked, minlength=6).double() / len(picked)
+    se = (probs.double() * (1 - probs.double()) / len(picked)).sqrt()
+    assert freq[3] == 0 and ((freq - probs.double()).abs() <= 5 * se + 1e-12).all(), freq
+
+
+def test_inverse_cdf_edges():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    u = torch.tensor([[0.0], [0.49], [0.5], [1 - 2**-53]], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [1, 1, 3, 3]  # never a token of probability 0
+    assert inverse_cdf(torch.full((1, 3), float("nan")), u[:1]).item() in (0, 1, 2)  # an id, not an error
 
 
 # --- parameters -------------------------------------------------------------------------
