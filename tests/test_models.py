@@ -99,9 +99,9 @@ def test_awd_lstm_regularisers_train_and_are_off_in_eval():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt_decode_path_gives_the_module_path_numbers(bias):
-    """In eval mode GPT.step runs Block.decode (direct calls, no modules); in training mode
-    the modules. With no dropout both must give bit-identical logits: generation's outputs
-    must not depend on the fast path. Uniform prefill, one-token steps and a ragged batch."""
+    """In eval mode GPT.step runs Block.decode (direct calls, no modules, weights laid out
+    (in, out)); in training mode the modules. With no dropout both give the same logits up
+    to the order of the sums. Uniform prefill, one-token steps and a ragged batch."""
     model = make("gpt", bias=bias)
     ids = random_ids(2, 12)
     lengths = torch.tensor([5, 3])
@@ -117,7 +117,36 @@ def test_gpt_decode_path_gives_the_module_path_numbers(bias):
             out.append(model.step(ids[:, 8:9], ragged)[0])
             results[training] = out
     for a, b in zip(results[True], results[False]):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decode_path_follows_weight_changes():
+    """Block.decode keeps transposed copies of the weights: a changed weight (a training
+    step, a load) must be seen by the next step, never a stale copy."""
+    model = make("gpt").eval()
+    ids = random_ids(1, 6)
+
+    def last_logits():
+        with torch.no_grad():
+            return model.step(ids, model.init_state(1))[0][:, -1]
+
+    before = last_logits()
+    with torch.no_grad():
+        model.blocks[0].mlp.c_fc.weight.mul_(1.5)  # in place: same storage, new version
+        model.lm_head.weight.add_(0.01)
+    changed = last_logits()
+    model.train()
+    with torch.no_grad():
+        want = model.step(ids, model.init_state(1))[0][:, -1]  # the module path
+    model.eval()
+    assert not torch.allclose(before, changed)
+    torch.testing.assert_close(changed, want, rtol=1e-5, atol=1e-5)
+    other = make("gpt")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05)
+    model.load_state_dict(other.state_dict())  # a load copies into the same tensors
+    torch.testing.assert_close(last_logits(), other.step(ids, other.init_state(1))[0][:, -1])
 
 
 def test_tied_weights_share_storage():
