@@ -20,7 +20,7 @@ from _common import ROOT
 from models_src.checkpoint import read_config
 
 CONFIGS = ["char_gpt_shakespeare", "char_lstm_shakespeare", "word_lstm_books", "tinystories_gpt",
-           "tinystories_word_lstm", "word_lstm_wikitext", "bpe_lstm_tinystories", "bpe_gpt_tinystories"]
+           "tinystories_word_lstm", "tinystories_lstm", "word_lstm_wikitext", "bpe_lstm_tinystories", "bpe_gpt_tinystories"]
 
 
 def run(*args: str) -> str:
