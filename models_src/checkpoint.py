@@ -206,8 +206,11 @@ def load_checkpoint(directory, device: str | torch.device = "cpu",
     if tokenizer.vocab_size > model_config.vocab_size:
         raise CheckpointError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the "
                               f"model only {model_config.vocab_size}")
-    with torch.device("meta"):
-        expected = _unique_state(build_model(model_config))
+    # The shapes to check come from the model itself: built on the "meta" device it would
+    # cost no memory, but its initialisers then run through torch._refs, whose first use
+    # imports torch._dynamo (~1 s of every process's start-up, py-spy).
+    model = build_model(model_config)
+    expected = _unique_state(model)
     tensors = _read_weights(directory)
     problems = [f"missing tensor {k}" for k in expected if k not in tensors]
     problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
@@ -216,7 +219,6 @@ def load_checkpoint(directory, device: str | torch.device = "cpu",
     if problems:
         raise CheckpointError(f"{directory}: weights do not match config.json: " + "; ".join(problems[:5])
                               + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-    model = build_model(model_config)
     model.load_state_dict(tensors, strict=False)  # tied aliases are filled by the tie itself
     model.to(device=device, dtype=dtype).eval()
     return Checkpoint(model, tokenizer, model_config, config.get("training", {}), directory)
