@@ -168,7 +168,7 @@ class Batch:
         # sampling.sample_next's draw, one uniform per row from the row's own generator:
         # a seeded request gets the same tokens here as from sampling.generate
         probs = logits.softmax(dim=-1)
-        u = torch.zeros(len(self.sequences), 1, dtype=torch.float64, device=probs.device)
+        u = torch.zeros(len(self.sequences), 1, device=probs.device)
         for i, (s, g) in enumerate(zip(self.sequences, rows.greedy_list)):
             if not g:
                 u[i] = uniforms(1, s.generator, probs.device)

@@ -167,9 +167,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
 
 
 def uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """(rows, 1) float64 draws from U[0, 1): what ``inverse_cdf`` turns into tokens. A row
-    sampled alone draws one, so a seed gives the same tokens whatever batch runs it."""
-    return torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=device)
+    """(rows, 1) draws from U[0, 1): what ``inverse_cdf`` turns into tokens. A row sampled
+    alone draws one, so a seed gives the same tokens whatever batch runs it."""
+    return torch.rand(rows, 1, generator=generator, device=device)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -180,11 +180,13 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     exponential draw per token, ~32 ns each, 1 ms of a batch-8 step over 4,096 tokens, 88 %
     of the sampling time (torch.profiler; benchmarks/README.md). Tokens of probability 0
     (cut by top-k or top-p) are never picked: the sum only steps up at a token that has
-    some. The clamp keeps a NaN row (or the 2^-53 chance of ``u * total`` rounding up to
-    the total) to a valid id rather than an error, as greedy's argmax always did."""
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return picked.clamp_(max=probs.size(-1) - 1).squeeze(1)
+    some, and the target stays below the total even where ``u * total`` rounds up to it.
+    The clamp keeps a NaN row to a valid id rather than an error, as greedy's argmax always
+    did."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
 
 
 # --- detokenization -----------------------------------------------------------------------
