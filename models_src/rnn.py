@@ -109,9 +109,9 @@ class RecurrentLM(LanguageModel):
         return state
 
     def step(self, tokens, state, lengths=None):
-        if self.training:  # truncated BPTT: windows of tokens, where oneDNN's LSTM is faster
+        if self.training or tokens.size(1) > 1:  # windows, prompts: oneDNN's LSTM is faster
             return self._run(tokens, state, lengths)
-        with aten_kernels():  # generation: oneDNN's per-call set-up would be most of a step
+        with aten_kernels():  # one token: oneDNN's per-call set-up would be most of the step
             return self._run(tokens, state, lengths)
 
     # The state is, per layer, h or (h, c), each (1, B, hidden): rows are dimension 1.
