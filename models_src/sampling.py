@@ -30,7 +30,6 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
-    # Optional: ``awaits_letter(ids) -> bool`` (a case-marked BPE; see TextStream).
 
 
 @dataclass
@@ -195,9 +194,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class TextStream:
     """Turns one row's generated ids into text pieces that are safe to show as they come.
 
-    Three things are held back: bytes of a character not yet complete (byte-level BPE can
-    split a character across tokens; the decode then ends in U+FFFD), text ending in a case
-    marker whose letter has not come (``Tokenizer.awaits_letter``), and any tail of the
+    Two things are held back: bytes of a character not yet complete (byte-level BPE can
+    split a character across tokens; the decode then ends in U+FFFD), and any tail of the
     text that could be the beginning of a stop string, until the match is decided. Each
     step decodes only a window of recent ids: ``ids[prefix:read]`` was already turned into
     text and is decoded again as left context (tokenizers such as SentencePiece render a
@@ -207,7 +205,6 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (),
                  context: Sequence[int] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, list(stop)
-        self._awaits_letter = getattr(tokenizer, "awaits_letter", None)
         self.ids: list[int] = []  # the generated ids
         self.text = ""  # everything decoded so far; cut before the stop string once stopped
         self.stopped = False  # a stop string was found
@@ -236,9 +233,7 @@ class TextStream:
         decode = self.tokenizer.decode
         before = decode(self._all[self._prefix:self._read], skip_special_tokens=True)
         window = decode(self._all[self._prefix:], skip_special_tokens=True)
-        settled = not (window.endswith(REPLACEMENT_CHAR)
-                       or (self._awaits_letter is not None and self._awaits_letter(self._all[self._read:])))
-        if len(window) > len(before) and (final or settled):
+        if len(window) > len(before) and (final or not window.endswith(REPLACEMENT_CHAR)):
             self.text += window[len(before):]
             self._prefix, self._read = self._read, len(self._all)
         # No match can start before _sent: that text was never a possible stop prefix.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,10 +95,6 @@ class Tokenizer:
         self.backend = backend
         self.kind = kind
         self.special_tokens = dict(special_tokens)
-        # A case-marked BPE (train_bpe(case_markers=True)) decodes a marker only once its
-        # letter has come; this decoder keeps an unresolved one visible to awaits_letter.
-        marked = backend.decoder is not None and CASE_MARKER.encode() in backend.decoder.__getstate__()
-        self._marker_decoder = _case_marker_pipeline(drop_stray=False)[1] if marked else None
         # Typed "<eos>" must stay text. The flag is not saved in tokenizer.json, so it is
         # set here, on every way in.
         backend.encode_special_tokens = True
@@ -158,24 +153,12 @@ class Tokenizer:
         return cls(backend, "word", SPECIAL_TOKENS)
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                  case_markers: bool = False) -> Tokenizer:
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
         """Byte-level BPE (GPT-2 style): all 256 bytes are in the vocabulary, so any text
-        round-trips exactly and nothing is ever unknown.
-
-        ``case_markers`` factors case out of the tokens, as fastai's ``xxmaj`` does: each
-        capital A-Z becomes a marker (U+E000, a private-use character) and its lower-case
-        letter, the marker going before the space of a word that starts with one, so that
-        `` The`` and `` the`` share their token: ``"Tom said. The end"`` is read as
-        ``"\ue000tom said.\ue000 the end"``. On a small corpus that pools each word's
-        statistics. The decoder puts the capitals back (and drops a marker that no letter
-        follows), so text still round-trips exactly unless it holds U+E000 itself. Both
-        halves live in ``tokenizer.json``, so ``transformers`` reads such a tokenizer too."""
+        round-trips exactly and nothing is ever unknown."""
         backend = tokenizers.Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        if case_markers:
-            backend.normalizer, backend.decoder = _case_marker_pipeline()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
@@ -319,15 +302,6 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def awaits_letter(self, ids: Sequence[int]) -> bool:
-        """Whether ``ids`` end in a case marker whose letter has not come yet, so that the
-        next id may still turn their text's end into a capital (streams hold it back).
-        Always False for tokenizers without case markers."""
-        if self._marker_decoder is None:
-            return False
-        tokens = [self.backend.id_to_token(i) for i in list(ids)[-3:] if i not in self.special_ids]
-        return self._marker_decoder.decode(tokens).rstrip(" ").endswith(CASE_MARKER)
-
     def decode_batch(
         self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = True
     ) -> list[str]:
@@ -409,26 +383,6 @@ def _basic_english_pipeline() -> tuple[normalizers.Normalizer, pre_tokenizers.Pr
         + [normalizers.Replace(pattern, repl) for pattern, repl in rules]
     )
     return normalizer, pre_tokenizers.WhitespaceSplit()
-
-
-CASE_MARKER = "\ue000"
-
-
-def _case_marker_pipeline(drop_stray: bool = True) -> tuple[normalizers.Normalizer, decoders.Decoder]:
-    """``train_bpe(case_markers=True)``'s normalizer and decoder: literal replacements (the
-    library's Replace takes no back-references), space-led capitals first. ByteLevel's
-    decoder joins the tokens into one string before the replacements, so a marker and its
-    letter may come from different tokens; a marker no letter follows is dropped."""
-    letters = string.ascii_uppercase
-    normalizer = normalizers.Sequence(
-        [normalizers.Replace(" " + c, CASE_MARKER + " " + c.lower()) for c in letters]
-        + [normalizers.Replace(c, CASE_MARKER + c.lower()) for c in letters])
-    decoder = decoders.Sequence(
-        [decoders.ByteLevel()]
-        + [decoders.Replace(CASE_MARKER + " " + c.lower(), " " + c) for c in letters]
-        + [decoders.Replace(CASE_MARKER + c.lower(), c) for c in letters]
-        + ([decoders.Replace(CASE_MARKER, "")] if drop_stray else []))
-    return normalizer, decoder
 
 
 def build_tokenizer(kind: str, texts: Iterable[str] | None = None, **options: Any) -> Tokenizer:

@@ -11,9 +11,7 @@ import tokenizers
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from models_src.sampling import TextStream
 from models_src.tokenization import (
-    CASE_MARKER,
     KINDS,
     SPECIAL_TOKENS,
     Tokenizer,
@@ -70,16 +68,11 @@ def bpe_tok() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def cased_bpe_tok() -> Tokenizer:
-    return Tokenizer.train_bpe(CORPUS * 3, vocab_size=320, case_markers=True)
-
-
-@pytest.fixture(scope="module")
 def gpt2_tok() -> Tokenizer:
     return Tokenizer.from_gpt2_files(*gpt2_files())
 
 
-@pytest.fixture(params=["char", "word", "bpe", "cased_bpe", "gpt2"])
+@pytest.fixture(params=["char", "word", "bpe", "gpt2"])
 def any_tok(request: pytest.FixtureRequest) -> Tokenizer:
     return request.getfixturevalue(f"{request.param}_tok")
 
@@ -184,37 +177,6 @@ def test_word_special_strings_in_the_corpus_do_not_break_the_vocabulary() -> Non
 @example("<eos><blank> <|endoftext|>")
 def test_bpe_round_trips_any_text(bpe_tok: Tokenizer, text: str) -> None:
     assert bpe_tok.decode(bpe_tok.encode(text)) == text
-
-
-@HYPO
-@given(st.text().filter(lambda t: CASE_MARKER not in t))
-@example(EXOTIC)
-@example("A B  C\tD\nEe FGH İ Σ Éclair 'Tis \"Hi!\" said Tom. The end.")
-def test_bpe_with_case_markers_round_trips_text_without_the_marker(cased_bpe_tok: Tokenizer,
-                                                                   text: str) -> None:
-    assert cased_bpe_tok.decode(cased_bpe_tok.encode(text)) == text
-
-
-def test_case_markers_let_capitalised_words_share_the_lower_case_token() -> None:
-    tok = Tokenizer.train_bpe(["the cat sat. The cat ran. then the dog."] * 20, vocab_size=300,
-                              case_markers=True)
-    the = tok.token_to_id("Ġthe")
-    assert the is not None and the in tok.encode(". The") and the in tok.encode("a the")
-    assert not any(tok.id_to_token(i).endswith("The") for i in range(tok.vocab_size))
-    marker = tok.encode(CASE_MARKER)  # as a model may generate it, with no letter after it
-    assert tok.decode(tok.encode("x") + marker + tok.encode("y")) == "xY"
-    assert tok.decode(marker) == "" and tok.decode(tok.encode("x") + marker + tok.encode(" 1")) == "x 1"
-    assert tok.awaits_letter(tok.encode("x") + marker) and not tok.awaits_letter(tok.encode("x"))
-
-
-def test_a_stream_puts_a_capital_back_when_its_letter_comes_in_a_later_token(
-        cased_bpe_tok: Tokenizer) -> None:
-    text = 'Once upon a time, Tom said "Hi!" to Lily. The end. McDonald TV'
-    ids = cased_bpe_tok.encode(text)
-    stream = TextStream(cased_bpe_tok)
-    pieces = [stream.push(i) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == text
-    assert all(CASE_MARKER not in p for p in pieces)
 
 
 def test_gpt2_ids_match_openai(gpt2_tok: Tokenizer) -> None:

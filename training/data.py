@@ -66,7 +66,7 @@ _STORY_SEPARATOR = re.compile(r"^<\|endoftext\|>\r?$", re.MULTILINE)
 _TOKENIZER_OPTIONS = {
     "char": set(),
     "word": {"min_freq", "max_size"},
-    "bpe": {"vocab_size", "min_frequency", "case_markers"},
+    "bpe": {"vocab_size", "min_frequency"},
     "gpt2": {"path", "vocab_file", "merges_file"},
     "hf": {"path", "cache_dir"},
 }
