@@ -20,8 +20,9 @@ generator, so a seed gives the same text whatever runs beside it, and the same a
 
 Rows are regrouped with the model's ``select_rows``/``concat_rows`` when sequences join
 or leave (never per step); a leaving row's place goes to the last row, so a state
-regrouped in place (the GPT's key/value cache) copies only the rows that move. A sequence that fills the model's
-context is re-primed on its own from the last half-context, as ``sampling`` does.
+regrouped in place (the GPT's key/value cache) copies only the rows that move. A
+sequence that fills the model's context is re-primed on its own from the last
+half-context, as ``sampling`` does.
 Not thread-safe: one thread (a server's scheduler) owns a batch.
 """
 

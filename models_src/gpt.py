@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LanguageModel
-from .kernels import aten_kernels
 from .config import ModelConfig
+from .kernels import aten_kernels
 from .layers import Block, KVCache, decode_weights, init_transformer_weights
 
 

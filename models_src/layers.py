@@ -108,14 +108,12 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> KVCache:
         """This cache holding only ``rows``, in that order. Rows are moved in place, so
         the cache is changed: use the one returned (it is this one)."""
-        rows_list = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        moved = [(dst, src) for dst, src in enumerate(rows_list) if dst != src]
+        moved = [(dst, src) for dst, src in enumerate(rows.tolist()) if dst != src]
         if moved:  # gathered before written: any order of rows is safe
             dst, src = (torch.tensor(side, device=self.lengths.device) for side in zip(*moved))
             self._k_rows[:, dst] = self._k_rows[:, src]
             self._v_rows[:, dst] = self._v_rows[:, src]
-        return self._regrouped(self.lengths[torch.as_tensor(rows_list, dtype=torch.long,
-                                                             device=self.lengths.device)])
+        return self._regrouped(self.lengths[rows])
 
     @classmethod
     def concat(cls, caches: list[KVCache]) -> KVCache:

@@ -15,8 +15,8 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .base import LanguageModel
-from .kernels import aten_kernels
 from .config import ModelConfig
+from .kernels import aten_kernels
 
 CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
