@@ -36,6 +36,10 @@ from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _ac
                        float32_safe, inverse_cdf, make_generator, outside_nucleus, penalise, uniforms)
 
 
+#: U[0, 1) draws a row fetches from its generator at once (on a CPU; see Sequence.uniform)
+DRAW_CHUNK = 64
+
+
 class Sequence:
     """One generation in a batch; ``completion`` is set when it ends."""
 
@@ -45,6 +49,7 @@ class Sequence:
         self.stream = TextStream(tokenizer, params.stop, context=prompt_ids)
         self.eos_id = None if params.ignore_eos else tokenizer.eos_id
         self.generator = make_generator(params.seed, device)
+        self._draws: list[float] = []  # the generator's next U[0, 1) draws, in order
         self.seen = None  # (1, V) tokens in the prompt or generated: only the penalty needs it
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
@@ -52,6 +57,18 @@ class Sequence:
         self.generated = 0  # tokens sampled, eos included
         self.filled = 0  # tokens the state holds (the context limit counts them)
         self.completion: Completion | None = None
+
+    def uniform(self) -> float:
+        """The row's next U[0, 1) draw (what ``sampling.uniforms`` would give it).
+
+        On a CPU the draws are fetched ``DRAW_CHUNK`` at a time: a CPU generator gives
+        the same stream either way, and one call per row per step was ~6 % of a 16-row
+        server step (py-spy; benchmarks/README.md). Other devices' generators give
+        another stream for a larger draw, so there a row still draws one per step."""
+        if not self._draws:
+            chunk = DRAW_CHUNK if self.generator.device.type == "cpu" else 1
+            self._draws = uniforms(chunk, self.generator, self.generator.device).view(-1).tolist()[::-1]
+        return self._draws.pop()
 
     def _finish(self, reason: str) -> None:
         s = self.stream
@@ -169,10 +186,8 @@ class Batch:
         # sampling.sample_next's draw, one uniform per row from the row's own generator:
         # a seeded request gets the same tokens here as from sampling.generate
         probs = logits.softmax(dim=-1)
-        u = torch.zeros(len(self.sequences), 1, device=probs.device)
-        for i, (s, g) in enumerate(zip(self.sequences, rows.greedy_list)):
-            if not g:
-                u[i] = uniforms(1, s.generator, probs.device)
+        u = torch.tensor([0.0 if g else s.uniform() for s, g in zip(self.sequences, rows.greedy_list)],
+                         device=probs.device)[:, None]
         return torch.where(rows.greedy, greedy, inverse_cdf(probs, u))
 
     @property

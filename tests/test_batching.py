@@ -8,9 +8,9 @@ import torch
 
 from models_src import ARCHITECTURES, ModelConfig, build_model
 from models_src.base import LanguageModel
-from models_src.batching import Batch
+from models_src.batching import DRAW_CHUNK, Batch, Sequence
 from models_src.layers import KVCache
-from models_src.sampling import SamplingParams, generate
+from models_src.sampling import SamplingParams, generate, uniforms
 
 V, SEP, BOS, EOS = 60, 3, 1, 2
 
@@ -93,6 +93,20 @@ def test_a_sequence_alone_matches_the_sampling_loop(arch):
         ids = prompt(6, 5, arch)
         want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
         assert alone(model, ids, params).token_ids == want.token_ids
+
+
+def test_a_row_draws_its_uniforms_in_chunks_as_the_sampling_loop_draws_one_a_step():
+    """Rows fetch DRAW_CHUNK draws at once (a CPU generator's stream does not depend on
+    how many are drawn at a time): a seeded request longer than a chunk still gets the
+    tokens sampling.generate gives it."""
+    model = make("gpt", block_size=256)
+    params = SamplingParams(max_new_tokens=DRAW_CHUNK * 2 + 5, temperature=1.0, seed=11, ignore_eos=True)
+    ids = prompt(4, 6, "gpt")
+    want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
+    assert alone(model, ids, params).token_ids == want.token_ids
+    seq = Sequence(ids, params, TOK, V, torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    assert [seq.uniform() for _ in range(150)] == [uniforms(1, g, "cpu").item() for _ in range(150)]
 
 
 class FixedLM(LanguageModel):
