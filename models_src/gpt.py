@@ -7,7 +7,6 @@ the weights to `transformers.GPT2LMHeadModel` unchanged (bar the Conv1D transpos
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import LanguageModel
@@ -68,13 +67,13 @@ class GPT(LanguageModel):
         # the cost of a one-token step.
         modules = self._modules
         B, T = tokens.shape
-        x = (F.embedding(tokens.reshape(-1), modules["wte"]._parameters["weight"])
-             + F.embedding(positions.reshape(-1), modules["wpe"]._parameters["weight"]))
+        x = (torch.embedding(modules["wte"]._parameters["weight"], tokens.reshape(-1))
+             + torch.embedding(modules["wpe"]._parameters["weight"], positions.reshape(-1)))
         for i, block in enumerate(modules["blocks"]._modules.values()):
             x = block.decode(x, state, i, B)
         state.end()
         ln_f = modules["ln_f"]
-        x = F.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
-                         ln_f._parameters["bias"], ln_f.eps)
+        x = torch.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
+                             ln_f._parameters["bias"], ln_f.eps)
         head, = decode_weights(self, [modules["lm_head"]._parameters["weight"]])
         return torch.mm(x, head).view(B, T, -1), state

@@ -53,15 +53,27 @@ class KVCache:
             self._mask = None if T == 1 or start == 0 else self._offset_mask(
                 torch.full_like(self.lengths, start), T)
             self._causal = start == 0 and T > 1
+            # Every layer's slices for this step at once (two ops, not two per layer): a
+            # one-token step is mostly per-op overhead (benchmarks/README.md).
+            self._k_now = _layers(self.k[..., start:start + T, :])
+            self._v_now = _layers(self.v[..., start:start + T, :])
+            self._seen()
             return torch.arange(start, start + T, device=self.lengths.device).expand(len(self.lengths), T)
         positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
         self._end = int(positions[:, -1].max()) + 1
         if self._end > self.max_len:
             raise ValueError(f"sequence of {self._end} tokens exceeds the context of {self.max_len}")
-        self._index = positions
+        self._index = positions[:, None, :, None]
+        self._k_now, self._v_now = _layers(self.k), _layers(self.v)
         self._mask = self._offset_mask(self.lengths, T)
         self._causal = False
+        self._seen()
         return positions
+
+    def _seen(self) -> None:
+        """Every layer's keys and values up to the step's end."""
+        self._k_seen = _layers(self.k[..., :self._end, :])
+        self._v_seen = _layers(self.v[..., :self._end, :])
 
     def _offset_mask(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
         # query i of row b may see key j iff j <= offsets[b] + i
@@ -72,14 +84,13 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""
         if self.uniform is not None and self._step_lengths is None:
-            start = self._end - self._T
-            self.k[layer, :, :, start:self._end] = k
-            self.v[layer, :, :, start:self._end] = v
+            self._k_now[layer].copy_(k)
+            self._v_now[layer].copy_(v)
         else:
-            index = self._index[:, None, :, None].expand_as(k)
-            self.k[layer].scatter_(2, index, k)
-            self.v[layer].scatter_(2, index, v)
-        return self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end], self._mask, self._causal
+            index = self._index.expand_as(k)
+            self._k_now[layer].scatter_(2, index, k)
+            self._v_now[layer].scatter_(2, index, v)
+        return self._k_seen[layer], self._v_seen[layer], self._mask, self._causal
 
     def end(self) -> None:
         if self.uniform is not None and self._step_lengths is None:
@@ -135,6 +146,14 @@ class KVCache:
             first._v_rows[:, n:n + m] = c.v
             n += m
         return first._regrouped(torch.cat([c.lengths for c in caches]))
+
+
+def _layers(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``t``'s views along its first dimension, one per layer. ``unbind`` makes them all
+    in one call; with grad enabled (a step through the cache that autograd records) ``t``
+    itself is returned, so that each view is taken when it is written, as autograd wants
+    for in-place writes."""
+    return t if torch.is_grad_enabled() else t.unbind(0)
 
 
 class SelfAttention(nn.Module):
@@ -257,14 +276,16 @@ class Block(nn.Module):
         w_attn, w_proj, w_fc, w_mlp = decode_weights(
             self, [c_attn["weight"], proj["weight"], fc["weight"], mlp_proj["weight"]])
         N, C = x.shape
-        h = F.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
+        # torch.layer_norm, not F.layer_norm: the same op without the Python wrapper, whose
+        # torch.backends.cudnn.enabled lookup alone was ~4 % of a batch-1 step (py-spy)
+        h = torch.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
         qkv = affine(h, w_attn, c_attn["bias"])
         qkv = qkv.view(batch, N // batch, 3, attn.n_head, C // attn.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         k, v, mask, causal = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         x = x + affine(y.transpose(1, 2).reshape(N, C), w_proj, proj["bias"])
-        h = F.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
+        h = torch.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
         h = F.gelu(affine(h, w_fc, fc["bias"]))
         return x + affine(h, w_mlp, mlp_proj["bias"])
 
