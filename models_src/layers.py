@@ -76,10 +76,13 @@ class KVCache:
         self._v_seen = _layers(self.v[..., :self._end, :])
 
     def _offset_mask(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
-        # query i of row b may see key j iff j <= offsets[b] + i
+        """(B, 1, T, L) additive mask: query i of row b may see key j iff j <= offsets[b] + i.
+        Additive (0 or -inf), made once a step for every layer: SDPA converts a boolean
+        mask into one on every call, ~25 us a layer at 16 rows (benchmarks/README.md)."""
         keys = torch.arange(self._end, device=offsets.device)
         allowed = keys[None, None, :] <= (offsets[:, None] + torch.arange(T, device=offsets.device))[:, :, None]
-        return allowed[:, None]  # (B, 1, T, L)
+        mask = torch.zeros(allowed.shape, dtype=self._k_rows.dtype, device=offsets.device)
+        return mask.masked_fill_(~allowed, float("-inf"))[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""
