@@ -222,6 +222,7 @@ def test_removed_sequences_leave_and_the_rest_go_on(arch):
 def test_the_key_value_cache_regroups_in_place_copying_only_moved_rows():
     def cache(rows, lengths):
         c = KVCache(2, rows, 2, 8, 4, device="cpu", dtype=torch.float32)
+        c.begin(8, None)  # room for all 8 positions
         c.k.normal_(), c.v.normal_()
         c.lengths = torch.tensor(lengths)
         return c
@@ -239,6 +240,29 @@ def test_the_key_value_cache_regroups_in_place_copying_only_moved_rows():
     again = KVCache.concat([joined.select(torch.tensor([3, 4])), cache(3, [2, 2, 2])])
     assert again.capacity == 8 and again._k_rows.data_ptr() == storage  # room enough: no new storage
     assert again.lengths.tolist() == [1, 1, 2, 2, 2] and torch.equal(again.k[:, :2], want_k[:, 3:])
+
+
+def test_the_key_value_cache_allocates_positions_as_they_fill():
+    """A fresh cache holds no positions; a step reserves what it needs (doubling, up to the
+    context), and a joining cache copies only the positions it holds."""
+    def cache(rows, T):
+        c = KVCache(2, rows, 2, 16, 4, device="cpu", dtype=torch.float32)
+        assert c.positions == 0
+        c.begin(T, None)
+        c.k.normal_(), c.v.normal_()
+        c.end()
+        return c
+
+    running, prompt = cache(2, 5), cache(1, 3)
+    assert (running.positions, prompt.positions) == (5, 3)
+    running.begin(1, None)  # a sixth token: the room doubles
+    assert running.positions == 10
+    before = running.k.clone()
+    joined = KVCache.concat([running, prompt])
+    assert joined.positions == 10 and joined.lengths.tolist() == [5, 5, 3]
+    assert torch.equal(joined.k[:, :2], before) and torch.equal(joined.k[:, 2:, :, :3], prompt.k)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        cache(1, 17)
 
 
 def test_zero_new_tokens_completes_without_joining_and_empty_prompts_are_refused():
