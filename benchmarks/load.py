@@ -2,17 +2,21 @@
 workers' memory before and after it.
 
     python benchmarks/load.py [--checkpoints checkpoints] [--model NAME] [--levels 1 4 16 64]
-                              [--requests 200] [--seconds 60] [--workers 1] [--threads 64]
+                              [--requests 200] [--seconds 60] [--rounds 1] [--workers 1]
+                              [--threads 64]
                               [--num-predict 64] [--env FABLE_X=value ...] [--json]
 
 It starts a real gunicorn on a free port of 127.0.0.1 (the command ``make serve`` runs,
 ``gunicorn -c gunicorn.conf.py 'app:create_app()'``, through tests/gunicorn_server.py)
 and talks to it over HTTP only, so it measures whatever the app's concurrency model is.
-At each concurrency level, that many client threads (each its own keep-alive httpx
+At each concurrency level, that many client threads (each its own keep-alive
 connection) send ``POST /api/generate`` with ``stream: false`` and ``num_predict`` tokens
 (default 64; each request its own seed, the same seeds at every level) until
 ``--requests`` have been sent or ``--seconds`` have passed; requests already sent then
-finish. Per level it reports:
+finish. With ``--rounds N`` the levels run N times in turn (1, 16, 1, 16, ...), each
+round with 1/N of the requests and seconds, and each level's figures pool its rounds: on
+a shared machine whose speed drifts from minute to minute, that compares the levels on
+the same mix of good and bad moments. Per level it reports:
 
 - aggregate new tokens/s: the sum of the responses' ``eval_count`` over the level's
   wall-clock time (first request sent to last answer received);
@@ -27,6 +31,10 @@ warm-up requests and after the last level, and the PSS growth from the first to 
 (the first requests allocate buffers once; tests/test_soak.py checks that memory then
 stays flat). ``--json`` prints all of it as one JSON object instead.
 
+The clients use the standard library's ``http.client``: on a 2-core machine they share
+the cores with the server, and httpx's Python cost ~1.2 ms of CPU a request (measured
+under 16 clients), about what the server's own request handling costs.
+
 A server needs a gunicorn thread per request in flight (``--threads``, which sets
 FABLE_THREADS, defaults to the highest level, at least 4); settings of the app itself (batch size,
 queue) are the app's defaults unless given with ``--env``.
@@ -35,6 +43,7 @@ queue) are the app's defaults unless given with ``--env``.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -44,6 +53,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -90,48 +100,67 @@ def request_body(model: str, index: int, num_predict: int, temperature: float) -
             "options": {"num_predict": num_predict, "temperature": temperature, "seed": index}}
 
 
-def send(client: httpx.Client, body: dict) -> Result:
+def connect(url: str, timeout: float) -> http.client.HTTPConnection:
+    """A keep-alive connection to the server (it reconnects by itself once closed)."""
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+
+def send(connection: http.client.HTTPConnection, body: dict) -> Result:
+    payload = json.dumps(body).encode()
     started = time.perf_counter()
     try:
-        response = client.post("/api/generate", json=body)
-    except httpx.HTTPError as e:
+        connection.request("POST", "/api/generate", payload, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        connection.close()  # a broken connection is not reused
         return Result(None, time.perf_counter() - started, error=type(e).__name__)
     seconds = time.perf_counter() - started
-    if response.status_code != 200:
-        return Result(response.status_code, seconds)
+    if response.status != 200:
+        return Result(response.status, seconds)
     try:
-        return Result(200, seconds, int(response.json()["eval_count"]))
+        return Result(200, seconds, int(json.loads(data)["eval_count"]))
     except (ValueError, KeyError, TypeError):
         return Result(200, seconds, error="malformed answer")
 
 
-def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> Level:
-    """``concurrency`` clients, each sending its next request when the last one returns."""
-    total = max(args.requests, concurrency)
+def run_round(url: str, model: str, concurrency: int, indices: range, seconds: float,
+              args: argparse.Namespace) -> tuple[list[Result], float]:
+    """``concurrency`` clients, each sending its next request when the last one returns,
+    the requests numbered ``indices`` (their seeds), for at most ``seconds`` of sending.
+    Returns the results and the wall-clock from the first request to the last answer."""
     results: list[Result] = []
     lock = threading.Lock()
-    next_index = iter(range(total))
+    next_index = iter(indices)
     started = time.perf_counter()
-    stop_sending = started + args.seconds
+    stop_sending = started + seconds
 
     def client_loop() -> None:
-        with httpx.Client(base_url=url, timeout=args.timeout) as client:
+        connection = connect(url, args.timeout)
+        try:
             while time.perf_counter() < stop_sending:
                 with lock:
                     index = next(next_index, None)
                 if index is None:
                     return
-                result = send(client, request_body(model, index, args.num_predict,
-                                                   args.temperature))
+                result = send(connection, request_body(model, index, args.num_predict,
+                                                       args.temperature))
                 with lock:
                     results.append(result)
+        finally:
+            connection.close()
 
     clients = [threading.Thread(target=client_loop) for _ in range(concurrency)]
     for c in clients:
         c.start()
     for c in clients:
         c.join()
-    wall = time.perf_counter() - started
+    return results, time.perf_counter() - started
+
+
+def summarize(concurrency: int, results: list[Result], wall: float) -> Level:
+    """One level's figures from the results of all its rounds and their summed wall-clock."""
     ok = [r for r in results if r.status == 200 and r.error is None]
     tokens = sum(r.tokens for r in ok)
     latencies = [r.seconds * 1e3 for r in ok]
@@ -146,6 +175,24 @@ def run_level(url: str, model: str, concurrency: int, args: argparse.Namespace) 
                     "mean": round(sum(latencies) / len(latencies), 1) if latencies else None,
                     "max": round(max(latencies), 1) if latencies else None},
         mean_tokens=round(tokens / len(ok), 1) if ok else 0.0, errors=dict(errors))
+
+
+def run_levels(url: str, model: str, args: argparse.Namespace) -> list[Level]:
+    """Every level, ``args.rounds`` times in turn (1, 16, 1, 16, ...), each round with its
+    share of the requests and seconds. On a shared machine whose speed drifts from one
+    minute to the next, levels measured one after the other would compare two different
+    machines; alternating rounds give each level the same mix."""
+    per_round = -(-args.requests // args.rounds)
+    pooled = {c: ([], 0.0) for c in args.levels}
+    for r in range(args.rounds):
+        for concurrency in args.levels:
+            first = r * max(per_round, concurrency)  # the same seeds at every level
+            results, wall = run_round(url, model, concurrency,
+                                      range(first, first + max(per_round, concurrency)),
+                                      args.seconds / args.rounds, args)
+            done, seconds = pooled[concurrency]
+            pooled[concurrency] = (done + results, seconds + wall)
+    return [summarize(c, *pooled[c]) for c in args.levels]
 
 
 def ratios(levels: list[Level]) -> dict:
@@ -191,15 +238,15 @@ def measure(args: argparse.Namespace) -> dict:
         if model not in {t["name"] for t in tags}:
             raise SystemExit(f"no model {model!r}; loaded: {', '.join(t['name'] for t in tags)}")
         memory_before = server.worker_memory()
-        with httpx.Client(base_url=server.url, timeout=args.timeout) as client:  # warm-up
-            for i in range(args.warmup):
-                send(client, request_body(model, -1 - i, args.num_predict, args.temperature))
+        connection = connect(server.url, args.timeout)  # warm-up
+        for i in range(args.warmup):
+            send(connection, request_body(model, -1 - i, args.num_predict, args.temperature))
+        connection.close()
         memory_warm = server.worker_memory()
-        levels = []
-        for concurrency in args.levels:
-            levels.append(run_level(server.url, model, concurrency, args))
-            if not args.json:
-                print_level(levels[-1], header=len(levels) == 1)
+        levels = run_levels(server.url, model, args)
+        if not args.json:
+            for i, level in enumerate(levels):
+                print_level(level, header=i == 0)
         memory_after = server.worker_memory()
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
@@ -257,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per level (at least the level's concurrency)")
     parser.add_argument("--seconds", type=float, default=60,
                         help="stop sending new requests at a level after this long")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the levels this many times in turn, each round with its "
+                             "share of --requests and --seconds, and pool the results")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers (FABLE_WORKERS)")
     parser.add_argument("--threads", type=int, default=None,
                         help="gunicorn threads per worker (FABLE_THREADS; default: the highest "
@@ -269,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="another server setting, e.g. FABLE_MAX_BATCH=32 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
     args = parser.parse_args(argv)
-    if min(args.levels) < 1 or args.requests < 1 or args.num_predict < 1:
-        parser.error("levels, --requests and --num-predict must be positive")
+    if min(args.levels) < 1 or min(args.requests, args.num_predict, args.rounds) < 1:
+        parser.error("levels, --requests, --num-predict and --rounds must be positive")
     report = measure(args)
     if args.json:
         print(json.dumps(report, indent=2))
