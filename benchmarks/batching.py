@@ -29,9 +29,10 @@ PROMPTS = ("ROMEO:", "Once upon a time", "The king said", "First Citizen:\n")
 
 
 def steady_state(model, tokenizer, rows: int, requests: int) -> tuple[float, float]:
-    """(median ms per step, new tokens/s) over ``requests`` completed requests. A step
-    counts with the joins after it; the median, not the mean, because on a shared machine
-    a few steps preempted by other work would otherwise set the figure."""
+    """(median ms per step, new tokens/s) over ``requests`` completed requests. A step is
+    timed with the joins that follow it; the median leaves out the few steps that have
+    joins (the rows here end together, once every 64 steps) and, on a shared machine,
+    those that other work preempted. The tokens/s count everything."""
 
     def request(i: int):
         ids = [tokenizer.bos_id, *tokenizer.encode(PROMPTS[i % len(PROMPTS)])]
