@@ -2,7 +2,8 @@
 
     GET /admin                       models (architecture, size, tokenizer, training facts),
                                      checkpoints that failed to load, the best runs by
-                                     validation perplexity and the latest training curves
+                                     bits per character (then perplexity) and the latest
+                                     training curves
     GET /admin/curves/<run_id>.png   one run's loss curves (``training.experiments``)
 
 Experiment records are read from ``FABLE_EXPERIMENTS_DIR`` (Parquet files, queried with
@@ -86,13 +87,13 @@ def _store_problem(e: Exception, root: Path) -> str:
 
 @bp.get("")
 def index():
-    from training.experiments import best, query
+    from training.experiments import leaderboard, query
 
     settings, registry, service = get_settings(), get_registry(), get_service()
     root = settings.experiments_dir
     best_rows, runs, store_error = [], [], None
     try:
-        best_rows = best(root, "val_perplexity", top=BEST_ROWS)
+        best_rows = leaderboard(root, top=BEST_ROWS)
         runs = query(root, RUNS_SQL, [CURVE_RUNS])
     except Exception as e:  # a broken file must not take the page down
         log.warning("cannot read the experiment records in %s: %s", root, e)

@@ -380,13 +380,15 @@ def test_infill_streams_the_middle(client):
 
 # ---- admin ------------------------------------------------------------------------------
 
-def log_run(root, experiment="exp-a", model="tiny-gpt", losses=((1, 3.0, 2.9), (2, 2.5, 2.4))):
+def log_run(root, experiment="exp-a", model="tiny-gpt", losses=((1, 3.0, 2.9), (2, 2.5, 2.4)),
+            bits_per_char=None):
     from training.experiments import ExperimentLog
     log = ExperimentLog(root, experiment, config={"lr": 1e-3})
     for step, train, val in losses:
         log.log(model=model, architecture="gpt", parameters=16064, step=step, epoch=0.1 * step,
                 train_loss=train, val_loss=val, val_perplexity=2.718281828 ** val,
-                wall_time_s=float(step), kind="train_eval", split="validation")
+                bits_per_char=bits_per_char, wall_time_s=float(step), kind="train_eval",
+                split="validation")
     return log.run_id
 
 
@@ -424,6 +426,17 @@ def test_admin_shows_best_runs_and_curves(make_app, tmp_path):
     assert again.status_code == 304
     for bad in ("nope", "..", ".hidden", "a*b"):
         assert client.get(f"/admin/curves/{bad}.png").status_code == 404
+
+
+def test_admin_ranks_runs_by_bits_per_char_across_vocabularies(make_app, tmp_path):
+    """A word model's perplexity is far above a character model's; bits per character is
+    what compares them, and it sets the order."""
+    root = tmp_path / "experiments"
+    char = log_run(root, "char", losses=((1, 1.0, 1.1),), bits_per_char=1.9)
+    word = log_run(root, "word", model="tiny-lstm", losses=((1, 5.0, 5.2),), bits_per_char=1.3)
+    html = make_app(FABLE_EXPERIMENTS_DIR=str(root)).test_client().get("/admin").get_data(as_text=True)
+    assert html.index(word) < html.index(char)
+    assert "Bits/char" in html and "1.300" in html and "1.900" in html
 
 
 def test_admin_survives_an_unreadable_store(make_app, tmp_path):

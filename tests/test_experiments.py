@@ -11,6 +11,7 @@ import pytest
 
 from training import experiments
 from training.experiments import (SCHEMA, ExperimentLog, best, compare, connect, git_commit,
+                                  leaderboard,
                                   main, new_run_id, plot_curves, query, summary_table)
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -133,6 +134,25 @@ def test_best_lower_is_better_one_row_per_run(tmp_path):
         (b.run_id, 3.0, 10), (a.run_id, 4.0, 10), (c.run_id, 6.0, 10)]
     assert [r["run_id"] for r in best(tmp_path, "val_perplexity", top=1)] == [b.run_id]
     assert [r["run_id"] for r in best(tmp_path, experiment="bpe")] == [c.run_id]
+
+
+def test_the_leaderboard_ranks_by_bits_per_char_then_perplexity(tmp_path):
+    """Perplexity is per token of each run's vocabulary: a word model's is far higher than
+    a character model's at the same bits per character. Runs without bits per char follow."""
+    def run(experiment, rows):
+        log = ExperimentLog(tmp_path, experiment)
+        for step, (perplexity, bpc) in enumerate(rows):
+            log.log(**required(10 * step), val_perplexity=perplexity, bits_per_char=bpc)
+        return log.run_id
+
+    word = run("word", [(300.0, None), (180.0, 1.25), (170.0, 1.22)])
+    char = run("char", [(4.0, 1.60), (3.5, 1.45)])
+    infill = run("infill", [(2.5, None), (2.2, math.nan)])
+    partial = run("partial", [(9.0, None)])
+    rows = leaderboard(tmp_path)
+    assert [(r["run_id"], r["val_perplexity"]) for r in rows] == [
+        (word, 170.0), (char, 3.5), (infill, 2.2), (partial, 9.0)]
+    assert [r["run_id"] for r in leaderboard(tmp_path, top=2)] == [word, char]
 
 
 def test_best_higher_is_better(tmp_path):

@@ -175,6 +175,21 @@ def best(root: Path | str, metric: str = "val_perplexity", top: int = 5,
     return query(root, sql, [experiment, top] if experiment else [top])
 
 
+def leaderboard(root: Path | str, top: int = 10) -> list[dict]:
+    """The ``top`` runs with a validation perplexity, one row per run (its best one), ranked
+    by bits per character: unlike perplexity, which is per token of each run's own
+    vocabulary, it compares character, word and BPE models. Runs without it (infilling
+    tasks, partial evaluations) follow, by validation perplexity. NaN never counts."""
+    sql = """WITH scored AS (
+            SELECT *, CASE WHEN NOT isnan(bits_per_char) THEN bits_per_char END AS _bpc
+            FROM experiments WHERE val_perplexity IS NOT NULL AND NOT isnan(val_perplexity))
+        SELECT * EXCLUDE (_bpc) FROM scored
+        QUALIFY row_number() OVER (
+            PARTITION BY experiment, run_id ORDER BY _bpc ASC NULLS LAST, val_perplexity, step) = 1
+        ORDER BY _bpc ASC NULLS LAST, val_perplexity, run_id LIMIT ?"""
+    return query(root, sql, [top])
+
+
 def compare(root: Path | str, names: list[str]) -> list[dict]:
     """The latest evaluation row of each name (an experiment, a model or a run id), in order."""
     rows = []
