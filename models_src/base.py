@@ -9,7 +9,9 @@ key/value cache of an attention model.
 A server decoding many requests together (continuous batching) also needs to regroup
 rows of states between steps: ``select_rows(state, rows)`` keeps some rows (finished
 ones leave) and ``concat_rows(states)`` appends rows (new requests, prefilled on their
-own, join the running batch).
+own, join the running batch). ``context_ids``/``context_length`` say what a fresh state
+is fed when a sequence is longer than ``max_context`` allows (by default its last ids; an
+encoder–decoder keeps its source) and how much of the context a sequence fills.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ class LanguageModel(nn.Module):
         """One state holding the rows of every state in ``states``, one after another.
         It may be the first of them changed in place: use only the state returned."""
         raise NotImplementedError
+
+    def context_ids(self, ids: list[int], keep: int) -> list[int]:
+        """What a fresh state is fed so that it holds at most ``keep`` positions of the
+        sequence ``ids``: a prompt longer than the context, or a generation re-primed once
+        its state is full. By default the last ``keep`` ids."""
+        return ids[-keep:]
+
+    def context_length(self, ids: list[int]) -> int:
+        """Positions a state holds once fed ``ids`` (what ``max_context`` limits); by
+        default one per id."""
+        return len(ids)
 
     @property
     def device(self) -> torch.device:

@@ -215,9 +215,9 @@ class Batch:
             self._join(overflow, [s.prompt_ids + s.stream.ids for s in overflow], max(1, ctx // 2))
 
     def _join(self, seqs: list[Sequence], rows: list[list[int]], keep: int | None) -> None:
-        state, logits, _ = _prefill(self.model, rows, keep)
-        for s, row in zip(seqs, rows):
-            s.filled = len(row) if keep is None else min(len(row), keep)
+        state, logits, held = _prefill(self.model, rows, keep)
+        for s, positions in zip(seqs, held):
+            s.filled = positions
         if self.sequences:
             state = self.model.concat_rows([self._state, state])
             logits = torch.cat([self._logits, logits])

@@ -261,20 +261,22 @@ class TextStream:
 # --- the loop -----------------------------------------------------------------------------
 
 def _prefill(model, rows: list[list[int]], keep: int | None):
-    """Fresh state fed with the last ``keep`` ids of each row (all when None), right-padded.
+    """Fresh state fed with each row cut to ``keep`` positions by ``model.context_ids``
+    (whole when None), right-padded.
 
-    Returns (state, logits after each row's last id (B, V), tokens the longest row holds).
-    ``lengths`` is passed only when rows differ: with equal rows a model may keep a
-    faster uniform path (the GPT cache does).
+    Returns (state, logits after each row's last id (B, V), the positions each row's state
+    holds). ``lengths`` is passed only when rows differ: with equal rows a model may keep
+    a faster uniform path (the GPT cache does).
     """
-    rows = [r[-keep:] for r in rows] if keep is not None else rows
+    rows = [model.context_ids(r, keep) for r in rows] if keep is not None else rows
     lengths = [len(r) for r in rows]
     longest = max(lengths)
     padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=model.device)
     lengths_t = torch.tensor(lengths, device=model.device)
     uneven = min(lengths) != longest
     logits, state = model.step(padded, model.init_state(len(rows)), lengths_t if uneven else None)
-    return state, logits[torch.arange(len(rows), device=model.device), lengths_t - 1], longest
+    held = [model.context_length(r) for r in rows]
+    return state, logits[torch.arange(len(rows), device=model.device), lengths_t - 1], held
 
 
 def _accept(text: TextStream, token: int, eos_id: int | None,
@@ -310,7 +312,8 @@ def _steps(model, tokenizer: Tokenizer, prompt_ids: list[list[int]],
     device = model.device
     generator = make_generator(params.seed, device)
     with torch.inference_mode():
-        state, logits, filled = _prefill(model, prompt_ids, ctx)
+        state, logits, held = _prefill(model, prompt_ids, ctx)
+        filled = max(held)  # positions the fullest row's state holds
         seen = None  # (B, V) tokens in the prompt or generated: only the penalty needs it
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=device)
@@ -334,7 +337,8 @@ def _steps(model, tokenizer: Tokenizer, prompt_ids: list[list[int]],
                 # Re-prime: restart from the last half-context of every row, so the next
                 # overflow is ctx // 2 tokens away (constant amortised cost per token).
                 history = [p + s.ids for p, s in zip(prompt_ids, streams)]
-                state, logits, filled = _prefill(model, history, max(1, ctx // 2))
+                state, logits, held = _prefill(model, history, max(1, ctx // 2))
+                filled = max(held)
             else:
                 logits, state = model.step(tokens[:, None], state)
                 logits, filled = logits[:, -1], filled + 1

@@ -111,6 +111,24 @@ class Seq2SeqTransformer(LanguageModel):
         before_target = torch.arange(T, device=input_ids.device) < split.target_start[:, None]
         return logits, self.loss(logits, targets.masked_fill(before_target, IGNORE_INDEX))
 
+    def _separator(self, ids: list[int]) -> int | None:
+        return ids.index(self.config.sep_id) if self.config.sep_id in ids else None
+
+    def context_length(self, ids: list[int]) -> int:
+        """The decoder's state holds ``<sep> target``; the source is the encoder's."""
+        sep = self._separator(ids)
+        return len(ids) if sep is None else len(ids) - sep
+
+    def context_ids(self, ids: list[int], keep: int) -> list[int]:
+        """The source (its last ``block_size`` ids at most), the separator and the last
+        ``keep - 1`` target ids: a generation re-primed past its context still reads the
+        source it was asked about (cutting the whole row from the left dropped it)."""
+        sep = self._separator(ids)
+        if sep is None:
+            return ids[-keep:]
+        target = ids[max(sep + 1, len(ids) - (keep - 1)):]
+        return ids[max(0, sep - self.max_context):sep + 1] + target
+
     def init_state(self, batch_size: int) -> Seq2SeqState:
         c = self.config
         cache = KVCache(len(self.decoder), batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,

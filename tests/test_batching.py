@@ -174,7 +174,7 @@ def test_mixed_settings_in_one_batch_are_each_respected():
     assert len(set(hot.stream.ids)) > 5
 
 
-@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_full_context_is_reprimed_like_the_sampling_loop(arch):
     model = make(arch, block_size=16)
     params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
@@ -182,6 +182,31 @@ def test_a_full_context_is_reprimed_like_the_sampling_loop(arch):
     seqs, _ = run(Batch(model, TOK), requests)
     for seq, (ids, p) in zip(seqs, [r for k in sorted(requests) for r in requests[k]]):
         assert seq.completion.token_ids == alone(model, ids, p).token_ids
+
+
+@pytest.mark.parametrize("loop", ["batch", "generate"])
+def test_a_reprimed_encoder_decoder_still_reads_its_source(loop):
+    """Past the context the decoder restarts from the last half of its target side; the
+    source stays (cutting the whole row from the left used to drop it)."""
+    model = make("seq2seq", block_size=16)
+    source = [BOS, *range(10, 22)]  # 13 ids, then the separator
+    ids = [*source, SEP, 30, 31]
+    fed = []
+    step = model.step
+
+    def recording_step(tokens, state, lengths=None):
+        if state.memory_kv is None:  # a fresh state: a prefill or a re-prime
+            fed.append(tokens[0].tolist())
+        return step(tokens, state, lengths)
+
+    model.step = recording_step
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    done = alone(model, ids, params) if loop == "batch" else generate(model, TOK, prompt_ids=[ids], params=params)[0]
+    assert len(done.token_ids) == 40 and len(fed) >= 3  # re-primed at least twice
+    for row in fed:
+        assert row[:len(source) + 1] == [*source, SEP]
+        assert len(row) - len(source) <= 16  # the target side fits the context
+    assert fed[1][len(source) + 1:] == (ids[len(source) + 1:] + done.token_ids)[-7:]  # 16 // 2 - 1
 
 
 def test_stop_strings_and_eos_end_rows_independently():

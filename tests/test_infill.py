@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models_src import ModelConfig, build_model
+from models_src.base import LanguageModel
 from models_src.infill import infill, infill_example_ids, infill_prompt_ids, stream_infill
 from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
@@ -91,11 +92,11 @@ def test_examples_count_skipped_stories_and_mask_padding(tokenizer):
     assert 0 < mixed.infill.sum() < len(mixed)  # both kinds, plain stories keep short ones
 
 
-class Scripted(torch.nn.Module):
+class Scripted(LanguageModel):
     """A model that, after <sep>, writes a fixed middle and then <eos> (or keeps going)."""
 
     def __init__(self, tok, middle: list[int], then_eos: bool = True):
-        super().__init__()
+        super().__init__(config=None)
         self.tok, self.middle, self.then_eos = tok, middle, then_eos
         self.max_context = None
         self.dummy = torch.nn.Parameter(torch.zeros(1))
