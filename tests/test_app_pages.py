@@ -399,7 +399,7 @@ def test_admin_lists_models_facts_and_load_errors(make_app, tmp_path):
     html = response.get_data(as_text=True)
     for name in MODELS:
         assert f'<th scope="row">{name}' in html
-    assert f"{SUMMARY['val_perplexity']:.2f}" in html
+    assert f"{SUMMARY['val_perplexity']:.2f}" in html and f"{SUMMARY['bits_per_char']:.3f}" in html
     assert "12.3K" in html  # tokens seen: SUMMARY's 12345
     assert "1.5 s" in html  # training time
     assert SUMMARY["data"] in html
@@ -426,6 +426,23 @@ def test_admin_shows_best_runs_and_curves(make_app, tmp_path):
     assert again.status_code == 304
     for bad in ("nope", "..", ".hidden", "a*b"):
         assert client.get(f"/admin/curves/{bad}.png").status_code == 404
+
+
+def columns_per_row(table_html):
+    """The number of cells of each row of an HTML table, its header row first."""
+    rows = re.findall(r"<tr>(.*?)</tr>", table_html, re.S)
+    return [len(re.findall(r"<t[hd][ >]", row)) for row in rows]
+
+
+def test_admin_tables_have_a_cell_under_every_heading(make_app, tmp_path):
+    root = tmp_path / "experiments"
+    log_run(root)
+    html = make_app(FABLE_EXPERIMENTS_DIR=str(root)).test_client().get("/admin").get_data(as_text=True)
+    tables = re.findall(r"<table.*?</table>", html, re.S)
+    assert len(tables) == 2
+    for table in tables:
+        counts = columns_per_row(table)
+        assert len(counts) > 1 and len(set(counts)) == 1, counts
 
 
 def test_admin_ranks_runs_by_bits_per_char_across_vocabularies(make_app, tmp_path):
