@@ -197,10 +197,13 @@ def run_levels(url: str, model: str, args: argparse.Namespace) -> list[Level]:
 
 def ratios(levels: list[Level]) -> dict:
     by = {level.concurrency: level for level in levels}
-    out = {"tokens_per_s_16_over_1": None, "p99_16_over_lone": None}
+    out = {"tokens_per_s_16_over_1": None, "p99_16_over_lone": None, "p99_16_over_p99_1": None}
     if 1 in by and 16 in by and by[1].tokens_per_s:
         out["tokens_per_s_16_over_1"] = round(by[16].tokens_per_s / by[1].tokens_per_s, 2)
+        # the target's ratio: a lone request's latency is its median; the p99 over p99
+        # (both tails) is printed beside it, not held to the target
         out["p99_16_over_lone"] = round(by[16].latency_ms["p99"] / by[1].latency_ms["p50"], 2)
+        out["p99_16_over_p99_1"] = round(by[16].latency_ms["p99"] / by[1].latency_ms["p99"], 2)
     return out
 
 
@@ -282,7 +285,8 @@ def print_report(report: dict) -> None:
               f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'})")
         verdict = "met" if latency <= TARGET_LATENCY else "NOT met"
         print(f"p99 latency at 16 / lone request (p50 at 1): {latency:.2f}x "
-              f"(target <= {TARGET_LATENCY:g}x: {verdict})")
+              f"(target <= {TARGET_LATENCY:g}x: {verdict}); p99 at 16 / p99 at 1: "
+              f"{r['p99_16_over_p99_1']:.2f}x")
     memory = report["memory_kib"]
     for when in ("after_start", "after_warmup", "after_load"):
         workers = ", ".join(f"{pid}: PSS {m['pss_kib'] / 1024:.1f} MiB "
