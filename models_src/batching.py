@@ -36,7 +36,7 @@ from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _ac
                        float32_safe, inverse_cdf, make_generator, outside_nucleus, penalise, uniforms)
 
 
-#: U[0, 1) draws a row fetches from its generator at once (on a CPU; see Sequence.uniform)
+#: U[0, 1) draws a row fetches from its generator at once (see Sequence.uniform)
 DRAW_CHUNK = 64
 
 
@@ -48,7 +48,7 @@ class Sequence:
         self.prompt_ids, self.params = prompt_ids, params
         self.stream = TextStream(tokenizer, params.stop, context=prompt_ids)
         self.eos_id = None if params.ignore_eos else tokenizer.eos_id
-        self.generator = make_generator(params.seed, device)
+        self.generator = make_generator(params.seed)
         self._draws: list[float] = []  # the generator's next U[0, 1) draws, in order
         self.seen = None  # (1, V) tokens in the prompt or generated: only the penalty needs it
         if params.repetition_penalty != 1.0:
@@ -61,13 +61,11 @@ class Sequence:
     def uniform(self) -> float:
         """The row's next U[0, 1) draw (what ``sampling.uniforms`` would give it).
 
-        On a CPU the draws are fetched ``DRAW_CHUNK`` at a time: a CPU generator gives
-        the same stream either way, and one call per row per step was ~6 % of a 16-row
-        server step (py-spy; benchmarks/README.md). Other devices' generators give
-        another stream for a larger draw, so there a row still draws one per step."""
+        Fetched ``DRAW_CHUNK`` at a time from the row's CPU generator, which gives the
+        same stream either way: one call per row per step was ~6 % of a 16-row server
+        step (py-spy; benchmarks/README.md)."""
         if not self._draws:
-            chunk = DRAW_CHUNK if self.generator.device.type == "cpu" else 1
-            self._draws = uniforms(chunk, self.generator, self.generator.device).view(-1).tolist()[::-1]
+            self._draws = uniforms(DRAW_CHUNK, self.generator, "cpu").view(-1).tolist()[::-1]
         return self._draws.pop()
 
     def _finish(self, reason: str) -> None:

@@ -137,10 +137,13 @@ def outside_nucleus(sorted_logits: torch.Tensor, p) -> torch.Tensor:
     return drop
 
 
-def make_generator(seed: int | None, device) -> torch.Generator:
-    """A generator seeded with ``seed``, or with fresh entropy when None (never torch's
-    global generator)."""
-    generator = torch.Generator(device=device)
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with fresh entropy when None (never torch's
+    global generator). Sampling draws one uniform per row per step, so they are made on
+    the CPU whatever the model's device: a seed gives the same draws on any device, and a
+    server's rows can fetch theirs in chunks without a device sync per row
+    (``batching.Sequence.uniform``)."""
+    generator = torch.Generator()
     if seed is None:
         generator.seed()
     else:
@@ -167,9 +170,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
 
 
 def uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """(rows, 1) draws from U[0, 1): what ``inverse_cdf`` turns into tokens. A row sampled
-    alone draws one, so a seed gives the same tokens whatever batch runs it."""
-    return torch.rand(rows, 1, generator=generator, device=device)
+    """(rows, 1) draws from U[0, 1) on ``device``: what ``inverse_cdf`` turns into tokens.
+    They are drawn where ``generator`` lives (the CPU without one, and for
+    ``make_generator``'s). A row sampled alone draws one, so a seed gives the same tokens
+    whatever batch runs it."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(rows, 1, generator=generator, device=where).to(device)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -310,7 +316,7 @@ def _steps(model, tokenizer: Tokenizer, prompt_ids: list[list[int]],
     if not B or not limit:
         return completions()
     device = model.device
-    generator = make_generator(params.seed, device)
+    generator = make_generator(params.seed)
     with torch.inference_mode():
         state, logits, held = _prefill(model, prompt_ids, ctx)
         filled = max(held)  # positions the fullest row's state holds
