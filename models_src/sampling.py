@@ -277,12 +277,13 @@ def _prefill(model, rows: list[list[int]], keep: int | None):
     rows = [model.context_ids(r, keep) for r in rows] if keep is not None else rows
     lengths = [len(r) for r in rows]
     longest = max(lengths)
-    padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=model.device)
-    lengths_t = torch.tensor(lengths, device=model.device)
+    device = model.device  # once: the property walks the parameters (its calls were ~4 % of a join)
+    padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=device)
+    lengths_t = torch.tensor(lengths, device=device)
     uneven = min(lengths) != longest
     logits, state = model.step(padded, model.init_state(len(rows)), lengths_t if uneven else None)
     held = [model.context_length(r) for r in rows]
-    return state, logits[torch.arange(len(rows), device=model.device), lengths_t - 1], held
+    return state, logits[torch.arange(len(rows), device=device), lengths_t - 1], held
 
 
 def _accept(text: TextStream, token: int, eos_id: int | None,
