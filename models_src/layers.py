@@ -25,7 +25,7 @@ class KVCache:
     def __init__(self, n_layer, batch, n_head, max_len, head_dim, *, device, dtype):
         # The storage may hold spare rows (a batch that shrank, room to grow); k and v
         # are views of its first ``len(lengths)`` rows, the ones in use. Positions are
-        # allocated as they fill (doubling, up to max_len; ``_reserve``), so a prompt's
+        # allocated as they fill (doubling, up to max_len; ``_make_room``), so a prompt's
         # fresh cache holds only the prompt: zeroing max_len positions of freshly mapped
         # memory was ~0.2 ms of each ~1.1 ms join of a served request (page faults).
         shape = (n_layer, batch, n_head, 0, head_dim)
@@ -51,16 +51,18 @@ class KVCache:
         """Positions the storage holds in every row (at most max_len)."""
         return self._k_rows.size(3)
 
-    def _reserve(self, positions: int) -> None:
-        """Room for ``positions`` positions in every row: one copy, then as many again.
-        Positions past a row's length are never attended to (the mask), so they may hold
-        zeros or a former row's finite values."""
-        have = self.positions
-        if positions <= have:
+    def _make_room(self, rows: int, positions: int) -> None:
+        """Room for ``rows`` rows of ``positions`` positions. When the storage lacks either,
+        new storage doubles it (or takes what is asked, if more) and the rows in use are
+        copied once. Positions past a row's length are never attended to (the mask), so they
+        may hold zeros or a former row's finite values."""
+        new_rows = _doubled(rows, self.capacity)
+        new_positions = min(self.max_len, _doubled(positions, self.positions))
+        if (new_rows, new_positions) == (self.capacity, self.positions):
             return
         shape = list(self._k_rows.shape)
-        shape[3] = min(self.max_len, max(positions, 2 * have))
-        n = len(self.lengths)
+        shape[1], shape[3] = new_rows, new_positions
+        n, have = len(self.lengths), self.positions
         k_rows, v_rows = self._k_rows.new_zeros(shape), self._v_rows.new_zeros(shape)
         k_rows[:, :n, :, :have], v_rows[:, :n, :, :have] = self.k, self.v
         self._k_rows, self._v_rows = k_rows, v_rows
@@ -69,37 +71,33 @@ class KVCache:
     def begin(self, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
         """Prepare a step of T tokens; return their positions (B, T)."""
         self._T, self._step_lengths = T, lengths
-        if self.uniform is not None and lengths is None:
+        # Every row at the same length and every token real: one slice for all rows.
+        self._uniform_step = self.uniform is not None and lengths is None
+        if self._uniform_step:
             start = self.uniform
-            if start + T > self.max_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
             self._end = start + T
-            self._reserve(self._end)
+        else:
+            positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+            self._end = int(positions[:, -1].max()) + 1
+        if self._end > self.max_len:
+            raise ValueError(f"sequence of {self._end} tokens exceeds the context of {self.max_len}")
+        self._make_room(self.capacity, self._end)
+        # Every layer's views for this step at once (one op each, not one per layer): a
+        # one-token step is mostly per-op overhead (benchmarks/README.md).
+        self._k_seen = _layers(self.k[..., :self._end, :])
+        self._v_seen = _layers(self.v[..., :self._end, :])
+        if self._uniform_step:
             self._mask = None if T == 1 or start == 0 else self._offset_mask(
                 torch.full_like(self.lengths, start), T)
             self._causal = start == 0 and T > 1
-            # Every layer's slices for this step at once (two ops, not two per layer): a
-            # one-token step is mostly per-op overhead (benchmarks/README.md).
-            self._k_now = _layers(self.k[..., start:start + T, :])
-            self._v_now = _layers(self.v[..., start:start + T, :])
-            self._seen()
-            return torch.arange(start, start + T, device=self.lengths.device).expand(len(self.lengths), T)
-        positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
-        self._end = int(positions[:, -1].max()) + 1
-        if self._end > self.max_len:
-            raise ValueError(f"sequence of {self._end} tokens exceeds the context of {self.max_len}")
-        self._reserve(self._end)
+            self._k_now = _layers(self.k[..., start:self._end, :])
+            self._v_now = _layers(self.v[..., start:self._end, :])
+            return torch.arange(start, self._end, device=self.lengths.device).expand(len(self.lengths), T)
         self._index = positions[:, None, :, None]
         self._k_now, self._v_now = _layers(self.k), _layers(self.v)
         self._mask = self._offset_mask(self.lengths, T)
         self._causal = False
-        self._seen()
         return positions
-
-    def _seen(self) -> None:
-        """Every layer's keys and values up to the step's end."""
-        self._k_seen = _layers(self.k[..., :self._end, :])
-        self._v_seen = _layers(self.v[..., :self._end, :])
 
     def _offset_mask(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
         """(B, 1, T, L) additive mask: query i of row b may see key j iff j <= offsets[b] + i.
@@ -112,7 +110,7 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""
-        if self.uniform is not None and self._step_lengths is None:
+        if self._uniform_step:
             self._k_now[layer].copy_(k)
             self._v_now[layer].copy_(v)
         else:
@@ -122,7 +120,7 @@ class KVCache:
         return self._k_seen[layer], self._v_seen[layer], self._mask, self._causal
 
     def end(self) -> None:
-        if self.uniform is not None and self._step_lengths is None:
+        if self._uniform_step:
             self.uniform += self._T
             self.lengths += self._T
         else:
@@ -130,13 +128,12 @@ class KVCache:
             self.lengths += step
             self.uniform = None
 
-
     # ---- regrouping rows (continuous batching) ------------------------------------
     # Rows join and leave a running batch many times a second. Copying the whole cache
     # each time was 9 % of a 16-row server step (py-spy; benchmarks/README.md), so both
     # work in place and copy only the rows that move: ``select`` moves the rows it keeps
     # into the free slots, ``concat`` writes the new rows after the running ones and
-    # grows the storage (doubling) only when it is full.
+    # grows the storage (doubling, ``_make_room``) only when it is full.
 
     def _regrouped(self, lengths: torch.Tensor) -> KVCache:
         self.lengths = lengths
@@ -162,20 +159,19 @@ class KVCache:
         if len({c.max_len for c in caches}) != 1:
             raise ValueError("caches of different context lengths cannot be joined")
         first = caches[0]
-        first._reserve(max(c.positions for c in caches))
-        n, total = len(first.lengths), sum(len(c.lengths) for c in caches)
-        if total > first.capacity:  # grow: one full copy, then room for as many again
-            shape = list(first._k_rows.shape)
-            shape[1] = max(total, 2 * first.capacity)
-            k_rows, v_rows = first._k_rows.new_zeros(shape), first._v_rows.new_zeros(shape)
-            k_rows[:, :n], v_rows[:, :n] = first.k, first.v
-            first._k_rows, first._v_rows = k_rows, v_rows
+        n = len(first.lengths)
+        first._make_room(sum(len(c.lengths) for c in caches), max(c.positions for c in caches))
         for c in caches[1:]:  # only the positions it holds (the rest are never attended to)
             m, p = len(c.lengths), c.positions
             first._k_rows[:, n:n + m, :, :p] = c.k
             first._v_rows[:, n:n + m, :, :p] = c.v
             n += m
         return first._regrouped(torch.cat([c.lengths for c in caches]))
+
+
+def _doubled(need: int, have: int) -> int:
+    """``have`` when it is enough, else room for as many again (or ``need``, if more)."""
+    return have if need <= have else max(need, 2 * have)
 
 
 def _layers(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
