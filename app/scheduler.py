@@ -56,7 +56,7 @@ class Ticket:
         self.loaded, self.prompt_ids, self.params = loaded, prompt_ids, params
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()
         self.has_row = threading.Event()  # a row is reserved for it
-        self.admitted = threading.Event()  # prefilled: its first token comes at the next step
+        self.admitted = threading.Event()  # joined: the next step feeds its prompt and samples
         self.cancelled = False
         self.holds_row = False  # guarded by the scheduler's lock
         self.collecting = False  # set once by the reader, read by the scheduler thread
@@ -72,7 +72,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._rows = 0  # rows held by tickets (reserved, decoding or about to leave)
         self._waiting: deque[Ticket] = deque()  # tickets waiting for a row
-        self._admit: list[Ticket] = []  # tickets with a row, to prefill at the next step
+        self._admit: list[Ticket] = []  # tickets with a row, to join their batch at the next step
         self._batches: dict[str, Batch] = {}  # model name -> its running batch
         self._owner: dict[Sequence, Ticket] = {}
         self._thread: threading.Thread | None = None
@@ -161,7 +161,7 @@ class Scheduler:
             try:
                 seqs = batch.add([(t.prompt_ids, t.params) for t in group])
             except Exception as error:  # noqa: BLE001 - reported to each request
-                log.exception("prefill failed for %s", name)
+                log.exception("joining failed for %s", name)
                 for t in group:
                     self._end(t, Failed(error))
                 continue

@@ -87,7 +87,7 @@ class GenerationStream:
 
     The pieces concatenate to ``completion.text``. Holds a row of the scheduler until it
     ends or ``close()`` is called (also a context manager). Timings, in nanoseconds from
-    ``time.perf_counter_ns``: ``queued_ns`` (waiting for a row and the prefill),
+    ``time.perf_counter_ns``: ``queued_ns`` (waiting for a row and to join a batch),
     ``started_ns``, ``first_piece_ns`` and ``finished_ns`` (None until they happen).
     """
 
@@ -276,7 +276,7 @@ class GenerationService:
             raise ServerBusy(0.0, queue_full=True) from None
         if not ticket.has_row.wait(self.queue_timeout_s) and self.scheduler.withdraw(ticket):
             raise ServerBusy(self.queue_timeout_s)
-        if not ticket.admitted.wait(self.request_timeout_s):  # the prefill, at the next step
+        if not ticket.admitted.wait(self.request_timeout_s):  # joined: its first token comes at the next step
             self.scheduler.release(ticket)
             raise ServerBusy(self.request_timeout_s)
         waited = time.perf_counter_ns() - waited

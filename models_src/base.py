@@ -6,12 +6,18 @@ prompt and for every new token, so each new token costs the same whatever the
 length of the text before it: the state is the recurrent (h, c) of an RNN or the
 key/value cache of an attention model.
 
+``prefill(rows)`` is that first step for whole prompts, returning only the logits
+generation needs (after each row's last id).
+
 A server decoding many requests together (continuous batching) also needs to regroup
 rows of states between steps: ``select_rows(state, rows)`` keeps some rows (finished
-ones leave) and ``concat_rows(states)`` appends rows (new requests, prefilled on their
-own, join the running batch). ``context_ids``/``context_length`` say what a fresh state
-is fed when a sequence is longer than ``max_context`` allows (by default its last ids; an
-encoder–decoder keeps its source) and how much of the context a sequence fills.
+ones leave) and ``concat_rows(states)`` appends rows. ``join_step`` is one step of such a
+batch that new requests join: by default a step, a prefill and ``concat_rows``; a model
+may do it in one pass (the GPT does: new prompts then cost a few more rows in each
+matrix product instead of a forward pass of their own). ``context_ids``/``context_length``
+say what a fresh state is fed when a sequence is longer than ``max_context`` allows (by
+default its last ids; an encoder–decoder keeps its source) and how much of the context a
+sequence fills.
 """
 
 from __future__ import annotations
@@ -69,6 +75,36 @@ class LanguageModel(nn.Module):
         It may be the first of them changed in place: use only the state returned."""
         raise NotImplementedError
 
+    def prefill(self, rows: list[list[int]]) -> tuple[torch.Tensor, Any]:
+        """A fresh state fed every row of ids (at least one each; rows may differ in
+        length) and the logits after each row's last id (B, V)."""
+        padded, lengths = right_pad(rows, self.device)
+        logits, state = self.step(padded, self.init_state(len(rows)), lengths)
+        if lengths is None:
+            return logits[:, -1], state
+        return logits[torch.arange(len(rows), device=logits.device), lengths - 1], state
+
+    def join_step(self, tokens: torch.Tensor | None, state: Any,
+                  prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
+        """One step of a running batch that new rows join: running row b is fed
+        ``tokens[b]`` (B,) after what ``state`` holds (both None when no row runs), and a
+        new row starts for each of ``prompts``. Returns the logits after each row's newest
+        id ((B + len(prompts), V), running rows first) and the state holding every row in
+        that order (``state`` may have been changed in place)."""
+        logits, states = [], []
+        if tokens is not None:
+            step_logits, state = self.step(tokens[:, None], state)
+            logits.append(step_logits[:, -1])
+            states.append(state)
+        if prompts:
+            new_logits, new_state = self.prefill(prompts)
+            logits.append(new_logits)
+            states.append(new_state)
+        if not states:
+            raise ValueError("a step needs a running row or a prompt")
+        state = states[0] if len(states) == 1 else self.concat_rows(states)
+        return torch.cat(logits) if len(logits) > 1 else logits[0], state
+
     def context_ids(self, ids: list[int], keep: int) -> list[int]:
         """What a fresh state is fed so that it holds at most ``keep`` positions of the
         sequence ``ids``: a prompt longer than the context, or a generation re-primed once
@@ -91,3 +127,14 @@ class LanguageModel(nn.Module):
             targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
         )
+
+
+def right_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of ids as one (B, T) tensor, right-padded with 0, and each row's length (B,);
+    the lengths are None when every row is whole (a model may then keep a faster path)."""
+    lengths = [len(r) for r in rows]
+    longest = max(lengths)
+    padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=device)
+    if min(lengths) == longest:
+        return padded, None
+    return padded, torch.tensor(lengths, device=device)

@@ -12,17 +12,19 @@ generator, so a seed gives the same text whatever runs beside it, and the same a
 ``sampling.generate`` gives it alone (up to the rounding of batched arithmetic).
 
     batch = Batch(model, tokenizer)
-    seq, = batch.add([(prompt_ids, params)])   # prefilled now; sampled from the next step
+    seq, = batch.add([(prompt_ids, params)])   # joins at the next step
     while batch:
         for seq, piece in batch.step():         # one new token per running sequence
             ...                                  # seq.completion is set once it has ended
     batch.remove(seq)                           # e.g. its client went away
 
-Rows are regrouped with the model's ``select_rows``/``concat_rows`` when sequences join
-or leave (never per step); a leaving row's place goes to the last row, so a state
-regrouped in place (the GPT's key/value cache) copies only the rows that move. A
-sequence that fills the model's context is re-primed on its own from the last
-half-context, as ``sampling`` does.
+A step is one forward pass: each running row is fed the token it sampled last, the
+prompts of the sequences that joined since are fed in the same pass
+(``model.join_step``), and then every row samples its next token. Rows are regrouped with
+the model's ``select_rows`` when sequences leave (never per step); a leaving row's place
+goes to the last row, so a state regrouped in place (the GPT's key/value cache) copies
+only the rows that move. A sequence that fills the model's context leaves its row and
+joins again from the last half-context (``model.context_ids``), as ``sampling`` re-primes.
 Not thread-safe: one thread (a server's scheduler) owns a batch.
 """
 
@@ -32,7 +34,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept, _prefill,
+from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept,
                        float32_safe, inverse_cdf, make_generator, outside_nucleus, penalise, uniforms)
 
 
@@ -104,70 +106,107 @@ class Batch:
 
     def __init__(self, model, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.sequences: list[Sequence] = []  # row i of the state is sequences[i]
+        self._running: list[Sequence] = []  # row i of the state is _running[i]
+        self._joining: list[tuple[Sequence, list[int]]] = []  # (sequence, ids its new row is fed)
         self._state = None
-        self._logits: torch.Tensor | None = None  # (B, V): next-token logits of each row
+        self._fed: torch.Tensor | None = None  # (B,): each running row's token, fed by the next step
         self._rows: _RowSettings | None = None  # the rows' sampling settings as tensors
 
+    @property
+    def sequences(self) -> list[Sequence]:
+        """Every sequence that has not ended: the running rows, then those joining."""
+        return self._running + [s for s, _ in self._joining]
+
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self._running) + len(self._joining)
 
     def add(self, requests: Seq[tuple[list[int], SamplingParams]]) -> list[Sequence]:
-        """Prefill new sequences (one forward pass for all) and add them to the batch.
+        """Add new sequences; the next step feeds their prompts and samples their first token.
 
-        Each prompt needs at least one id (e.g. bos). A sequence asking for no tokens is
-        complete at once and never joins.
+        Each prompt needs at least one id (e.g. bos), each below the vocabulary size (a bad
+        id fails here, not in a step that other sequences share). A sequence asking for no
+        tokens is complete at once and never joins. A prompt longer than the context keeps
+        its end (``model.context_ids``).
         """
         model = self.model
-        vocab = model.config.vocab_size
-        seqs = [Sequence(list(ids), params, self.tokenizer, vocab, model.device) for ids, params in requests]
-        if any(not s.prompt_ids for s in seqs):
-            raise ValueError("every prompt needs at least one token (e.g. bos)")
-        joining = []
+        vocab, ctx = model.config.vocab_size, model.max_context
+        for ids, _ in requests:
+            if not ids:
+                raise ValueError("every prompt needs at least one token (e.g. bos)")
+            if not all(0 <= i < vocab for i in ids):
+                raise ValueError(f"prompt ids must be in [0, {vocab})")
+        device = model.device
+        seqs = [Sequence(list(ids), params, self.tokenizer, vocab, device) for ids, params in requests]
         for s in seqs:
             if s.params.max_new_tokens == 0:
                 s._finish("length")
             else:
-                joining.append(s)
-        if joining:
-            with torch.inference_mode():
-                self._join(joining, [s.prompt_ids for s in joining], model.max_context)
+                self._joining.append((s, s.prompt_ids if ctx is None else model.context_ids(s.prompt_ids, ctx)))
         return seqs
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence that has not ended (its completion stays unset)."""
-        if seq in self.sequences:
+        if seq in self._running:
             with torch.inference_mode():  # the state is regrouped in place
-                self._keep([s is not seq for s in self.sequences])
+                self._keep([s is not seq for s in self._running])
+        else:
+            self._joining = [(s, ids) for s, ids in self._joining if s is not seq]
 
     def step(self) -> list[tuple[Sequence, str]]:
-        """Sample one token for every sequence; return (sequence, new text) for each
-        (text may be ""). Sequences that end get their ``completion`` and leave."""
-        if not self.sequences:
+        """Feed every sequence (a new one its prompt) and sample its next token; return
+        (sequence, new text) for each (text may be ""). Sequences that end get their
+        ``completion`` and leave."""
+        if not self:
             return []
         with torch.inference_mode():
-            tokens = self._sample(self._logits.float())
-        events, running = [], []
-        for s, token in zip(self.sequences, tokens.tolist()):  # the one host sync per step
+            logits = self._forward()
+            tokens = self._sample(logits.float())
+        ctx = self.model.max_context
+        events, keep, reprime = [], [], []
+        for s, token in zip(self._running, tokens.tolist()):  # the one host sync per step
             s.generated += 1
             if s.seen is not None:
                 s.seen[0, token] = True
             piece, reason = _accept(s.stream, token, s.eos_id, s.params.max_new_tokens)
+            full = reason is None and ctx is not None and s.filled + 1 > ctx  # no room for its token
             if reason is not None:
                 s._finish(reason)
-            running.append(reason is None)
+            elif full:
+                reprime.append(s)
+            keep.append(reason is None and not full)
             events.append((s, piece))
-        with torch.inference_mode():
-            self._advance(tokens, running)
+        self._fed = tokens
+        if not all(keep):
+            with torch.inference_mode():
+                self._keep(keep)
+        for s in reprime:  # the last half-context: the next overflow is ctx // 2 tokens away
+            self._joining.append((s, self.model.context_ids(s.prompt_ids + s.stream.ids, max(1, ctx // 2))))
         return events
 
     # ---- internals ------------------------------------------------------------------
 
+    def _forward(self) -> torch.Tensor:
+        """One pass: the running rows' tokens and the joining prompts; the joining
+        sequences become the last rows. Returns each row's next-token logits (B, V)."""
+        model, joining = self.model, self._joining
+        self._joining = []
+        tokens = self._fed if self._running else None
+        logits, self._state = model.join_step(tokens, self._state if self._running else None,
+                                              [ids for _, ids in joining])
+        for s in self._running:
+            s.filled += 1
+        for s, ids in joining:
+            s.filled = model.context_length(ids)
+        if joining:
+            self._running = self._running + [s for s, _ in joining]
+            self._rows = None
+        return logits
+
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row (B,), each row with its own settings and generator."""
-        rows = self._settings
+        rows = self._settings(logits.device)
         if rows.penalty is not None:
-            seen = torch.cat([s.seen if s.seen is not None else rows.unseen for s in self.sequences])
+            seen = torch.cat([s.seen if s.seen is not None else rows.unseen for s in self._running])
             logits = penalise(logits, seen, rows.penalty)
         greedy = logits.argmax(dim=-1)
         if rows.all_greedy:
@@ -184,59 +223,27 @@ class Batch:
         # sampling.sample_next's draw, one uniform per row from the row's own generator:
         # a seeded request gets the same tokens here as from sampling.generate
         probs = logits.softmax(dim=-1)
-        u = torch.tensor([0.0 if g else s.uniform() for s, g in zip(self.sequences, rows.greedy_list)],
+        u = torch.tensor([0.0 if g else s.uniform() for s, g in zip(self._running, rows.greedy_list)],
                          device=probs.device)[:, None]
         return torch.where(rows.greedy, greedy, inverse_cdf(probs, u))
 
-    @property
-    def _settings(self) -> _RowSettings:
+    def _settings(self, device) -> _RowSettings:
         if self._rows is None:  # rows joined or left since the last step
-            self._rows = _RowSettings(self.sequences, self.model.config.vocab_size, self._logits.device)
+            self._rows = _RowSettings(self._running, self.model.config.vocab_size, device)
         return self._rows
 
-    def _advance(self, tokens: torch.Tensor, running: list[bool]) -> None:
-        """Feed each running sequence its new token; re-prime those whose context is full."""
-        ctx = self.model.max_context
-        full = [r and ctx is not None and s.filled + 1 > ctx for s, r in zip(self.sequences, running)]
-        keep = [r and not f for r, f in zip(running, full)]
-        overflow = [s for s, f in zip(self.sequences, full) if f]
-        if not all(keep):
-            rows = self._keep(keep)
-            if rows is not None:
-                tokens = tokens[rows]
-        if self.sequences:
-            logits, self._state = self.model.step(tokens[:, None], self._state)
-            self._logits = logits[:, -1]
-            for s in self.sequences:
-                s.filled += 1
-        if overflow:  # restart from the last half-context: the next overflow is ctx // 2 away
-            self._join(overflow, [s.prompt_ids + s.stream.ids for s in overflow], max(1, ctx // 2))
-
-    def _join(self, seqs: list[Sequence], rows: list[list[int]], keep: int | None) -> None:
-        state, logits, held = _prefill(self.model, rows, keep)
-        for s, positions in zip(seqs, held):
-            s.filled = positions
-        if self.sequences:
-            state = self.model.concat_rows([self._state, state])
-            logits = torch.cat([self._logits, logits])
-        self._state, self._logits = state, logits
-        self.sequences = self.sequences + seqs
-        self._rows = None
-
-    def _keep(self, mask: list[bool]) -> torch.Tensor | None:
-        """Keep the rows where ``mask`` is true; return where each kept row came from
-        (None when no row is left)."""
+    def _keep(self, mask: list[bool]) -> None:
+        """Keep the running rows where ``mask`` is true."""
         # The last rows kept fill the places of the rows that leave, so that a state
         # regrouped in place (the GPT's cache) moves as few rows as there are leavers.
         n = sum(mask)
         tail = [i for i in range(n, len(mask)) if mask[i]]
         rows = [i if mask[i] else tail.pop() for i in range(n)]
-        self.sequences = [self.sequences[i] for i in rows]
+        self._running = [self._running[i] for i in rows]
         self._rows = None
         if not rows:
-            self._state = self._logits = None
-            return None
-        index = torch.tensor(rows, device=self._logits.device)
+            self._state = self._fed = None
+            return
+        index = torch.tensor(rows, device=self._fed.device)
         self._state = self.model.select_rows(self._state, index)
-        self._logits = self._logits[index]
-        return index
+        self._fed = self._fed[index]

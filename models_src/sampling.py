@@ -1,7 +1,7 @@
 """One sampling loop for every architecture.
 
 Generation needs nothing but the contract of :class:`models_src.base.LanguageModel`:
-``init_state`` once, one batched ``step`` over the right-padded prompts, then one
+one ``prefill`` of the prompts (a fresh state fed them in one batched step), then one
 ``step`` of a single token per row for every new token. So an RNN, a GPT with a
 key/value cache and the encoder-decoder all share this code.
 
@@ -267,23 +267,12 @@ class TextStream:
 # --- the loop -----------------------------------------------------------------------------
 
 def _prefill(model, rows: list[list[int]], keep: int | None):
-    """Fresh state fed with each row cut to ``keep`` positions by ``model.context_ids``
-    (whole when None), right-padded.
-
-    Returns (state, logits after each row's last id (B, V), the positions each row's state
-    holds). ``lengths`` is passed only when rows differ: with equal rows a model may keep
-    a faster uniform path (the GPT cache does).
-    """
+    """A fresh state fed each row cut to ``keep`` positions by ``model.context_ids``
+    (whole when None). Returns (state, logits after each row's last id (B, V), the
+    positions each row's state holds)."""
     rows = [model.context_ids(r, keep) for r in rows] if keep is not None else rows
-    lengths = [len(r) for r in rows]
-    longest = max(lengths)
-    device = model.device  # once: the property walks the parameters (its calls were ~4 % of a join)
-    padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=device)
-    lengths_t = torch.tensor(lengths, device=device)
-    uneven = min(lengths) != longest
-    logits, state = model.step(padded, model.init_state(len(rows)), lengths_t if uneven else None)
-    held = [model.context_length(r) for r in rows]
-    return state, logits[torch.arange(len(rows), device=device), lengths_t - 1], held
+    logits, state = model.prefill(rows)
+    return state, logits, [model.context_length(r) for r in rows]
 
 
 def _accept(text: TextStream, token: int, eos_id: int | None,

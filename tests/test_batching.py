@@ -265,6 +265,10 @@ def test_the_key_value_cache_regroups_in_place_copying_only_moved_rows():
     again = KVCache.concat([joined.select(torch.tensor([3, 4])), cache(3, [2, 2, 2])])
     assert again.capacity == 8 and again._k_rows.data_ptr() == storage  # room enough: no new storage
     assert again.lengths.tolist() == [1, 1, 2, 2, 2] and torch.equal(again.k[:, :2], want_k[:, 3:])
+    # rows that are read and written in the same regrouping (here two swap places)
+    want_k = again.k[:, [1, 0, 4, 3]].clone()
+    swapped = again.select(torch.tensor([1, 0, 4, 3]))
+    assert swapped.lengths.tolist() == [1, 1, 2, 2] and torch.equal(swapped.k, want_k)
 
 
 def test_the_key_value_cache_allocates_positions_as_they_fill():
@@ -290,9 +294,34 @@ def test_the_key_value_cache_allocates_positions_as_they_fill():
         cache(1, 17)
 
 
-def test_zero_new_tokens_completes_without_joining_and_empty_prompts_are_refused():
+def test_zero_new_tokens_completes_without_joining_and_bad_prompts_are_refused():
     batch = Batch(make("gpt"), TOK)
     seq, = batch.add([([BOS, 5], SamplingParams(max_new_tokens=0))])
     assert len(batch) == 0 and seq.completion.finish_reason == "length" and seq.completion.text == ""
     with pytest.raises(ValueError, match="at least one token"):
         batch.add([([], SamplingParams())])
+    # a prompt joins in the step the running rows share: a bad id is refused at add, and
+    # the batch goes on as if it had never been offered
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    running, = batch.add([(prompt(5, 1, "gpt"), params)])
+    batch.step()
+    for bad in ([BOS, V], [BOS, -1]):
+        with pytest.raises(ValueError, match=r"ids must be in \[0, 60\)"):
+            batch.add([(bad, params)])
+    assert len(batch) == 1
+    while batch:
+        batch.step()
+    assert running.completion.token_ids == alone(make("gpt"), prompt(5, 1, "gpt"), params).token_ids
+
+
+def test_a_removed_sequence_that_has_not_joined_yet_never_runs():
+    model = make("gpt")
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    batch = Batch(model, TOK)
+    kept, dropped = batch.add([(prompt(5, 1, "gpt"), params), (prompt(7, 2, "gpt"), params)])
+    assert batch.sequences == [kept, dropped]  # both wait for the next step
+    batch.remove(dropped)
+    assert batch.sequences == [kept]
+    while batch:
+        assert [s for s, _ in batch.step()] == [kept]
+    assert dropped.completion is None and dropped.generated == 0

@@ -120,6 +120,37 @@ def test_gpt_decode_path_gives_the_module_path_numbers(bias):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_join_step_gives_every_row_what_it_gets_alone(arch):
+    """join_step feeds the running rows one token each and starts rows from new prompts
+    in the same call (the GPT in one pass over all their tokens, each row attending only to
+    its own keys): every row's logits, then and at the next step, are those of the row
+    decoded alone with ``step``. Rows of different lengths on both sides; and prompts with
+    no running rows (a prefill)."""
+    model = make(arch)
+    running = [random_ids(1, 9, seed=4)[0].tolist(), random_ids(1, 5, seed=5)[0].tolist()]
+    prompts = [random_ids(1, 6, seed=6)[0].tolist(), random_ids(1, 11, seed=7)[0].tolist(),
+               random_ids(1, 6, seed=8)[0].tolist()]
+    if arch == "seq2seq":
+        for row in running + prompts:
+            row[2] = SEP
+    fed, nxt = [7, 8], torch.tensor([[9], [10], [11], [12], [13]])
+    with torch.inference_mode():
+        _, state = model.prefill(running)
+        logits, state = model.join_step(torch.tensor(fed), state, prompts)
+        after, _ = model.step(nxt, state)
+        prefilled, _ = model.join_step(None, None, prompts)
+        for i, row in enumerate(running + prompts):
+            ids = row + [fed[i]] if i < len(running) else row
+            alone, alone_state = model.step(torch.tensor([ids]), model.init_state(1))
+            torch.testing.assert_close(logits[i], alone[0, -1], rtol=1e-5, atol=1e-5)
+            if i >= len(running):
+                torch.testing.assert_close(prefilled[i - len(running)], alone[0, -1], rtol=1e-5, atol=1e-5)
+            alone_after, _ = model.step(nxt[i:i + 1], alone_state)
+            torch.testing.assert_close(after[i], alone_after[0], rtol=1e-5, atol=1e-5)
+    assert logits.shape == (5, V) and prefilled.shape == (3, V)
+
+
 def test_the_decode_path_follows_weight_changes():
     """Block.decode keeps transposed copies of the weights: a changed weight (a training
     step, a load) must be seen by the next step, never a stale copy."""
