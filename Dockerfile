@@ -20,9 +20,13 @@ ENV HF_HOME=$HOME/.cache/huggingface \
     MPLCONFIGDIR=$HOME/.cache/matplotlib \
     TORCHINDUCTOR_CACHE_DIR=$HOME/.cache/torchinductor
 # Serving settings (see app/settings.py and gunicorn.conf.py); a Space's variables override them.
+# Two workers for the free CPU Space's two vCPUs: each decodes its own batch on one torch
+# thread, so neither waits for the other's GIL; at 16 clients ~1.3x and at 64 ~1.7x the
+# tokens/s of one worker, a lone request as fast, twice the models' memory
+# (benchmarks/README.md, "Serving").
 ENV PORT=7860 \
     FABLE_CHECKPOINT_DIR=$HOME/app/checkpoints \
-    FABLE_WORKERS=1
+    FABLE_WORKERS=2
 
 WORKDIR $HOME/app
 

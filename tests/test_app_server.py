@@ -7,8 +7,9 @@ copies to ``$HOME/app``) and its ``ENV`` lines are the environment, expanded as 
 expands them. ``/home/user`` becomes a temporary home whose ``.local/bin/gunicorn`` is
 the virtual environment's (where ``pip install --user`` puts it in the image), and a few
 values are overridden for a test: a free port on 127.0.0.1, the test checkpoints, one
-generation slot (so a leaked slot shows), a very large token limit (so the endless model
-streams until it is stopped) and a short graceful timeout.
+worker with one generation slot (so a leaked slot shows in ``/healthz``), a very large
+token limit (so the endless model streams until it is stopped) and a short graceful
+timeout. One test starts the image's own number of workers.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def server(dockerfile, checkpoint_dir, tmp_path_factory):
         "FABLE_MAX_BATCH": "1", "FABLE_QUEUE_TIMEOUT_S": "5",
         "FABLE_MAX_NEW_TOKENS": "1000000", "FABLE_DEFAULT_NEW_TOKENS": "64",
         "FABLE_REQUEST_TIMEOUT_S": "60", "FABLE_TORCH_THREADS": "1",
+        # one worker: /healthz then reports the only scheduler (the image runs two)
+        "FABLE_WORKERS": "1",
         "GUNICORN_GRACEFUL_TIMEOUT": "3",
     })
     port = free_port()
@@ -114,6 +117,32 @@ def test_the_image_command_serves_the_checkpoints(dockerfile, server):
     assert text["response"] == ENDLESS_CHAR * 3
     log = server["log"].read_text()
     assert "gthread" in log and '"GET /healthz' in log  # worker class; access log on stdout
+
+
+def test_every_worker_of_the_image_loads_the_models_and_serves(dockerfile, checkpoint_dir, tmp_path):
+    """The image runs several workers (one per vCPU of a Space): each loads every model
+    after the fork, and requests spread over them get the same seeded text."""
+    workers = int(dockerfile["env"]["FABLE_WORKERS"])
+    assert workers == 2
+    home = tmp_path / "home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "gunicorn").symlink_to(Path(GUNICORN))
+    env = {k: v.replace(DOCKER_HOME, str(home)) for k, v in dockerfile["env"].items()}
+    env.update({"FABLE_CHECKPOINT_DIR": str(checkpoint_dir), "FABLE_TORCH_THREADS": "1",
+                "GUNICORN_GRACEFUL_TIMEOUT": "3"})
+    port = free_port()
+    with GunicornServer(environment=server_environment(port, env), port=port,
+                        command=dockerfile["cmd"], log_path=tmp_path / "server.log") as gunicorn:
+        assert len(gunicorn.wait_for_workers(workers, len(MODELS))) == workers
+        body = {"model": "tiny-gpt", "prompt": "Once", "stream": False,
+                "options": {"num_predict": 12, "seed": 5}}
+        clients = [httpx.Client(base_url=gunicorn.url, timeout=30) for _ in range(6)]
+        try:
+            texts = {c.post("/api/generate", json=body).json()["response"] for c in clients}
+        finally:
+            for c in clients:
+                c.close()
+        assert len(texts) == 1
 
 
 def test_ollama_client(server):
