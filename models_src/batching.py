@@ -189,10 +189,10 @@ class Batch:
         """One pass: the running rows' tokens and the joining prompts; the joining
         sequences become the last rows. Returns each row's next-token logits (B, V)."""
         model, joining = self.model, self._joining
-        self._joining = []
         tokens = self._fed if self._running else None
         logits, self._state = model.join_step(tokens, self._state if self._running else None,
                                               [ids for _, ids in joining])
+        self._joining = []  # only now: if the pass fails, they are still this batch's sequences
         for s in self._running:
             s.filled += 1
         for s, ids in joining:

@@ -11,6 +11,7 @@ import pytest
 from app.service import GenerationService, ServerBusy
 from conftest import ENDLESS_CHAR
 from models_src.batching import Batch
+from models_src.gpt import GPT
 from models_src.sampling import SamplingParams
 
 
@@ -90,18 +91,20 @@ def test_a_reader_that_goes_away_stops_its_decoding(service):
 
 
 def test_a_failing_step_fails_every_request_of_the_batch_and_the_next_ones_work(service, monkeypatch):
-    real = Batch.step
+    """The model fails in the step that would feed the requests' prompts (they join in
+    it): each request is told, none waits for its deadline."""
+    real = GPT.join_step
 
-    def exploding(batch):
+    def exploding(model, tokens, state, prompts):
         raise RuntimeError("model exploded")
-    monkeypatch.setattr(Batch, "step", exploding)
+    monkeypatch.setattr(GPT, "join_step", exploding)
     params = SamplingParams(max_new_tokens=5, temperature=0.0)
     streams = [service.stream("endless", "x", params) for _ in range(2)]
     for s in streams:
         with pytest.raises(RuntimeError, match="exploded"):
             list(s)
     assert service.active == 0
-    monkeypatch.setattr(Batch, "step", real)
+    monkeypatch.setattr(GPT, "join_step", real)
     assert service.generate("endless", "x", params).text == ENDLESS_CHAR * 5
 
 
