@@ -30,12 +30,12 @@ import time
 
 import torch
 from _common import ROOT, environment
+from load import PROMPTS  # the same requests as the served benchmark
 
 from models_src.batching import Batch
 from models_src.checkpoint import load_checkpoint
 from models_src.sampling import SamplingParams
 
-PROMPTS = ("ROMEO:", "Once upon a time", "The king said", "First Citizen:\n")
 NEW_TOKENS = 64
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 
