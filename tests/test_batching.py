@@ -184,6 +184,18 @@ def test_a_full_context_is_reprimed_like_the_sampling_loop(arch):
         assert seq.completion.token_ids == alone(model, ids, p).token_ids
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_prompt_longer_than_the_context_keeps_its_end_like_the_sampling_loop(arch):
+    model = make(arch, block_size=16)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    ids = prompt(30 if arch != "seq2seq" else 12, 3, arch)  # seq2seq: the target side overflows
+    if arch == "seq2seq":
+        ids += list(range(10, 30))
+    want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
+    assert alone(model, ids, params).token_ids == want.token_ids
+    assert alone(model, ids, params).prompt_tokens == len(ids)
+
+
 @pytest.mark.parametrize("loop", ["batch", "generate"])
 def test_a_reprimed_encoder_decoder_still_reads_its_source(loop):
     """Past the context the decoder restarts from the last half of its target side; the
