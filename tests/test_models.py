@@ -151,6 +151,21 @@ def test_a_join_step_gives_every_row_what_it_gets_alone(arch):
     assert logits.shape == (5, V) and prefilled.shape == (3, V)
 
 
+def test_a_training_gpt_prefills_and_joins_through_its_modules():
+    """In training mode the GPT's prefill and join step take the module path (dropout
+    included); with no dropout they give the decode path's numbers."""
+    model = make("gpt")
+    prompts = [random_ids(1, 6, seed=6)[0].tolist(), random_ids(1, 4, seed=7)[0].tolist()]
+    with torch.no_grad():
+        want, state = model.prefill(prompts)
+        want_next, _ = model.join_step(torch.tensor([3, 4]), state, prompts[:1])
+        model.train()
+        got, state = model.prefill(prompts)
+        got_next, _ = model.join_step(torch.tensor([3, 4]), state, prompts[:1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_next, want_next, rtol=1e-5, atol=1e-5)
+
+
 def test_the_decode_path_follows_weight_changes():
     """Block.decode keeps transposed copies of the weights: a changed weight (a training
     step, a load) must be seen by the next step, never a stale copy."""
