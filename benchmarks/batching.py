@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 from _common import ROOT, environment
-from load import PROMPTS  # the same requests as the served benchmark
+from load import PROMPTS, percentile  # the served benchmark's requests and percentiles
 
 from models_src.batching import Batch
 from models_src.checkpoint import load_checkpoint
@@ -40,9 +41,18 @@ NEW_TOKENS = 64
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 
 
-def steady_state(model, tokenizer, rows: int, requests: int) -> tuple[list[float], list[float], int, float]:
-    """(seconds per step, latency of each completed request in seconds, new tokens, seconds
-    in all) over ``requests`` completed full-length requests after the staggered start."""
+@dataclass
+class Pool:
+    """One row count's measurements, pooled over rounds."""
+    steps: list[float] = field(default_factory=list)  # seconds per step
+    latencies: list[float] = field(default_factory=list)  # seconds per completed request
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def steady_state(model, tokenizer, rows: int, requests: int, pool: Pool) -> None:
+    """Add to ``pool`` the steps, the latencies and the new tokens of ``requests``
+    completed full-length requests after the staggered start, and the time they took."""
 
     def request(i: int, tokens: int = NEW_TOKENS):
         ids = [tokenizer.bos_id, *tokenizer.encode(PROMPTS[i % len(PROMPTS)])]
@@ -51,28 +61,23 @@ def steady_state(model, tokenizer, rows: int, requests: int) -> tuple[list[float
     batch = Batch(model, tokenizer)
     batch.add([request(i, NEW_TOKENS * (i + 1) // rows) for i in range(rows)])  # not timed
     added_at = {}  # sequence -> when it was added
-    sent, steps, latencies, tokens = rows, [], [], 0
+    sent, done = rows, 0
     start = CLOCK()
-    while len(latencies) < requests:
+    while done < requests:
         began = CLOCK()
         events = batch.step()
         now = CLOCK()
-        steps.append(now - began)
-        tokens += len(events)
+        pool.steps.append(now - began)
+        pool.tokens += len(events)
         ended = [seq for seq, _ in events if seq.completion is not None]
         for seq in ended:
             if seq in added_at:
-                latencies.append(now - added_at.pop(seq))
+                pool.latencies.append(now - added_at.pop(seq))
+                done += 1
         for seq in batch.add([request(sent + j) for j in range(len(ended))]):
             added_at[seq] = CLOCK()
         sent += len(ended)
-    return steps, latencies, tokens, CLOCK() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest rank, as load.py."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
+    pool.seconds += CLOCK() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,21 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     model = checkpoint.model.float().eval()
     print(f"# continuous batching in process — {environment()}, {args.clock} clock; {args.checkpoint}")
-    steady_state(model, checkpoint.tokenizer, max(args.rows), 16)  # warm-up
-    pooled = {rows: ([], [], 0, 0.0) for rows in args.rows}
+    steady_state(model, checkpoint.tokenizer, max(args.rows), 16, Pool())  # warm-up
+    pools = {rows: Pool() for rows in args.rows}
     for _ in range(args.rounds):
         for rows in args.rows:
-            steps, latencies, tokens, seconds = steady_state(
-                model, checkpoint.tokenizer, rows, max(1, args.requests // args.rounds))
-            s, lat, n, sec = pooled[rows]
-            pooled[rows] = (s + steps, lat + latencies, n + tokens, sec + seconds)
+            steady_state(model, checkpoint.tokenizer, rows, max(1, args.requests // args.rounds),
+                         pools[rows])
     results = {}
-    for rows, (steps, latencies, tokens, seconds) in pooled.items():
-        p50, p99 = percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
-        results[rows] = (tokens / seconds, p50, p99)
-        print(f"rows {rows:3d}: {statistics.median(steps) * 1e3:6.3f} ms per step (median), "
-              f"{tokens / seconds:8,.0f} new tokens/s, latency p50 {p50:6.1f} ms, p99 {p99:6.1f} ms "
-              f"({len(latencies)} requests)")
+    for rows, pool in pools.items():
+        p50, p99 = percentile(pool.latencies, 50) * 1e3, percentile(pool.latencies, 99) * 1e3
+        tokens_per_s = pool.tokens / pool.seconds
+        results[rows] = (tokens_per_s, p50, p99)
+        print(f"rows {rows:3d}: {statistics.median(pool.steps) * 1e3:6.3f} ms per step (median), "
+              f"{tokens_per_s:8,.0f} new tokens/s, latency p50 {p50:6.1f} ms, p99 {p99:6.1f} ms "
+              f"({len(pool.latencies)} requests)")
     low, high = min(results), max(results)
     print(f"{high} rows against {low}: tokens/s {results[high][0] / results[low][0]:.2f}x, "
           f"p99 / lone p50 {results[high][2] / results[low][1]:.2f}x, "

@@ -141,7 +141,8 @@ class Batch:
             if s.params.max_new_tokens == 0:
                 s._finish("length")
             else:
-                self._joining.append((s, s.prompt_ids if ctx is None else model.context_ids(s.prompt_ids, ctx)))
+                ids = s.prompt_ids if ctx is None else model.context_ids(s.prompt_ids, ctx)
+                self._joining.append((s, ids))
         return seqs
 
     def remove(self, seq: Sequence) -> None:

@@ -118,7 +118,8 @@ class KVCache:
         holds their queries, keys and values; the keys and values are stored, and the
         output (B * T, C) is returned."""
         N, C3 = qkv.shape
-        q, k, v = qkv.view(N // self._T, self._T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = qkv.view(N // self._T, self._T, 3, n_head, C3 // (3 * n_head))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         k, v, mask, causal = self.update(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return y.transpose(1, 2).reshape(N, C3 // 3)
