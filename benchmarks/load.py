@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
 import sys
@@ -92,7 +93,9 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    # the smallest value with at least q % of them at or below it; q * n first, so that a
+    # whole rank stays whole (round(x + 0.5) rounded 99.5 to the even 100)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered) / 100) - 1))]
 
 
 def request_body(model: str, index: int, num_predict: int, temperature: float) -> dict:
@@ -197,13 +200,24 @@ def run_levels(url: str, model: str, args: argparse.Namespace) -> list[Level]:
 
 def ratios(levels: list[Level]) -> dict:
     by = {level.concurrency: level for level in levels}
-    out = {"tokens_per_s_16_over_1": None, "p99_16_over_lone": None, "p99_16_over_p99_1": None}
-    if 1 in by and 16 in by and by[1].tokens_per_s:
-        out["tokens_per_s_16_over_1"] = round(by[16].tokens_per_s / by[1].tokens_per_s, 2)
+    out = {"tokens_per_s_16_over_1": None, "p99_16_over_lone": None, "p99_16_over_p99_1": None,
+           "requests_per_s_16_over_1": None, "requests_per_s_16_over_1_for_target": None}
+    if 1 in by and 16 in by and by[1].tokens_per_s and by[16].ok:
+        one, many = by[1], by[16]
+        out["tokens_per_s_16_over_1"] = round(many.tokens_per_s / one.tokens_per_s, 2)
         # the target's ratio: a lone request's latency is its median; the p99 over p99
         # (both tails) is printed beside it, not held to the target
-        out["p99_16_over_lone"] = round(by[16].latency_ms["p99"] / by[1].latency_ms["p50"], 2)
-        out["p99_16_over_p99_1"] = round(by[16].latency_ms["p99"] / by[1].latency_ms["p99"], 2)
+        out["p99_16_over_lone"] = round(many.latency_ms["p99"] / one.latency_ms["p50"], 2)
+        out["p99_16_over_p99_1"] = round(many.latency_ms["p99"] / one.latency_ms["p99"], 2)
+        # The clients form a closed loop (each sends its next request when the last one
+        # returns), so by Little's law a level's mean latency is its clients over its
+        # requests/s: the latency target is a throughput target. With this run's tails
+        # (p99 / mean at 16, mean / median at 1), p99 <= TARGET_LATENCY x a lone request
+        # needs the requests/s at 16 to be this many times those at 1.
+        out["requests_per_s_16_over_1"] = round(many.requests_per_s / one.requests_per_s, 2)
+        tail_16 = many.latency_ms["p99"] / many.latency_ms["mean"]
+        tail_1 = one.latency_ms["mean"] / one.latency_ms["p50"]
+        out["requests_per_s_16_over_1_for_target"] = round(16 * tail_16 * tail_1 / TARGET_LATENCY, 2)
     return out
 
 
@@ -287,6 +301,9 @@ def print_report(report: dict) -> None:
         print(f"p99 latency at 16 / lone request (p50 at 1): {latency:.2f}x "
               f"(target <= {TARGET_LATENCY:g}x: {verdict}); p99 at 16 / p99 at 1: "
               f"{r['p99_16_over_p99_1']:.2f}x")
+        print(f"closed loop (Little's law): requests/s at 16 / at 1: "
+              f"{r['requests_per_s_16_over_1']:.2f}x; the p99 target needs "
+              f"{r['requests_per_s_16_over_1_for_target']:.2f}x at this run's tails")
     memory = report["memory_kib"]
     for when in ("after_start", "after_warmup", "after_load"):
         workers = ", ".join(f"{pid}: PSS {m['pss_kib'] / 1024:.1f} MiB "
