@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pickle
 import re
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 
 from _common import ROOT, environment
-from models_src import ModelConfig, build_model
 from training.config import load_config
 from training.data import random_batch
 from training.train import Trainer

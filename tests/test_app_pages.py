@@ -13,8 +13,6 @@ import re
 import zlib
 from html import unescape
 
-import pytest
-
 from app import ui
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
 

@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from models_src import ModelConfig, build_model
 from models_src.base import LanguageModel
 from models_src.infill import infill, infill_example_ids, infill_prompt_ids, stream_infill
 from models_src.sampling import SamplingParams

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models_src import ModelConfig, build_model
-from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint, unwrap
+from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
