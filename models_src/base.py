@@ -25,10 +25,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .losses import cross_entropy
 
 IGNORE_INDEX = -100  # targets equal to this are not scored
 
@@ -122,11 +122,7 @@ class LanguageModel(nn.Module):
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        return cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), IGNORE_INDEX)
 
 
 def right_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
