@@ -256,3 +256,22 @@ def test_score_documents_reads_each_document_from_a_fresh_start(arch):
     alone = torch.nn.functional.cross_entropy(logits[0], short[0, 1:], reduction="sum").item()
     first = score_documents(model, docs[:1], seq_len=16)
     assert first.nll == pytest.approx(alone, rel=1e-5)  # from position 0 / a fresh state
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+                    reason="the kernel does not give huge pages on request (madvise)")
+@pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
+def test_training_puts_large_tensors_on_huge_pages_unless_told_not_to(setting, huge):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    script = ("import re, training, torch\n"
+              "x = torch.ones(4096, 4096)\n"  # 64 MB, every page touched
+              "smaps = open('/proc/self/smaps').read()\n"
+              "print(sum(int(kb) for kb in re.findall(r'AnonHugePages:\\s+(\\d+) kB', smaps)))\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert (int(out.stdout) >= 32 * 1024) == huge, out.stdout
