@@ -74,6 +74,8 @@ class TrainingConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False
+    # auto: bf16 autocast on CUDA and on CPUs with bf16 matrix units (AMX, AVX512-BF16)
+    precision: str = "auto"  # auto | float32 | bfloat16
     num_threads: int | None = None  # torch intra-op threads on CPU
     tbptt: bool | None = None  # carry RNN state across windows; None: on for RNNs
 
@@ -86,6 +88,8 @@ class TrainingConfig:
         self.betas = tuple(self.betas)
         if self.max_steps is None and self.epochs is None and self.max_time_s is None:
             raise ConfigError("training: give max_steps, epochs or max_time_s")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"training.precision must be auto, float32 or bfloat16, not {self.precision!r}")
         if self.schedule not in ("cosine", "plateau", "constant"):
             raise ConfigError(f"training.schedule must be cosine, plateau or constant, not {self.schedule!r}")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
