@@ -78,6 +78,34 @@ def continuation_bleu(checkpoint, docs: list[str], count: int, max_tokens: int =
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
+def score_text(model, tok, docs: list[str], train_docs: list[str], seq_len: int, *,
+               by_document: bool, batch_size: int = 16, stride: int | None = None,
+               split: str = "validation") -> dict:
+    """Loss, perplexity, accuracy and bits per character of ``docs``, read the way the model
+    was trained to: one token stream, or (whole-example tasks) every document on its own
+    from <bos>; either way every token and eos counts."""
+    if by_document:
+        documents = [np.array([tok.bos_id, *ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
+        if not documents:
+            raise DataError(f"the {split} split has too little text to score")
+        scores = score_documents(model, documents, seq_len, batch_size=batch_size, stride=stride)
+    else:
+        tokens = encode_documents(docs, tok)
+        if len(tokens) < 2:
+            raise DataError(f"the {split} split has too little text to score")
+        scores = score(model, tokens, seq_len, batch_size=batch_size, stride=stride)
+    characters = sum(map(len, docs))
+    dropped = dropped_bits(tok, docs, primed_on=train_docs)
+    return {
+        "tokens": scores.tokens, "characters": characters, "loss": scores.loss,
+        "perplexity": scores.perplexity, "token_accuracy": scores.accuracy,
+        "bits_per_char": scores.bits_per_char(characters, sum(dropped.values())),
+        "dropped_bits_per_char": {part: bits / characters for part, bits in dropped.items()},
+        "vocab_size": tok.vocab_size, "seq_len": seq_len, "stride": stride or seq_len,
+        "reads": "documents" if by_document else "stream",
+    }
+
+
 def evaluate_infill(checkpoint, docs: list[str], given: str, batch_size: int, bleu: int) -> dict:
     parts, without_middle = story_parts(docs)
     if not parts:
@@ -106,32 +134,12 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
         if experiments_dir:
             record(experiments_dir, checkpoint, result, kind=f"infill:{given}")
         return result
-    tok = checkpoint.tokenizer
     seq_len = checkpoint.summary.get("seq_len") or checkpoint.config.block_size
-    # Read the text the way the model was trained to: one token stream, or (whole-example
-    # tasks) every document on its own from <bos>; either way every token and eos counts.
     by_document = _trained_data(checkpoint).get("task", "lm") != "lm"
-    if by_document:
-        documents = [np.array([tok.bos_id, *ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
-        if not documents:
-            raise DataError(f"the {split} split has too little text to score")
-        scores = score_documents(checkpoint.model, documents, seq_len, batch_size=batch_size, stride=stride)
-    else:
-        tokens = encode_documents(docs, tok)
-        if len(tokens) < 2:
-            raise DataError(f"the {split} split has too little text to score")
-        scores = score(checkpoint.model, tokens, seq_len, batch_size=batch_size, stride=stride)
-    characters = sum(map(len, docs))
-    dropped = dropped_bits(tok, docs, primed_on=train_docs)
-    result = {
-        "checkpoint": str(checkpoint.path), "split": split, "tokens": scores.tokens,
-        "characters": characters, "loss": scores.loss, "perplexity": scores.perplexity,
-        "token_accuracy": scores.accuracy,
-        "bits_per_char": scores.bits_per_char(characters, sum(dropped.values())),
-        "dropped_bits_per_char": {part: bits / characters for part, bits in dropped.items()},
-        "vocab_size": checkpoint.tokenizer.vocab_size, "seq_len": seq_len, "stride": stride or seq_len,
-        "reads": "documents" if by_document else "stream",
-    }
+    result = {"checkpoint": str(checkpoint.path), "split": split,
+              **score_text(checkpoint.model, checkpoint.tokenizer, docs, train_docs, seq_len,
+                           by_document=by_document, batch_size=batch_size, stride=stride,
+                           split=split)}
     if bleu:
         result["bleu"] = continuation_bleu(checkpoint, docs, bleu)
     if samples:

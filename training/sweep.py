@@ -8,7 +8,7 @@
 Every run has the same data and budget and writes the usual experiment rows under the
 experiment ``<name>-sweep`` (one run per combination, named after what it varies), its
 checkpoints under ``runs/<name>-sweep/<variant>/`` and its loss curves as ``loss.png``
-there; the summary table (validation loss, perplexity, accuracy, tokens/s, time) is
+there; the summary table (validation loss, perplexity, bits per character, accuracy, tokens/s, time) is
 printed at the end, as Markdown with ``--markdown``.
 """
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = Trainer(cfg).fit()
             rows.append({"variant": name, "parameters": summary["parameters"],
                          "val_loss": summary["val_loss"], "val_perplexity": summary["val_perplexity"],
+                         "bits_per_char": summary["bits_per_char"],
                          "token_accuracy": summary["token_accuracy"],
                          "tokens_per_s": summary["tokens_seen"] / max(summary["training_time_s"], 1e-9),
                          "training_time_s": summary["training_time_s"]})

@@ -32,7 +32,9 @@ from models_src.checkpoint import CheckpointError, load_checkpoint, read_config,
 from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
-from .data import DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, prepare, random_batch
+from .data import (DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, load_documents,
+                   prepare, random_batch)
+from .evaluate import score_text
 from .examples import as_stream, example_batch, in_order, prepare_examples
 from .experiments import ExperimentLog, plot_curves
 from .metrics import score, score_batches
@@ -221,7 +223,13 @@ class Trainer:
         if self.examples is not None:
             batches = islice(in_order(self.examples["validation"], self.t.batch_size,
                                       self.tokenizer.pad_id), max_batches)
-            return score_batches(self.model, batches, device=self.device, autocast=autocast).as_dict()
+            result = score_batches(self.model, batches, device=self.device, autocast=autocast).as_dict()
+            if max_batches is None:  # bits per character: each document read as evaluate reads it
+                docs = load_documents(DataConfig.from_dict(self.cfg.data))
+                text = score_text(self.model, self.tokenizer, docs["validation"], docs["train"],
+                                  self.seq_len, by_document=True, batch_size=self.t.batch_size)
+                result["bits_per_char"] = text["bits_per_char"]
+            return result
         scores = score(self.model, self.data.splits["validation"], self.seq_len,
                        batch_size=self.t.batch_size, max_batches=max_batches, device=self.device,
                        autocast=autocast)
