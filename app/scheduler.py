@@ -3,7 +3,7 @@
 Request threads (gunicorn's gthread pool) never run the model. They hand a ``Ticket`` to
 the ``Scheduler`` and read its text pieces from a queue. The scheduler's one thread
 decodes every running sequence of a model together, one step at a time
-(``models_src.batching.Batch``): requests that arrive while others are decoding join at
+(``models_src.generation.Batch``): requests that arrive while others are decoding join at
 the next step, finished or abandoned ones leave at once, and each keeps its own sampling
 settings. One compute thread per worker also means torch's threads never compete with
 each other (``FABLE_TORCH_THREADS`` defaults to (cores - 1) // workers).
@@ -25,7 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from models_src.batching import Batch, Sequence
+from models_src.generation import Batch, Sequence
 from models_src.sampling import Completion, SamplingParams
 
 log = logging.getLogger(__name__)

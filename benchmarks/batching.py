@@ -5,7 +5,7 @@
                                   [--clock wall|cpu]
 
 The server's steady state under ``benchmarks/load.py``, without HTTP or threads:
-``rows`` sequences decode together in one ``models_src.batching.Batch``; each is a
+``rows`` sequences decode together in one ``models_src.generation.Batch``; each is a
 64-token request (the load benchmark's prompts, temperature 0.8, its own seed), and a
 request that ends is replaced by a new one before the next step, as a client sends its
 next request. The first ``rows`` requests ask for 4, 8, ... tokens so that rows end at
@@ -33,7 +33,7 @@ import torch
 from _common import ROOT, environment
 from load import PROMPTS, percentile  # the served benchmark's requests and percentiles
 
-from models_src.batching import Batch
+from models_src.generation import Batch
 from models_src.checkpoint import load_checkpoint
 from models_src.sampling import SamplingParams
 

@@ -19,7 +19,8 @@ import torch
 
 from _common import best_of, environment
 from models_src import ModelConfig, build_model
-from models_src.sampling import SamplingParams, generate
+from models_src.generation import generate
+from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
 
 ALPHABET = "".join(chr(c) for c in range(32, 91)) + "\n!?;:'"  # 65 characters

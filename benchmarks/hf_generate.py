@@ -34,7 +34,8 @@ from _common import ROOT, environment
 from models_src import ModelConfig, build_model
 from models_src.checkpoint import load_checkpoint
 from models_src.hf_export import export_to_hf
-from models_src.sampling import SamplingParams, generate
+from models_src.generation import generate
+from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
 
 ALPHABET = "".join(chr(c) for c in range(32, 91)) + "\n!?;:'"  # 65 characters, as generation.py

@@ -1,23 +1,11 @@
 """The contract every architecture answers.
 
-Training and evaluation call ``forward(input_ids, targets)``. Generation calls
-``init_state(batch_size)`` once and then ``step(tokens, state, lengths)`` for the
-prompt and for every new token, so each new token costs the same whatever the
-length of the text before it: the state is the recurrent (h, c) of an RNN or the
-key/value cache of an attention model.
-
-``prefill(rows)`` is that first step for whole prompts, returning only the logits
-generation needs (after each row's last id).
-
-A server decoding many requests together (continuous batching) also needs to regroup
-rows of states between steps: ``select_rows(state, rows)`` keeps some rows (finished
-ones leave) and ``concat_rows(states)`` appends rows. ``join_step`` is one step of such a
-batch that new requests join: by default a step, a prefill and ``concat_rows``; a model
-may do it in one pass (the GPT does: new prompts then cost a few more rows in each
-matrix product instead of a forward pass of their own). ``context_ids``/``context_length``
-say what a fresh state is fed when a sequence is longer than ``max_context`` allows (by
-default its last ids; an encoder–decoder keeps its source) and how much of the context a
-sequence fills.
+Training and evaluation call ``forward(input_ids, targets)``. Generation feeds a state
+(``init_state``) with ``step``, so each new token costs the same whatever came before:
+the recurrent (h, c) of an RNN or the key/value cache of an attention model. The state
+object regroups its own rows (``select(rows)``, ``append(other)``), which is all a
+batch engine needs to let sequences join and leave. ``prefill`` and ``join_step`` are
+the first step of new prompts, alone or together with a running batch's step.
 """
 
 from __future__ import annotations
@@ -65,16 +53,6 @@ class LanguageModel(nn.Module):
         """
         raise NotImplementedError
 
-    def select_rows(self, state: Any, rows: torch.Tensor) -> Any:
-        """A state holding only ``rows`` (B',) of ``state``, in that order. It may be
-        ``state`` changed in place: use only the state returned."""
-        raise NotImplementedError
-
-    def concat_rows(self, states: list[Any]) -> Any:
-        """One state holding the rows of every state in ``states``, one after another.
-        It may be the first of them changed in place: use only the state returned."""
-        raise NotImplementedError
-
     def prefill(self, rows: list[list[int]]) -> tuple[torch.Tensor, Any]:
         """A fresh state fed every row of ids (at least one each; rows may differ in
         length) and the logits after each row's last id (B, V)."""
@@ -102,7 +80,7 @@ class LanguageModel(nn.Module):
             states.append(new_state)
         if not states:
             raise ValueError("a step needs a running row or a prompt")
-        state = states[0] if len(states) == 1 else self.concat_rows(states)
+        state = states[0] if len(states) == 1 else states[0].append(states[1])
         return torch.cat(logits) if len(logits) > 1 else logits[0], state
 
     def context_ids(self, ids: list[int], keep: int) -> list[int]:

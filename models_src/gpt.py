@@ -44,12 +44,6 @@ class GPT(LanguageModel):
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
                        device=self.device, dtype=self.wte.weight.dtype)
 
-    def select_rows(self, state: KVCache, rows) -> KVCache:
-        return state.select(rows)
-
-    def concat_rows(self, states: list[KVCache]) -> KVCache:
-        return KVCache.concat(states)
-
     def step(self, tokens, state: KVCache, lengths=None):
         if self.training:  # the module path, dropout included
             positions = state.begin(tokens.size(1), lengths)
@@ -90,7 +84,7 @@ class GPT(LanguageModel):
                 x = x[torch.tensor([*range(running), *last], device=x.device)]
             logits = self._head(x)
         if prompts:
-            state = fresh if tokens is None else KVCache.concat([state, fresh])
+            state = fresh if tokens is None else state.append(fresh)
         return logits, state
 
     def _decode(self, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .sampling import Completion, SamplingParams, Stream, generate, stream
+from .generation import Stream, generate, stream
+from .sampling import Completion, SamplingParams
 
 
 def infill_prompt_ids(tokenizer, first: str, last: str) -> list[int]:
@@ -43,6 +44,6 @@ def infill(model, tokenizer, first: str, last: str, params: SamplingParams | Non
 
 
 def stream_infill(model, tokenizer, first: str, last: str, params: SamplingParams | None = None) -> Stream:
-    """The middle as it is written (pieces as ``sampling.stream`` yields them)."""
+    """The middle as it is written (pieces as ``generation.stream`` yields them)."""
     return stream(model, tokenizer, prompt_ids=infill_prompt_ids(tokenizer, first, last),
                   params=infill_params(params, last))

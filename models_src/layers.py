@@ -145,11 +145,10 @@ class KVCache:
             self.uniform = None
 
     # ---- regrouping rows (continuous batching) ------------------------------------
-    # Rows join and leave a running batch many times a second. Copying the whole cache
-    # each time was 9 % of a 16-row server step (py-spy; benchmarks/README.md), so both
-    # work in place and copy only the rows that move: ``select`` moves the rows it keeps
-    # into the free slots, ``concat`` writes the new rows after the running ones and
-    # grows the storage (doubling, ``_make_room``) only when it is full.
+    # Rows join and leave a running batch many times a second, so both work in place and
+    # copy only the rows that move: ``select`` moves the rows it keeps into the free
+    # slots, ``append`` writes the new rows after the running ones and grows the storage
+    # (doubling, ``_make_room``) only when it is full.
 
     def _regrouped(self, lengths: torch.Tensor) -> KVCache:
         self.lengths = lengths
@@ -175,21 +174,17 @@ class KVCache:
             self._v_rows[:, dst] = self._v_rows[:, src]
         return self._regrouped(self.lengths[rows])
 
-    @classmethod
-    def concat(cls, caches: list[KVCache]) -> KVCache:
-        """The first cache with the rows of the others appended after its own (it is
-        changed in place and returned; the others are copied)."""
-        if len({c.max_len for c in caches}) != 1:
+    def append(self, other: KVCache) -> KVCache:
+        """This cache with the rows of ``other`` after its own (changed in place and
+        returned; ``other``'s rows are copied)."""
+        if other.max_len != self.max_len:
             raise ValueError("caches of different context lengths cannot be joined")
-        first = caches[0]
-        n = len(first.lengths)
-        first._make_room(sum(len(c.lengths) for c in caches), max(c.positions for c in caches))
-        for c in caches[1:]:  # only the positions it holds (the rest are never attended to)
-            m, p = len(c.lengths), c.positions
-            first._k_rows[:, n:n + m, :, :p] = c.k
-            first._v_rows[:, n:n + m, :, :p] = c.v
-            n += m
-        return first._regrouped(torch.cat([c.lengths for c in caches]))
+        n, m, p = len(self.lengths), len(other.lengths), other.positions
+        self._make_room(n + m, max(self.positions, p))
+        # only the positions it holds (the rest are never attended to)
+        self._k_rows[:, n:n + m, :, :p] = other.k
+        self._v_rows[:, n:n + m, :, :p] = other.v
+        return self._regrouped(torch.cat([self.lengths, other.lengths]))
 
 
 def _doubled(need: int, have: int) -> int:

@@ -38,6 +38,37 @@ def embedding_dropout(embedding: nn.Embedding, ids: torch.Tensor, p: float, trai
     return F.embedding(ids, weight)
 
 
+class RecurrentState:
+    """The decoding state of a recurrent model: per layer h, or (h, c) for an LSTM, each
+    (1, B, hidden), so rows are dimension 1."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+
+    def __getitem__(self, i: int):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _map(self, fn) -> RecurrentState:
+        return RecurrentState([tuple(fn(t) for t in h) if isinstance(h, tuple) else fn(h)
+                               for h in self.layers])
+
+    def select(self, rows: torch.Tensor) -> RecurrentState:
+        """A state holding only ``rows``, in that order."""
+        return self._map(lambda t: t[:, rows])
+
+    def append(self, other: RecurrentState) -> RecurrentState:
+        """A state holding this state's rows, then ``other``'s."""
+        return RecurrentState([tuple(torch.cat(ts, 1) for ts in zip(a, b)) if isinstance(a, tuple)
+                               else torch.cat([a, b], 1) for a, b in zip(self.layers, other.layers)])
+
+    def detach(self) -> RecurrentState:
+        """The same values cut from the graph behind them (truncated back-propagation)."""
+        return self._map(torch.Tensor.detach)
+
+
 class RecurrentLM(LanguageModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -94,30 +125,22 @@ class RecurrentLM(LanguageModel):
             if i < len(self.layers) - 1:
                 x = locked_dropout(x, c.dropout_hidden, self.training)
         x = locked_dropout(x, c.dropout, self.training)
-        return self.decoder(x), new_state
+        return self.decoder(x), RecurrentState(new_state)
 
     def forward(self, input_ids, targets=None):
         logits, _ = self._run(input_ids, None)
         return logits, None if targets is None else self.loss(logits, targets)
 
-    def init_state(self, batch_size: int) -> list:
+    def init_state(self, batch_size: int) -> RecurrentState:
         p = self.embedding.weight
         state = []
         for layer in self.layers:
             h = p.new_zeros(1, batch_size, layer.hidden_size)
             state.append((h, torch.zeros_like(h)) if self.config.arch == "lstm" else h)
-        return state
+        return RecurrentState(state)
 
     def step(self, tokens, state, lengths=None):
         if self.training or tokens.size(1) > 1:  # windows, prompts: oneDNN's LSTM is faster
             return self._run(tokens, state, lengths)
         with aten_kernels():  # one token: oneDNN's per-call set-up would be most of the step
             return self._run(tokens, state, lengths)
-
-    # The state is, per layer, h or (h, c), each (1, B, hidden): rows are dimension 1.
-    def select_rows(self, state, rows):
-        return [tuple(t[:, rows] for t in h) if isinstance(h, tuple) else h[:, rows] for h in state]
-
-    def concat_rows(self, states):
-        return [tuple(torch.cat(ts, 1) for ts in zip(*layer)) if isinstance(layer[0], tuple)
-                else torch.cat(layer, 1) for layer in zip(*states)]

@@ -1,19 +1,16 @@
-"""One sampling loop for every architecture.
+"""How each next token is picked, and how the picked tokens become text.
 
-Generation needs nothing but the contract of :class:`models_src.base.LanguageModel`:
-one ``prefill`` of the prompts (a fresh state fed them in one batched step), then one
-``step`` of a single token per row for every new token. So an RNN, a GPT with a
-key/value cache and the encoder-decoder all share this code.
-
-The logit processors are small pure functions on (B, V) tensors, applied in the order
-Hugging Face uses: repetition penalty, temperature, top-k, top-p. The only host sync
-per step is one ``tolist()`` of the sampled tokens, which detokenization needs anyway.
+``SamplingParams`` says what one request wants; ``RowSettings`` holds the settings of a
+batch's rows as (B, 1) tensors, and ``sample`` picks one token per row with the logit
+processors (repetition penalty, temperature, top-k, top-p: Hugging Face's order) and one
+uniform draw per row from the row's own generator. ``TextStream`` turns a row's ids into
+text that is safe to show as it comes. The decode loop itself is ``models_src.generation``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -86,63 +83,100 @@ class Completion:
 
 
 # --- logit processing: pure functions on (B, V) float logits -----------------------------
+# Each takes one value for every row (a float) or one per row (a (B, 1) tensor).
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
-                             penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
     """Make every token in ``seen`` (B, V bool) less likely by ``penalty`` (CTRL, Keskar 2019).
 
     A positive logit is divided and a negative one multiplied: both move towards lower
     probability. Dividing a negative logit would *raise* it (Hugging Face issue #2302).
     """
-    if penalty == 1.0:
-        return logits
-    return penalise(logits, seen, float32_safe(penalty))
-
-
-def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
-    """The penalty's sign rule; ``penalty`` a float or a (B, 1) tensor (one per row)."""
+    if isinstance(penalty, float):
+        if penalty == 1.0:
+            return logits
+        penalty = float32_safe(penalty)
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def apply_temperature(logits: torch.Tensor, temperature) -> torch.Tensor:
     """Sharpen (< 1) or flatten (> 1) the distribution; 0 is handled as greedy by the caller."""
-    return logits if temperature == 1.0 else logits / float32_safe(temperature)
+    if isinstance(temperature, float):
+        return logits if temperature == 1.0 else logits / float32_safe(temperature)
+    return logits / temperature
 
 
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+def apply_top_k(logits: torch.Tensor, k) -> torch.Tensor:
     """Keep the k highest logits of each row (more when several tie with the k-th)."""
-    if k >= logits.size(-1):
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]
+    V = logits.size(-1)
+    if isinstance(k, int):
+        if k >= V:
+            return logits
+        kth = logits.topk(k, dim=-1).values[..., -1:]
+    else:
+        k = k.clamp(max=V)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(-1, k - 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p) -> torch.Tensor:
     """Nucleus sampling (Holtzman 2019): keep the smallest set of most likely tokens whose
     probability is at least p. A token is dropped when the tokens ranked above it already
     reach p, so the top token (nothing above it) is always kept."""
-    if p >= 1.0:
+    if isinstance(p, float) and p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    drop_sorted = outside_nucleus(sorted_logits, p)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p
+    drop_sorted[..., 0] = False  # explicit: a p below float32 resolution would compare equal to 0
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def outside_nucleus(sorted_logits: torch.Tensor, p) -> torch.Tensor:
-    """Which of the descending ``sorted_logits`` top-p drops; ``p`` a float or (B, 1)."""
-    probs = sorted_logits.softmax(dim=-1)
-    drop = probs.cumsum(dim=-1) - probs >= p
-    drop[..., 0] = False  # explicit: a p below float32 resolution would compare equal to 0
-    return drop
+class RowSettings:
+    """The sampling settings of a batch's rows as (B, 1) tensors. A processor no row uses
+    is None (skipped); rows without it get a neutral value."""
+
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device) -> None:
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        self.greedy_list = [p.temperature < GREEDY_BELOW for p in params]
+        self.greedy = torch.tensor(self.greedy_list, device=device)
+        self.all_greedy = all(self.greedy_list)
+        self.temperature = column([1.0 if g else float32_safe(p.temperature)
+                                   for p, g in zip(params, self.greedy_list)])
+        self.penalty = self.top_k = self.top_p = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            self.penalty = column([float32_safe(p.repetition_penalty) for p in params])
+        if any(p.top_k is not None and p.top_k < vocab_size for p in params):
+            self.top_k = column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
+        if any(p.top_p is not None and p.top_p < 1.0 for p in params):
+            self.top_p = column([1.0 if p.top_p is None else p.top_p for p in params])
+
+
+def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row (B,) of ``logits`` (B, V), each row with its own settings and its
+    own uniform draw ``u`` (B, 1) (ignored for greedy rows); ``seen`` (B, V bool) marks the
+    tokens the repetition penalty applies to."""
+    logits = logits.float()
+    if rows.penalty is not None:
+        logits = apply_repetition_penalty(logits, seen, rows.penalty)
+    greedy = logits.argmax(dim=-1)
+    if rows.all_greedy:
+        return greedy
+    logits = apply_temperature(logits, rows.temperature)
+    if rows.top_k is not None:
+        logits = apply_top_k(logits, rows.top_k)
+    if rows.top_p is not None:
+        logits = apply_top_p(logits, rows.top_p)
+    return torch.where(rows.greedy, greedy, inverse_cdf(logits.softmax(dim=-1), u))
 
 
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator seeded with ``seed``, or with fresh entropy when None (never torch's
-    global generator). Sampling draws one uniform per row per step, so they are made on
-    the CPU whatever the model's device: a seed gives the same draws on any device, and a
-    server's rows can fetch theirs in chunks without a device sync per row
-    (``batching.Sequence.uniform``)."""
+    global generator). Draws are made on the CPU whatever the model's device, so a seed
+    gives the same draws on any device."""
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -151,29 +185,9 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None = None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V); return (B,) ids on the logits' device."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, params.temperature)
-    if params.top_k is not None:
-        logits = apply_top_k(logits, params.top_k)
-    if params.top_p is not None:
-        logits = apply_top_p(logits, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return inverse_cdf(probs, uniforms(probs.size(0), generator, probs.device))
-
-
 def uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """(rows, 1) draws from U[0, 1) on ``device``: what ``inverse_cdf`` turns into tokens.
-    They are drawn where ``generator`` lives (the CPU without one, and for
-    ``make_generator``'s). A row sampled alone draws one, so a seed gives the same tokens
-    whatever batch runs it."""
+    """(rows, 1) draws from U[0, 1) on ``device``, drawn where ``generator`` lives (the CPU
+    without one): what ``inverse_cdf`` turns into tokens."""
     where = generator.device if generator is not None else torch.device("cpu")
     return torch.rand(rows, 1, generator=generator, device=where).to(device)
 
@@ -182,13 +196,11 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` (B, V): the first whose cumulative probability
     exceeds ``u`` (B, 1) times the row's total (inverse transform sampling).
 
-    One uniform per row: torch.multinomial (and HF's sampling through it) races an
-    exponential draw per token, ~32 ns each, 1 ms of a batch-8 step over 4,096 tokens, 88 %
-    of the sampling time (torch.profiler; benchmarks/README.md). Tokens of probability 0
-    (cut by top-k or top-p) are never picked: the sum only steps up at a token that has
-    some, and the target stays below the total even where ``u * total`` rounds up to it.
-    The clamp keeps a NaN row to a valid id rather than an error, as greedy's argmax always
-    did."""
+    One uniform per row, where torch.multinomial races an exponential draw per token
+    (benchmarks/README.md). Tokens of probability 0 (cut by top-k or top-p) are never
+    picked: the sum only steps up at a token that has some, and the target stays below
+    the total even where ``u * total`` rounds up to it. The clamp keeps a NaN row to a
+    valid id rather than an error, as greedy's argmax does."""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
@@ -262,146 +274,3 @@ class TextStream:
                     longest = k
                     break
         return longest
-
-
-# --- the loop -----------------------------------------------------------------------------
-
-def _prefill(model, rows: list[list[int]], keep: int | None):
-    """A fresh state fed each row cut to ``keep`` positions by ``model.context_ids``
-    (whole when None). Returns (state, logits after each row's last id (B, V), the
-    positions each row's state holds)."""
-    rows = [model.context_ids(r, keep) for r in rows] if keep is not None else rows
-    logits, state = model.prefill(rows)
-    return state, logits, [model.context_length(r) for r in rows]
-
-
-def _accept(text: TextStream, token: int, eos_id: int | None,
-            limit: int) -> tuple[str, str | None]:
-    """Give one sampled token to a row; return its new text and finish reason (None: goes on)."""
-    if token == eos_id:
-        return text.flush(), "stop"
-    piece = text.push(token)
-    if not text.stopped and len(text.ids) == limit:
-        piece += text.flush()
-    return piece, "stop" if text.stopped else "length" if len(text.ids) == limit else None
-
-
-def _steps(model, tokenizer: Tokenizer, prompt_ids: list[list[int]],
-           params: SamplingParams) -> Generator[list[str], None, list[Completion]]:
-    """The core loop: yields each step's new text per row, returns the completions.
-
-    Finished rows are still fed (their sampled token) so the batch keeps its shape, but
-    their output is ignored; the loop ends when every row has finished.
-    """
-    B, ctx, limit = len(prompt_ids), model.max_context, params.max_new_tokens
-    streams = [TextStream(tokenizer, params.stop, context=p) for p in prompt_ids]
-    eos_id = None if params.ignore_eos else tokenizer.eos_id
-    reasons: list[str | None] = [None] * B
-    generated = [0] * B  # tokens sampled per row, eos included
-
-    def completions() -> list[Completion]:
-        return [Completion(s.text, s.ids, reason or "length", len(p), n)
-                for s, reason, p, n in zip(streams, reasons, prompt_ids, generated)]
-
-    if not B or not limit:
-        return completions()
-    device = model.device
-    generator = make_generator(params.seed)
-    with torch.inference_mode():
-        state, logits, held = _prefill(model, prompt_ids, ctx)
-        filled = max(held)  # positions the fullest row's state holds
-        seen = None  # (B, V) tokens in the prompt or generated: only the penalty needs it
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=device)
-            for row, ids in enumerate(prompt_ids):
-                seen[row, ids] = True
-    for _ in range(limit):
-        with torch.inference_mode():
-            tokens = sample_next(logits, params, generator, seen)
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-        pieces = [""] * B
-        for row, token in enumerate(tokens.tolist()):  # the one host sync per step
-            if reasons[row] is None:
-                generated[row] += 1
-                pieces[row], reasons[row] = _accept(streams[row], token, eos_id, limit)
-        yield pieces
-        if all(reasons):
-            break
-        with torch.inference_mode():
-            if ctx is not None and filled + 1 > ctx:
-                # Re-prime: restart from the last half-context of every row, so the next
-                # overflow is ctx // 2 tokens away (constant amortised cost per token).
-                history = [p + s.ids for p, s in zip(prompt_ids, streams)]
-                state, logits, held = _prefill(model, history, max(1, ctx // 2))
-                filled = max(held)
-            else:
-                logits, state = model.step(tokens[:, None], state)
-                logits, filled = logits[:, -1], filled + 1
-    return completions()
-
-
-def _resolve_prompts(tokenizer, prompts, prompt_ids) -> list[list[int]]:
-    if (prompts is None) == (prompt_ids is None):
-        raise ValueError("pass exactly one of prompts (text) or prompt_ids (token ids)")
-    if prompt_ids is not None:
-        rows = [list(r) for r in prompt_ids]
-        if any(not r for r in rows):
-            raise ValueError("every row of prompt_ids needs at least one token (e.g. bos)")
-        return rows
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    return [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-
-
-def generate(model, tokenizer: Tokenizer, prompts: str | list[str] | None = None,
-             params: SamplingParams | None = None, *,
-             prompt_ids: list[list[int]] | None = None) -> list[Completion]:
-    """Complete each prompt; one Completion per prompt, in order.
-
-    Text prompts become ``[bos] + encode(prompt)`` (an empty prompt starts from bos);
-    ``prompt_ids`` are used exactly as given (e.g. an infilling ``first <blank> last <sep>``).
-    With sampling, a seed reproduces a whole batch; a row's text may depend on its batch.
-    """
-    steps = _steps(model, tokenizer, _resolve_prompts(tokenizer, prompts, prompt_ids),
-                   params or SamplingParams())
-    while True:
-        try:
-            next(steps)
-        except StopIteration as end:
-            return end.value
-
-
-class Stream:
-    """Iterator over the text pieces of one completion; ``completion`` is set at its end.
-
-    The pieces concatenate to exactly ``completion.text``: no partial character and no
-    part of a stop string is ever yielded.
-    """
-
-    def __init__(self, steps: Generator[list[str], None, list[Completion]]) -> None:
-        self.completion: Completion | None = None
-        self._pieces = self._run(steps)
-
-    def _run(self, steps) -> Iterator[str]:
-        while True:
-            try:
-                piece = next(steps)[0]
-            except StopIteration as end:
-                self.completion = end.value[0]
-                return
-            if piece:
-                yield piece
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-
-def stream(model, tokenizer: Tokenizer, prompt: str | None = None,
-           params: SamplingParams | None = None, *, prompt_ids: list[int] | None = None) -> Stream:
-    """Like ``generate`` for one prompt, yielding text as soon as it is certain."""
-    rows = _resolve_prompts(tokenizer, prompt, None if prompt_ids is None else [prompt_ids])
-    return Stream(_steps(model, tokenizer, rows, params or SamplingParams()))

@@ -50,6 +50,31 @@ class Seq2SeqState:
     memory_kv: list | None = None  # per decoder layer, computed at the first step
     memory_mask: torch.Tensor | None = None
 
+    def select(self, rows: torch.Tensor) -> Seq2SeqState:
+        """A state holding only ``rows``, in that order (the cache is regrouped in place)."""
+        if self.memory_kv is None:
+            return Seq2SeqState(self.cache.select(rows))
+        return Seq2SeqState(self.cache.select(rows), [(k[rows], v[rows]) for k, v in self.memory_kv],
+                            self.memory_mask[rows])
+
+    def append(self, other: Seq2SeqState) -> Seq2SeqState:
+        """This state's rows, then ``other``'s. Rows join after their first step (the encoder
+        has run); sources of different lengths are padded to the longest, the padding
+        masked out."""
+        if self.memory_kv is None or other.memory_kv is None:
+            raise ValueError("a seq2seq state joins a batch only after its first step")
+        S = max(self.memory_mask.size(-1), other.memory_mask.size(-1))
+
+        def pad(t, dim, value):  # to S along ``dim``: memory k/v (B, H, S', D), mask (B, 1, 1, S')
+            shape = list(t.shape)
+            shape[dim] = S - t.size(dim)
+            return torch.cat([t, t.new_full(shape, value)], dim) if shape[dim] else t
+
+        memory_kv = [tuple(torch.cat([pad(a, 2, 0.0), pad(b, 2, 0.0)]) for a, b in zip(mine, theirs))
+                     for mine, theirs in zip(self.memory_kv, other.memory_kv)]
+        mask = torch.cat([pad(self.memory_mask, 3, False), pad(other.memory_mask, 3, False)])
+        return Seq2SeqState(self.cache.append(other.cache), memory_kv, mask)
+
 
 class Seq2SeqTransformer(LanguageModel):
     def __init__(self, config: ModelConfig) -> None:
@@ -134,29 +159,6 @@ class Seq2SeqTransformer(LanguageModel):
         cache = KVCache(len(self.decoder), batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
                         device=self.device, dtype=self.wte.weight.dtype)
         return Seq2SeqState(cache)
-
-    def select_rows(self, state: Seq2SeqState, rows) -> Seq2SeqState:
-        if state.memory_kv is None:
-            return Seq2SeqState(state.cache.select(rows))
-        return Seq2SeqState(state.cache.select(rows), [(k[rows], v[rows]) for k, v in state.memory_kv],
-                            state.memory_mask[rows])
-
-    def concat_rows(self, states: list[Seq2SeqState]) -> Seq2SeqState:
-        """Rows join after their first step (the encoder has run); sources of different
-        lengths are padded to the longest, the padding masked out."""
-        if any(s.memory_kv is None for s in states):
-            raise ValueError("a seq2seq state joins a batch only after its first step")
-        S = max(s.memory_mask.size(-1) for s in states)
-
-        def pad(t, dim, value):  # to S along ``dim``: memory k/v (B, H, S', D), mask (B, 1, 1, S')
-            shape = list(t.shape)
-            shape[dim] = S - t.size(dim)
-            return torch.cat([t, t.new_full(shape, value)], dim) if shape[dim] else t
-
-        memory_kv = [tuple(torch.cat([pad(s.memory_kv[i][j], 2, 0.0) for s in states]) for j in (0, 1))
-                     for i in range(len(self.decoder))]
-        mask = torch.cat([pad(s.memory_mask, 3, False) for s in states])
-        return Seq2SeqState(KVCache.concat([s.cache for s in states]), memory_kv, mask)
 
     def step(self, tokens, state: Seq2SeqState, lengths=None):
         """The first call must carry the whole source and its separator."""

@@ -16,7 +16,7 @@ import pytest
 from app.service import GenerationService, ServerBusy, UnknownModel
 from app.settings import Limits, Settings, SettingsError
 from app.validation import ValidationError, make_params, sampling_values
-from models_src.batching import Batch
+from models_src.generation import Batch
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
 
 GEN = "/api/generate"

@@ -1,4 +1,4 @@
-"""Continuous batching: sequences that join and leave a running batch get exactly the
+"""The decode engine: sequences that join and leave a running batch get exactly the
 text they would get alone, for every architecture."""
 
 import dataclasses
@@ -8,9 +8,9 @@ import torch
 
 from models_src import ARCHITECTURES, ModelConfig, build_model
 from models_src.base import LanguageModel
-from models_src.batching import DRAW_CHUNK, Batch, Sequence
+from models_src.generation import DRAW_CHUNK, Batch, Sequence
 from models_src.layers import KVCache
-from models_src.sampling import SamplingParams, generate, uniforms
+from models_src.sampling import SamplingParams, uniforms
 
 V, SEP, BOS, EOS = 60, 3, 1, 2
 
@@ -83,30 +83,27 @@ def test_sequences_joining_at_different_steps_match_running_alone(arch):
         assert seq.completion.completion_tokens == want.completion_tokens
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_a_sequence_alone_matches_the_sampling_loop(arch):
-    model = make(arch)
-    for params in (SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
-                   SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.5),
-                   SamplingParams(max_new_tokens=12, temperature=0.9, top_k=9, top_p=0.8, seed=4,
-                                  ignore_eos=True)):
-        ids = prompt(6, 5, arch)
-        want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
-        assert alone(model, ids, params).token_ids == want.token_ids
-
-
-def test_a_row_draws_its_uniforms_in_chunks_as_the_sampling_loop_draws_one_a_step():
-    """Rows fetch DRAW_CHUNK draws at once (a CPU generator's stream does not depend on
-    how many are drawn at a time): a seeded request longer than a chunk still gets the
-    tokens sampling.generate gives it."""
-    model = make("gpt", block_size=256)
-    params = SamplingParams(max_new_tokens=DRAW_CHUNK * 2 + 5, temperature=1.0, seed=11, ignore_eos=True)
-    ids = prompt(4, 6, "gpt")
-    want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
-    assert alone(model, ids, params).token_ids == want.token_ids
-    seq = Sequence(ids, params, TOK, V, torch.device("cpu"))
+def test_a_row_draws_its_uniforms_in_chunks_as_one_at_a_time():
+    """Rows fetch DRAW_CHUNK draws at once: a CPU generator's stream does not depend on how
+    many are drawn at a time, so a seed gives the same draws past a chunk."""
+    params = SamplingParams(temperature=1.0, seed=11)
+    seq = Sequence([BOS], params, TOK, V, torch.device("cpu"))
     g = torch.Generator().manual_seed(11)
-    assert [seq.uniform() for _ in range(150)] == [uniforms(1, g, "cpu").item() for _ in range(150)]
+    assert [seq.uniform() for _ in range(DRAW_CHUNK * 2 + 22)] == \
+        [uniforms(1, g, "cpu").item() for _ in range(DRAW_CHUNK * 2 + 22)]
+
+
+class Rows:
+    """FixedLM's state: just a number of rows."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def select(self, rows):
+        return Rows(len(rows))
+
+    def append(self, other):
+        return Rows(self.n + other.n)
 
 
 class FixedLM(LanguageModel):
@@ -120,16 +117,10 @@ class FixedLM(LanguageModel):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
     def init_state(self, batch_size):
-        return batch_size
+        return Rows(batch_size)
 
     def step(self, tokens, state, lengths=None):
         return self.logits.expand(tokens.size(0), tokens.size(1), -1), state
-
-    def select_rows(self, state, rows):
-        return len(rows)
-
-    def concat_rows(self, states):
-        return sum(states)
 
 
 def draws(logits, params, n=400):
@@ -175,7 +166,7 @@ def test_mixed_settings_in_one_batch_are_each_respected():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_a_full_context_is_reprimed_like_the_sampling_loop(arch):
+def test_a_full_context_is_reprimed_and_each_row_matches_running_alone(arch):
     model = make(arch, block_size=16)
     params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
     requests = {0: [(prompt(10, 1, arch), params)], 2: [(prompt(4, 2, arch), params)]}
@@ -185,19 +176,19 @@ def test_a_full_context_is_reprimed_like_the_sampling_loop(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_a_prompt_longer_than_the_context_keeps_its_end_like_the_sampling_loop(arch):
+def test_a_prompt_longer_than_the_context_keeps_its_end(arch):
     model = make(arch, block_size=16)
     params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
     ids = prompt(30 if arch != "seq2seq" else 12, 3, arch)  # seq2seq: the target side overflows
     if arch == "seq2seq":
         ids += list(range(10, 30))
-    want = generate(model, TOK, prompt_ids=[ids], params=params)[0]
+    kept = ids if model.max_context is None else model.context_ids(ids, model.max_context)
+    want = alone(model, kept, params)
     assert alone(model, ids, params).token_ids == want.token_ids
     assert alone(model, ids, params).prompt_tokens == len(ids)
 
 
-@pytest.mark.parametrize("loop", ["batch", "generate"])
-def test_a_reprimed_encoder_decoder_still_reads_its_source(loop):
+def test_a_reprimed_encoder_decoder_still_reads_its_source():
     """Past the context the decoder restarts from the last half of its target side; the
     source stays (cutting the whole row from the left used to drop it)."""
     model = make("seq2seq", block_size=16)
@@ -213,7 +204,7 @@ def test_a_reprimed_encoder_decoder_still_reads_its_source(loop):
 
     model.step = recording_step
     params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
-    done = alone(model, ids, params) if loop == "batch" else generate(model, TOK, prompt_ids=[ids], params=params)[0]
+    done = alone(model, ids, params)
     assert len(done.token_ids) == 40 and len(fed) >= 3  # re-primed at least twice
     for row in fed:
         assert row[:len(source) + 1] == [*source, SEP]
@@ -269,12 +260,12 @@ def test_the_key_value_cache_regroups_in_place_copying_only_moved_rows():
     want_v = torch.cat([a.v[:, [0, 3, 2]], b.v], 1)
     storage = a._k_rows.data_ptr()
     kept = a.select(torch.tensor([0, 3, 2]))  # row 1 leaves, row 3 moves into its place
-    joined = KVCache.concat([kept, b])  # 3 + 2 rows > 4: the storage doubles
+    joined = kept.append(b)  # 3 + 2 rows > 4: the storage doubles
     assert joined.lengths.tolist() == [3, 5, 2, 1, 1] and joined.uniform is None
     assert torch.equal(joined.k, want_k) and torch.equal(joined.v, want_v)
     assert kept is a and joined is a and joined.capacity == 8 and a._k_rows.data_ptr() != storage
     storage = joined._k_rows.data_ptr()
-    again = KVCache.concat([joined.select(torch.tensor([3, 4])), cache(3, [2, 2, 2])])
+    again = joined.select(torch.tensor([3, 4])).append(cache(3, [2, 2, 2]))
     assert again.capacity == 8 and again._k_rows.data_ptr() == storage  # room enough: no new storage
     assert again.lengths.tolist() == [1, 1, 2, 2, 2] and torch.equal(again.k[:, :2], want_k[:, 3:])
     # rows that are read and written in the same regrouping (here two swap places)
@@ -299,7 +290,7 @@ def test_the_key_value_cache_allocates_positions_as_they_fill():
     running.begin(1, None)  # a sixth token: the room doubles
     assert running.positions == 10
     before = running.k.clone()
-    joined = KVCache.concat([running, prompt])
+    joined = running.append(prompt)
     assert joined.positions == 10 and joined.lengths.tolist() == [5, 5, 3]
     assert torch.equal(joined.k[:, :2], before) and torch.equal(joined.k[:, 2:, :, :3], prompt.k)
     with pytest.raises(ValueError, match="exceeds the context"):

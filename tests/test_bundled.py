@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from models_src.checkpoint import load_checkpoint
-from models_src.sampling import SamplingParams, generate
+from models_src.generation import generate
+from models_src.sampling import SamplingParams
 
 BUNDLED = sorted(p for p in (Path(__file__).resolve().parent.parent / "checkpoints").iterdir()
                  if p.is_dir() and not p.name.startswith("."))

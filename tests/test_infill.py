@@ -10,6 +10,7 @@ import torch
 
 from models_src.base import LanguageModel
 from models_src.infill import infill, infill_example_ids, infill_prompt_ids, stream_infill
+from models_src.config import ModelConfig
 from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
 from training import generate as generate_cli
@@ -91,11 +92,21 @@ def test_examples_count_skipped_stories_and_mask_padding(tokenizer):
     assert 0 < mixed.infill.sum() < len(mixed)  # both kinds, plain stories keep short ones
 
 
+class Counts(list):
+    """Scripted's state: each row's calls so far."""
+
+    def select(self, rows):
+        return Counts(self[i] for i in rows.tolist())
+
+    def append(self, other):
+        return Counts([*self, *other])
+
+
 class Scripted(LanguageModel):
     """A model that, after <sep>, writes a fixed middle and then <eos> (or keeps going)."""
 
     def __init__(self, tok, middle: list[int], then_eos: bool = True):
-        super().__init__(config=None)
+        super().__init__(ModelConfig(arch="gru", vocab_size=tok.vocab_size))
         self.tok, self.middle, self.then_eos = tok, middle, then_eos
         self.max_context = None
         self.dummy = torch.nn.Parameter(torch.zeros(1))
@@ -103,7 +114,7 @@ class Scripted(LanguageModel):
     device = property(lambda self: torch.device("cpu"))
 
     def init_state(self, batch):
-        return [0] * batch
+        return Counts([0] * batch)
 
     def step(self, tokens, state, lengths=None):
         B, T = tokens.shape

@@ -2,7 +2,7 @@
 the sampler, and every kind of tokenizer.
 
 - ``SamplingParams`` accepts exactly the valid values and raises ValueError for the rest;
-- ``sample_next`` picks an id in range, never a masked one, for any valid parameters on
+- ``sample`` picks an id in range, never a masked one, for any valid parameters on
   random logits;
 - every tokenizer kind survives any text (empty, control characters, random Unicode
   without lone surrogates, very long): ``encode`` never raises and its ids are in the
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.validation import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
-from models_src.sampling import SamplingParams, sample_next
+from models_src.sampling import RowSettings, SamplingParams, sample, uniforms
 from models_src.tokenization import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_sampling_params_accept_exactly_the_valid_values(case):
     {"temperature": INF},
     {"max_new_tokens": INF},
     {"top_k": INF},
-    {"repetition_penalty": INF},  # then sample_next raises
+    {"repetition_penalty": INF},  # then sampling raises
     {"max_new_tokens": 1.5},
     {"top_k": 1.5},
     {"top_p": INF},
@@ -113,7 +113,14 @@ def test_sampling_params_refuse_infinite_and_fractional_values(kwargs):
         SamplingParams(**kwargs)
 
 
-# ---- sample_next ----------------------------------------------------------------------------
+# ---- sample ----------------------------------------------------------------------------------
+
+def sample_next(logits, params, generator=None, seen=None):
+    """``sample`` with one set of settings for every row."""
+    rows = RowSettings([params] * logits.size(0), logits.size(-1), logits.device)
+    seen = torch.zeros_like(logits, dtype=torch.bool) if seen is None else seen
+    return sample(logits, rows, uniforms(logits.size(0), generator, logits.device), seen)
+
 
 @st.composite
 def logits_and_params(draw):

@@ -1,4 +1,4 @@
-"""Sampling loop tests against a tiny fake model and a byte-level fake tokenizer.
+"""Sampling and offline generation tests against a tiny fake model and a byte-level fake tokenizer.
 
 The fake model obeys the `LanguageModel` contract strictly: its state is each row's
 token history, padding never enters it, padded positions get NaN logits (so reading the
@@ -7,6 +7,7 @@ wrong position breaks sampling), and it refuses to hold more than `max_context` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,17 +17,18 @@ from hypothesis import strategies as st
 
 from models_src.base import LanguageModel
 from models_src.config import ModelConfig
+from models_src.generation import generate, stream
 from models_src.sampling import (
     Completion,
+    RowSettings,
     SamplingParams,
     TextStream,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
-    generate,
     inverse_cdf,
-    sample_next,
-    stream,
+    sample,
+    uniforms,
 )
 
 BOS, EOS, PAD = 256, 257, 258
@@ -53,6 +55,23 @@ class ByteTokenizer:
 TOK = ByteTokenizer()
 
 
+class Histories(list):
+    """The fake model's state: each row's token history."""
+
+    def select(self, rows):
+        return Histories(self[i] for i in rows.tolist())
+
+    def append(self, other):
+        return Histories([*self, *other])
+
+
+def pick(logits, params, generator=None, seen=None):
+    """``sample`` with one set of settings for every row."""
+    rows = RowSettings([params] * logits.size(0), logits.size(-1), logits.device)
+    seen = torch.zeros_like(logits, dtype=torch.bool) if seen is None else seen
+    return sample(logits, rows, uniforms(logits.size(0), generator, logits.device), seen)
+
+
 class FakeLM(LanguageModel):
     """Deterministic contract-abiding model.
 
@@ -71,7 +90,7 @@ class FakeLM(LanguageModel):
         self.prefills: list[list[int]] = []  # per init_state: the real lengths of the first step
 
     def init_state(self, batch_size):
-        return [[] for _ in range(batch_size)]
+        return Histories([] for _ in range(batch_size))
 
     def step(self, tokens, state, lengths=None):
         assert torch.is_inference_mode_enabled()
@@ -127,7 +146,7 @@ def test_repetition_penalty_steers_greedy_choice():
     seen = torch.tensor([[True, False, False], [True, False, False]])
     params = SamplingParams(temperature=0.0, repetition_penalty=3.0)
     # row 0: 3 -> 1 < 2; row 1: -0.5 -> -1.5 < -1 (dividing would give -0.17 and keep token 0)
-    assert sample_next(logits, params, seen=seen).tolist() == [1, 1]
+    assert pick(logits, params, seen=seen).tolist() == [1, 1]
 
 
 def test_top_k_keeps_exactly_k_highest():
@@ -174,7 +193,7 @@ def test_top_p_properties(values, p):
 def test_sampling_never_picks_filtered_tokens():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
-    picked = set(sample_next(logits, SamplingParams(top_k=2), g).tolist())
+    picked = set(pick(logits, SamplingParams(top_k=2), g).tolist())
     assert picked == {3, 4}
 
 
@@ -183,7 +202,7 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.125, 0.0, 0.1, 0.025])
     logits = probs.clamp_min(1e-30).log().repeat(40_000, 1)
     logits[:, 3] = float("-inf")
-    picked = sample_next(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    picked = pick(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
     freq = torch.bincount(picked, minlength=6).double() / len(picked)
     se = (probs.double() * (1 - probs.double()) / len(picked)).sqrt()
     assert freq[3] == 0 and ((freq - probs.double()).abs() <= 5 * se + 1e-12).all(), freq
@@ -249,6 +268,19 @@ def test_seed_reproduces_and_different_seeds_differ():
     c = generate(model, TOK, ["x", "yy"], SamplingParams(seed=8, **params))
     assert a == b
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_rows_of_a_seeded_batch_are_seeded_one_after_another():
+    """Row i gets seed + i: its text is what it gives alone with that seed, whatever runs
+    beside it."""
+    model = FakeLM()
+    prompts = ["x", "yy", "x"]
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=5)
+    together = generate(model, TOK, prompts, params)
+    alone = [generate(model, TOK, p, dataclasses.replace(params, seed=5 + i))[0]
+             for i, p in enumerate(prompts)]
+    assert together == alone
+    assert together[0].token_ids != together[2].token_ids  # the same prompt, another seed
 
 
 def test_stream_concatenation_equals_generate_text():
@@ -331,9 +363,10 @@ def test_reprime_when_context_is_full():
     outs = generate(model, TOK, ["abcdefghijkl", "ab"], SamplingParams(max_new_tokens=40, **GREEDY))
     assert [len(o.token_ids) for o in outs] == [40, 40]
     assert all(o.finish_reason == "length" for o in outs)
-    # prompts longer than the context keep their tail; re-priming keeps max_context // 2
+    # prompts longer than the context keep their tail; a full row re-primes alone with
+    # the last max_context // 2 tokens
     assert model.prefills[0] == [8, 3]
-    assert len(model.prefills) > 5 and all(p == [4, 4] for p in model.prefills[1:])
+    assert len(model.prefills) > 5 and all(p in ([4], [4, 4]) for p in model.prefills[1:])
 
 
 def test_reprime_continues_the_text():

@@ -10,7 +10,7 @@ import pytest
 
 from app.service import GenerationService, ServerBusy
 from conftest import ENDLESS_CHAR
-from models_src.batching import Batch
+from models_src.generation import Batch
 from models_src.gpt import GPT
 from models_src.sampling import SamplingParams
 

@@ -29,7 +29,8 @@ import sacrebleu
 import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint
-from models_src.sampling import SamplingParams, generate
+from models_src.generation import generate
+from models_src.sampling import SamplingParams
 from models_src.summary import count_parameters
 
 from .data import DataConfig, DataError, encode_documents, load_documents, read_all_documents

@@ -16,7 +16,8 @@ import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint
 from models_src.infill import stream_infill
-from models_src.sampling import SamplingParams, stream
+from models_src.generation import stream
+from models_src.sampling import SamplingParams
 
 
 def parser() -> argparse.ArgumentParser:

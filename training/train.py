@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from models_src import ModelConfig, build_model
 from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from models_src.rnn import RecurrentState
 from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
@@ -44,13 +45,6 @@ TRAINER_STATE = "trainer_state.pt"
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and where the last good checkpoint is."""
-
-
-def detach(state):
-    """Cut the graph behind a recurrent state (truncated back-propagation through time)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    return type(state)(detach(s) for s in state)
 
 
 class Distributed:
@@ -215,7 +209,7 @@ class Trainer:
                     return self.network(x, y)[1]
             state = self.hidden if self.hidden is not None else self.model.init_state(x.size(0))
             logits, state = self.model.step(x, state)
-            self.hidden = detach(state)
+            self.hidden = state.detach()  # truncated back-propagation through time
             return self.model.loss(logits, y)
 
     def evaluate(self, max_batches: int | None) -> dict:
@@ -285,7 +279,7 @@ class Trainer:
             "plateau": self.plateau.state_dict() if self.plateau else None,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "hidden": self.hidden, "run_id": self.log.run_id if self.log else None,
+            "hidden": None if self.hidden is None else self.hidden.layers, "run_id": self.log.run_id if self.log else None,
         }, directory / TRAINER_STATE)
 
     def resume(self) -> None:
@@ -310,7 +304,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.hidden = state["hidden"]
+        self.hidden = None if state["hidden"] is None else RecurrentState(state["hidden"])
         if self.log and state["run_id"]:
             self.log = ExperimentLog(self.cfg.output.experiments_dir, self.cfg.name,
                                      run_id=state["run_id"], config=self.cfg.to_dict())

@@ -1,15 +1,9 @@
-"""Continuous batching: independent generations decoded together, one step at a time.
+"""The decode engine: every generation, offline or served, runs through ``Batch``.
 
-``sampling.generate`` decodes a batch that starts together and waits for its longest row.
-A server gets requests at any moment, each with its own prompt, settings and length. A
-``Batch`` lets sequences join between steps and leave the moment they end, so every step
-is one forward pass over all sequences still running (continuous batching, as in Orca and
-vLLM). Each sequence keeps its own sampling settings, random generator, stop strings and
-streaming detokenizer (``sampling.TextStream``). Sampling is done for all rows at once:
-the processors of ``sampling`` (repetition penalty, temperature, top-k, top-p, in that
-order) with a value per row, then ``sample_next``'s draw per row from the row's own
-generator, so a seed gives the same text whatever runs beside it, and the same as
-``sampling.generate`` gives it alone (up to the rounding of batched arithmetic).
+Sequences join between steps and leave the moment they end (continuous batching, as in
+Orca and vLLM); every step is one forward pass over the sequences still running. Each
+sequence keeps its own sampling settings, random generator, stop strings and streaming
+detokenizer, so a seed gives the same text whatever runs beside it.
 
     batch = Batch(model, tokenizer)
     seq, = batch.add([(prompt_ids, params)])   # joins at the next step
@@ -18,25 +12,20 @@ generator, so a seed gives the same text whatever runs beside it, and the same a
             ...                                  # seq.completion is set once it has ended
     batch.remove(seq)                           # e.g. its client went away
 
-A step is one forward pass: each running row is fed the token it sampled last, the
-prompts of the sequences that joined since are fed in the same pass
-(``model.join_step``), and then every row samples its next token. Rows are regrouped with
-the model's ``select_rows`` when sequences leave (never per step); a leaving row's place
-goes to the last row, so a state regrouped in place (the GPT's key/value cache) copies
-only the rows that move. A sequence that fills the model's context leaves its row and
-joins again from the last half-context (``model.context_ids``), as ``sampling`` re-primes.
-Not thread-safe: one thread (a server's scheduler) owns a batch.
+``generate`` and ``stream`` are the offline drivers: add the prompts, step until the
+batch is empty, collect. Not thread-safe: one thread (a server's engine loop) owns a batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 import torch
 
-from .sampling import (GREEDY_BELOW, Completion, SamplingParams, TextStream, _accept,
-                       float32_safe, inverse_cdf, make_generator, outside_nucleus, penalise, uniforms)
-
+from .sampling import (Completion, RowSettings, SamplingParams, TextStream, Tokenizer, make_generator,
+                       sample, uniforms)
 
 #: U[0, 1) draws a row fetches from its generator at once (see Sequence.uniform)
 DRAW_CHUNK = 64
@@ -61,44 +50,28 @@ class Sequence:
         self.completion: Completion | None = None
 
     def uniform(self) -> float:
-        """The row's next U[0, 1) draw (what ``sampling.uniforms`` would give it).
-
-        Fetched ``DRAW_CHUNK`` at a time from the row's CPU generator, which gives the
-        same stream either way: one call per row per step was ~6 % of a 16-row server
-        step (py-spy; benchmarks/README.md)."""
+        """The row's next U[0, 1) draw: fetched ``DRAW_CHUNK`` at a time from the row's CPU
+        generator (the same stream as one at a time, for less per-step work)."""
         if not self._draws:
             self._draws = uniforms(DRAW_CHUNK, self.generator, "cpu").view(-1).tolist()[::-1]
         return self._draws.pop()
 
+    def accept(self, token: int) -> tuple[str, str | None]:
+        """Take one sampled token; return the new text and the finish reason (None: goes on)."""
+        self.generated += 1
+        if self.seen is not None:
+            self.seen[0, token] = True
+        text, limit = self.stream, self.params.max_new_tokens
+        if token == self.eos_id:
+            return text.flush(), "stop"
+        piece = text.push(token)
+        if not text.stopped and len(text.ids) == limit:
+            piece += text.flush()
+        return piece, "stop" if text.stopped else "length" if len(text.ids) == limit else None
+
     def _finish(self, reason: str) -> None:
         s = self.stream
         self.completion = Completion(s.text, s.ids, reason, len(self.prompt_ids), self.generated)
-
-
-class _RowSettings:
-    """The sampling settings of a batch's rows as (B, 1) tensors, built when rows change.
-    A processor nobody uses is None (skipped); rows without it get a neutral value."""
-
-    def __init__(self, sequences: list[Sequence], vocab_size: int, device) -> None:
-        params = [s.params for s in sequences]
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)[:, None]
-
-        self.greedy_list = [p.temperature < GREEDY_BELOW for p in params]
-        self.greedy = torch.tensor(self.greedy_list, device=device)
-        self.all_greedy = all(self.greedy_list)
-        self.temperature = column([1.0 if g else float32_safe(p.temperature)
-                                   for p, g in zip(params, self.greedy_list)])
-        self.penalty = self.unseen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            self.penalty = column([float32_safe(p.repetition_penalty) for p in params])
-            self.unseen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-        self.top_k = self.top_p = None
-        if any(p.top_k is not None for p in params):  # index of the k-th best, sorted
-            self.top_k = column([min(p.top_k or vocab_size, vocab_size) - 1 for p in params], torch.long)
-        if any(p.top_p is not None and p.top_p < 1.0 for p in params):
-            self.top_p = column([1.0 if p.top_p is None else p.top_p for p in params])
 
 
 class Batch:
@@ -110,7 +83,7 @@ class Batch:
         self._joining: list[tuple[Sequence, list[int]]] = []  # (sequence, ids its new row is fed)
         self._state = None
         self._fed: torch.Tensor | None = None  # (B,): each running row's token, fed by the next step
-        self._rows: _RowSettings | None = None  # the rows' sampling settings as tensors
+        self._rows: RowSettings | None = None  # the rows' sampling settings as tensors
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -161,14 +134,11 @@ class Batch:
             return []
         with torch.inference_mode():
             logits = self._forward()
-            tokens = self._sample(logits.float())
+            tokens = self._sample(logits)
         ctx = self.model.max_context
         events, keep, reprime = [], [], []
         for s, token in zip(self._running, tokens.tolist()):  # the one host sync per step
-            s.generated += 1
-            if s.seen is not None:
-                s.seen[0, token] = True
-            piece, reason = _accept(s.stream, token, s.eos_id, s.params.max_new_tokens)
+            piece, reason = s.accept(token)
             full = reason is None and ctx is not None and s.filled + 1 > ctx  # no room for its token
             if reason is not None:
                 s._finish(reason)
@@ -205,33 +175,19 @@ class Batch:
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row (B,), each row with its own settings and generator."""
-        rows = self._settings(logits.device)
-        if rows.penalty is not None:
-            seen = torch.cat([s.seen if s.seen is not None else rows.unseen for s in self._running])
-            logits = penalise(logits, seen, rows.penalty)
-        greedy = logits.argmax(dim=-1)
-        if rows.all_greedy:
-            return greedy
-        logits = logits / rows.temperature
-        if rows.top_k is not None or rows.top_p is not None:
-            ranked, order = logits.sort(dim=-1, descending=True)
-            if rows.top_k is not None:  # ties with the k-th are kept, as sampling.apply_top_k
-                ranked = ranked.masked_fill(ranked < ranked.gather(1, rows.top_k), float("-inf"))
-            if rows.top_p is not None:  # as sampling.apply_top_p
-                ranked = ranked.masked_fill(outside_nucleus(ranked, rows.top_p), float("-inf"))
-            removed = torch.isinf(ranked)
-            logits = logits.masked_fill(removed.scatter(1, order, removed), float("-inf"))
-        # sampling.sample_next's draw, one uniform per row from the row's own generator:
-        # a seeded request gets the same tokens here as from sampling.generate
-        probs = logits.softmax(dim=-1)
-        u = torch.tensor([0.0 if g else s.uniform() for s, g in zip(self._running, rows.greedy_list)],
-                         device=probs.device)[:, None]
-        return torch.where(rows.greedy, greedy, inverse_cdf(probs, u))
-
-    def _settings(self, device) -> _RowSettings:
         if self._rows is None:  # rows joined or left since the last step
-            self._rows = _RowSettings(self._running, self.model.config.vocab_size, device)
-        return self._rows
+            self._rows = RowSettings([s.params for s in self._running], self.model.config.vocab_size,
+                                     logits.device)
+        rows, running = self._rows, self._running
+        seen = None
+        if rows.penalty is not None:
+            unseen = torch.zeros(1, logits.size(-1), dtype=torch.bool, device=logits.device)
+            seen = torch.cat([s.seen if s.seen is not None else unseen for s in running])
+        u = None
+        if not rows.all_greedy:
+            u = torch.tensor([0.0 if g else s.uniform() for s, g in zip(running, rows.greedy_list)],
+                             device=logits.device)[:, None]
+        return sample(logits, rows, u, seen)
 
     def _keep(self, mask: list[bool]) -> None:
         """Keep the running rows where ``mask`` is true."""
@@ -246,5 +202,77 @@ class Batch:
             self._state = self._fed = None
             return
         index = torch.tensor(rows, device=self._fed.device)
-        self._state = self.model.select_rows(self._state, index)
+        self._state = self._state.select(index)
         self._fed = self._fed[index]
+
+
+# ---- offline drivers ------------------------------------------------------------------
+
+def _prompt_rows(tokenizer: Tokenizer, prompts, prompt_ids) -> list[list[int]]:
+    if (prompts is None) == (prompt_ids is None):
+        raise ValueError("pass exactly one of prompts (text) or prompt_ids (token ids)")
+    if prompt_ids is not None:
+        rows = [list(r) for r in prompt_ids]
+        if any(not r for r in rows):
+            raise ValueError("every row of prompt_ids needs at least one token (e.g. bos)")
+        return rows
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+
+
+def _row_params(params: SamplingParams | None, rows: int) -> list[SamplingParams]:
+    """Row i of a seeded batch is seeded with ``seed + i``: its text is what that prompt
+    gives alone with that seed, whatever else is in the batch."""
+    params = params or SamplingParams()
+    if params.seed is None:
+        return [params] * rows
+    return [replace(params, seed=params.seed + i) for i in range(rows)]
+
+
+def generate(model, tokenizer: Tokenizer, prompts: str | list[str] | None = None,
+             params: SamplingParams | None = None, *,
+             prompt_ids: list[list[int]] | None = None) -> list[Completion]:
+    """Complete each prompt; one Completion per prompt, in order.
+
+    Text prompts become ``[bos] + encode(prompt)`` (an empty prompt starts from bos);
+    ``prompt_ids`` are used exactly as given (e.g. an infilling ``first <blank> last <sep>``).
+    """
+    rows = _prompt_rows(tokenizer, prompts, prompt_ids)
+    batch = Batch(model, tokenizer)
+    seqs = batch.add(list(zip(rows, _row_params(params, len(rows)))))
+    while batch:
+        batch.step()
+    return [s.completion for s in seqs]
+
+
+class Stream:
+    """Iterator over the text pieces of one completion; ``completion`` is set at its end.
+    The pieces concatenate to exactly ``completion.text``: no partial character and no
+    part of a stop string is ever yielded."""
+
+    def __init__(self, batch: Batch, seq: Sequence) -> None:
+        self.completion: Completion | None = seq.completion
+        self._pieces = self._run(batch, seq)
+
+    def _run(self, batch: Batch, seq: Sequence) -> Iterator[str]:
+        while batch:
+            for _, piece in batch.step():
+                if piece:
+                    yield piece
+        self.completion = seq.completion
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
+def stream(model, tokenizer: Tokenizer, prompt: str | None = None,
+           params: SamplingParams | None = None, *, prompt_ids: list[int] | None = None) -> Stream:
+    """Like ``generate`` for one prompt, yielding text as soon as it is certain."""
+    rows = _prompt_rows(tokenizer, prompt, None if prompt_ids is None else [prompt_ids])
+    batch = Batch(model, tokenizer)
+    seq, = batch.add([(rows[0], params or SamplingParams())])
+    return Stream(batch, seq)
