@@ -1,30 +1,15 @@
 """The one place that runs generation, for every blueprint (Ollama API, OpenAI API, pages).
 
-One ``GenerationService`` per worker process (created by ``create_app``). Its interface
-is deliberately small:
-
     service.generate(model, prompt, params)            -> models_src Completion
     service.infill(model, first, last, params)         -> Completion (middle, stripped)
     service.stream(model, prompt, params)              -> GenerationStream
     service.stream_infill(model, first, last, params)  -> GenerationStream
 
-A ``GenerationStream`` behaves like ``models_src.sampling.Stream`` (iterate the text
-pieces; ``.completion`` is set at the end) and must be iterated to the end or closed.
-
-Behind it, the worker's ``Scheduler`` (``app.scheduler``) decodes all running requests
-together with continuous batching: up to ``max_batch`` sequences share each forward
-pass, up to ``max_queue`` more wait for a row. A request that finds the queue full, or
-waits longer than ``queue_timeout_s``, gets ``ServerBusy`` (HTTP 503 + Retry-After: a
-transient refusal that clients may retry). A stream holds its row from the moment it is
-created, so "busy" is an HTTP status and not an error in the middle of a stream, and
-gives it back when it ends, is closed (a client that disconnects: the WSGI server closes
-the response iterable) or is garbage-collected; the scheduler then stops decoding it.
-
-Deadline: a generation may run ``request_timeout_s`` seconds from the moment it gets its
-row. When the deadline passes the stream ends early, cleanly, with ``finish_reason``
-"length" (the text was cut by a server limit, exactly what "length" means to OpenAI and
-Ollama clients, which know no "timeout" value) and ``stream.timed_out`` set. Token counts
-of a timed-out completion are recounted from its text.
+A request first gets a row from the worker's ``Scheduler`` (admission: 503 when there is
+none), then joins the ``EngineLoop``'s running batch. A ``GenerationStream`` holds its row
+until it ends, is closed (a client that goes away) or is garbage-collected, and ends
+cleanly at the request deadline with finish reason "length" (the text was cut by a
+server limit, which is what "length" means to OpenAI and Ollama clients).
 """
 
 from __future__ import annotations
@@ -39,8 +24,9 @@ from flask import current_app
 from models_src.infill import infill_params, infill_prompt_ids
 from models_src.sampling import Completion, SamplingParams
 
+from .engine_loop import EngineLoop, Failed, Finished, Ticket
 from .registry import LoadedModel, ModelRegistry
-from .scheduler import Failed, Finished, QueueFull, Scheduler, Ticket
+from .scheduler import QueueFull, QueueTimeout, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +71,14 @@ class ServerBusy(ServiceError):
 class GenerationStream:
     """Text pieces of one generation, as they are decoded; ``completion`` is set at the end.
 
-    The pieces concatenate to ``completion.text``. Holds a row of the scheduler until it
-    ends or ``close()`` is called (also a context manager). Timings, in nanoseconds from
+    The pieces concatenate to ``completion.text``. Holds a row until it ends or ``close()``
+    is called (also a context manager). Timings, in nanoseconds from
     ``time.perf_counter_ns``: ``queued_ns`` (waiting for a row and to join a batch),
     ``started_ns``, ``first_piece_ns`` and ``finished_ns`` (None until they happen).
     """
 
     def __init__(self, model_name: str, ticket: Ticket, *, deadline: float,
-                 clock: Callable[[], float], release: Callable[[Ticket], None],
-                 prompt_tokens: int, encode: Callable[[str], list[int]],
+                 clock: Callable[[], float], prompt_tokens: int, encode: Callable[[str], list[int]],
                  queued_ns: int = 0, strip: bool = False) -> None:
         self.model_name = model_name
         self.completion: Completion | None = None
@@ -104,7 +89,6 @@ class GenerationStream:
         self.finished_ns: int | None = None
         self._ticket: Ticket | None = ticket
         self._deadline, self._clock = deadline, clock
-        self._release = release
         self._prompt_tokens, self._encode = prompt_tokens, encode
         self._strip = strip
         self._held = ""  # whitespace not yet handed out (strip mode)
@@ -121,19 +105,19 @@ class GenerationStream:
             try:
                 if remaining <= 0:
                     raise queue.Empty
-                item = self._ticket.pieces.get(timeout=remaining)
+                event = self._ticket.next_event(timeout=remaining)
             except queue.Empty:
                 self._time_out()
                 raise StopIteration from None
-            if isinstance(item, Finished):
+            if isinstance(event, Finished):
                 if self._strip:
-                    item.completion.text = item.completion.text.strip()
-                self._end(item.completion)
+                    event.completion.text = event.completion.text.strip()
+                self._end(event.completion)
                 raise StopIteration
-            if isinstance(item, Failed):
+            if isinstance(event, Failed):
                 self._end(None)
-                raise item.error
-            piece = item
+                raise event.error
+            piece = event
             if self._strip:  # whitespace is held back until text follows; the ends drop it
                 raw = self._held + piece if self._pieces else piece.lstrip()
                 piece = raw.rstrip()
@@ -150,11 +134,11 @@ class GenerationStream:
         ticket = self._ticket
         with self:
             if ticket is not None:
-                ticket.collecting = True  # only the end is needed: no wake-up per piece
+                ticket.collect_only()
             for _ in self:
                 pass
         if self.first_piece_ns is None and ticket is not None:
-            self.first_piece_ns = ticket.first_part_ns
+            self.first_piece_ns = ticket.first_piece_ns
         assert self.completion is not None
         return self.completion
 
@@ -166,8 +150,9 @@ class GenerationStream:
     def _time_out(self) -> None:
         self.timed_out = True
         text = self.text
-        if self._ticket is not None and self._ticket.parts:  # decoded while collecting
-            text += self._held + "".join(self._ticket.parts)
+        held = self._ticket.held_text() if self._ticket is not None else ""
+        if held:  # decoded while collecting
+            text += self._held + held
             text = text.strip() if self._strip else text
         log.warning("generation with %s hit the request deadline after %d characters",
                     self.model_name, len(text))
@@ -179,7 +164,7 @@ class GenerationStream:
         self.finished_ns = time.perf_counter_ns()
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
-            self._release(ticket)  # the scheduler stops decoding it before its next step
+            ticket.cancel()  # gives the row back; the loop stops decoding it before its next step
 
     def close(self) -> None:
         """Stop generating (a client went away) and give the row back; idempotent."""
@@ -200,14 +185,15 @@ class GenerationStream:
 
 
 class GenerationService:
-    """Runs generation for every blueprint through the worker's scheduler; bounds the
-    queue and enforces the deadline."""
+    """Runs generation for every blueprint: admission, then the engine loop; enforces the
+    deadline."""
 
     def __init__(self, registry: ModelRegistry, *, max_batch: int = 16, max_queue: int = 48,
                  queue_timeout_s: float = 30.0, request_timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.scheduler = Scheduler(max_batch, max_queue)
+        self.engine = EngineLoop()
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self._clock = clock
@@ -269,22 +255,21 @@ class GenerationService:
     def _start(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, *,
                strip: bool = False) -> GenerationStream:
         waited = time.perf_counter_ns()
-        ticket = Ticket(loaded, prompt_ids, params)
         try:
-            self.scheduler.submit(ticket)
+            self.scheduler.acquire(self.queue_timeout_s)
         except QueueFull:
             raise ServerBusy(0.0, queue_full=True) from None
-        if not ticket.has_row.wait(self.queue_timeout_s) and self.scheduler.withdraw(ticket):
-            raise ServerBusy(self.queue_timeout_s)
-        if not ticket.admitted.wait(self.request_timeout_s):  # joined: its first token comes at the next step
-            self.scheduler.release(ticket)
+        except QueueTimeout:
+            raise ServerBusy(self.queue_timeout_s) from None
+        ticket = Ticket(loaded, prompt_ids, params, on_end=self.scheduler.release)
+        self.engine.submit(ticket)
+        if not ticket.joined.wait(self.request_timeout_s):  # its first token comes at the next step
+            ticket.cancel()
             raise ServerBusy(self.request_timeout_s)
-        waited = time.perf_counter_ns() - waited
         return GenerationStream(
             loaded.name, ticket, deadline=self._clock() + self.request_timeout_s,
-            clock=self._clock, release=self.scheduler.release,
-            prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
-            queued_ns=waited, strip=strip)
+            clock=self._clock, prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
+            queued_ns=time.perf_counter_ns() - waited, strip=strip)
 
 
 def get_service() -> GenerationService:

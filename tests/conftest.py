@@ -115,22 +115,32 @@ def client(app):
 
 
 class ScriptedTicket:
-    """Stands in for a scheduler ticket: hands out fixed pieces (``delay`` seconds before
+    """Stands in for an engine ticket: hands out fixed pieces (``delay`` seconds before
     each), then a completion, or raises ``error`` after the pieces."""
 
+    first_piece_ns = None
+
     def __init__(self, pieces, delay=0.0, error=None, reason="stop"):
-        from app.scheduler import Failed, Finished
+        from app.engine_loop import Failed, Finished
         from models_src.sampling import Completion
 
         self._items = list(pieces) + [
             Failed(error) if error is not None else
             Finished(Completion("".join(pieces), [], reason, 1, len(pieces)))]
         self.delay = delay
-        self.pieces = self  # its own queue: GenerationStream calls pieces.get(timeout=...)
 
-    def get(self, timeout=None):
+    def next_event(self, timeout):
         time.sleep(self.delay)
         return self._items.pop(0)
+
+    def collect_only(self):
+        pass
+
+    def held_text(self):
+        return ""
+
+    def cancel(self):
+        pass
 
 
 @pytest.fixture
@@ -143,7 +153,7 @@ def script(monkeypatch):
         def start(self, loaded, prompt_ids, params, *, strip=False):
             return GenerationStream(loaded.name, ScriptedTicket(pieces, **kwargs),
                                     deadline=float("inf"), clock=lambda: 0.0,
-                                    release=lambda ticket: None, prompt_tokens=len(prompt_ids),
+                                    prompt_tokens=len(prompt_ids),
                                     encode=loaded.tokenizer.encode, strip=strip)
         monkeypatch.setattr(GenerationService, "_start", start)
     return install

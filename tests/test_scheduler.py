@@ -1,5 +1,5 @@
-"""The worker's scheduler: requests share decoding steps, the queue is bounded, and a
-reader that goes away stops its generation."""
+"""Serving: requests share the engine loop's decoding steps, admission bounds the queue,
+and a reader that goes away stops its generation."""
 
 from __future__ import annotations
 
@@ -84,10 +84,10 @@ def test_a_full_queue_is_refused_at_once_and_a_queued_request_gets_the_next_row(
 def test_a_reader_that_goes_away_stops_its_decoding(service):
     stream = service.stream("endless", "x", SamplingParams(max_new_tokens=10**6))
     assert next(stream) == ENDLESS_CHAR
-    assert service.scheduler.decoding() == 1
+    assert service.engine.decoding() == 1
     stream.close()
     assert service.active == 0
-    wait_for(lambda: service.scheduler.decoding() == 0)  # dropped before the next step
+    wait_for(lambda: service.engine.decoding() == 0)  # dropped before the next step
 
 
 def test_a_failing_step_fails_every_request_of_the_batch_and_the_next_ones_work(service, monkeypatch):
@@ -121,7 +121,37 @@ def test_a_collecting_reader_is_sent_only_the_end(service):
     completion = stream.collect()
     assert completion.text == ENDLESS_CHAR * 3000 and completion.completion_tokens == 3000
     # the reader got at most the pieces decoded before collect() began (a few, or more on
-    # a busy machine: the decoding thread starts first); the rest waited in the ticket,
+    # a busy machine: the decoding thread starts first); the rest were held in the ticket,
     # and the queue's last item was the end
-    assert len(stream._pieces) < 300 and "".join(stream._pieces) + "".join(ticket.parts) == completion.text
+    assert len(stream._pieces) < 300 and "".join(stream._pieces) + ticket.held_text() == completion.text
     assert stream.first_piece_ns is not None and service.active == 0
+
+
+def test_admission_hands_rows_out_first_come_first_served():
+    from app.scheduler import QueueFull, QueueTimeout, Scheduler
+
+    scheduler = Scheduler(max_batch=1, max_queue=2)
+    scheduler.acquire(0)
+    order = []
+
+    def wait(name):
+        scheduler.acquire(10)
+        order.append(name)
+    first = threading.Thread(target=wait, args=("first",))
+    first.start()
+    wait_for(lambda: scheduler.queued == 1)
+    second = threading.Thread(target=wait, args=("second",))
+    second.start()
+    wait_for(lambda: scheduler.queued == 2)
+    with pytest.raises(QueueFull):
+        scheduler.acquire(10)
+    scheduler.release()
+    first.join(10)
+    scheduler.release()
+    second.join(10)
+    assert order == ["first", "second"] and scheduler.rows == 1 and scheduler.queued == 0
+    with pytest.raises(QueueTimeout):
+        scheduler.acquire(0.01)
+    assert scheduler.queued == 0
+    scheduler.release()
+    assert scheduler.rows == 0
