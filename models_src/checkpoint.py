@@ -208,7 +208,7 @@ def load_checkpoint(directory, device: str | torch.device = "cpu",
                               f"model only {model_config.vocab_size}")
     # The shapes to check come from the model itself: built on the "meta" device it would
     # cost no memory, but its initialisers then run through torch._refs, whose first use
-    # imports torch._dynamo (~1 s of every process's start-up, py-spy).
+    # imports torch._dynamo, a second of every process's start-up.
     model = build_model(model_config)
     expected = _unique_state(model)
     tensors = _read_weights(directory)

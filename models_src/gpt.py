@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fast_decode
 from .base import LanguageModel, right_pad
 from .config import ModelConfig
-from .kernels import aten_kernels
-from .layers import Block, KVCache, decode_weights, init_transformer_weights
+from .layers import Block, KVCache, init_transformer_weights
 
 
 class GPT(LanguageModel):
@@ -53,8 +53,7 @@ class GPT(LanguageModel):
             state.end()
             return self.lm_head(self.ln_f(x)), state
         B, T = tokens.shape
-        with aten_kernels():  # oneDNN's per-call set-up would be most of GELU's cost here
-            return self._head(self._decode([(state, tokens, lengths)])).view(B, T, -1), state
+        return fast_decode.decode(self, [(state, tokens, lengths)]).view(B, T, -1), state
 
     def prefill(self, rows: list[list[int]]):
         if self.training:  # the module path (join_step's default comes back here)
@@ -70,50 +69,17 @@ class GPT(LanguageModel):
             return super().join_step(tokens, state, prompts)
         groups = [] if tokens is None else [(state, tokens[:, None], None)]
         running = 0 if tokens is None else tokens.size(0)
+        rows = None
         if prompts:
             padded, lengths = right_pad(prompts, self.wte.weight.device)
             fresh = self.init_state(len(prompts))
             groups.append((fresh, padded, lengths))
+            T = padded.size(1)  # every running row's token, then each prompt's last
+            last = [running + b * T + len(p) - 1 for b, p in enumerate(prompts)]
+            rows = torch.tensor([*range(running), *last], device=padded.device)
         if not groups:
             raise ValueError("a step needs a running row or a prompt")
-        with aten_kernels():
-            x = self._decode(groups)
-            if prompts:  # every running row's token, then each prompt's last (rows padded to T)
-                T = padded.size(1)
-                last = [running + b * T + len(p) - 1 for b, p in enumerate(prompts)]
-                x = x[torch.tensor([*range(running), *last], device=x.device)]
-            logits = self._head(x)
+        logits = fast_decode.decode(self, groups, rows)
         if prompts:
             state = fresh if tokens is None else state.append(fresh)
         return logits, state
-
-    def _decode(self, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        """The blocks' output (N, C) for the tokens of each (cache, tokens (B, T), lengths)
-        group, flattened one group after another; each cache is advanced.
-        Generation's path: the same arithmetic as the module path on (N, C) rows without
-        module calls or nn.Module.__getattr__ (see Block.decode): on a CPU, Python overhead
-        is most of the cost of a one-token step."""
-        modules = self._modules
-        caches = [cache for cache, _, _ in groups]
-        positions = [cache.begin(tokens.size(1), lengths) for cache, tokens, lengths in groups]
-        if len(groups) == 1:
-            ids, positions = groups[0][1].reshape(-1), positions[0].reshape(-1)
-        else:
-            ids = torch.cat([tokens.reshape(-1) for _, tokens, _ in groups])
-            positions = torch.cat([p.reshape(-1) for p in positions])
-        x = (torch.embedding(modules["wte"]._parameters["weight"], ids)
-             + torch.embedding(modules["wpe"]._parameters["weight"], positions))
-        for i, block in enumerate(modules["blocks"]._modules.values()):
-            x = block.decode(x, caches, i)
-        for cache in caches:
-            cache.end()
-        return x
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, V) of the blocks' output rows (N, C)."""
-        modules = self._modules
-        ln_f = modules["ln_f"]
-        x = torch.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
-                             ln_f._parameters["bias"], ln_f.eps)
-        head, = decode_weights(self, [modules["lm_head"]._parameters["weight"]])
-        return torch.mm(x, head)

@@ -2,11 +2,9 @@
 
 oneDNN (mkldnn), which torch uses on CPUs for GELU and ``nn.LSTM`` among others, sets up a
 primitive on every call: cheap beside training's large tensors, but most of the cost of a
-one-token generation step. Measured on one core (benchmarks/README.md): exact GELU on 768
-values 12 us against 2 us for ATen's own kernel; a one-token LSTM step at batch 1 5.1 ms
-against 0.8 ms. Over a window of tokens oneDNN wins (an LSTM reading 32 x 70 tokens:
-135 against 175-190 ms), so only one-token steps switch. The two kernels agree to the
-last bits (~1e-7), not bit for bit.
+one-token generation step. Over a window of tokens oneDNN wins, so only one-token steps
+switch (figures in benchmarks/README.md). The two kernels agree to the last bits, not bit
+for bit.
 """
 
 from __future__ import annotations

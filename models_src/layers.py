@@ -26,8 +26,7 @@ class KVCache:
         # The storage may hold spare rows (a batch that shrank, room to grow); k and v
         # are views of its first ``len(lengths)`` rows, the ones in use. Positions are
         # allocated as they fill (doubling, up to max_len; ``_make_room``), so a prompt's
-        # fresh cache holds only the prompt: zeroing max_len positions of freshly mapped
-        # memory was ~0.2 ms of each ~1.1 ms join of a served request (page faults).
+        # fresh cache holds only the prompt, not max_len positions of fresh zeroed memory.
         shape = (n_layer, batch, n_head, 0, head_dim)
         self._k_rows = torch.zeros(shape, device=device, dtype=dtype)
         self._v_rows = torch.zeros(shape, device=device, dtype=dtype)
@@ -83,7 +82,7 @@ class KVCache:
             raise ValueError(f"sequence of {self._end} tokens exceeds the context of {self.max_len}")
         self._make_room(self.capacity, self._end)
         # Every layer's views for this step at once (one op each, not one per layer): a
-        # one-token step is mostly per-op overhead (benchmarks/README.md).
+        # one-token step is mostly per-op overhead.
         self._k_seen = _layers(self.k[..., :self._end, :])
         self._v_seen = _layers(self.v[..., :self._end, :])
         if self._uniform_step:
@@ -101,8 +100,8 @@ class KVCache:
 
     def _offset_mask(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
         """(B, 1, T, L) additive mask: query i of row b may see key j iff j <= offsets[b] + i.
-        Additive (0 or -inf), made once a step for every layer: SDPA converts a boolean
-        mask into one on every call, ~25 us a layer at 16 rows (benchmarks/README.md)."""
+        Additive (0 or -inf), made once a step for every layer: SDPA would convert a
+        boolean mask into one in every layer."""
         keys = torch.arange(self._end, device=offsets.device)
         allowed = keys[None, None, :] <= (offsets[:, None] + torch.arange(T, device=offsets.device))[:, :, None]
         mask = torch.zeros(allowed.shape, dtype=self._k_rows.dtype, device=offsets.device)
@@ -163,8 +162,7 @@ class KVCache:
         moved = [(dst, src) for dst, src in enumerate(rows.tolist()) if dst != src]
         if moved and not {d for d, _ in moved} & {s for _, s in moved}:
             # no row is both read and written (a batch's leavers replaced by its last rows):
-            # a copy per row: 11 us for a row of a 4-layer cache, against 80 us for a
-            # gather and a scatter (benchmarks/README.md)
+            # a copy per row, cheaper than a gather and a scatter
             for dst, src in moved:
                 self._k_rows[:, dst].copy_(self._k_rows[:, src])
                 self._v_rows[:, dst].copy_(self._v_rows[:, src])
@@ -258,30 +256,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
-def decode_weights(module: nn.Module, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``weights`` (nn.Linear's (out, in)) as contiguous (in, out) copies for generation,
-    kept on ``module`` and made again when any of them changes (a training step, a load, a
-    move to another dtype or device).
-
-    A one-token step multiplies one row by each weight; MKL does that 1.2-1.6x faster from
-    the (in, out) layout (HF's Conv1D layout) than from (out, in): ~10 % of a batch-1 step
-    of the bundled TinyStories GPT (benchmarks/README.md). The copies cost the weights'
-    memory once per model; the sums come out in another order, so the logits differ from
-    the module path's in the last bits (~1e-6)."""
-    key = [(w.data_ptr(), w._version, w.dtype, w.device) for w in weights]
-    cached = module.__dict__.get("_decode_weights")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, [w.detach().t().contiguous() for w in weights])
-        module.__dict__["_decode_weights"] = cached
-    return cached[1]
-
-
-def affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight_t.t(), bias)`` for a weight laid out (in, out)."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; with ``cross=True`` a decoder block."""
 
@@ -301,41 +275,6 @@ class Block(nn.Module):
         if memory_kv is not None:
             x = x + self.resid_dropout(self.cross(self.ln_cross(x), memory_kv, memory_mask))
         return x + self.mlp(self.ln_2(x))
-
-    def decode(self, x, caches: list[KVCache], layer: int):
-        """``forward(x, cache=cache, layer=layer)`` in eval mode (no dropout, no cross
-        attention) on the tokens of a step flattened to (N, C): the same operations in the
-        same order, the weights laid out for one-row products (``decode_weights``).
-        The rows of x may belong to several caches, one after another (a running batch's
-        one token per row, then the prompts of rows joining it): every product runs once
-        on all of them, and each cache's rows attend only to their own keys.
-        Generation's path: a one-token step is ~100 small ops, and on a CPU the Python
-        around them (module calls, no-op dropouts, 3-D reshapes, and above all
-        ``nn.Module.__getattr__``, which every ``self.attn``-style access runs, ~16 per
-        block) cost more than their arithmetic (torch.profiler and py-spy; see
-        benchmarks/README.md). So the weights are read from the parameter dicts directly.
-        Module hooks do not fire."""
-        modules = self._modules
-        attn, mlp = modules["attn"], modules["mlp"]
-        ln_1, ln_2 = modules["ln_1"], modules["ln_2"]
-        c_attn, proj = attn._modules["c_attn"]._parameters, attn._modules["c_proj"]._parameters
-        fc, mlp_proj = mlp._modules["c_fc"]._parameters, mlp._modules["c_proj"]._parameters
-        w_attn, w_proj, w_fc, w_mlp = decode_weights(
-            self, [c_attn["weight"], proj["weight"], fc["weight"], mlp_proj["weight"]])
-        C = x.size(1)
-        # torch.layer_norm, not F.layer_norm: the same op without the Python wrapper, whose
-        # torch.backends.cudnn.enabled lookup made it ~6 % of a batch-1 step (py-spy)
-        h = torch.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
-        qkv = affine(h, w_attn, c_attn["bias"])
-        if len(caches) == 1:
-            y = caches[0].attend(layer, qkv, attn.n_head)
-        else:
-            parts = qkv.split([c.step_rows for c in caches])
-            y = torch.cat([c.attend(layer, part, attn.n_head) for c, part in zip(caches, parts)])
-        x = x + affine(y, w_proj, proj["bias"])
-        h = torch.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
-        h = F.gelu(affine(h, w_fc, fc["bias"]))
-        return x + affine(h, w_mlp, mlp_proj["bias"])
 
 
 def init_transformer_weights(model: nn.Module, n_layer: int) -> None:

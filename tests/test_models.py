@@ -167,7 +167,7 @@ def test_a_training_gpt_prefills_and_joins_through_its_modules():
 
 
 def test_the_decode_path_follows_weight_changes():
-    """Block.decode keeps transposed copies of the weights: a changed weight (a training
+    """The inference path (fast_decode) keeps transposed copies of the weights: a changed weight (a training
     step, a load) must be seen by the next step, never a stale copy."""
     model = make("gpt").eval()
     ids = random_ids(1, 6)
