@@ -33,8 +33,8 @@ import torch
 from _common import ROOT, environment
 from load import PROMPTS, percentile  # the served benchmark's requests and percentiles
 
-from models_src.generation import Batch
 from models_src.checkpoint import load_checkpoint
+from models_src.generation import Batch
 from models_src.sampling import SamplingParams
 
 NEW_TOKENS = 64

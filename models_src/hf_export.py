@@ -31,8 +31,9 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and the tokenizer in HF's layout."""
+def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer in HF's layout, and
+    the model card (a checkpoint's ``README.md``) when given."""
     from transformers import GPT2Config, GPT2LMHeadModel  # heavy: only when exporting
 
     c = model.config
@@ -54,4 +55,6 @@ def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir) -> Path:
     out = Path(out_dir)
     hf_model.save_pretrained(out)
     tokenizer.save(out)
+    if card is not None:
+        (out / "README.md").write_text(Path(card).read_text())
     return out

@@ -1,5 +1,6 @@
 """Every bundled checkpoint in checkpoints/ loads and generates."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from models_src.checkpoint import load_checkpoint
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
+from training.model_card import read_card
 
 BUNDLED = sorted(p for p in (Path(__file__).resolve().parent.parent / "checkpoints").iterdir()
                  if p.is_dir() and not p.name.startswith("."))
@@ -23,3 +25,19 @@ def test_bundled_checkpoint_loads_and_generates(path):
     assert ckpt.summary.get("val_perplexity"), "the admin page lists every model's perplexity"
     out = generate(ckpt.model, ckpt.tokenizer, "The ", SamplingParams(max_new_tokens=20, seed=0))[0]
     assert out.completion_tokens > 0 and out.text
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
+def test_each_bundled_model_has_a_card_whose_figures_are_its_config_s(path):
+    meta, body = read_card(path / "README.md")
+    config = json.loads((path / "config.json").read_text())
+    evaluation, training = config["evaluation"], config["training"]
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"bits_per_character": evaluation["bits_per_char"],
+                       "perplexity": evaluation["perplexity"], "loss": evaluation["loss"],
+                       "accuracy": evaluation["token_accuracy"]}
+    assert meta["license"] and meta["language"] == ["en"]
+    for figure in (evaluation["bits_per_char"], evaluation["perplexity"], evaluation["loss"],
+                   training["training_time_s"], training["hardware"]):
+        assert str(figure) in body
+    assert body.count("\n> ") >= 3  # three samples

@@ -150,7 +150,10 @@ def test_export_to_hugging_face_gives_the_same_logits(tmp_path, tokenizer):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    out = export_to_hf(model, tokenizer, tmp_path / "hf")
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: mit\n---\n# a card\n")
+    out = export_to_hf(model, tokenizer, tmp_path / "hf", card=card)
+    assert (out / "README.md").read_text() == card.read_text()  # the export carries the card
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([tokenizer.encode(TEXT[:60])])
     with torch.no_grad():

@@ -1,0 +1,232 @@
+"""Model cards: evaluate a checkpoint and write its README.md in the Hugging Face layout.
+
+    python -m training.model_card --checkpoint checkpoints/tinystories-gpt
+
+The evaluation (``training.evaluate`` on the validation split) is stored in the
+checkpoint's ``config.json`` under ``evaluation``, and the card's figures are those
+numbers, so the two never disagree (``tests/test_bundled.py`` checks it). The card
+also gives the data and its licence, the training command and config, the hardware and
+time, intended use and limits, and three samples (temperature 0.8, seeds 1-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+from models_src.checkpoint import CheckpointError, load_checkpoint
+from models_src.generation import generate
+from models_src.sampling import SamplingParams
+
+from .data import DataError
+from .evaluate import evaluate
+
+SAMPLE_SEEDS = (1, 2, 3)
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOKENS = 120
+
+
+# What each corpus is, where it comes from, and its licence; keyed by a part of its path.
+CORPORA = {
+    "tinystories": dict(
+        name="TinyStories", hub="roneneldan/TinyStories", license="cdla-sharing-1.0",
+        prompt="Once upon a time",
+        about="short stories in simple English written by GPT-3.5 and GPT-4 (Eldan & Li, 2023, "
+              "\"TinyStories: How Small Can Language Models Be and Still Speak Coherent English?\"); "
+              "Fable's slice holds 7,505 training and 400 validation stories",
+        data_licence="CDLA-Sharing-1.0"),
+    "tinyshakespeare": dict(
+        name="Tiny Shakespeare", hub="karpathy/tiny_shakespeare", license="mit", prompt="ROMEO:",
+        about="40,000 lines of Shakespeare's plays, the char-rnn benchmark corpus (first 90 % "
+              "train, last 10 % validation)",
+        data_licence="public domain"),
+    "books": dict(
+        name="Project Gutenberg novels", hub=None, license="mit", prompt="Holmes",
+        about="The Adventures of Sherlock Holmes and excerpts of The Wonderful Wizard of Oz, "
+              "Alice in Wonderland and The Count of Monte Cristo (Project Gutenberg)",
+        data_licence="public domain"),
+    "wikitext": dict(
+        name="WikiText-2", hub="Salesforce/wikitext", license="cc-by-sa-3.0", prompt="The",
+        about="Wikipedia's good and featured articles (Merity et al., 2016)",
+        data_licence="CC BY-SA 3.0"),
+}
+
+
+def corpus_of(data_path: str) -> dict:
+    for key, corpus in CORPORA.items():
+        if key in data_path.replace("-", "").replace("_", "").lower():
+            return corpus
+    return dict(name=data_path, hub=None, license="other", prompt="The", about=data_path,
+                data_licence="see the data's own terms")
+
+
+def write_json_atomically(path: Path, value: dict) -> None:
+    """Write beside ``path`` and rename over it: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluation_record(checkpoint_dir: Path, batch_size: int = 16) -> dict:
+    """Evaluate on the validation split; the figures as stored in config.json."""
+    result = evaluate(str(checkpoint_dir), split="validation", batch_size=batch_size, samples=0,
+                      experiments_dir=None)
+    return {
+        "split": "validation", "tokens": result["tokens"], "characters": result["characters"],
+        "loss": round(result["loss"], 4), "perplexity": round(result["perplexity"], 3),
+        "bits_per_char": round(result["bits_per_char"], 4),
+        "token_accuracy": round(result["token_accuracy"], 4), "reads": result["reads"],
+        "command": f"python -m training.evaluate --checkpoint {checkpoint_dir}",
+        "date": date.today().isoformat(),
+    }
+
+
+def samples(checkpoint, prompt: str) -> list[str]:
+    out = []
+    for seed in SAMPLE_SEEDS:
+        params = SamplingParams(max_new_tokens=SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE, seed=seed)
+        out.append(prompt + generate(checkpoint.model, checkpoint.tokenizer, prompt, params)[0].text)
+    return out
+
+
+def front_matter(name: str, config: dict, corpus: dict) -> dict:
+    ev, arch = config["evaluation"], config["model"]["arch"]
+    vocab = config["model"]["vocab_size"]
+    metrics = [
+        {"type": "bits_per_character", "value": ev["bits_per_char"], "name": "Bits per character"},
+        {"type": "perplexity", "value": ev["perplexity"], "name": f"Perplexity ({vocab:,}-token vocabulary)"},
+        {"type": "loss", "value": ev["loss"], "name": "Cross-entropy (nats per token)"},
+        {"type": "accuracy", "value": ev["token_accuracy"], "name": "Next-token accuracy"},
+    ]
+    dataset = {"type": corpus["hub"] or corpus["name"], "name": corpus["name"], "split": "validation"}
+    meta = {
+        "license": corpus["license"], "language": ["en"], "library_name": "fable",
+        "pipeline_tag": "text-generation",
+        "tags": ["text-generation", "small-language-model", arch, config["tokenizer"]["kind"]],
+        "model-index": [{"name": name, "results": [{
+            "task": {"type": "text-generation", "name": "Language modelling"},
+            "dataset": dataset, "metrics": metrics}]}],
+    }
+    if corpus["hub"]:
+        meta["datasets"] = [corpus["hub"]]
+    return meta
+
+
+def describe(config: dict) -> str:
+    m = config["model"]
+    if m["arch"] == "gpt":
+        shape = f"{m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, {m['block_size']}-token context"
+    elif m["arch"] == "seq2seq":
+        shape = f"{m['n_layer']} encoder layers, {m['n_embd']} wide, {m['block_size']}-token context"
+    else:
+        shape = f"{m['n_layer']} layers, {m['n_embd']}-wide embeddings, {m['n_hidden']} hidden units"
+    kind = {"gpt": "GPT-style decoder", "lstm": "LSTM", "gru": "GRU", "rnn": "RNN",
+            "seq2seq": "encoder-decoder Transformer"}[m["arch"]]
+    return f"a {kind} ({shape}) with a {config['tokenizer']['kind']} tokenizer of {m['vocab_size']:,} tokens"
+
+
+def render(name: str, config: dict, sample_texts: list[str], infills: bool) -> str:
+    t, ev = config["training"], config["evaluation"]
+    corpus = corpus_of(t.get("data") or "")
+    run = t.get("config", {})
+    hours, minutes = divmod(round(t.get("training_time_s", 0) / 60), 60)
+    duration = f"{hours} h {minutes} min" if hours else f"{minutes} min"
+    source = run.get("name", name).replace("-", "_")
+    lines = [
+        "---", yaml.safe_dump(front_matter(name, config, corpus), sort_keys=False).strip(), "---", "",
+        f"# {name}", "",
+        f"{describe(config)[0].upper()}{describe(config)[1:]}, {config['parameters']:,} parameters, "
+        f"trained with Fable on {corpus['name']}.", "",
+        "## Data", "",
+        f"{corpus['name']}: {corpus['about']}. Licence of the data: {corpus['data_licence']}.", "",
+        "## Training", "",
+        "```",
+        f"python -m training.train --config training/configs/{source}.yaml",
+        "```", "",
+        f"- Hardware: {t.get('hardware')}; training time {duration} ({t.get('training_time_s')} s).",
+        f"- {t.get('step'):,} optimizer steps, {t.get('tokens_seen'):,} tokens seen "
+        f"({t.get('epoch', 0):.2f} epochs).",
+        "- The whole configuration it ran with:", "",
+        "```yaml", yaml.safe_dump(run, sort_keys=False).strip(), "```", "",
+        "## Evaluation", "",
+        f"On the validation split ({ev['characters']:,} characters, {ev['tokens']:,} tokens), "
+        f"with `{ev['command']}` on {ev['date']}:", "",
+        "| metric | value |", "| --- | ---: |",
+        f"| bits per character | {ev['bits_per_char']} |",
+        f"| perplexity | {ev['perplexity']} |",
+        f"| cross-entropy, nats per token | {ev['loss']} |",
+        f"| next-token accuracy | {ev['token_accuracy']} |", "",
+        "Bits per character compare models whatever their vocabulary; perplexity only between "
+        "models with the same tokenizer.", "",
+        "## Intended use and limits", "",
+        f"A small model for learning, comparing and demonstrating how language models work. "
+        f"It writes text in the style of {corpus['name']} and nothing else: it knows no facts, "
+        "loses the thread over longer passages, and repeats itself. Not for any use where its "
+        "text would be taken as true or as advice."
+        + (" It also infills: given a story's first and last sentence, it writes the middle."
+           if infills else ""), "",
+        f"## Samples (temperature {SAMPLE_TEMPERATURE}, seeds {', '.join(map(str, SAMPLE_SEEDS))})", "",
+    ]
+    for text in sample_texts:
+        lines += ["> " + text.strip().replace("\n", "\n> "), ""]
+    lines += [
+        "## Use", "",
+        "```bash",
+        f"python -m training.generate --checkpoint checkpoints/{name} --prompt \"{corpus['prompt']}\"",
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(checkpoint_dir: Path, *, evaluate_again: bool = True) -> Path:
+    config_path = checkpoint_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if evaluate_again or "evaluation" not in config:
+        config["evaluation"] = evaluation_record(checkpoint_dir)
+        write_json_atomically(config_path, config)
+    checkpoint = load_checkpoint(checkpoint_dir)
+    corpus = corpus_of(config["training"].get("data") or "")
+    task = config["training"].get("config", {}).get("data", {}).get("task", "lm")
+    card = render(checkpoint_dir.name, config, samples(checkpoint, corpus["prompt"]), "infill" in task)
+    path = checkpoint_dir / "README.md"
+    path.write_text(card)
+    return path
+
+
+def read_card(path: Path) -> tuple[dict, str]:
+    """A card's YAML front matter and its body."""
+    text = Path(path).read_text()
+    _, meta, body = text.split("---\n", 2)
+    return yaml.safe_load(meta), body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.model_card", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, nargs="+", type=Path, help="checkpoint directories")
+    parser.add_argument("--no-evaluate", action="store_true",
+                        help="reuse the evaluation already in config.json")
+    args = parser.parse_args(argv)
+    try:
+        for directory in args.checkpoint:
+            print(write_card(directory, evaluate_again=not args.no_evaluate))
+    except (CheckpointError, DataError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
