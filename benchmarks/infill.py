@@ -3,6 +3,10 @@ validation story given its first AND last sentence, against the same architectur
 data and budget given only the first sentence.
 
     python benchmarks/infill.py [--steps 600] [--data ../shared/data/tinystories]
+    python benchmarks/infill.py --stories 800 2000 7505 --epochs 3    # the curve
+
+With ``--stories`` each size trains on the first N training stories for ``--epochs``
+epochs (the same budget per story), and the drop is printed per size.
 
 Two GPTs are trained on the same TinyStories stories with the same budget and batching
 (whole stories, one per row): A on ``first <blank> last <sep> middle <eos>``
@@ -30,14 +34,16 @@ from training.train import Trainer
 DATA = Path(os.environ.get("FABLE_DATA_DIR", ROOT.parent / "shared" / "data")) / "tinystories"
 
 
-def train(name: str, task: str, fraction: float, args, tmp: Path) -> Path:
+def train(name: str, task: str, fraction: float, args, tmp: Path, stories: int | None = None) -> Path:
+    budget = {"epochs": args.epochs} if stories else {"max_steps": args.steps}
+    subset = {"use_subset": True, "subset_size": stories} if stories else {}
     raw = {"name": name,
            "model": {"arch": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 320, "dropout": 0.1},
            "data": {"path": str(args.data), "cache_dir": str(tmp / "cache"), "task": task,
-                    "infill_fraction": fraction, "middle_only": task == "infill"},
+                    "infill_fraction": fraction, "middle_only": task == "infill", **subset},
            "tokenizer": {"kind": "bpe", "vocab_size": 1024},
            "training": {"batch_size": 16, "learning_rate": 2e-3, "min_lr": 2e-4, "warmup_steps": 50,
-                        "max_steps": args.steps, "eval_every": args.steps, "eval_batches": 10,
+                        **budget, "eval_every": 10**9, "eval_batches": 10,
                         "save_every": 10**9, "seed": 0, "num_threads": args.threads},
            "output": {"dir": str(tmp / "runs/{name}"), "experiments_dir": str(tmp / "exp")}}
     summary = Trainer(load_config(raw=raw), quiet=True).fit()
@@ -45,28 +51,44 @@ def train(name: str, task: str, fraction: float, args, tmp: Path) -> Path:
     return tmp / "runs" / name / "final"
 
 
+def drop(args, tmp: Path, stories: int | None = None) -> float:
+    """Train both models (on the first ``stories`` stories when given) and print the drop."""
+    infiller = load_checkpoint(train("infill", "infill", 1.0, args, tmp, stories))
+    plain = load_checkpoint(train("plain", "infill+lm", 0.0, args, tmp, stories))
+    docs = load_documents(DataConfig(path=str(args.data)))["validation"]
+    parts, skipped = story_parts(docs)
+    both = middle_scores(infiller, parts, "first+last", max_len=320)
+    first = middle_scores(plain, parts, "first", max_len=320)
+    print(f"validation: {len(parts)} stories with a middle ({skipped} without), "
+          f"{both.tokens:,} middle tokens scored")
+    print(f"middle perplexity given first and last sentence (infilling model): {both.perplexity:.3f}")
+    print(f"middle perplexity given the first sentence only (plain model):    {first.perplexity:.3f}")
+    lower = 1 - both.perplexity / first.perplexity
+    print(f"the ending lowers perplexity by {lower:.1%} (target: at least 10 %)")
+    return lower
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--stories", type=int, nargs="+", help="training-set sizes for the curve")
+    parser.add_argument("--epochs", type=float, default=3.0, help="budget per size, with --stories")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# infilling benchmark — {environment()}")
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        infiller = load_checkpoint(train("infill", "infill", 1.0, args, tmp))
-        plain = load_checkpoint(train("plain", "infill+lm", 0.0, args, tmp))
-        docs = load_documents(DataConfig(path=str(args.data)))["validation"]
-        parts, skipped = story_parts(docs)
-        both = middle_scores(infiller, parts, "first+last", max_len=320)
-        first = middle_scores(plain, parts, "first", max_len=320)
-        print(f"validation: {len(parts)} stories with a middle ({skipped} without), "
-              f"{both.tokens:,} middle tokens scored")
-        print(f"middle perplexity given first and last sentence (infilling model): {both.perplexity:.3f}")
-        print(f"middle perplexity given the first sentence only (plain model):    {first.perplexity:.3f}")
-        lower = 1 - both.perplexity / first.perplexity
-        print(f"the ending lowers perplexity by {lower:.1%} (target: at least 10 %)")
+    curve = {}
+    for stories in args.stories or [None]:
+        if stories:
+            print(f"== {stories} training stories, {args.epochs:g} epochs")
+        with tempfile.TemporaryDirectory() as tmp_name:
+            curve[stories] = drop(args, Path(tmp_name), stories)
+    if args.stories:
+        print("| training stories | middle perplexity lower with the ending |")
+        print("| ---: | ---: |")
+        for stories, lower in curve.items():
+            print(f"| {stories:,} | {lower:.1%} |")
 
 
 if __name__ == "__main__":
