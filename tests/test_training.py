@@ -19,6 +19,7 @@ import torch
 from models_src.checkpoint import load_checkpoint
 from training import train as train_module
 from training.config import ConfigError, load_config
+from training.data import DataConfig, TokenizerConfig
 from training.evaluate import evaluate
 from training.experiments import query
 from training.train import Trainer, TrainingError
@@ -76,6 +77,28 @@ def test_cli_overrides_and_clear_errors(tmp_path, capsys):
     assert "nope.txt" in capsys.readouterr().err
 
 
+def test_config_sections_are_typed_and_unknown_keys_named_as_before(tmp_path, capsys):
+    raw = raw_config(tmp_path)
+    cfg = load_config(raw=raw)
+    assert isinstance(cfg.data, DataConfig) and cfg.data.max_seq_len == 32 and cfg.data.task == "lm"
+    assert isinstance(cfg.tokenizer, TokenizerConfig) and cfg.tokenizer.kind == "char"
+    assert cfg.model.arch == "gpt" and cfg.model.options["n_layer"] == 2
+    recorded = cfg.to_dict()  # what checkpoints and experiment rows keep
+    assert recorded["model"] == raw["model"] and recorded["tokenizer"] == raw["tokenizer"]
+    assert recorded["data"]["max_seq_len"] == 32 and DataConfig.from_dict(recorded["data"]) == cfg.data
+    with pytest.raises(ConfigError, match=r"^unknown data config keys: nonsense$"):
+        load_config(raw=raw, overrides=["data.nonsense=1"])
+    with pytest.raises(ConfigError, match=r"^tokenizer: kind 'char' has no option\(s\) vocab_size"):
+        load_config(raw=raw, overrides=["tokenizer.vocab_size=10"])
+    with pytest.raises(ConfigError, match=r"^model: unknown keys nonsense, vocab_size \(known: arch, bias,"):
+        load_config(raw=raw, overrides=["model.nonsense=1", "model.vocab_size=10"])
+    path = write_config(tmp_path, raw)
+    assert train_module.main(["--config", str(path), "data.nonsense=1"]) == 2
+    assert capsys.readouterr().err == "error: unknown data config keys: nonsense\n"
+    assert train_module.main(["--config", str(path), "model.arch=transformerxl"]) == 2
+    assert "error: model: unknown architecture 'transformerxl'" in capsys.readouterr().err
+
+
 def test_corpus_too_short_for_one_batch_names_the_file(tmp_path, capsys):
     raw = raw_config(tmp_path)
     (tmp_path / "short.txt").write_text("Too short.")
@@ -90,7 +113,7 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 5
     for path in configs:
         cfg = load_config(path)
-        assert cfg.model["arch"] in ("rnn", "gru", "lstm", "gpt", "seq2seq"), path
+        assert cfg.model.arch in ("rnn", "gru", "lstm", "gpt", "seq2seq"), path
     with pytest.raises(ConfigError, match="preset"):
         load_config(configs[0], ["model.preset=gigantic"])
 
@@ -99,7 +122,7 @@ def test_presets_fill_sizes_and_config_keys_win(tmp_path):
     raw = raw_config(tmp_path)
     raw["model"] = {"arch": "gpt", "preset": "nano", "n_layer": 3}
     cfg = load_config(raw=raw)
-    assert cfg.model == {"arch": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 64, "block_size": 128}
+    assert cfg.model.to_dict() == {"arch": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 64, "block_size": 128}
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

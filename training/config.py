@@ -1,5 +1,6 @@
 """Run configuration: a YAML file with `model`, `data`, `tokenizer`, `training` and
-`output` sections, plus `section.key=value` overrides from the command line.
+`output` sections, plus `section.key=value` overrides from the command line. Each section
+becomes a dataclass (`data` and `tokenizer` are training.data's), checked as it is read.
 
 Size presets fill the model sizes a config leaves out, so a config can say
 `preset: small` and override only what it cares about.
@@ -13,6 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from models_src import ModelConfig
+
+from .data import DataConfig, DataError, TokenizerConfig
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -107,12 +112,46 @@ class OutputConfig:
     publish: str | None = None  # also write the final model here (e.g. checkpoints/{name}), in float16
 
 
+# ModelConfig's keys that the tokenizer decides, never the config.
+FROM_TOKENIZER = ("vocab_size", "pad_id", "sep_id")
+
+
+@dataclass
+class ModelSection:
+    """The YAML ``model:`` section, its preset resolved: ``arch`` plus the ModelConfig keys
+    it sets. Keys left out take ModelConfig's defaults, and only the keys given are
+    recorded with a run."""
+
+    arch: str = "gpt"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelSection:
+        values = resolve_model_sizes(values)
+        known = {f.name for f in fields(ModelConfig)} - set(FROM_TOKENIZER)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"model: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        options = dict(values)
+        return cls(arch=options.pop("arch", "gpt"), options=options)
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, **self.options}
+
+    def build(self, vocab_size: int, pad_id: int | None, sep_id: int | None) -> ModelConfig:
+        try:
+            return ModelConfig(arch=self.arch, vocab_size=vocab_size, pad_id=pad_id, sep_id=sep_id,
+                               **self.options)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
 @dataclass
 class RunConfig:
     name: str
-    model: dict
-    data: dict
-    tokenizer: dict
+    model: ModelSection
+    data: DataConfig
+    tokenizer: TokenizerConfig
     training: TrainingConfig
     output: OutputConfig = field(default_factory=OutputConfig)
     source: str | None = None  # the YAML file it came from
@@ -126,8 +165,8 @@ class RunConfig:
         return Path(self.output.publish.format(name=self.name)) if self.output.publish else None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "model": self.model, "data": self.data,
-                "tokenizer": self.tokenizer, "training": asdict(self.training),
+        return {"name": self.name, "model": self.model.to_dict(), "data": asdict(self.data),
+                "tokenizer": self.tokenizer.to_dict(), "training": asdict(self.training),
                 "output": asdict(self.output)}
 
 
@@ -194,11 +233,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     name = raw.get("name") or (Path(path).stem if path else None)
     if not name:
         raise ConfigError("the config needs a name")
+    try:  # the data sections check themselves (training.data); a bad one is a config error here
+        data = DataConfig.from_dict(raw["data"])
+        tokenizer = TokenizerConfig.from_dict(raw.get("tokenizer") or {})
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     return RunConfig(
         name=str(name),
-        model=resolve_model_sizes(raw["model"]),
-        data=dict(raw["data"]),
-        tokenizer=dict(raw.get("tokenizer") or {"kind": "char"}),
+        model=ModelSection.from_dict(raw["model"]),
+        data=data,
+        tokenizer=tokenizer,
         training=_dataclass_from(TrainingConfig, "training", raw["training"]),
         output=_dataclass_from(OutputConfig, "output", raw.get("output") or {}),
         source=str(path) if path else None,

@@ -27,13 +27,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models_src import ModelConfig, build_model
+from models_src import build_model
 from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from models_src.summary import count_parameters
 
 from .config import ConfigError, RunConfig, load_config
-from .data import (DataConfig, DataError, SequentialBatches, TokenizerConfig, check_enough_tokens, load_documents,
-                   prepare, random_batch)
+from .data import DataError, SequentialBatches, check_enough_tokens, load_documents, prepare, random_batch
 from .evaluate import score_text
 from .examples import as_stream, example_batch, in_order, prepare_examples
 from .experiments import ExperimentLog, plot_curves
@@ -97,14 +96,13 @@ class Trainer:
             torch.set_num_threads(self.t.num_threads)
         torch.manual_seed(self.t.seed)
 
-        data_cfg = DataConfig.from_dict(cfg.data)
-        self.data = prepare(data_cfg, TokenizerConfig.from_dict(cfg.tokenizer))
+        data_cfg = cfg.data
+        self.data = prepare(data_cfg, cfg.tokenizer)
         self.tokenizer = self.data.tokenizer
-        model_cfg = ModelConfig(vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id,
-                                sep_id=self.tokenizer.sep_id, **cfg.model)
+        model_cfg = cfg.model.build(self.tokenizer.vocab_size, self.tokenizer.pad_id, self.tokenizer.sep_id)
         self.model = build_model(model_cfg).to(self.device)
         self.recurrent = self.model.max_context is None
-        self.seq_len = cfg.data.get("max_seq_len") or (128 if self.recurrent else model_cfg.block_size)
+        self.seq_len = cfg.data.max_seq_len or (128 if self.recurrent else model_cfg.block_size)
         if not self.recurrent and self.seq_len > model_cfg.block_size:
             raise ConfigError(f"data.max_seq_len ({self.seq_len}) exceeds model.block_size ({model_cfg.block_size})")
         # Truncated BPTT: an RNN carries its state from window to window of a stream.
@@ -188,7 +186,7 @@ class Trainer:
     def next_batch(self):
         if self.examples is not None and not self.tbptt:
             x, y = example_batch(self.examples["train"], self.t.batch_size, self.generator,
-                                 self.tokenizer.pad_id, self.cfg.data.get("middle_only", False))
+                                 self.tokenizer.pad_id, self.cfg.data.middle_only)
             return x.to(self.device), y.to(self.device)
         if not self.tbptt:
             x, y = random_batch(self.data.splits["train"], self.t.batch_size, self.seq_len, self.generator)
@@ -225,7 +223,7 @@ class Trainer:
                                       self.tokenizer.pad_id), max_batches)
             result = score_batches(self.model, batches, device=self.device, autocast=autocast).as_dict()
             if max_batches is None:  # bits per character: each document read as evaluate reads it
-                docs = load_documents(DataConfig.from_dict(self.cfg.data))
+                docs = load_documents(self.cfg.data)
                 text = score_text(self.model, self.tokenizer, docs["validation"], docs["train"],
                                   self.seq_len, by_document=True, batch_size=self.t.batch_size)
                 result["bits_per_char"] = text["bits_per_char"]
