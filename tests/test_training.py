@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from training.config import ConfigError, load_config
 from training.data import DataConfig, TokenizerConfig
 from training.evaluate import evaluate
 from training.experiments import query
+from training.state import TrainState
 from training.train import Trainer, TrainingError
 from training_runs import make_corpus, raw_config, write_config
 
@@ -131,7 +133,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     def forward(x, y):
         loss = real_forward(x, y)
-        return loss * float("nan") if trainer.step >= 7 else loss
+        return loss * float("nan") if trainer.state.step >= 7 else loss
     monkeypatch.setattr(trainer, "forward", forward)
     with pytest.raises(TrainingError, match=r"loss became nan at step 8.*last"):
         trainer.fit()
@@ -148,6 +150,55 @@ def test_early_stopping(tmp_path, monkeypatch):
     summary = trainer.fit()
     assert summary["step"] == 20  # evals at 5, 10 (best), 15, 20: two without improvement
     assert summary["best_val_loss"] == 2.0
+
+
+def same(a, b) -> bool:
+    """Deep equality of what a TrainState holds: tensors, containers, optimizers, generators."""
+    if isinstance(a, torch.Generator):
+        return torch.equal(a.get_state(), b.get_state())
+    if hasattr(a, "state_dict"):
+        return same(a.state_dict(), b.state_dict())
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def test_train_state_is_saved_and_restored_whole(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        return model, TrainState(optimizer, torch.Generator().manual_seed(1), plateau)
+
+    model, state = fresh()
+    model(torch.randn(2, 4)).sum().backward()
+    state.optimizer.step()
+    state.plateau.step(1.0), state.plateau.step(2.0)  # the second lowers the learning rate
+    torch.randint(10, (5,), generator=state.generator)
+    state.step, state.window, state.hidden = 7, 3, (torch.randn(1, 2, 3), torch.randn(1, 2, 3))
+    state.best_val, state.bad_evals, state.train_time, state.loop_time = 1.5, 2, 12.5, 20.0
+    state.last_train_loss, state.run_id = 1.25, "20261203-101010-abcdef"
+    _, restored = fresh()
+    # Every field differs from a fresh state's (a field added to TrainState must be set above),
+    for f in fields(TrainState):
+        assert not same(getattr(state, f.name), getattr(restored, f.name)), f.name
+    state.save(tmp_path / "trainer_state.pt")
+    rng = torch.get_rng_state()
+    torch.rand(3)  # the global generator (dropout) moves on after the save
+    restored.load(tmp_path / "trainer_state.pt", torch.device("cpu"))
+    # and every field comes back: the loop's clock with the seconds it had run at the save.
+    assert 20.0 <= restored.loop_time < 80.0
+    restored.loop_time = state.loop_time
+    for f in fields(TrainState):
+        assert same(getattr(state, f.name), getattr(restored, f.name)), f.name
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.randint(10**6, (8,), generator=state.generator),
+                       torch.randint(10**6, (8,), generator=restored.generator))
 
 
 def run_cli(config: Path, *extra: str, **kwargs):
