@@ -201,6 +201,61 @@ def test_train_state_is_saved_and_restored_whole(tmp_path):
                        torch.randint(10**6, (8,), generator=restored.generator))
 
 
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Ctrl-C inside the loop: the ``call``-th batch is drawn, then KeyboardInterrupt."""
+    real, calls = Trainer.next_batch, [0]
+
+    def next_batch(self):
+        batch = real(self)
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return batch
+    monkeypatch.setattr(Trainer, "next_batch", next_batch)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_ctrl_c_saves_last_and_final_and_resume_ends_as_the_uninterrupted_run(
+        tmp_path, monkeypatch, capsys, arch):
+    raw = raw_config(tmp_path, arch, max_steps=30, grad_accum=2)
+    raw["model"]["dropout"] = 0.1  # the global RNG too must be put back
+    uninterrupted = Trainer(load_config(raw=raw), quiet=True).fit()
+    [first] = query(tmp_path / "exp", "SELECT DISTINCT run_id FROM experiments")
+    raw["output"]["dir"] = str(tmp_path / "interrupted" / "{name}")
+    config = write_config(tmp_path, raw)
+    run = tmp_path / "interrupted" / f"tiny-{arch}"
+    # In the second micro-batch of step 3: the first one has moved the batches, the recurrent
+    # state, dropout's generator and the gradients on; Ctrl-C must put all of that back.
+    interrupt_at(monkeypatch, 6)
+    assert train_module.main(["--config", str(config), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted at step 2: saved {run / 'last'} and {run / 'final'} (--resume continues the run)\n"
+    last, final = load_checkpoint(run / "last").summary, load_checkpoint(run / "final").summary
+    assert last["step"] == final["step"] == 2 and not final["finished"]
+    assert final["val_loss"] == last["val_loss"] and final["bits_per_char"] > 0  # evaluated
+    assert (run / "last" / "trainer_state.pt").is_file() and (run / "loss.png").is_file()
+    run_rows = "SELECT step, kind FROM experiments WHERE run_id != ? ORDER BY step, kind"
+    assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
+        (2, "final")]
+    monkeypatch.undo()
+    assert train_module.main(["--config", str(config), "--quiet", "--resume"]) == 0
+    resumed = load_checkpoint(run / "final").summary
+    assert resumed["step"] == 30 and resumed["finished"]
+    assert abs(resumed["val_loss"] - uninterrupted["val_loss"]) < 1e-6
+    assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
+        (2, "final"), (10, "train_eval"), (20, "train_eval"), (30, "final"), (30, "train_eval")]
+
+
+def test_ctrl_c_ends_a_sweep(tmp_path, monkeypatch, capsys):
+    from training import sweep
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, raw_config(tmp_path))
+    interrupt_at(monkeypatch, 3)
+    assert sweep.main(["--config", str(path), "--vary", "model.arch=gpt,lstm"]) == 130
+    assert "interrupted at step 2: saved runs/tiny-gpt-sweep/arch=gpt/last" in capsys.readouterr().err
+    assert not (tmp_path / "runs/tiny-gpt-sweep/arch=lstm").exists()  # the sweep went no further
+
+
 def run_cli(config: Path, *extra: str, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(config), "--quiet",

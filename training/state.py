@@ -88,3 +88,17 @@ class TrainState:
         if saved["hidden"] is not None:
             saved["hidden"] = map_state(lambda t: t.to(device), saved["hidden"])
         self.load_state_dict(saved)
+
+    def mark(self) -> dict:
+        """What a step changes besides the weights and the optimizer, for `rewind`."""
+        return {"step": self.step, "generator": self.generator.get_state(), "window": self.window,
+                "hidden": self.hidden, **_global_rng()}
+
+    def rewind(self, mark: dict) -> None:
+        """Undo a step cut short before its update, so that the state is the one before it;
+        nothing to undo once the step has counted."""
+        if self.step != mark["step"]:
+            return
+        self.generator.set_state(mark["generator"])
+        self.window, self.hidden = mark["window"], mark["hidden"]
+        _set_global_rng(mark)

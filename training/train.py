@@ -36,7 +36,11 @@ from .metrics import score, score_batches
 from .report import RunReport
 from .state import TrainState, map_state
 
-__all__ = ["Trainer", "TrainingError", "main"]
+__all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "main"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after it saved last/ and final/; the message says where."""
 
 
 class Distributed:
@@ -253,48 +257,57 @@ class Trainer:
         self.report.start_bar(self.max_steps if self.max_steps < 10**12 else None, s.step)
         s.start_clock()
         metrics: dict = {}
+        interrupted, before = False, s.mark()
         self.model.train()
-        while s.step < self.max_steps:
-            started = time.perf_counter()
-            lr = self.lr_at(s.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for micro in range(t.grad_accum):
-                x, y = self.next_batch()
-                sync = micro == t.grad_accum - 1 or self.dist.world == 1
-                with contextlib.nullcontext() if sync else self.network.no_sync():
-                    loss = self.forward(x, y)
-                    (loss / t.grad_accum).backward()
-                total += loss.item() / t.grad_accum
-            if not math.isfinite(total):
-                raise TrainingError(
-                    f"the loss became {total} at step {s.step + 1}; stopped. The last good "
-                    f"checkpoint is {self.run_dir / 'last'} (lower training.learning_rate or raise "
-                    f"training.warmup_steps, then --resume)")
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            self.optimizer.step()
-            s.step += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            s.last_train_loss = total
-            elapsed = time.perf_counter() - started
-            s.train_time += elapsed
-            self.report.step(total, lr, self.tokens_per_step / elapsed)
+        try:
+            while s.step < self.max_steps:
+                before = s.mark()  # what Ctrl-C puts back if it cuts this step short
+                started = time.perf_counter()
+                lr = self.lr_at(s.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                total = 0.0
+                for micro in range(t.grad_accum):
+                    x, y = self.next_batch()
+                    sync = micro == t.grad_accum - 1 or self.dist.world == 1
+                    with contextlib.nullcontext() if sync else self.network.no_sync():
+                        loss = self.forward(x, y)
+                        (loss / t.grad_accum).backward()
+                    total += loss.item() / t.grad_accum
+                if not math.isfinite(total):
+                    raise TrainingError(
+                        f"the loss became {total} at step {s.step + 1}; stopped. The last good "
+                        f"checkpoint is {self.run_dir / 'last'} (lower training.learning_rate or raise "
+                        f"training.warmup_steps, then --resume)")
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                s.step += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                s.last_train_loss = total
+                elapsed = time.perf_counter() - started
+                s.train_time += elapsed
+                self.report.step(total, lr, self.tokens_per_step / elapsed)
 
-            stop = False
-            if s.step % t.eval_every == 0 or s.step == self.max_steps:
-                metrics = self.evaluate(t.eval_batches)
-                stop = self.after_eval(metrics, lr)
-            if s.step % t.save_every == 0 and main:
+                stop = False
+                if s.step % t.eval_every == 0 or s.step == self.max_steps:
+                    metrics = self.evaluate(t.eval_batches)
+                    stop = self.after_eval(metrics, lr)
+                if s.step % t.save_every == 0 and main:
+                    self.checkpoints.save("last", self.summary(metrics), s)
+                if t.max_time_s and s.elapsed() >= t.max_time_s:
+                    stop = True  # out of time: what follows is the usual final evaluation
+                if stop:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: evaluate and save, as at the end of a run
+            interrupted = True
+            s.rewind(before)
+            self.optimizer.zero_grad(set_to_none=True)
+            if main:  # at once, so that a second Ctrl-C during the evaluation loses nothing
                 self.checkpoints.save("last", self.summary(metrics), s)
-            if t.max_time_s and s.elapsed() >= t.max_time_s:
-                stop = True  # out of time: what follows is the usual final evaluation
-            if stop:
-                break
         self.report.close_bar()
         final = self.evaluate(None)
-        summary = self.summary(final, finished=True)
+        summary = self.summary(final, finished=not interrupted)
         if main:
             self.checkpoints.save("last", summary, s)
             self.checkpoints.save("final", summary)
@@ -307,6 +320,9 @@ class Trainer:
                             f"perplexity {final['perplexity']:.2f}, checkpoint {self.run_dir / 'final'}")
         self.dist.barrier()
         self.dist.close()
+        if interrupted:
+            raise TrainingInterrupted(f"interrupted at step {s.step}: saved {self.run_dir / 'last'} and "
+                                      f"{self.run_dir / 'final'} (--resume continues the run)")
         return summary
 
     def after_eval(self, metrics: dict, lr: float) -> bool:
@@ -368,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return 130  # what a shell reports for Ctrl-C
     return 0
 
 
