@@ -147,7 +147,7 @@ class Trainer:
         params = list({id(p): p for p in self.model.parameters()}.values())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.t.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # The fused kernel (CPU and CUDA) does the whole update in one pass.
+        # The fused kernel (CPU and CUDA) does the whole update in one pass (benchmarks/README.md).
         return torch.optim.AdamW(groups, lr=self.t.learning_rate, betas=self.t.betas, fused=True)
 
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -353,8 +353,8 @@ def uses_bfloat16(precision: str, device: torch.device) -> bool:
 
 
 def cpu_has_bf16_units() -> bool:
-    """AMX or AVX512-BF16: there bf16 products run 1.5-2x faster than float32 ones
-    (benchmarks/README.md); elsewhere bf16 is emulated and slower."""
+    """AMX or AVX512-BF16: there bf16 matrix products beat float32 ones (benchmarks/README.md);
+    elsewhere bf16 is emulated and slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
