@@ -199,6 +199,13 @@ def test_train_state_is_saved_and_restored_whole(tmp_path):
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(torch.randint(10**6, (8,), generator=state.generator),
                        torch.randint(10**6, (8,), generator=restored.generator))
+    # On a GPU the recurrent state goes to the device; random generator states stay on the
+    # CPU, as set_state needs them ("meta" stands in for a device this machine may not have).
+    _, on_device = fresh()
+    on_device.load(tmp_path / "trainer_state.pt", torch.device("meta"))
+    assert all(t.device.type == "meta" for t in on_device.hidden)
+    saved = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert torch.equal(on_device.generator.get_state(), saved["generator"]) and on_device.step == 7
 
 
 def interrupt_at(monkeypatch, call: int) -> None:
