@@ -127,12 +127,8 @@ class ModelSection:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelSection:
-        values = resolve_model_sizes(values)
-        known = {f.name for f in fields(ModelConfig)} - set(FROM_TOKENIZER)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"model: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        options = dict(values)
+        options = resolve_model_sizes(values)
+        _only_known("model", options, {f.name for f in fields(ModelConfig)} - set(FROM_TOKENIZER))
         return cls(arch=options.pop("arch", "gpt"), options=options)
 
     def to_dict(self) -> dict:
@@ -191,11 +187,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _dataclass_from(cls, section: str, values: dict):
-    known = {f.name for f in fields(cls)}
+def _only_known(section: str, values: dict, known: set[str]) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{section}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _dataclass_from(cls, section: str, values: dict):
+    _only_known(section, values, {f.name for f in fields(cls)})
     try:
         return cls(**values)
     except TypeError as e:
