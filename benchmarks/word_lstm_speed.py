@@ -86,10 +86,10 @@ class Ours:
     def run(self, steps: int) -> float:
         """Tokens/s over ``steps`` more windows (the trainer's own clock: the steps only)."""
         t = self.trainer
-        seconds, done = t.train_time, t.step
+        seconds, done = t.state.train_time, t.state.step
         t.max_steps = done + steps
         t.fit()  # continues where it stopped: the hidden state and the window carry on
-        return (t.step - done) * BATCH * BPTT / (t.train_time - seconds)
+        return (t.state.step - done) * BATCH * BPTT / (t.state.train_time - seconds)
 
 
 # --- the plain loop (pytorch/examples word_language_model style) ------------------------

@@ -64,6 +64,9 @@ class RecurrentState:
         return RecurrentState([tuple(torch.cat(ts, 1) for ts in zip(a, b)) if isinstance(a, tuple)
                                else torch.cat([a, b], 1) for a, b in zip(self.layers, other.layers)])
 
+    def to(self, device) -> RecurrentState:
+        return self._map(lambda t: t.to(device))
+
     def detach(self) -> RecurrentState:
         """The same values cut from the graph behind them (truncated back-propagation)."""
         return self._map(torch.Tensor.detach)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,13 @@ import pytest
 import torch
 
 from models_src.checkpoint import load_checkpoint
+from models_src.rnn import RecurrentState
 from training import train as train_module
 from training.config import ConfigError, load_config
+from training.data import DataConfig, TokenizerConfig
 from training.evaluate import evaluate
 from training.experiments import query
+from training.state import TrainState
 from training.train import Trainer, TrainingError
 from training_runs import make_corpus, raw_config, write_config
 
@@ -76,6 +80,28 @@ def test_cli_overrides_and_clear_errors(tmp_path, capsys):
     assert "nope.txt" in capsys.readouterr().err
 
 
+def test_config_sections_are_typed_and_unknown_keys_named_as_before(tmp_path, capsys):
+    raw = raw_config(tmp_path)
+    cfg = load_config(raw=raw)
+    assert isinstance(cfg.data, DataConfig) and cfg.data.max_seq_len == 32 and cfg.data.task == "lm"
+    assert isinstance(cfg.tokenizer, TokenizerConfig) and cfg.tokenizer.kind == "char"
+    assert cfg.model.arch == "gpt" and cfg.model.options["n_layer"] == 2
+    recorded = cfg.to_dict()  # what checkpoints and experiment rows keep
+    assert recorded["model"] == raw["model"] and recorded["tokenizer"] == raw["tokenizer"]
+    assert recorded["data"]["max_seq_len"] == 32 and DataConfig.from_dict(recorded["data"]) == cfg.data
+    with pytest.raises(ConfigError, match=r"^unknown data config keys: nonsense$"):
+        load_config(raw=raw, overrides=["data.nonsense=1"])
+    with pytest.raises(ConfigError, match=r"^tokenizer: kind 'char' has no option\(s\) vocab_size"):
+        load_config(raw=raw, overrides=["tokenizer.vocab_size=10"])
+    with pytest.raises(ConfigError, match=r"^model: unknown keys nonsense, vocab_size \(known: arch, bias,"):
+        load_config(raw=raw, overrides=["model.nonsense=1", "model.vocab_size=10"])
+    path = write_config(tmp_path, raw)
+    assert train_module.main(["--config", str(path), "data.nonsense=1"]) == 2
+    assert capsys.readouterr().err == "error: unknown data config keys: nonsense\n"
+    assert train_module.main(["--config", str(path), "model.arch=transformerxl"]) == 2
+    assert "error: model: unknown architecture 'transformerxl'" in capsys.readouterr().err
+
+
 def test_corpus_too_short_for_one_batch_names_the_file(tmp_path, capsys):
     raw = raw_config(tmp_path)
     (tmp_path / "short.txt").write_text("Too short.")
@@ -90,7 +116,7 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 5
     for path in configs:
         cfg = load_config(path)
-        assert cfg.model["arch"] in ("rnn", "gru", "lstm", "gpt", "seq2seq"), path
+        assert cfg.model.arch in ("rnn", "gru", "lstm", "gpt", "seq2seq"), path
     with pytest.raises(ConfigError, match="preset"):
         load_config(configs[0], ["model.preset=gigantic"])
 
@@ -99,7 +125,7 @@ def test_presets_fill_sizes_and_config_keys_win(tmp_path):
     raw = raw_config(tmp_path)
     raw["model"] = {"arch": "gpt", "preset": "nano", "n_layer": 3}
     cfg = load_config(raw=raw)
-    assert cfg.model == {"arch": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 64, "block_size": 128}
+    assert cfg.model.to_dict() == {"arch": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 64, "block_size": 128}
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -108,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     def forward(x, y):
         loss = real_forward(x, y)
-        return loss * float("nan") if trainer.step >= 7 else loss
+        return loss * float("nan") if trainer.state.step >= 7 else loss
     monkeypatch.setattr(trainer, "forward", forward)
     with pytest.raises(TrainingError, match=r"loss became nan at step 8.*last"):
         trainer.fit()
@@ -125,6 +151,120 @@ def test_early_stopping(tmp_path, monkeypatch):
     summary = trainer.fit()
     assert summary["step"] == 20  # evals at 5, 10 (best), 15, 20: two without improvement
     assert summary["best_val_loss"] == 2.0
+
+
+def same(a, b) -> bool:
+    """Deep equality of what a TrainState holds: tensors, containers, optimizers, generators."""
+    if isinstance(a, torch.Generator):
+        return torch.equal(a.get_state(), b.get_state())
+    if hasattr(a, "state_dict"):
+        return same(a.state_dict(), b.state_dict())
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, RecurrentState):
+        return isinstance(b, RecurrentState) and same(a.layers, b.layers)
+    return a == b
+
+
+def test_train_state_is_saved_and_restored_whole(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        return model, TrainState(optimizer, torch.Generator().manual_seed(1), plateau)
+
+    model, state = fresh()
+    model(torch.randn(2, 4)).sum().backward()
+    state.optimizer.step()
+    state.plateau.step(1.0), state.plateau.step(2.0)  # the second lowers the learning rate
+    torch.randint(10, (5,), generator=state.generator)
+    state.step, state.window = 7, 3
+    state.hidden = RecurrentState([(torch.randn(1, 2, 3), torch.randn(1, 2, 3))])
+    state.best_val, state.bad_evals, state.train_time, state.loop_time = 1.5, 2, 12.5, 20.0
+    state.last_train_loss, state.run_id = 1.25, "20261203-101010-abcdef"
+    _, restored = fresh()
+    # Every field differs from a fresh state's (a field added to TrainState must be set above),
+    for f in fields(TrainState):
+        assert not same(getattr(state, f.name), getattr(restored, f.name)), f.name
+    state.save(tmp_path / "trainer_state.pt")
+    rng = torch.get_rng_state()
+    torch.rand(3)  # the global generator (dropout) moves on after the save
+    restored.load(tmp_path / "trainer_state.pt", torch.device("cpu"))
+    # and every field comes back: the loop's clock with the seconds it had run at the save.
+    assert 20.0 <= restored.loop_time < 80.0
+    restored.loop_time = state.loop_time
+    for f in fields(TrainState):
+        assert same(getattr(state, f.name), getattr(restored, f.name)), f.name
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.randint(10**6, (8,), generator=state.generator),
+                       torch.randint(10**6, (8,), generator=restored.generator))
+    # On a GPU the recurrent state goes to the device; random generator states stay on the
+    # CPU, as set_state needs them ("meta" stands in for a device this machine may not have).
+    _, on_device = fresh()
+    on_device.load(tmp_path / "trainer_state.pt", torch.device("meta"))
+    assert all(t.device.type == "meta" for t in on_device.hidden[0])
+    saved = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert torch.equal(on_device.generator.get_state(), saved["generator"]) and on_device.step == 7
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Ctrl-C inside the loop: the ``call``-th batch is drawn, then KeyboardInterrupt."""
+    real, calls = Trainer.next_batch, [0]
+
+    def next_batch(self):
+        batch = real(self)
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return batch
+    monkeypatch.setattr(Trainer, "next_batch", next_batch)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_ctrl_c_saves_last_and_final_and_resume_ends_as_the_uninterrupted_run(
+        tmp_path, monkeypatch, capsys, arch):
+    raw = raw_config(tmp_path, arch, max_steps=30, grad_accum=2)
+    raw["model"]["dropout"] = 0.1  # the global RNG too must be put back
+    uninterrupted = Trainer(load_config(raw=raw), quiet=True).fit()
+    [first] = query(tmp_path / "exp", "SELECT DISTINCT run_id FROM experiments")
+    raw["output"]["dir"] = str(tmp_path / "interrupted" / "{name}")
+    config = write_config(tmp_path, raw)
+    run = tmp_path / "interrupted" / f"tiny-{arch}"
+    # In the second micro-batch of step 3: the first one has moved the batches, the recurrent
+    # state, dropout's generator and the gradients on; Ctrl-C must put all of that back.
+    interrupt_at(monkeypatch, 6)
+    assert train_module.main(["--config", str(config), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted at step 2: saved {run / 'last'} and {run / 'final'} (--resume continues the run)\n"
+    last, final = load_checkpoint(run / "last").summary, load_checkpoint(run / "final").summary
+    assert last["step"] == final["step"] == 2 and not final["finished"]
+    assert final["val_loss"] == last["val_loss"] and final["bits_per_char"] > 0  # evaluated
+    assert (run / "last" / "trainer_state.pt").is_file() and (run / "loss.png").is_file()
+    run_rows = "SELECT step, kind FROM experiments WHERE run_id != ? ORDER BY step, kind"
+    assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
+        (2, "final")]
+    monkeypatch.undo()
+    assert train_module.main(["--config", str(config), "--quiet", "--resume"]) == 0
+    resumed = load_checkpoint(run / "final").summary
+    assert resumed["step"] == 30 and resumed["finished"]
+    assert abs(resumed["val_loss"] - uninterrupted["val_loss"]) < 1e-6
+    assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
+        (2, "final"), (10, "train_eval"), (20, "train_eval"), (30, "final"), (30, "train_eval")]
+
+
+def test_ctrl_c_ends_a_sweep(tmp_path, monkeypatch, capsys):
+    from training import sweep
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, raw_config(tmp_path))
+    interrupt_at(monkeypatch, 3)
+    assert sweep.main(["--config", str(path), "--vary", "model.arch=gpt,lstm"]) == 130
+    assert "interrupted at step 2: saved runs/tiny-gpt-sweep/arch=gpt/last" in capsys.readouterr().err
+    assert not (tmp_path / "runs/tiny-gpt-sweep/arch=lstm").exists()  # the sweep went no further
 
 
 def run_cli(config: Path, *extra: str, **kwargs):
@@ -275,3 +415,12 @@ def test_training_puts_large_tensors_on_huge_pages_unless_told_not_to(setting, h
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert (int(out.stdout) >= 32 * 1024) == huge, out.stdout
+
+
+def test_a_run_records_the_command_that_trains_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: r\nmodel: {arch: gpt}\ndata: {path: x.txt}\ntraining: {max_steps: 5}\n")
+    cfg = load_config(path, ["training.max_steps=7", "name=a b"])
+    assert cfg.command == f"python -m training.train --config {path} training.max_steps=7 'name=a b'"
+    assert load_config(raw={"name": "r", "model": {"arch": "gpt"}, "data": {"path": "x"},
+                            "training": {"max_steps": 1}}).command is None

@@ -1,5 +1,6 @@
 """Run configuration: a YAML file with `model`, `data`, `tokenizer`, `training` and
-`output` sections, plus `section.key=value` overrides from the command line.
+`output` sections, plus `section.key=value` overrides from the command line. Each section
+becomes a dataclass (`data` and `tokenizer` are training.data's), checked as it is read.
 
 Size presets fill the model sizes a config leaves out, so a config can say
 `preset: small` and override only what it cares about.
@@ -9,10 +10,15 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from models_src import ModelConfig
+
+from .data import DataConfig, DataError, TokenizerConfig
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -107,15 +113,53 @@ class OutputConfig:
     publish: str | None = None  # also write the final model here (e.g. checkpoints/{name}), in float16
 
 
+# ModelConfig's keys that the tokenizer decides, never the config.
+FROM_TOKENIZER = ("vocab_size", "pad_id", "sep_id")
+
+
+@dataclass
+class ModelSection:
+    """The YAML ``model:`` section, its preset resolved: ``arch`` plus the ModelConfig keys
+    it sets. Keys left out take ModelConfig's defaults, and only the keys given are
+    recorded with a run."""
+
+    arch: str = "gpt"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelSection:
+        options = resolve_model_sizes(values)
+        _only_known("model", options, {f.name for f in fields(ModelConfig)} - set(FROM_TOKENIZER))
+        return cls(arch=options.pop("arch", "gpt"), options=options)
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, **self.options}
+
+    def build(self, vocab_size: int, pad_id: int | None, sep_id: int | None) -> ModelConfig:
+        try:
+            return ModelConfig(arch=self.arch, vocab_size=vocab_size, pad_id=pad_id, sep_id=sep_id,
+                               **self.options)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
 @dataclass
 class RunConfig:
     name: str
-    model: dict
-    data: dict
-    tokenizer: dict
+    model: ModelSection
+    data: DataConfig
+    tokenizer: TokenizerConfig
     training: TrainingConfig
     output: OutputConfig = field(default_factory=OutputConfig)
     source: str | None = None  # the YAML file it came from
+    overrides: list[str] = field(default_factory=list)  # the section.key=value given with it
+
+    @property
+    def command(self) -> str | None:
+        """The command that trains this config (None for a config built from a dict)."""
+        if self.source is None:
+            return None
+        return shlex.join(["python", "-m", "training.train", "--config", self.source, *self.overrides])
 
     @property
     def run_dir(self) -> Path:
@@ -126,8 +170,8 @@ class RunConfig:
         return Path(self.output.publish.format(name=self.name)) if self.output.publish else None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "model": self.model, "data": self.data,
-                "tokenizer": self.tokenizer, "training": asdict(self.training),
+        return {"name": self.name, "model": self.model.to_dict(), "data": asdict(self.data),
+                "tokenizer": self.tokenizer.to_dict(), "training": asdict(self.training),
                 "output": asdict(self.output)}
 
 
@@ -152,11 +196,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _dataclass_from(cls, section: str, values: dict):
-    known = {f.name for f in fields(cls)}
+def _only_known(section: str, values: dict, known: set[str]) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{section}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _dataclass_from(cls, section: str, values: dict):
+    _only_known(section, values, {f.name for f in fields(cls)})
     try:
         return cls(**values)
     except TypeError as e:
@@ -194,12 +241,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     name = raw.get("name") or (Path(path).stem if path else None)
     if not name:
         raise ConfigError("the config needs a name")
+    try:  # the data sections check themselves (training.data); a bad one is a config error here
+        data = DataConfig.from_dict(raw["data"])
+        tokenizer = TokenizerConfig.from_dict(raw.get("tokenizer") or {})
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     return RunConfig(
         name=str(name),
-        model=resolve_model_sizes(raw["model"]),
-        data=dict(raw["data"]),
-        tokenizer=dict(raw.get("tokenizer") or {"kind": "char"}),
+        model=ModelSection.from_dict(raw["model"]),
+        data=data,
+        tokenizer=tokenizer,
         training=_dataclass_from(TrainingConfig, "training", raw["training"]),
         output=_dataclass_from(OutputConfig, "output", raw.get("output") or {}),
         source=str(path) if path else None,
+        overrides=list(overrides),
     )

@@ -1,12 +1,8 @@
 """Corpora -> tokenizer -> cached token arrays -> batches.
 
-``prepare`` turns the YAML ``data:`` and ``tokenizer:`` sections into one token stream
-per split: documents are read (plain text, TinyStories, JSON Lines, CSV, Parquet, a
-``datasets`` dataset), split into train / validation (/ test), the tokenizer is trained on
-train (or loaded), and each split is encoded as ``doc + <eos>`` concatenated. The result
-is written once under ``cache_dir`` and memory-mapped on every later run. The batch
-helpers cut those streams into model inputs: random windows (attention models),
-sequential windows (truncated BPTT for RNNs) and windows that score every token once.
+``prepare`` turns the YAML ``data:`` and ``tokenizer:`` sections into one memory-mapped
+token stream per split, cached under ``cache_dir``; the batch helpers cut those streams
+into model inputs. The reading, splitting and caching: docs/training.md.
 """
 
 from __future__ import annotations

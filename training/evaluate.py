@@ -3,18 +3,9 @@
     python -m training.evaluate --checkpoint runs/char-gpt-shakespeare/final
     python -m training.evaluate --checkpoint DIR --data held_out.txt --split all --stride 64
 
-Without ``--data`` the checkpoint's own training corpus and split are used (from the
-config stored in it). ``--split all`` scores every token of the given data. Perplexity is
-exp(total loss / tokens) over every token of the split. Bits per character divide the
-total loss by the split's characters, so character, word and BPE models compare on one
-scale. A model trained on whole examples (``data.task: infill`` or ``infill+lm``) reads
-each document on its own from ``<bos>``, as in training; others read the split as one
-stream. What a lossy tokenizer leaves out (case, spacing, the spelling of ``<unk>``) is
-coded by side models and counted too (``training.lossy``). With ``--bleu N`` the model
-also continues N validation documents from their first half and is scored against the
-true second half (sacrebleu). ``--task infill`` scores
-story middles instead (``training.infill_eval``). Each evaluation appends an experiment
-row (kind "evaluate", or "infill:<given>").
+Scores a split of the checkpoint's own corpus (or of ``--data``), read as the model was
+trained; ``--bleu N`` adds continuation BLEU and ``--task infill`` scores story middles.
+Each evaluation appends an experiment row. What each figure means: docs/training.md.
 """
 
 from __future__ import annotations

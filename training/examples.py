@@ -1,24 +1,8 @@
 """Whole-example training data: story infilling, and plain stories mixed in.
 
-Language modelling reads random windows of one long token stream (``training.data``).
-Infilling needs every example whole, ``<bos> first <blank> last <sep> middle <eos>``,
-so these tasks batch examples instead: one example per row, right-padded, padding never
-scored. ``task: infill+lm`` keeps every story as a plain ``<bos> story <eos>`` example
-and adds an infilling example for ``infill_fraction`` of them, so one model both infills
-and continues prompts without the language model losing any story.
-
-Stories are split into first sentence, middle and last sentence with ``sentencex`` (a
-rule-based segmenter that keeps ``"Hi!" said Tom.``, ``Mr.``/``Dr.`` and ellipses in
-one sentence); a story with fewer than three sentences has no middle and is skipped
-(and counted).
-
-``infill_spans: k`` adds k more infilling examples per training story, each cut from a
-random run of at least three of its sentences (its first sentence, middle and last
-sentence standing in for a story's). Short middles whose ending gives much away teach the
-model to read the ending; validation examples are never augmented.
-
-A recurrent model trains on the same examples, whole, as one shuffled stream
-(``as_stream``) cut into truncated back-propagation windows, the way it reads text.
+Examples (``<bos> first <blank> last <sep> middle <eos>``, or a plain story) are built,
+cached beside the token streams and batched whole, one per row, padding never scored; a
+recurrent model reads them as one shuffled stream. The design: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """What a lossy tokenizer drops from a text, in bits, so bits per character compare.
 
-A byte-level BPE (or a character vocabulary that knows every character) spells a text
-exactly: its model's loss is the whole cost of the text. A word tokenizer such as
-torchtext's ``basic_english`` lower-cases, drops quotes, colons and semicolons, forgets
-spacing and line breaks, and maps rare words to ``<unk>``; its model's loss leaves all of
-that out, which flatters its bits per character. To put both on one scale, what the
-tokens leave out is coded by three small count models and its bits are added:
-
-- the text between two tokens (spaces, line breaks, quotes...), given the kinds of
-  token on either side (punctuation as itself, any word as ``w``);
-- the case of each known token (lower, Capitalised, UPPER, or spelled out), given the
-  token and whether it starts a sentence (only for tokenizers that lower-case);
-- the spelling of each ``<unk>``: a word seen before as unknown, or character by
-  character with a bigram model.
-
-The models are primed on the training split and keep learning as they code (an adaptive
-code, so they never see a symbol before paying for it); unseen symbols escape to a
-shorter context and finally to spelling (Witten–Bell). This is a code a real decoder
-could follow, so the figure is achievable; a smarter side model would charge somewhat less.
+A word tokenizer forgets case, spacing and the spelling of ``<unk>``; three small adaptive
+count models code what it drops, and their bits are added to the model's loss. How they
+code it: docs/training.md ("Bits per character of lossy tokenizers").
 """
 
 from __future__ import annotations

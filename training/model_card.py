@@ -144,7 +144,8 @@ def render(name: str, config: dict, sample_texts: list[str], infills: bool) -> s
     run = t.get("config", {})
     hours, minutes = divmod(round(t.get("training_time_s", 0) / 60), 60)
     duration = f"{hours} h {minutes} min" if hours else f"{minutes} min"
-    source = run.get("name", name).replace("-", "_")
+    command = t.get("command") or (
+        f"python -m training.train --config training/configs/{run.get('name', name).replace('-', '_')}.yaml")
     lines = [
         "---", yaml.safe_dump(front_matter(name, config, corpus), sort_keys=False).strip(), "---", "",
         f"# {name}", "",
@@ -154,7 +155,7 @@ def render(name: str, config: dict, sample_texts: list[str], infills: bool) -> s
         f"{corpus['name']}: {corpus['about']}. Licence of the data: {corpus['data_licence']}.", "",
         "## Training", "",
         "```",
-        f"python -m training.train --config training/configs/{source}.yaml",
+        command,
         "```", "",
         f"- Hardware: {t.get('hardware')}; training time {duration} ({t.get('training_time_s')} s).",
         f"- {t.get('step'):,} optimizer steps, {t.get('tokens_seen'):,} tokens seen "

@@ -4,9 +4,7 @@
 
 Looks at the GPU (and its memory), the CPU cores and the RAM, prints every preset's
 parameter count for the architecture, and recommends the largest one that trains at a
-useful speed here. The rule of thumb comes from measured throughput: a 2-core CPU
-trains a ~1M-parameter model at tens of thousands of tokens/s, enough for Tiny
-Shakespeare in minutes; every step up the table costs roughly 4-10x more compute.
+useful speed here (the rule of thumb behind it: docs/training.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import yaml
 from .config import ConfigError, load_config, parse_override
 from .data import DataError
 from .experiments import summary_table
-from .train import Trainer, TrainingError
+from .train import Trainer, TrainingError, TrainingInterrupted
 
 
 def variants(vary: list[str]) -> list[list[str]]:
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # Ctrl-C ends the sweep, the run it stopped saved
+        print(e, file=sys.stderr)
+        return 130
     print(summary_table(rows, markdown=args.markdown))
     return 0
 
