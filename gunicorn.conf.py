@@ -14,6 +14,12 @@ environment without editing this file.
 """
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from app.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
+
+settings = Settings.load()
 
 
 def _int(name: str, default: int) -> int:
@@ -26,25 +32,21 @@ def _int(name: str, default: int) -> int:
 bind = f"{os.environ.get('FABLE_HOST', '0.0.0.0')}:{_int('PORT', 7860)}"
 
 worker_class = "gthread"
-workers = _int("FABLE_WORKERS", _int("WEB_CONCURRENCY", 1))  # the app reads the same value
-# Requests in flight per worker: enough for every decoding row and queued request
-# (FABLE_MAX_BATCH + FABLE_MAX_QUEUE, 16 + 48) so that the app, not gunicorn's own
-# unbounded backlog, decides when to answer 503. The threads only wait on sockets and
-# queues; one scheduler thread per worker runs the model.
-threads = _int("FABLE_THREADS", 64)
+workers = settings.workers
+# Requests in flight per worker: enough for every decoding row and queued request, so that
+# the app, not gunicorn's own unbounded backlog, decides when to answer 503. The threads
+# only wait on sockets and queues; one scheduler thread per worker runs the model.
+threads = _int("FABLE_THREADS", settings.max_batch + settings.max_queue)
 preload_app = False
 
 # For gthread workers ``timeout`` is a heartbeat, not a request limit (generation has its
 # own deadline, FABLE_REQUEST_TIMEOUT_S); it must cover a worker's start-up, which loads
 # every model.
 timeout = _int("GUNICORN_TIMEOUT", 120)
-# On SIGTERM (a restart, a redeploy) workers stop accepting and finish what is running for
-# up to graceful_timeout seconds, then are killed. A generation runs for at most
-# FABLE_REQUEST_TIMEOUT_S (60 by default), so the default waits that long plus 5 s: every
-# stream already started ends complete (done: true) instead of being cut mid-response.
+# On SIGTERM workers finish what is running for up to graceful_timeout seconds, then are
+# killed: the generation deadline plus 5 s lets every stream already started end complete.
 # (A container stop with a shorter grace period, e.g. docker stop's 10 s, still cuts it.)
-graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT",
-                        int(float(os.environ.get("FABLE_REQUEST_TIMEOUT_S", "").strip() or 60)) + 5)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", int(settings.request_timeout_s) + 5)
 keepalive = 5
 
 accesslog = "-"  # stdout: what the Spaces log viewer shows

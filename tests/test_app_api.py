@@ -682,11 +682,12 @@ def test_completion_refusals_are_400_in_openais_shape(client, spec, body, param)
 
 def test_service_interface(app):
     service: GenerationService = app.extensions["fable.service"]
-    params = make_params({"max_new_tokens": 5}, Limits())
+    limits = Limits(4000, 512, 64)
+    params = make_params({"max_new_tokens": 5}, limits)
     completion = service.generate("endless", "Once", params)
     assert completion.text == ENDLESS_CHAR * 5 and completion.finish_reason == "length"
     assert completion.prompt_tokens == 5 and completion.completion_tokens == 5
-    stream = service.stream("tiny-gpt", "Once", make_params({"seed": 1}, Limits()))
+    stream = service.stream("tiny-gpt", "Once", make_params({"seed": 1}, limits))
     pieces = list(stream)
     assert stream.completion.text == "".join(pieces) and not stream.timed_out
     middle = service.infill("endless", "First.", "Last.", params)
@@ -700,7 +701,8 @@ def test_service_deadline_with_a_fake_clock(app):
     now = [0.0]
     service = GenerationService(app.extensions["fable.registry"], request_timeout_s=10,
                                 clock=lambda: now[0])
-    stream = service.stream("endless", "x", make_params({"max_new_tokens": 100}, Limits()))
+    stream = service.stream("endless", "x", make_params({"max_new_tokens": 100},
+                                                        Limits(4000, 512, 64)))
     assert [next(stream), next(stream)] == [ENDLESS_CHAR] * 2
     now[0] = 10.0
     assert list(stream) == []

@@ -62,6 +62,17 @@ def test_graceful_timeout_covers_the_generation_deadline():
     assert configured("graceful_timeout", {"GUNICORN_GRACEFUL_TIMEOUT": "7"}) == 7  # still wins
 
 
+def test_gunicorn_reads_the_apps_settings():
+    """gunicorn.conf.py takes workers and its thread pool from the app's settings, so each
+    default is written once (app/settings.py)."""
+    assert configured("workers", {}) == 1
+    assert configured("workers", {"WEB_CONCURRENCY": "3"}) == 3
+    assert configured("workers", {"WEB_CONCURRENCY": "3", "FABLE_WORKERS": "2"}) == 2
+    assert configured("threads", {}) == 16 + 48  # every decoding row and queued request
+    assert configured("threads", {"FABLE_MAX_BATCH": "4", "FABLE_MAX_QUEUE": "6"}) == 10
+    assert configured("threads", {"FABLE_THREADS": "8"}) == 8
+
+
 def read_stream(url: str, body: dict, lines: list, times: list, failures: list) -> None:
     """POST a streaming request; append each NDJSON object and when it came."""
     try:
