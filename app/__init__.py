@@ -24,6 +24,7 @@ from typing import Any
 
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     app.json.sort_keys = False  # keep the documented field order of Ollama/OpenAI objects
+    if settings.proxy_hops:  # the client's address, scheme and host as the proxies saw them
+        hops = settings.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
     torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)

@@ -21,9 +21,9 @@ from taking every generation slot of a small Space; a limit shared across worker
 restarts would need a shared store (Redis), which a Space does not have.
 
 The client is the connection's address, unless ``FABLE_PROXY_HOPS`` says the app runs
-behind that many reverse proxies (1 by default on a Hugging Face Space): then it is the
-address the outermost of them saw, the Nth X-Forwarded-For entry from the right.
-Entries further left are whatever the client wrote, and are never trusted.
+behind that many reverse proxies (1 by default on a Hugging Face Space): then werkzeug's
+ProxyFix makes it the address the outermost of them saw, the Nth X-Forwarded-For entry
+from the right. Entries further left are whatever the client wrote, and are never trusted.
 """
 
 from __future__ import annotations
@@ -91,22 +91,11 @@ def init_app(app: Flask, settings: Settings) -> None:
         app.extensions[EXTENSION] = TokenBuckets(settings.rate_limit)
 
 
-def client_address() -> str:
-    """The client's address: the connection's, or the one the outermost trusted proxy saw."""
-    hops = get_settings().proxy_hops
-    if hops:
-        forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")]
-        forwarded = [a for a in forwarded if a]
-        if len(forwarded) >= hops:
-            return forwarded[-hops]
-    return request.remote_addr or "unknown"
-
-
 def wait_needed() -> float:
     """Count one generation for this request's client: 0.0 when it may go on, else the
     seconds to wait. Always 0.0 without a limit."""
     buckets: TokenBuckets | None = current_app.extensions.get(EXTENSION)
-    return 0.0 if buckets is None else buckets.take(client_address())
+    return 0.0 if buckets is None else buckets.take(request.remote_addr or "unknown")
 
 
 def retry_after(wait: float) -> int:

@@ -139,9 +139,8 @@ class Settings(BaseSettings):
                                  description="set by Hugging Face on a Space")
     proxy_hops: Integer = Field(
         default_factory=lambda data: 1 if data.get("space_id") else 0, ge=0,
-        description="reverse proxies in front of the app: the client address (for the rate "
-                    "limit) is the Nth X-Forwarded-For entry from the right; 1 on a Space, "
-                    "else 0")
+        description="reverse proxies in front of the app whose X-Forwarded-For, -Proto and "
+                    "-Host are trusted (werkzeug's ProxyFix); 1 on a Space, else 0")
 
     @field_validator("device")
     @classmethod
