@@ -18,7 +18,6 @@ name, the token as password: what a browser's sign-in dialog sends) or as
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import re
 import tempfile
@@ -31,6 +30,7 @@ from flask import Blueprint, Response, abort, current_app, render_template, requ
 from .registry import get_registry
 from .service import get_service
 from .settings import get_settings
+from .web import has_admin_token
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +47,9 @@ RUNS_SQL = """SELECT experiment, run_id, any_value(model) AS model,
     ORDER BY last_logged DESC, run_id LIMIT ?"""
 
 
-# ---- access ---------------------------------------------------------------------------
-
-def authorized() -> bool:
-    """No token configured, or the request carries it (Basic password or Bearer token)."""
-    token = get_settings().admin_token
-    if token is None:
-        return True
-    auth = request.authorization
-    if auth is None:
-        return False
-    if auth.type == "basic":
-        given = auth.password or ""
-    elif auth.type == "bearer":
-        given = auth.token or ""
-    else:
-        return False
-    return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
-
-
 @bp.before_request
 def _require_admin():
-    if not authorized():
+    if not has_admin_token(basic=True):
         html = render_template("admin_denied.html", kind="admin")
         return html, 401, {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-8"',
                            "Cache-Control": "no-store"}

@@ -19,31 +19,18 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from .api import open_stream, retry_headers, streamed
 from .ratelimit import rate_limited
 from .registry import get_registry
+from .validation import ValidationError, parse_openai_completion
 from .service import ServiceError
 from .settings import get_settings
-from .validation import ValidationError, parse_openai_completion, read_json_object
+from .web import openai_error, open_stream, read_json_object, retry_headers, streamed
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-
-_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          429: "rate_limit_error"}
-
-
-def openai_error(status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> Response:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    response = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
-
 
 @bp.errorhandler(ValidationError)
 def _validation_error(e: ValidationError):

@@ -54,15 +54,13 @@ from flask import (Blueprint, Response, current_app, render_template, request,
                    stream_with_context, url_for)
 from markupsafe import escape
 
-from models_src.sampling import SamplingParams
-
 from . import ratelimit
-from .api import STREAM_HEADERS
 from .registry import get_registry
-from .service import GenerationStream, ServiceError, get_service
+from .service import GenerationStream, ServiceError
 from .settings import get_settings
-from .validation import (ValidationError, make_params, model_name, prompt_and_suffix,
-                         sampling_values, string)
+from .validation import (GenerationRequest, ValidationError, make_params, model_name,
+                         prompt_and_suffix, sampling_values, string)
+from .web import STREAM_HEADERS, open_stream
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +99,6 @@ class Job:
     def seed(self) -> int:
         return self.values["seed"]
 
-    def params(self) -> SamplingParams:
-        return make_params(self.values, get_settings().limits)
-
     def to_token(self) -> str:
         data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values},
                           separators=(",", ":"), ensure_ascii=False).encode()
@@ -111,11 +106,11 @@ class Job:
 
     def open(self) -> GenerationStream:
         """Start generating (raises ServiceError: busy, unknown model, cannot infill)."""
-        service = get_service()
+        params = make_params(self.values, get_settings().limits)
         if self.kind == "infill":
-            return service.stream_infill(self.model, self.texts["first"], self.texts["last"],
-                                         self.params())
-        return service.stream(self.model, self.texts["prompt"], self.params())
+            return open_stream(GenerationRequest(self.model, self.texts["first"],
+                                                 self.texts["last"], True, params))
+        return open_stream(GenerationRequest(self.model, self.texts["prompt"], None, True, params))
 
 
 # ---- reading forms and tokens ---------------------------------------------------------
@@ -441,84 +436,3 @@ def infill_start():
 @bp.get("/infill/stream")
 def infill_stream():
     return event_stream("infill")
-
-
-# ---- template filters (the admin page uses them too) ----------------------------------
-
-@bp.app_template_filter("count")
-def count_filter(value: Any) -> str:
-    """12345 -> 12,345; None -> an en dash."""
-    if value is None:
-        return "–"
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.0f}"
-
-
-@bp.app_template_filter("params")
-def params_filter(value: int | None) -> str:
-    """Parameter counts as people say them: 85.3K, 1.2M."""
-    if value is None:
-        return "–"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return str(value)
-
-
-@bp.app_template_filter("metric")
-def metric_filter(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
-
-
-@bp.app_template_filter("duration")
-def duration_filter(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-@bp.app_template_filter("describe")
-def describe_filter(value: Any) -> str:
-    """A training summary's free-form value (text, a list or a mapping) as one line."""
-    if value is None or value == "" or value == {} or value == []:
-        return "–"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {describe_filter(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(describe_filter(v) for v in value)
-    return str(value)
-
-
-ARCHITECTURES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "gpt": "GPT",
-                 "seq2seq": "Encoder–decoder"}
-TOKENIZERS = {"char": "characters", "word": "words", "bpe": "BPE", "gpt2": "GPT-2 BPE",
-              "hf": "Hugging Face"}
-
-
-@bp.app_template_filter("arch")
-def arch_filter(value: str | None) -> str:
-    return ARCHITECTURES.get(value or "", value or "–")
-
-
-@bp.app_template_filter("tokenizer_kind")
-def tokenizer_filter(value: str | None) -> str:
-    return TOKENIZERS.get(value or "", value or "–")
-
-
-@bp.app_template_filter("filesize")
-def filesize_filter(size: int | None) -> str:
-    if size is None:
-        return "–"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"

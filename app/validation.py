@@ -1,7 +1,7 @@
 """Request validation shared by the Ollama API, the OpenAI API and the HTML forms.
 
-Everything a client sends goes through here before it reaches the service: the body
-(content type, JSON, an object), then each field (type, range, length). A problem
+Everything a client sends goes through here before it reaches the service: each field
+of the JSON object app.web read (type, range, length). A problem
 raises ``ValidationError`` naming the field (``options.temperature``, ``stop[1]``, ...);
 the blueprints turn it into their API's error shape. A bool is never a number, a whole
 float (2.0) is an integer (as in JSON Schema), NaN and infinities are refused, and
@@ -49,49 +49,15 @@ class ValidationError(ValueError):
         self.field, self.message, self.status = field, message, status
 
 
-# ---- the body ----------------------------------------------------------------------
-
-def read_json_object(request) -> dict[str, Any]:
-    """The request body as a JSON object.
-
-    A body without a Content-Type is read as JSON (as Ollama does, for hand-written
-    clients); any other type than ``application/json`` (or ``*+json``) is a 415. A body
-    over ``MAX_CONTENT_LENGTH`` raises werkzeug's 413 from ``get_data``.
-    """
-    mimetype = request.mimetype
-    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ValidationError(None, f"Content-Type must be application/json, got {mimetype}",
-                              status=415)
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        raise ValidationError(None, "request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw.decode(request.mimetype_params.get("charset", "utf-8")),
-                          parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, LookupError):
-        raise ValidationError(None, "request body is not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ValidationError(None, f"request body is not valid JSON: {e}") from None
-    except ValueError as e:  # NaN / Infinity
-        raise ValidationError(None, str(e)) from None
-    if not isinstance(body, dict):
-        raise ValidationError(None, f"request body must be a JSON object, got {_json_type(body)}")
-    return body
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"request body is not valid JSON: {name} is not a JSON number")
-
-
 # ---- fields ------------------------------------------------------------------------
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "an array", dict: "an object", type(None): "null"}.get(type(value), "a value")
 
 
 def _got(value: Any) -> str:
-    shown = json.dumps(value) if not isinstance(value, (list, dict)) else _json_type(value)
+    shown = json.dumps(value) if not isinstance(value, (list, dict)) else json_type(value)
     return shown if len(shown) <= 40 else shown[:37] + "..."
 
 

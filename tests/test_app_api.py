@@ -228,6 +228,23 @@ def test_openapi_document_covers_every_json_route(client, app, spec):
     assert options["num_predict"]["anyOf"][0]["anyOf"][0]["maximum"] == 512
 
 
+def test_no_blueprint_imports_another():
+    """Blueprints share app.web (HTTP helpers), app.schema and app.filters, never each other."""
+    import ast
+    from pathlib import Path
+
+    blueprints = {"api", "openai_api", "ui", "admin"}
+    for name in blueprints:
+        tree = ast.parse((Path(__file__).parent.parent / "app" / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("app"):
+                imported |= {(node.module or "").removeprefix("app.")}
+        assert not imported & (blueprints - {name}), (name, imported)
+
+
 # ---- Ollama generate ----------------------------------------------------------------------
 
 def test_generate_streams_ndjson_by_default(client, spec):
