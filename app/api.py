@@ -26,7 +26,7 @@ from flask import Blueprint, jsonify, request
 from .filters import short_count
 from .ratelimit import rate_limited
 from .registry import get_registry
-from .validation import GenerationRequest, ValidationError, parse_ollama_generate
+from .schema import GenerationRequest, RequestError, parse_ollama_generate
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
 from .web import has_admin_token, ollama_error, open_stream, read_json_object, retry_headers, streamed
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
 
-@bp.errorhandler(ValidationError)
-def _validation_error(e: ValidationError):
+@bp.errorhandler(RequestError)
+def _request_error(e: RequestError):
     return ollama_error(e.status, e.message)
 
 

@@ -23,7 +23,7 @@ from flask import Blueprint, jsonify, request
 
 from .ratelimit import rate_limited
 from .registry import get_registry
-from .validation import ValidationError, parse_openai_completion
+from .schema import RequestError, parse_openai_completion
 from .service import ServiceError
 from .settings import get_settings
 from .web import openai_error, open_stream, read_json_object, retry_headers, streamed
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-@bp.errorhandler(ValidationError)
-def _validation_error(e: ValidationError):
+@bp.errorhandler(RequestError)
+def _request_error(e: RequestError):
     code = "unsupported_media_type" if e.status == 415 else "invalid_value" if e.field else None
     return openai_error(e.status, e.message, param=e.field, code=code)
 

@@ -56,10 +56,9 @@ from markupsafe import escape
 
 from . import ratelimit
 from .registry import get_registry
+from .schema import GenerationRequest, check_form, make_params, request_models, sampling_values
 from .service import GenerationStream, ServiceError
 from .settings import get_settings
-from .validation import (GenerationRequest, ValidationError, make_params, model_name,
-                         prompt_and_suffix, sampling_values, string)
 from .web import STREAM_HEADERS, open_stream
 
 log = logging.getLogger(__name__)
@@ -124,55 +123,40 @@ def _unescape_stop(text: str) -> str:
 def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Job:
     """A validated ``Job`` from form fields (strings) or a decoded token (typed values);
     raises ``FormErrors`` with every problem found, each under its field's name."""
-    limits, registry = get_settings().limits, get_registry()
-    errors: dict[str | None, str] = {}
-    model = ""
-    try:
-        model = model_name(raw)
-        loaded = registry.get(model)
+    models = request_models(get_settings().limits)
+    values = {name: raw.get(name) for name in ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)}
+    if from_form:
+        for name in TEXT_FIELDS[kind]:
+            if isinstance(values[name], str):  # browsers send a textarea's lines as CRLF
+                values[name] = values[name].replace("\r\n", "\n")
+        if isinstance(values["stop"], str):
+            values["stop"] = _unescape_stop(values["stop"]) if values["stop"] else None
+    form, errors = check_form(models.infill_form if kind == "infill" else models.generate_form,
+                              values)
+    if "model" not in errors:
+        loaded = get_registry().get(values["model"])
         if loaded is None:
-            raise ValidationError("model", f"'model' must be one of the loaded models; "
-                                           f"{model!r} is not loaded")
-        if kind == "infill" and not loaded.facts.can_infill:
-            raise ValidationError("model", f"'model' must be able to infill; {model!r} "
-                                           f"cannot (its tokenizer has no <blank>/<sep> tokens)")
-    except ValidationError as e:
-        errors["model"] = e.message
-
-    texts: dict[str, str] = {}
-    fields = TEXT_FIELDS[kind]
-    given = {}
-    for name in fields:
-        value = raw.get(name)
-        if from_form and isinstance(value, str):
-            value = value.replace("\r\n", "\n")  # browsers send a textarea's lines as CRLF
-        given[name] = "" if value is None else value
-    try:
-        if kind == "generate":
-            texts["prompt"] = string(given["prompt"], "prompt", max_chars=limits.max_prompt_chars)
-        else:
-            first, last = prompt_and_suffix(given["first"], given["last"], limits,
-                                            fields=("first", "last"))
-            texts = {"first": first, "last": last or ""}
-            for name, label in (("first", "first sentence"), ("last", "last sentence")):
-                if not texts[name].strip():
-                    errors[name] = f"'{name}' is required: the story's {label}"
-    except ValidationError as e:
-        errors[e.field or fields[0]] = e.message
-
-    values: dict[str, Any] = {}
-    for name in SAMPLING_FIELDS:
-        value = raw.get(name)
-        if name == "stop" and from_form and isinstance(value, str):
-            value = _unescape_stop(value) if value else None
-        try:
-            values.update(sampling_values({name: value}, limits, from_form=True))
-        except ValidationError as e:
-            errors[e.field or name] = e.message
-    if errors:
-        raise FormErrors(errors)
+            errors["model"] = (f"'model' must be one of the loaded models; "
+                               f"{values['model']!r} is not loaded")
+        elif kind == "infill" and not loaded.facts.can_infill:
+            errors["model"] = (f"'model' must be able to infill; {values['model']!r} cannot "
+                               f"(its tokenizer has no <blank>/<sep> tokens)")
+    if kind == "infill" and not errors.keys() & {"first", "last"}:
+        for name, label in (("first", "first sentence"), ("last", "last sentence")):
+            if not (values[name] or "").strip():
+                errors[name] = f"'{name}' is required: the story's {label}"
+    if errors:  # in the order the form shows the fields
+        order = ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)
+        raise FormErrors(dict(sorted(errors.items(), key=lambda item: _position(order, item[0]))))
+    texts = {name: getattr(form, name) or "" for name in TEXT_FIELDS[kind]}
+    values = sampling_values(form, dict(zip(SAMPLING_FIELDS, SAMPLING_FIELDS)))
     values.setdefault("seed", secrets.randbelow(SEED_RANGE))  # shown, so a text can be redone
-    return Job(kind, model, texts, values)
+    return Job(kind, form.model, texts, values)
+
+
+def _position(order: tuple[str, ...], field: str) -> int:
+    name = field.split("[")[0]
+    return order.index(name) if name in order else len(order)
 
 
 def job_from_token(kind: str, token: str) -> Job:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from flask import Request, Response, jsonify, request
 
-from .validation import GenerationRequest, ValidationError, json_type
+from .schema import GenerationRequest, RequestError, json_type
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
 
@@ -75,22 +75,22 @@ def read_json_object(req: Request) -> dict:
     """
     mimetype = req.mimetype
     if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ValidationError(None, f"Content-Type must be application/json, got {mimetype}",
+        raise RequestError(None, f"Content-Type must be application/json, got {mimetype}",
                            status=415)
     raw = req.get_data(cache=True)
     if not raw.strip():
-        raise ValidationError(None, "request body is empty; send a JSON object")
+        raise RequestError(None, "request body is empty; send a JSON object")
     try:
         body = json.loads(raw.decode(req.mimetype_params.get("charset", "utf-8")),
                           parse_constant=_refuse_constant)
     except (UnicodeDecodeError, LookupError):
-        raise ValidationError(None, "request body is not valid UTF-8") from None
+        raise RequestError(None, "request body is not valid UTF-8") from None
     except json.JSONDecodeError as e:
-        raise ValidationError(None, f"request body is not valid JSON: {e}") from None
+        raise RequestError(None, f"request body is not valid JSON: {e}") from None
     except ValueError as e:  # NaN / Infinity
-        raise ValidationError(None, str(e)) from None
+        raise RequestError(None, str(e)) from None
     if not isinstance(body, dict):
-        raise ValidationError(None, f"request body must be a JSON object, got {json_type(body)}")
+        raise RequestError(None, f"request body must be a JSON object, got {json_type(body)}")
     return body
 
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from app.schema import check_form, make_params, request_models, sampling_values
 from app.service import GenerationService, ServerBusy, UnknownModel
 from app.settings import Limits, Settings, SettingsError
-from app.validation import ValidationError, make_params, sampling_values
 from models_src.batching import Batch
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
 
@@ -225,7 +225,7 @@ def test_openapi_document_covers_every_json_route(client, app, spec):
     for name in re.findall(r'"#/components/schemas/(\w+)"', text):
         assert name in document["components"]["schemas"]
     options = document["components"]["schemas"]["OllamaOptions"]["properties"]
-    assert options["num_predict"]["anyOf"][0]["anyOf"][0]["maximum"] == 512
+    assert options["num_predict"]["anyOf"][0]["maximum"] == 512
 
 
 def test_no_blueprint_imports_another():
@@ -443,6 +443,68 @@ def test_invalid_fields_are_400_naming_the_field(client, spec, body, field):
     assert response.mimetype == "application/json"
     check(response.json, documented(spec, GEN, "post", 400), spec)
     assert field in response.json["error"], response.json
+
+
+#: Bodies and the exact message each gets (FABLE_MAX_PROMPT_CHARS 60, MAX_NEW_TOKENS 16).
+EXACT_MESSAGES = [
+    (GEN, {"model": None, "options": {"num_predict": ["a"]}}, "'model' is required"),
+    (GEN, {"model": "m", "suffix": "a" * 61}, "'prompt' and 'suffix' together are 61 "
+                                              "characters long; the limit is 60"),
+    (GEN, {"model": "m", "prompt": "a" * 61}, "'prompt' is 61 characters long; the limit is 60"),
+    (GEN, {"model": "m", "stop": "\ud800"}, "'stop' contains invalid Unicode (a lone surrogate)"),
+    (GEN, {"model": "m", "images": 2.0, "temperature": []}, "'images' is not supported by this "
+                                                            "server"),
+    (GEN, {"model": "m", "options": {"top_k": -1}}, "'options.top_k' must be >= 1, got -1"),
+    (GEN, {"model": "m", "top_p": {"a": 1}}, "'top_p' must be a number, got an object"),
+    (GEN, {"model": "m", "top_p": 1.5}, "'top_p' must be above 0 and at most 1, got 1.5"),
+    (GEN, {"model": "m", "max_new_tokens": 0.5}, "'max_new_tokens' must be an integer, got 0.5"),
+    (GEN, {"model": "m", "options": 2.5, "seed": ["a"]}, "'options' must be an object, got 2.5"),
+    (GEN, {"model": "m", "options": {"num_predict": 17}, "top_k": 0},
+     "'top_k' must be >= 1, got 0"),  # options are read after the top-level settings
+    (GEN, {"model": "m", "options": {"num_predict": 17}}, "'options.num_predict' must be "
+                                                          "between 1 and 16, got 17"),
+    (GEN, {"model": "m", "repetition_penalty": 0.009}, "'repetition_penalty' must be between "
+                                                       "0.01 and 100, got 0.009"),
+    (GEN, {"model": "m", "seed": 2 ** 64}, "'seed' must be between -9.22337e+18 and 1.84467e+19, "
+                                           "got 18446744073709551616"),
+    (GEN, {"model": "m", "stream": ["a"]}, "'stream' must be true or false, got an array"),
+    (GEN, {"model": "m", "stop": ["a", ""]}, "'stop[1]' must not be empty"),
+    (GEN, {"model": "m", "stop": "s" * 257}, "'stop' is 257 characters long; the limit is 256"),
+    (GEN, {"model": "m", "temperature": 10 ** 400}, "'temperature' must be a finite number"),
+    (CMPL, {"model": "\ud800"}, "'model' contains invalid Unicode (a lone surrogate)"),
+    (CMPL, {"model": "m", "logit_bias": 2}, "'logit_bias' is not supported"),
+    (CMPL, {"model": "m", "frequency_penalty": 1e-300}, "'frequency_penalty' is not supported; "
+                                                        "send 0 or leave it out "
+                                                        "(repetition_penalty is available)"),
+    (CMPL, {"model": "m", "stream_options": {"x": 1}, "best_of": 0.01},
+     "'stream_options' is only allowed when 'stream' is true"),
+    (CMPL, {"model": "m", "stop": ["a"] * 5}, "'stop' may hold at most 4 strings, got 5"),
+    (CMPL, {"model": "m", "prompt": ["a", "b"]}, "'prompt' must be a string or a list of exactly "
+                                                 "one string (token arrays and batches are not "
+                                                 "supported)"),
+    (CMPL, {"model": "m", "stop": 2.0}, "'stop' must be a string or a list of strings, got 2.0"),
+    (CMPL, {"model": "m", "suffix": {"a": None}}, "'suffix' must be a string, got an object"),
+    (CMPL, {"model": "m", "top_k": False}, "'top_k' must be an integer, got false"),
+    (CMPL, {"model": "m", "presence_penalty": 2 ** 64 - 1}, "'presence_penalty' must be between "
+                                                            "-2 and 2, got 1.84467e+19"),
+    (CMPL, {"model": "m", "temperature": -2}, "'temperature' must be between 0 and 2, got -2"),
+    (CMPL, {"model": "m", "stream": "yes"}, "'stream' must be true or false, got \"yes\""),
+    (CMPL, {"model": "m", "echo": ""}, "'echo': echo=true is not supported"),
+    (CMPL, {"model": "m", "logprobs": {}}, "'logprobs': logprobs are not supported"),
+    (CMPL, {"model": "m", "n": [1, 2], "top_p": ["a"]}, "'n': only n=1 is supported"),
+    (CMPL, {"model": "m", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "'stream_options.include_usage' must be true or false, got \"yes\""),
+]
+
+
+@pytest.mark.parametrize("path, body, message", EXACT_MESSAGES)
+def test_error_messages_are_worded_exactly(make_app, path, body, message):
+    client = make_app(FABLE_MAX_PROMPT_CHARS=60, FABLE_MAX_NEW_TOKENS=16,
+                      FABLE_DEFAULT_NEW_TOKENS=4).test_client()
+    response = client.post(path, data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400
+    error = response.json["error"]
+    assert (error["message"] if path == CMPL else error) == message
 
 
 def test_extreme_but_valid_values_do_not_break_sampling(client):
@@ -769,14 +831,17 @@ def test_settings_from_the_environment(monkeypatch):
 
 def test_form_values_validate_with_the_same_rules():
     limits = Limits(100, 50, 10)
-    values = sampling_values({"temperature": "0.7", "max_new_tokens": "20", "top_k": "",
-                              "seed": "3", "stop": "."}, limits, from_form=True)
-    assert values == {"temperature": 0.7, "max_new_tokens": 20, "seed": 3, "stop": ["."]}
+    form_model = request_models(limits).generate_form
+    form, problems = check_form(form_model, {"model": "m", "temperature": "0.7",
+                                             "max_new_tokens": "20", "top_k": "", "seed": "3",
+                                             "stop": "."})
+    values = sampling_values(form)
+    assert problems == {} and values == {"temperature": 0.7, "max_new_tokens": 20, "seed": 3,
+                                         "stop": ["."]}
     assert make_params(values, limits).max_new_tokens == 20
-    with pytest.raises(ValidationError, match="'max_new_tokens' must be between 1 and 50"):
-        sampling_values({"max_new_tokens": "51"}, limits, from_form=True)
-    with pytest.raises(ValidationError, match="'top_p' must be a number"):
-        sampling_values({"top_p": "high"}, limits, from_form=True)
+    _, problems = check_form(form_model, {"model": "m", "max_new_tokens": "51", "top_p": "high"})
+    assert problems == {"max_new_tokens": "'max_new_tokens' must be between 1 and 50, got 51",
+                        "top_p": "'top_p' must be a number, got \"high\""}
 
 
 # ---- fuzzing both generation routes against the OpenAPI document ------------------------------

@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from app.validation import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+from app.schema import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 from models_src.sampling import SamplingParams, sample_next
 from models_src.tokenization import Tokenizer
 
