@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, get_args
@@ -75,14 +75,22 @@ def _form(info: ValidationInfo, value: Any) -> bool:
     return bool(info.context and info.context.get("form")) and isinstance(value, str)
 
 
-def _as_number(value: Any, info: ValidationInfo) -> Any:
-    if value is None or _form(info, value) and not value.strip():
+def _from_form(value: Any, info: ValidationInfo, parse: Callable[[str], Any], kind: str) -> Any:
+    """A form's string read by ``parse`` (None when blank); any other value as it is."""
+    if not _form(info, value):
+        return value
+    if not value.strip():
         return None
-    if _form(info, value):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _refuse(f"must be a number, got {_got(value)}") from None
+    try:
+        return parse(value.strip())
+    except ValueError:
+        raise _refuse(f"must be {kind}, got {_got(value)}") from None
+
+
+def _as_number(value: Any, info: ValidationInfo) -> Any:
+    value = _from_form(value, info, float, "a number")
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _refuse(f"must be a number, got {_got(value)}")
     try:
@@ -95,13 +103,9 @@ def _as_number(value: Any, info: ValidationInfo) -> Any:
 
 
 def _as_integer(value: Any, info: ValidationInfo) -> Any:
-    if value is None or _form(info, value) and not value.strip():
+    value = _from_form(value, info, int, "an integer")
+    if value is None:
         return None
-    if _form(info, value):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise _refuse(f"must be an integer, got {_got(value)}") from None
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON has one number type: 2.0 is the integer 2 (JSON Schema agrees)
     if isinstance(value, bool) or not isinstance(value, int):
