@@ -1,8 +1,8 @@
 """The JSON APIs through Flask's test client: Ollama's and OpenAI's generation, the
 listings, every error case, limits, deadlines, and the generation service itself.
 
-Responses are also checked against the server's own OpenAPI document (a small
-JSON-Schema checker below), so the document stays true to the code.
+Responses are also checked against the server's own OpenAPI document (with the
+``jsonschema`` package), so the document stays true to the code.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import re
 import time
 
+import jsonschema
 import pytest
 
 from app.schema import check_form, make_params, request_models, sampling_values
@@ -52,64 +53,10 @@ def spec():
     return build_spec("test", Limits(4000, 512, 64))
 
 
-def check(instance, schema, spec, path="$"):
-    """A JSON-Schema subset checker: enough for the keywords app/openapi.py uses."""
-    if "$ref" in schema:
-        name = schema["$ref"].rsplit("/", 1)[-1]
-        return check(instance, spec["components"]["schemas"][name], spec, path)
-    if "anyOf" in schema:
-        errors = []
-        for option in schema["anyOf"]:
-            try:
-                check(instance, option, spec, path)
-                break
-            except AssertionError as e:
-                errors.append(str(e))
-        else:
-            raise AssertionError(f"{path}: matches no option: {errors}")
-    types = schema.get("type")
-    if types is not None:
-        kinds = {"object": dict, "array": list, "string": str, "boolean": bool,
-                 "null": type(None), "integer": int, "number": (int, float)}
-        types = [types] if isinstance(types, str) else types
-        ok = any(isinstance(instance, kinds[t])
-                 and not (t in ("integer", "number") and isinstance(instance, bool))
-                 for t in types)
-        assert ok, f"{path}: {instance!r} is not {types}"
-    if "const" in schema:
-        assert instance == schema["const"] and type(instance) is type(schema["const"]) or (
-            isinstance(instance, (int, float)) and not isinstance(instance, bool)
-            and instance == schema["const"]), f"{path}: {instance!r} != {schema['const']!r}"
-    if "enum" in schema:
-        assert instance in schema["enum"], f"{path}: {instance!r} not in {schema['enum']}"
-    if isinstance(instance, (int, float)) and not isinstance(instance, bool):
-        assert instance >= schema.get("minimum", instance), f"{path}: below minimum"
-        assert instance <= schema.get("maximum", instance), f"{path}: above maximum"
-        if "exclusiveMinimum" in schema:
-            assert instance > schema["exclusiveMinimum"], f"{path}: not above the minimum"
-    if isinstance(instance, str):
-        assert len(instance) >= schema.get("minLength", 0), f"{path}: too short"
-        assert len(instance) <= schema.get("maxLength", len(instance)), f"{path}: too long"
-        if "pattern" in schema:
-            assert re.search(schema["pattern"], instance), f"{path}: does not match the pattern"
-    if isinstance(instance, list):
-        assert len(instance) >= schema.get("minItems", 0), f"{path}: too few items"
-        assert len(instance) <= schema.get("maxItems", len(instance)), f"{path}: too many items"
-        for i, item in enumerate(instance):
-            check(item, schema.get("items", {}), spec, f"{path}[{i}]")
-    if isinstance(instance, dict):
-        assert len(instance) <= schema.get("maxProperties", len(instance))
-        for key in schema.get("required", []):
-            assert key in instance, f"{path}: missing {key!r}"
-        properties = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, value in instance.items():
-            if key in properties:
-                check(value, properties[key], spec, f"{path}.{key}")
-            else:
-                assert extra is not False, f"{path}: undocumented property {key!r}"
-                if isinstance(extra, dict):
-                    check(value, extra, spec, f"{path}.{key}")
+def check(instance, schema, spec):
+    """``instance`` matches ``schema``, whose references point into ``spec``."""
+    jsonschema.validate(instance, {**schema, "components": spec["components"]},
+                        cls=jsonschema.Draft202012Validator)
 
 
 def documented(spec, path, method, status, mimetype="application/json"):
@@ -643,9 +590,7 @@ def test_busy_server_answers_503_with_retry_after(make_app):
 def test_the_request_deadline_ends_the_text_as_length(make_app):
     app = make_app(FABLE_REQUEST_TIMEOUT_S=0.3, FABLE_MAX_NEW_TOKENS=1_000_000)
     client = app.test_client()
-    start = time.monotonic()
     whole = generate(client, model="endless", options={"num_predict": 1_000_000})
-    assert time.monotonic() - start < 15
     assert whole.json["done_reason"] == "length"
     text = whole.json["response"]
     assert 0 < len(text) < 1_000_000 and set(text) == {ENDLESS_CHAR}
