@@ -1,16 +1,8 @@
 """gunicorn settings for serving Fable: ``gunicorn -c gunicorn.conf.py 'app:create_app()'``.
 
-Sized for a 2-vCPU CPU Space by default; every value can be changed from the
-environment without editing this file.
-
-- gthread workers: each worker is one process with a thread pool. Threads wait on the
-  network (slow clients, long streams) while generation runs in torch, which releases
-  the GIL; the main loop keeps heart-beating during long streams (unlike sync workers,
-  which would be killed by ``timeout`` mid-stream).
-- No preload: each worker imports torch and loads the models *after* the fork, because
-  CUDA (and torch's thread pools) cannot survive a fork once initialised.
-- workers x FABLE_TORCH_THREADS should not exceed the cores: the app defaults its torch
-  threads to (cores - 1) // workers, leaving a core to the request threads.
+gthread workers, each loading the models after the fork (no preload: CUDA and torch's
+thread pools cannot survive a fork); sized from the app's own settings (app/settings.py),
+so every value can be changed from the environment.
 """
 
 import os
@@ -31,6 +23,8 @@ def _int(name: str, default: int) -> int:
 # or test server off the network.
 bind = f"{os.environ.get('FABLE_HOST', '0.0.0.0')}:{_int('PORT', 7860)}"
 
+# Threads wait on the network while torch, which releases the GIL, generates; the main
+# loop keeps heart-beating through long streams (sync workers would be killed mid-stream).
 worker_class = "gthread"
 workers = settings.workers
 # Requests in flight per worker: enough for every decoding row and queued request, so that

@@ -88,13 +88,9 @@ DISCARD_LIMIT = 4 * 1024 * 1024
 
 
 def _discard_unread_body() -> None:
-    """Read and drop the body of a request refused as too large (413, refused unread).
-
-    gunicorn answers it with "Connection: keep-alive", then drains at most 64 KiB of what
-    the app left unread and otherwise closes the connection: the client's next request
-    on that kept-alive connection then fails with no response at all (the soak test saw
-    it). Up to DISCARD_LIMIT is read here instead; a bigger body still loses the
-    connection, which is cheaper than reading it."""
+    """Read and drop (up to DISCARD_LIMIT) the body of a request refused as too large:
+    gunicorn keeps the connection alive but drains only 64 KiB, so the client's next
+    request on it would get no response at all."""
     length = request.content_length
     stream = request.environ.get("wsgi.input")
     if stream is None or length is None or length > DISCARD_LIMIT:

@@ -1,18 +1,6 @@
-"""The admin page: what this worker serves, what failed to load, and how training went.
-
-    GET /admin                       models (architecture, size, tokenizer, training facts),
-                                     checkpoints that failed to load, the best runs by
-                                     bits per character (then perplexity) and the latest
-                                     training curves
-    GET /admin/curves/<run_id>.png   one run's loss curves
-
-Experiment records are read from ``FABLE_EXPERIMENTS_DIR`` (app.experiment_reader); an
-empty or missing store is an empty state, a broken one an inline message.
-
-When ``FABLE_ADMIN_TOKEN`` is set every route here needs it, as HTTP Basic (any user
-name, the token as password: what a browser's sign-in dialog sends) or as
-``Authorization: Bearer <token>``; anything else gets 401 with
-``WWW-Authenticate: Basic``. The token is compared in constant time and never logged.
+"""The admin page (``/admin``): the loaded models, checkpoints that failed to load, the
+best training runs and their loss curves (``/admin/curves/<run_id>.png``). With
+``FABLE_ADMIN_TOKEN`` set it needs the token, as a Basic password or a Bearer token.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Ollama-compatible JSON API, plus the server's own JSON routes.
-
-    POST /api/generate   Ollama's generate (NDJSON stream by default; suffix = infilling)
-    GET  /api/tags       Ollama's model list (what ``ollama.Client().list()`` reads)
-    GET  /api/version    {"version": ...}
-    GET  /api/models     every fact about the loaded models, and the load errors (admin)
-    GET  /healthz        200 when at least one model is loaded, else 503
-    GET  /openapi.json   the OpenAPI 3.1 description of every JSON route
-
-Errors are ``{"error": "..."}`` with a 4xx status (5xx only for real server faults;
-429 with Retry-After when ``FABLE_RATE_LIMIT`` is set and a client goes over it);
-an error after a stream has started is one more NDJSON line ``{"error": "..."}``.
+"""Ollama's API (``/api/generate``, ``/api/tags``, ``/api/version``) and the server's own
+JSON routes (``/api/models``, ``/healthz``, ``/openapi.json``). Errors are Ollama's
+``{"error": "..."}``; routes and status codes: docs/web-app.md.
 """
 
 from __future__ import annotations

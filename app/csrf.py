@@ -1,32 +1,8 @@
 """Cross-site request forgery protection for the HTML forms: an Origin check, no token.
 
-A state-changing request (POST, PUT, PATCH, DELETE) to anything but the JSON API is
-refused with 403 unless it comes from this site's own pages:
-
-    Origin present       it must be this site's origin: the request's scheme and Host
-                         (behind FABLE_PROXY_HOPS trusted proxies, such as the Hugging Face
-                         Spaces front end, the X-Forwarded-Proto and X-Forwarded-Host they
-                         set, read by werkzeug's ProxyFix). ``Origin: null`` (sandboxed
-                         frames, some redirects) is refused.
-    Origin absent        Sec-Fetch-Site decides: ``same-origin`` and ``none`` (typed by
-                         the user) pass, ``same-site`` and ``cross-site`` are refused.
-    both absent          allowed: every browser that still sends neither is too old to
-                         matter, and only browsers carry the ambient credentials (cookies,
-                         a remembered Basic password) that make a forgery worth anything.
-
-Why not a CSRF token in a cookie: the app runs as a Hugging Face Space, inside an iframe
-on huggingface.co, where browsers block third-party cookies; a cookie-bound token would
-fail for every visitor there. Origin needs no state, works across gunicorn workers and
-is set by the browser itself, which a page on another site cannot override.
-
-This needs the pages' ``Referrer-Policy`` to be one that keeps the Origin of same-origin
-POSTs (``same-origin`` does; ``no-referrer`` would turn it into ``null``): see
-app/security.py.
-
-The JSON API (``/api/*``, ``/v1/*``) is exempt: its clients are programs that send no
-cookies and no token, and it acts on no ambient credential (its admin routes take the
-token as a Bearer header only, which a browser never adds by itself), so a request
-forged from another site can do nothing its author could not do directly.
+A POST (or other unsafe method) outside the JSON APIs is refused with 403 unless its
+Origin is this site's, or without Origin, its Sec-Fetch-Site is same-origin or none.
+Why no cookie token, and why the APIs are exempt: docs/web-app.md.
 """
 
 from __future__ import annotations

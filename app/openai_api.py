@@ -1,13 +1,6 @@
-"""OpenAI-compatible completions, for the official ``openai`` client and its kin.
-
-    POST /v1/completions     text completion (suffix = story infilling); SSE when stream
-    GET  /v1/models          {"object": "list", "data": [{"id", "object": "model", ...}]}
-    GET  /v1/models/<id>     one model
-
-Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Every
-deterministic refusal is a 4xx: the official client retries 408, 409, 429 and 5xx, so
-only "busy" (503, with Retry-After) and real server faults are 5xx. There is no
-``/v1/chat/completions``: these models have no chat template.
+"""OpenAI's completions API for the official ``openai`` client: ``/v1/completions`` and
+``/v1/models``. Errors are OpenAI's shape; every deterministic refusal is a 4xx (the
+client retries 5xx): docs/web-app.md.
 """
 
 from __future__ import annotations

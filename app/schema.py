@@ -51,11 +51,12 @@ class RequestError(ValueError):
 
 
 # ---- how one value is read ----------------------------------------------------------------
-# A check that pydantic's constraints cannot word as the API does raises a "fable" error:
-# ``text`` follows the field's name, or ``message`` is the whole sentence.
+# Checks pydantic's constraints cannot word as the API does raise a "fable" error.
 
 def _refuse(text: str | None = None, *, message: str | None = None,
             field: str | None = None) -> PydanticCustomError:
+    """``text`` follows the field's name; or ``message`` is the whole sentence (about
+    ``field`` when that is not the field being checked)."""
     context = {"text": text} if message is None else {"message": message, "field": field}
     return PydanticCustomError("fable", "{text}" if message is None else "{message}", context)
 

@@ -1,37 +1,9 @@
-"""The HTML pages: write a story (generate) and fill in a story's middle (infill).
+"""The HTML pages: write a story (``/``) and fill in a story's middle (``/infill``).
 
-    GET  /                  the generate page (HEAD too: Spaces probe ``/``)
-    POST /                  the form without JavaScript: the whole page with the finished text
-    POST /generate/start    the form through htmx: a fragment that opens the stream below
-                            (or the form again, with its errors inline)
-    GET  /generate/stream   ``text/event-stream`` of one generation, described by ``?job=``
-    GET  /infill, POST /infill, POST /infill/start, GET /infill/stream    the same, for infill
-
-Streaming. htmx 2's SSE extension opens an ``EventSource``, which can only GET. So the
-form is POSTed (``hx-post``) to ``/<kind>/start``, which validates it and answers with a
-fragment holding ``sse-connect="/<kind>/stream?job=<token>"``. The token *is* the
-validated request: base64url(zlib(JSON)), no server-side state, so any gunicorn worker
-can serve the stream; the stream endpoint validates it again from scratch, exactly like
-an API call, so nobody gains anything by forging one. A token longer than
-``MAX_JOB_CHARS`` (a huge, incompressible prompt) would not fit gunicorn's default
-request line (4094 bytes): such a request is answered at once with the finished text.
-
-The stream always answers 200 ``text/event-stream``: an EventSource that gets any other
-status reconnects forever, and would run the generation again. It sends
-
-    message   the next text, HTML-escaped (a generated ``<script>`` is text, never markup);
-              several lines of text are several ``data:`` lines; pieces decoded within
-              ``FLUSH_S`` of each other travel in one event
-    failed    what went wrong (bad job, busy server, over the rate limit, error
-              mid-stream), shown in the page
-    done      always last: the finish note, and the form's button enabled again (an
-              out-of-band swap); the page closes the EventSource on it (``sse-close``)
-
-Events carry ids: a browser that lost the connection reconnects with ``Last-Event-ID``,
-and is told the stream was interrupted instead of getting a second, different text.
-
-Without JavaScript (or without ``static/vendor/``), the same forms are plain POSTs that
-render the whole page with the finished text.
+A form posted through htmx gets a fragment that opens a server-sent event stream for its
+job token (the validated request itself, so any worker can serve it); without
+JavaScript the same form is a plain POST answered with the finished text. The stream's
+events and why they are what they are: docs/web-app.md.
 """
 
 from __future__ import annotations
