@@ -20,7 +20,8 @@ from .registry import get_registry
 from .schema import GenerationRequest, RequestError, parse_ollama_generate
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
-from .web import has_admin_token, ollama_error, open_stream, read_json_object, retry_headers, streamed
+from .web import (has_admin_token, ollama_error, open_stream, read_json_object, retry_headers,
+                  streamed)
 
 log = logging.getLogger(__name__)
 

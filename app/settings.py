@@ -119,8 +119,8 @@ class Settings(BaseSettings):
                                                                     "WEB_CONCURRENCY"),
                              description="gunicorn workers (gunicorn.conf.py reads it too); "
                                          "gunicorn's WEB_CONCURRENCY when unset")
-    max_batch: Integer = Field(16, ge=1, description="sequences decoded together in one worker "
-                                                     "(continuous batching); more wait in the queue")
+    max_batch: Integer = Field(16, ge=1, description="sequences decoded together in one "
+                                                     "worker (continuous batching); more wait")
     max_queue: Integer = Field(48, ge=0, description="requests waiting for a row; beyond it a "
                                                      "request gets 503 + Retry-After at once")
     # One scheduler thread per worker runs the model on torch's threads; one core stays with
