@@ -1,19 +1,17 @@
 """gunicorn settings for serving Fable: ``gunicorn -c gunicorn.conf.py 'app:create_app()'``.
 
-Sized for a 2-vCPU CPU Space by default; every value can be changed from the
-environment without editing this file.
-
-- gthread workers: each worker is one process with a thread pool. Threads wait on the
-  network (slow clients, long streams) while generation runs in torch, which releases
-  the GIL; the main loop keeps heart-beating during long streams (unlike sync workers,
-  which would be killed by ``timeout`` mid-stream).
-- No preload: each worker imports torch and loads the models *after* the fork, because
-  CUDA (and torch's thread pools) cannot survive a fork once initialised.
-- workers x FABLE_TORCH_THREADS should not exceed the cores: the app defaults its torch
-  threads to (cores - 1) // workers, leaving a core to the request threads.
+gthread workers, each loading the models after the fork (no preload: CUDA and torch's
+thread pools cannot survive a fork); sized from the app's own settings (app/settings.py),
+so every value can be changed from the environment.
 """
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from app.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
+
+settings = Settings.load()
 
 
 def _int(name: str, default: int) -> int:
@@ -25,26 +23,24 @@ def _int(name: str, default: int) -> int:
 # or test server off the network.
 bind = f"{os.environ.get('FABLE_HOST', '0.0.0.0')}:{_int('PORT', 7860)}"
 
+# Threads wait on the network while torch, which releases the GIL, generates; the main
+# loop keeps heart-beating through long streams (sync workers would be killed mid-stream).
 worker_class = "gthread"
-workers = _int("FABLE_WORKERS", _int("WEB_CONCURRENCY", 1))  # the app reads the same value
-# Requests in flight per worker: enough for every decoding row and queued request
-# (FABLE_MAX_BATCH + FABLE_MAX_QUEUE, 16 + 48) so that the app, not gunicorn's own
-# unbounded backlog, decides when to answer 503. The threads only wait on sockets and
-# queues; one scheduler thread per worker runs the model.
-threads = _int("FABLE_THREADS", 64)
+workers = settings.workers
+# Requests in flight per worker: enough for every decoding row and queued request, so that
+# the app, not gunicorn's own unbounded backlog, decides when to answer 503. The threads
+# only wait on sockets and queues; one scheduler thread per worker runs the model.
+threads = _int("FABLE_THREADS", settings.max_batch + settings.max_queue)
 preload_app = False
 
 # For gthread workers ``timeout`` is a heartbeat, not a request limit (generation has its
 # own deadline, FABLE_REQUEST_TIMEOUT_S); it must cover a worker's start-up, which loads
 # every model.
 timeout = _int("GUNICORN_TIMEOUT", 120)
-# On SIGTERM (a restart, a redeploy) workers stop accepting and finish what is running for
-# up to graceful_timeout seconds, then are killed. A generation runs for at most
-# FABLE_REQUEST_TIMEOUT_S (60 by default), so the default waits that long plus 5 s: every
-# stream already started ends complete (done: true) instead of being cut mid-response.
+# On SIGTERM workers finish what is running for up to graceful_timeout seconds, then are
+# killed: the generation deadline plus 5 s lets every stream already started end complete.
 # (A container stop with a shorter grace period, e.g. docker stop's 10 s, still cuts it.)
-graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT",
-                        int(float(os.environ.get("FABLE_REQUEST_TIMEOUT_S", "").strip() or 60)) + 5)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", int(settings.request_timeout_s) + 5)
 keepalive = 5
 
 accesslog = "-"  # stdout: what the Spaces log viewer shows

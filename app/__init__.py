@@ -1,18 +1,11 @@
 """Fable's web app: a Flask factory, flaskr style.
 
-``create_app()`` runs once per gunicorn worker (no ``--preload``: torch and CUDA must
-not start in the master before the fork). It reads the settings, sets torch's thread
-count, loads every checkpoint into a ``ModelRegistry``, builds the worker's one
-``GenerationService`` and registers the blueprints. Blueprints reach the shared objects
-through ``app.extensions``:
-
-    app.extensions["fable.settings"]   app.settings.Settings
-    app.extensions["fable.registry"]   app.registry.ModelRegistry
-    app.extensions["fable.service"]    app.service.GenerationService
-
-(``get_settings()``, ``get_registry()`` and ``get_service()``, in the modules that
-define them, read them inside a request.) A new area is one more blueprint registered
-in ``_register_blueprints``; ``app.validation`` checks form values with the APIs' rules.
+``create_app()`` runs once per gunicorn worker (no ``--preload``: torch and CUDA must not
+start in the master before the fork). It reads the settings, sets torch's threads, loads
+every checkpoint into a ``ModelRegistry``, builds the worker's ``GenerationService`` and
+registers the blueprints; they reach these through ``app.extensions`` ("fable.settings",
+"fable.registry", "fable.service"), read by ``get_settings()``, ``get_registry()`` and
+``get_service()``.
 """
 
 from __future__ import annotations
@@ -24,12 +17,11 @@ from typing import Any
 
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 __version__ = "0.1.0"
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Paths whose errors are JSON whatever the client accepts (``/v1`` in OpenAI's shape).
-JSON_PREFIXES = ("/api", "/v1", "/healthz", "/openapi.json")
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +30,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The app; ``test_config`` overrides ``FABLE_*`` settings and Flask config keys."""
     import torch
 
-    from . import security
+    from . import filters, security
     from .registry import ModelRegistry
     from .service import GenerationService
     from .settings import Settings, resolve_device
@@ -51,6 +43,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     app.json.sort_keys = False  # keep the documented field order of Ollama/OpenAI objects
+    if settings.proxy_hops:  # the client's address, scheme and host as the proxies saw them
+        hops = settings.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
     torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
@@ -63,6 +58,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["fable.service"] = GenerationService.from_settings(settings, registry)
 
     security.init_app(app, settings)  # headers, CSRF Origin check, rate limit
+    filters.register(app)
     _register_blueprints(app)
     _register_error_handlers(app)
     return app
@@ -87,36 +83,14 @@ def _configure_logging(app: Flask) -> None:
         package_log.propagate = False
 
 
-def wants_json() -> bool:
-    """Errors on API paths, or for clients that prefer JSON, are JSON (never HTML)."""
-    path = request.path
-    if any(path == p or path.startswith(p + "/") for p in JSON_PREFIXES):
-        return True
-    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
-    return best == "application/json"
-
-
-def _error_body(status: int, message: str):
-    from .api import ollama_error
-    from .openai_api import openai_error
-
-    if request.path == "/v1" or request.path.startswith("/v1/"):
-        return openai_error(status, message)
-    return ollama_error(status, message)
-
-
 #: Largest refused body read to its end so the connection can serve the next request.
 DISCARD_LIMIT = 4 * 1024 * 1024
 
 
 def _discard_unread_body() -> None:
-    """Read and drop the body of a request refused as too large (413, refused unread).
-
-    gunicorn answers it with "Connection: keep-alive", then drains at most 64 KiB of what
-    the app left unread and otherwise closes the connection: the client's next request
-    on that kept-alive connection then fails with no response at all (the soak test saw
-    it). Up to DISCARD_LIMIT is read here instead; a bigger body still loses the
-    connection, which is cheaper than reading it."""
+    """Read and drop (up to DISCARD_LIMIT) the body of a request refused as too large:
+    gunicorn keeps the connection alive but drains only 64 KiB, so the client's next
+    request on it would get no response at all."""
     length = request.content_length
     stream = request.environ.get("wsgi.input")
     if stream is None or length is None or length > DISCARD_LIMIT:
@@ -129,6 +103,8 @@ def _discard_unread_body() -> None:
 
 
 def _register_error_handlers(app: Flask) -> None:
+    from .web import json_error, wants_json
+
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         if e.code == 413:
@@ -142,7 +118,7 @@ def _register_error_handlers(app: Flask) -> None:
                     if isinstance(e, MethodNotAllowed) and e.valid_methods else ""),
             413: f"request body too large; the limit is {app.config['MAX_CONTENT_LENGTH']} bytes",
         }
-        response = _error_body(e.code or 500, messages.get(e.code, e.description or e.name))
+        response = json_error(e.code or 500, messages.get(e.code, e.description or e.name))
         for name, value in e.get_headers():
             if name.lower() != "content-type":
                 response.headers[name] = value  # e.g. Allow on a 405
@@ -153,5 +129,5 @@ def _register_error_handlers(app: Flask) -> None:
         log.exception("unhandled error on %s %s", request.method, request.path)
         if not wants_json():
             return InternalServerError()
-        return _error_body(500, "internal server error")
+        return json_error(500, "internal server error")
 

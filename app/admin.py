@@ -1,36 +1,24 @@
-"""The admin page: what this worker serves, what failed to load, and how training went.
-
-    GET /admin                       models (architecture, size, tokenizer, training facts),
-                                     checkpoints that failed to load, the best runs by
-                                     bits per character (then perplexity) and the latest
-                                     training curves
-    GET /admin/curves/<run_id>.png   one run's loss curves (``training.experiments``)
-
-Experiment records are read from ``FABLE_EXPERIMENTS_DIR`` (Parquet files, queried with
-DuckDB); an empty or missing store is an empty state, a broken one an inline message.
-
-When ``FABLE_ADMIN_TOKEN`` is set every route here needs it, as HTTP Basic (any user
-name, the token as password: what a browser's sign-in dialog sends) or as
-``Authorization: Bearer <token>``; anything else gets 401 with
-``WWW-Authenticate: Basic``. The token is compared in constant time and never logged.
+"""The admin page (``/admin``): the loaded models, checkpoints that failed to load, the
+best training runs and their loss curves (``/admin/curves/<run_id>.png``). With
+``FABLE_ADMIN_TOKEN`` set it needs the token, as a Basic password or a Bearer token.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import re
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, render_template, request
 
+from . import experiment_reader
 from .registry import get_registry
 from .service import get_service
 from .settings import get_settings
+from .web import has_admin_token
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +27,11 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")
 BEST_ROWS = 10  # rows of the best-runs table
 CURVE_RUNS = 6  # runs whose curves are drawn, newest first (a curve needs two steps: not evaluations)
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also safe inside a glob
-RUNS_SQL = """SELECT experiment, run_id, any_value(model) AS model,
-    count(*) AS evaluations, max(step) AS last_step, min(val_perplexity) AS best_val_perplexity,
-    max(timestamp) AS last_logged
-    FROM experiments GROUP BY experiment, run_id
-    HAVING count(train_loss) + count(val_loss) > 0 AND count(DISTINCT step) > 1
-    ORDER BY last_logged DESC, run_id LIMIT ?"""
-
-
-# ---- access ---------------------------------------------------------------------------
-
-def authorized() -> bool:
-    """No token configured, or the request carries it (Basic password or Bearer token)."""
-    token = get_settings().admin_token
-    if token is None:
-        return True
-    auth = request.authorization
-    if auth is None:
-        return False
-    if auth.type == "basic":
-        given = auth.password or ""
-    elif auth.type == "bearer":
-        given = auth.token or ""
-    else:
-        return False
-    return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
 
 
 @bp.before_request
 def _require_admin():
-    if not authorized():
+    if not has_admin_token(basic=True):
         html = render_template("admin_denied.html", kind="admin")
         return html, 401, {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-8"',
                            "Cache-Control": "no-store"}
@@ -87,14 +50,12 @@ def _store_problem(e: Exception, root: Path) -> str:
 
 @bp.get("")
 def index():
-    from training.experiments import leaderboard, query
-
     settings, registry, service = get_settings(), get_registry(), get_service()
     root = settings.experiments_dir
     best_rows, runs, store_error = [], [], None
     try:
-        best_rows = leaderboard(root, top=BEST_ROWS)
-        runs = query(root, RUNS_SQL, [CURVE_RUNS])
+        best_rows = experiment_reader.best_runs(root, BEST_ROWS)
+        runs = experiment_reader.recent_runs(root, CURVE_RUNS)
     except Exception as e:  # a broken file must not take the page down
         log.warning("cannot read the experiment records in %s: %s", root, e)
         store_error = _store_problem(e, root)
@@ -137,8 +98,6 @@ def _cache() -> PngCache:
 
 @bp.get("/curves/<run_id>.png")
 def curves(run_id: str):
-    from training.experiments import plot_curves
-
     if not RUN_ID.match(run_id):
         abort(404)
     root = get_settings().experiments_dir
@@ -148,12 +107,9 @@ def curves(run_id: str):
     key = (run_id, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     png = _cache().get(key)
     if png is None:
-        with tempfile.TemporaryDirectory(prefix="fable-curves-") as tmp:
-            try:
-                out = plot_curves(root, run_id, Path(tmp) / "curves.png")
-            except ValueError:  # no such run, or no finite loss to draw
-                abort(404)
-            png = out.read_bytes()
+        png = experiment_reader.loss_curves_png(root, run_id)
+        if png is None:  # no finite loss to draw
+            abort(404)
         _cache().put(key, png)
     response = Response(png, mimetype="image/png",
                         headers={"Cache-Control": "private, no-cache"})

@@ -1,20 +1,10 @@
-"""Ollama-compatible JSON API, plus the server's own JSON routes.
-
-    POST /api/generate   Ollama's generate (NDJSON stream by default; suffix = infilling)
-    GET  /api/tags       Ollama's model list (what ``ollama.Client().list()`` reads)
-    GET  /api/version    {"version": ...}
-    GET  /api/models     every fact about the loaded models, and the load errors (admin)
-    GET  /healthz        200 when at least one model is loaded, else 503
-    GET  /openapi.json   the OpenAPI 3.1 description of every JSON route
-
-Errors are ``{"error": "..."}`` with a 4xx status (5xx only for real server faults;
-429 with Retry-After when ``FABLE_RATE_LIMIT`` is set and a client goes over it);
-an error after a stream has started is one more NDJSON line ``{"error": "..."}``.
+"""Ollama's API (``/api/generate``, ``/api/tags``, ``/api/version``) and the server's own
+JSON routes (``/api/models``, ``/healthz``, ``/openapi.json``). Errors are Ollama's
+``{"error": "..."}``; routes and status codes: docs/web-app.md.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -22,32 +12,24 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from functools import wraps
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
+from .filters import short_count
 from .ratelimit import rate_limited
 from .registry import get_registry
+from .schema import GenerationRequest, RequestError, parse_ollama_generate
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
-from .validation import GenerationRequest, ValidationError, parse_ollama_generate, read_json_object
+from .web import (has_admin_token, ollama_error, open_stream, read_json_object, retry_headers,
+                  streamed)
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__)
 
-#: Headers of every streamed response: proxies (nginx, the HF Spaces front end) must
-#: pass each piece on at once instead of buffering the whole body.
-STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
-
-def ollama_error(status: int, message: str, headers: dict | None = None) -> Response:
-    response = jsonify(error=message)
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
-
-
-@bp.errorhandler(ValidationError)
-def _validation_error(e: ValidationError):
+@bp.errorhandler(RequestError)
+def _request_error(e: RequestError):
     return ollama_error(e.status, e.message)
 
 
@@ -56,52 +38,16 @@ def _service_error(e: ServiceError):
     return ollama_error(e.status, e.message, retry_headers(e))
 
 
-def retry_headers(e: ServiceError) -> dict:
-    return {"Retry-After": "1"} if e.status == 503 else {}
-
-
-# ---- shared by both generation APIs ---------------------------------------------------
-
-def open_stream(req: GenerationRequest) -> GenerationStream:
-    """Start the generation a validated request asks for (raises ServiceError before any
-    text is produced: unknown model, cannot infill, busy)."""
-    service = get_service()
-    if req.suffix is not None:
-        return service.stream_infill(req.model, req.prompt, req.suffix, req.params)
-    return service.stream(req.model, req.prompt, req.params)
-
-
-def streamed(lines: Iterator[str], stream: GenerationStream, mimetype: str) -> Response:
-    """A streaming response whose generator closes ``stream`` however it ends: finished,
-    failed, or closed by the WSGI server because the client went away."""
-    def body():
-        try:
-            yield from lines
-        finally:
-            stream.close()
-    return Response(body(), mimetype=mimetype, headers=STREAM_HEADERS)
-
-
 def admin_required(view: Callable) -> Callable:
     """When ``FABLE_ADMIN_TOKEN`` is set, the view needs ``Authorization: Bearer <token>``."""
     @wraps(view)
     def wrapper(*args, **kwargs):
-        if not is_admin():
+        if not has_admin_token():
             return ollama_error(401, "this route needs the admin token: send "
                                      "'Authorization: Bearer <FABLE_ADMIN_TOKEN>'",
                                 {"WWW-Authenticate": "Bearer"})
         return view(*args, **kwargs)
     return wrapper
-
-
-def is_admin() -> bool:
-    """True when no admin token is configured or the request carries it."""
-    token = get_settings().admin_token
-    if token is None:
-        return True
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return (scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip().encode(), token.encode()))
 
 
 # ---- Ollama ---------------------------------------------------------------------------
@@ -157,14 +103,6 @@ def generate():
     return streamed(lines(), stream, "application/x-ndjson")
 
 
-def parameter_size(n: int) -> str:
-    """Ollama's style: 7.2B, 124.4M, 85.3K."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
 @bp.get("/api/tags")
 def tags():
     models = []
@@ -174,7 +112,7 @@ def tags():
             "size": facts.size_bytes, "digest": facts.digest,
             "details": {"parent_model": "", "format": "safetensors",
                         "family": facts.architecture, "families": [facts.architecture],
-                        "parameter_size": parameter_size(facts.parameters),
+                        "parameter_size": short_count(facts.parameters),
                         "quantization_level": facts.dtype.upper().replace("FLOAT", "F")},
         })
     return jsonify(models=models)

@@ -1,34 +1,8 @@
 """Cross-site request forgery protection for the HTML forms: an Origin check, no token.
 
-A state-changing request (POST, PUT, PATCH, DELETE) to anything but the JSON API is
-refused with 403 unless it comes from this site's own pages:
-
-    Origin present       it must be this site's origin: the request's Host, or the
-                         X-Forwarded-Host a reverse proxy (the Hugging Face Spaces front
-                         end) set, with the request's scheme or X-Forwarded-Proto.
-                         ``Origin: null`` (sandboxed frames, some redirects) is refused.
-    Origin absent        Sec-Fetch-Site decides: ``same-origin`` and ``none`` (typed by
-                         the user) pass, ``same-site`` and ``cross-site`` are refused.
-    both absent          allowed: every browser that still sends neither is too old to
-                         matter, and only browsers carry the ambient credentials (cookies,
-                         a remembered Basic password) that make a forgery worth anything.
-
-Why not a CSRF token in a cookie: the app runs as a Hugging Face Space, inside an iframe
-on huggingface.co, where browsers block third-party cookies; a cookie-bound token would
-fail for every visitor there. Origin needs no state, works across gunicorn workers and
-is set by the browser itself, which a page on another site cannot override. Trusting
-X-Forwarded-Host is safe here for the same reason: a cross-site page cannot make a
-browser send it (custom headers need a CORS preflight this app never grants), and a
-client that can set any header it likes is not a victim's browser.
-
-This needs the pages' ``Referrer-Policy`` to be one that keeps the Origin of same-origin
-POSTs (``same-origin`` does; ``no-referrer`` would turn it into ``null``): see
-app/security.py.
-
-The JSON API (``/api/*``, ``/v1/*``) is exempt: its clients are programs that send no
-cookies and no token, and it acts on no ambient credential (its admin routes take the
-token as a Bearer header only, which a browser never adds by itself), so a request
-forged from another site can do nothing its author could not do directly.
+A POST (or other unsafe method) outside the JSON APIs is refused with 403 unless its
+Origin is this site's, or without Origin, its Sec-Fetch-Site is same-origin or none.
+Why no cookie token, and why the APIs are exempt: docs/web-app.md.
 """
 
 from __future__ import annotations
@@ -56,13 +30,6 @@ def exempt(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in EXEMPT_PREFIXES)
 
 
-def _first(value: str | None) -> str | None:
-    """The first of a proxy header's comma-separated values (the outermost proxy's)."""
-    if not value:
-        return None
-    return value.split(",", 1)[0].strip() or None
-
-
 def normalise(scheme: str, netloc: str) -> str | None:
     """``scheme://host[:port]`` lower-cased, without the scheme's default port; None when
     it does not parse."""
@@ -80,13 +47,10 @@ def normalise(scheme: str, netloc: str) -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-def own_origins() -> set[str]:
-    """Every origin this request may legitimately come from: the Host or X-Forwarded-Host,
-    with the request's scheme or X-Forwarded-Proto."""
-    hosts = {request.host, _first(request.headers.get("X-Forwarded-Host"))} - {None}
-    schemes = {request.scheme, _first(request.headers.get("X-Forwarded-Proto"))} - {None}
-    origins = {normalise(scheme, host) for scheme in schemes for host in hosts}
-    return origins - {None}
+def own_origin() -> str | None:
+    """This site's origin: the request's scheme and host (behind trusted proxies, what
+    ProxyFix read from X-Forwarded-Proto and X-Forwarded-Host)."""
+    return normalise(request.scheme, request.host)
 
 
 def refusal() -> str | None:
@@ -95,7 +59,7 @@ def refusal() -> str | None:
     if origin is not None:
         parts = urlsplit(origin.strip())
         given = normalise(parts.scheme, parts.netloc) if parts.scheme and parts.netloc else None
-        if given is not None and given in own_origins():
+        if given is not None and given == own_origin():
             return None
         shown = origin if len(origin) <= 100 else origin[:97] + "..."
         return (f"this form was submitted from another site (Origin {shown}); "

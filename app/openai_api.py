@@ -1,13 +1,6 @@
-"""OpenAI-compatible completions, for the official ``openai`` client and its kin.
-
-    POST /v1/completions     text completion (suffix = story infilling); SSE when stream
-    GET  /v1/models          {"object": "list", "data": [{"id", "object": "model", ...}]}
-    GET  /v1/models/<id>     one model
-
-Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Every
-deterministic refusal is a 4xx: the official client retries 408, 409, 429 and 5xx, so
-only "busy" (503, with Retry-After) and real server faults are 5xx. There is no
-``/v1/chat/completions``: these models have no chat template.
+"""OpenAI's completions API for the official ``openai`` client: ``/v1/completions`` and
+``/v1/models``. Errors are OpenAI's shape; every deterministic refusal is a 4xx (the
+client retries 5xx): docs/web-app.md.
 """
 
 from __future__ import annotations
@@ -19,34 +12,21 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from .api import open_stream, retry_headers, streamed
 from .ratelimit import rate_limited
 from .registry import get_registry
+from .schema import RequestError, parse_openai_completion
 from .service import ServiceError
 from .settings import get_settings
-from .validation import ValidationError, parse_openai_completion, read_json_object
+from .web import openai_error, open_stream, read_json_object, retry_headers, streamed
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          429: "rate_limit_error"}
-
-
-def openai_error(status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> Response:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    response = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
-
-
-@bp.errorhandler(ValidationError)
-def _validation_error(e: ValidationError):
+@bp.errorhandler(RequestError)
+def _request_error(e: RequestError):
     code = "unsupported_media_type" if e.status == 415 else "invalid_value" if e.field else None
     return openai_error(e.status, e.message, param=e.field, code=code)
 

@@ -1,29 +1,6 @@
-"""An optional rate limit per client on the requests that generate text.
-
-``FABLE_RATE_LIMIT=N`` gives each client address N generations a minute (unset or 0:
-no limit). What counts is every request that runs a model: ``POST /api/generate``,
-``POST /v1/completions``, the pages' no-JavaScript form posts (``POST /`` and
-``POST /infill``) and the pages' event streams (``GET /<kind>/stream``, where htmx's
-generations run; ``POST /<kind>/start`` only validates the form and counts only when it
-has to generate the text itself). Static files, listings, ``/healthz`` and the pages
-themselves are never limited.
-
-A token bucket per client: it holds up to N tokens and refills at N a minute, so a
-client may send N requests at once and then one every 60/N seconds. A request with no
-token left gets 429 with ``Retry-After`` (the seconds until the next token) and a
-message in the client's shape: Ollama's or OpenAI's JSON error (``@rate_limited``), or
-for a form post the page again with the message on top. An event stream reports it as
-its ``failed`` event instead, since an EventSource must get 200.
-
-The buckets live in memory, in each gunicorn worker: with W workers a client may get up
-to W x N a minute, and a restart forgives everyone. That is enough to keep one client
-from taking every generation slot of a small Space; a limit shared across workers and
-restarts would need a shared store (Redis), which a Space does not have.
-
-The client is the connection's address, unless ``FABLE_PROXY_HOPS`` says the app runs
-behind that many reverse proxies (1 by default on a Hugging Face Space): then it is the
-address the outermost of them saw, the Nth X-Forwarded-For entry from the right.
-Entries further left are whatever the client wrote, and are never trusted.
+"""An optional rate limit on the requests that generate text: ``FABLE_RATE_LIMIT``
+generations a minute per client address, a token bucket per client in each worker's
+memory; beyond it 429 with Retry-After. What counts and why: docs/web-app.md.
 """
 
 from __future__ import annotations
@@ -91,22 +68,11 @@ def init_app(app: Flask, settings: Settings) -> None:
         app.extensions[EXTENSION] = TokenBuckets(settings.rate_limit)
 
 
-def client_address() -> str:
-    """The client's address: the connection's, or the one the outermost trusted proxy saw."""
-    hops = get_settings().proxy_hops
-    if hops:
-        forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")]
-        forwarded = [a for a in forwarded if a]
-        if len(forwarded) >= hops:
-            return forwarded[-hops]
-    return request.remote_addr or "unknown"
-
-
 def wait_needed() -> float:
     """Count one generation for this request's client: 0.0 when it may go on, else the
     seconds to wait. Always 0.0 without a limit."""
     buckets: TokenBuckets | None = current_app.extensions.get(EXTENSION)
-    return 0.0 if buckets is None else buckets.take(client_address())
+    return 0.0 if buckets is None else buckets.take(request.remote_addr or "unknown")
 
 
 def retry_after(wait: float) -> int:

@@ -1,23 +1,6 @@
-"""The app's security wiring: response headers on every response, CSRF and rate limit.
-
-``init_app(app, settings)`` (called once from ``create_app``) installs
-
-- the headers below on every response (pages, JSON, errors, static files, streams);
-- the Origin check against cross-site form posts (``app.csrf``);
-- the per-client rate limit on generation, when ``FABLE_RATE_LIMIT`` is set
-  (``app.ratelimit``; the views that generate text count each request themselves).
-
-The Content-Security-Policy allows no inline script and no eval: the pages load only
-/static/app.js and htmx from /static/vendor/, with nothing inline (templates/base.html
-turns htmx's eval and its injected indicator ``<style>`` off through its
-``htmx-config`` meta tag, so ``style-src`` needs no 'unsafe-inline' either). The page
-may be framed by itself and by Hugging Face, which shows a Space inside an iframe on
-huggingface.co (so there is no ``X-Frame-Options: DENY``; ``frame-ancestors`` says who
-may frame it, and browsers that know it ignore X-Frame-Options anyway).
-
-``Referrer-Policy: same-origin`` sends no Referer to other sites (the stream URLs carry
-the prompt) and keeps the ``Origin`` of same-origin form posts, which the CSRF check
-needs: with ``no-referrer`` browsers would send ``Origin: null``.
+"""The app's security wiring: headers on every response (a strict Content-Security-Policy,
+framing by Hugging Face only), the CSRF Origin check and the rate limit. Why each header
+is what it is: docs/web-app.md.
 """
 
 from __future__ import annotations

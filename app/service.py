@@ -27,6 +27,7 @@ from models_src.sampling import Completion, SamplingParams
 from .engine_loop import EngineLoop, Failed, Finished, Ticket
 from .registry import LoadedModel, ModelRegistry
 from .scheduler import QueueFull, QueueTimeout, Scheduler
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,19 @@ class GenerationStream:
             pass
 
 
+def _default(setting: str):
+    """A setting's default, declared once in ``app.settings``."""
+    return Settings.model_fields[setting].default
+
+
 class GenerationService:
     """Runs generation for every blueprint: admission, then the engine loop; enforces the
     deadline."""
 
-    def __init__(self, registry: ModelRegistry, *, max_batch: int = 16, max_queue: int = 48,
-                 queue_timeout_s: float = 30.0, request_timeout_s: float = 60.0,
+    def __init__(self, registry: ModelRegistry, *, max_batch: int = _default("max_batch"),
+                 max_queue: int = _default("max_queue"),
+                 queue_timeout_s: float = _default("queue_timeout_s"),
+                 request_timeout_s: float = _default("request_timeout_s"),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.scheduler = Scheduler(max_batch, max_queue)

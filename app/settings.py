@@ -1,43 +1,9 @@
-"""The app's settings: read once from ``FABLE_*`` environment variables, validated.
+"""The app's settings: ``FABLE_*`` environment variables, read and validated once.
 
-Every setting has the same name in the environment and in ``create_app(test_config)``,
-so a test writes ``{"FABLE_CHECKPOINT_DIR": tmp}`` exactly as a Space sets a variable.
-
-    FABLE_CHECKPOINT_DIR      checkpoints   every directory directly under it is a model
-    FABLE_EXPERIMENTS_DIR     experiments   training records (Parquet) the admin page reads
-    FABLE_DEVICE              auto          auto (cuda when available, else cpu), cpu, cuda,
-                                            cuda:N, mps
-    FABLE_MAX_PROMPT_CHARS    4000          longest prompt (+ suffix) a request may send
-    FABLE_MAX_NEW_TOKENS      512           most tokens one request may ask for
-    FABLE_DEFAULT_NEW_TOKENS  128           tokens generated when a request does not say
-                                            (also Ollama's num_predict -1)
-    FABLE_MAX_BODY_BYTES      65536         largest request body (Flask's MAX_CONTENT_LENGTH;
-                                            a larger one gets 413)
-    FABLE_ADMIN_TOKEN         unset         when set, admin routes (/api/models) need
-                                            "Authorization: Bearer <token>"; the /admin
-                                            page also takes it as a Basic password
-    FABLE_WORKERS             $WEB_CONCURRENCY or 1   gunicorn workers (gunicorn.conf.py
-                                            reads it too)
-    FABLE_MAX_BATCH           16            sequences decoded together in one worker
-                                            (continuous batching); more wait in the queue
-    FABLE_MAX_QUEUE           48            requests waiting for a row; beyond it a request
-                                            gets 503 + Retry-After at once
-    FABLE_TORCH_THREADS       (cores - 1) // workers, at least 1: torch.set_num_threads
-                                            in each worker (its scheduler is the one thread
-                                            that runs the model; one core is left to the
-                                            request threads)
-    FABLE_QUEUE_TIMEOUT_S     30            how long a queued request waits for a row (then 503)
-    FABLE_REQUEST_TIMEOUT_S   60            generation deadline per request; reaching it
-                                            ends the text like a length limit
-    FABLE_RATE_LIMIT          0 (off)       generation requests a minute per client address,
-                                            counted in each worker (app/ratelimit.py); more
-                                            get 429 with Retry-After
-    FABLE_PROXY_HOPS          1 on a Space (SPACE_ID set), else 0   reverse proxies in
-                                            front of the app: the client address (for the
-                                            rate limit) is the Nth X-Forwarded-For entry
-                                            from the right; 0: the connection's address
-
-Reading settings never touches torch, so it is safe in gunicorn's master process.
+A pydantic-settings model: each setting is declared once below, with its default and
+what it does. ``create_app(test_config)`` takes the same names (``FABLE_CHECKPOINT_DIR``,
+...), so a test sets a value exactly as a Space does. Reading settings never imports
+torch, so gunicorn's master (gunicorn.conf.py) reads the same values.
 """
 
 from __future__ import annotations
@@ -45,14 +11,19 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from flask import current_app
+from pydantic import (AliasChoices, BeforeValidator, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 PREFIX = "FABLE_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: Tokens a request gets when it does not say, unless FABLE_MAX_NEW_TOKENS is lower.
+DEFAULT_NEW_TOKENS = 128
 
 
 class SettingsError(ValueError):
@@ -70,127 +41,169 @@ def available_cores() -> int:
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for: the part of the settings validation needs."""
-    max_prompt_chars: int = 4000
-    max_new_tokens: int = 512
-    default_new_tokens: int = 128
+    max_prompt_chars: int
+    max_new_tokens: int
+    default_new_tokens: int
 
 
-@dataclass(frozen=True)
-class Settings:
-    checkpoint_dir: Path = Path("checkpoints")
-    experiments_dir: Path = Path("experiments")
-    device: str = "auto"
-    max_prompt_chars: int = 4000
-    max_new_tokens: int = 512
-    default_new_tokens: int = 128
-    max_body_bytes: int = 64 * 1024
-    admin_token: str | None = field(default=None, repr=False)  # never shown in logs or tracebacks
-    workers: int = 1
-    torch_threads: int = 1
-    max_batch: int = 16
-    max_queue: int = 48
-    queue_timeout_s: float = 30.0
-    request_timeout_s: float = 60.0
-    rate_limit: int = 0  # generation requests a minute per client; 0 = no limit
-    proxy_hops: int = 0  # trusted reverse proxies: where the client address is read
+# ---- how a raw value (a string from the environment, anything from a test) is read ------
+
+class _Refused(ValueError):
+    """A raw value that is not the setting's type; the message ends "..., got <value>"."""
+
+
+def _text(value: Any) -> str:
+    return str(value).strip()
+
+
+def _integer(value: Any) -> int:
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        return int(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise _Refused(f"must be an integer, got {value!r}") from None
+
+
+def _number(value: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise _Refused(f"must be a number, got {value!r}") from None
+
+
+Integer = Annotated[int, BeforeValidator(_integer)]
+Number = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_number)]
+Text = Annotated[str, BeforeValidator(_text)]
+Folder = Annotated[Path, BeforeValidator(_text)]
+
+
+class _Environment(EnvSettingsSource):
+    """``FABLE_*`` values from a mapping (``os.environ`` unless one is given); a blank
+    value counts as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, Any] | None = None):
+        self.environ = os.environ if environ is None else environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, Any]:
+        return {k.lower(): v for k, v in self.environ.items()
+                if not (isinstance(v, str) and not v.strip())}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
+
+    checkpoint_dir: Folder = Field(Path("checkpoints"),
+                                 description="every directory directly under it is a model")
+    experiments_dir: Folder = Field(Path("experiments"),
+                                  description="training records (Parquet) the admin page reads")
+    device: Text = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, "
+                                             "cuda:N or mps")
+    max_prompt_chars: Integer = Field(4000, ge=1,
+                                      description="longest prompt (+ suffix) a request may send")
+    max_new_tokens: Integer = Field(512, ge=1, description="most tokens one request may ask for")
+    default_new_tokens: Integer = Field(
+        default_factory=lambda data: min(DEFAULT_NEW_TOKENS, data["max_new_tokens"]), ge=1,
+        description=f"tokens generated when a request does not say (also Ollama's num_predict "
+                    f"-1): {DEFAULT_NEW_TOKENS}, or FABLE_MAX_NEW_TOKENS if lower")
+    max_body_bytes: Integer = Field(64 * 1024, ge=1024,
+                                    description="largest request body; a larger one gets 413")
+    admin_token: Text | None = Field(
+        None, min_length=16, repr=False,  # never shown in logs or tracebacks
+        description="when set, /api/models needs 'Authorization: Bearer <token>'; the /admin "
+                    "page also takes it as a Basic password")
+    workers: Integer = Field(1, ge=1, validation_alias=AliasChoices("FABLE_WORKERS",
+                                                                    "WEB_CONCURRENCY"),
+                             description="gunicorn workers (gunicorn.conf.py reads it too); "
+                                         "gunicorn's WEB_CONCURRENCY when unset")
+    max_batch: Integer = Field(16, ge=1, description="sequences decoded together in one "
+                                                     "worker (continuous batching); more wait")
+    max_queue: Integer = Field(48, ge=0, description="requests waiting for a row; beyond it a "
+                                                     "request gets 503 + Retry-After at once")
+    # One scheduler thread per worker runs the model on torch's threads; one core stays with
+    # the request threads (benchmarks/README.md, "Serving": why).
+    torch_threads: Integer = Field(
+        default_factory=lambda data: max(1, (available_cores() - 1) // data["workers"]),
+        ge=1, description="torch.set_num_threads in each worker: (cores - 1) // workers, at "
+                          "least 1")
+    queue_timeout_s: Number = Field(30.0, ge=0.0, description="how long a queued request waits "
+                                                              "for a row (then 503)")
+    request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
+                                      "request; reaching it ends the text like a length limit")
+    rate_limit: Integer = Field(0, ge=0, description="generation requests a minute per client "
+                                                     "address and worker (then 429); 0: no limit")
+    space_id: str | None = Field(None, validation_alias="SPACE_ID", exclude=True,
+                                 description="set by Hugging Face on a Space")
+    proxy_hops: Integer = Field(
+        default_factory=lambda data: 1 if data.get("space_id") else 0, ge=0,
+        description="reverse proxies in front of the app whose X-Forwarded-For, -Proto and "
+                    "-Host are trusted (werkzeug's ProxyFix); 1 on a Space, else 0")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not _DEVICE.match(device.lower()):
+            raise _Refused(f"must be auto, cpu, mps, cuda or cuda:N, got {device.lower()!r}")
+        return device.lower()
+
+    @model_validator(mode="after")
+    def _default_within_maximum(self) -> Settings:
+        if self.default_new_tokens > self.max_new_tokens:
+            raise _Refused(f"{PREFIX}DEFAULT_NEW_TOKENS ({self.default_new_tokens}) is above "
+                           f"{PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return init_settings, _Environment(settings_cls)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Settings from ``environ`` (default ``os.environ``), with ``overrides`` (the same
+        ``FABLE_*`` names; values may already be typed) taking precedence."""
+        values = {**(os.environ if environ is None else environ),
+                  **{k: v for k, v in (overrides or {}).items() if k.startswith(PREFIX)}}
+        try:
+            return cls(_build_sources=((_Environment(cls, values),), {}))
+        except ValidationError as e:
+            raise SettingsError(_explain(e.errors()[0], values)) from None
 
     @property
     def limits(self) -> Limits:
         return Limits(self.max_prompt_chars, self.max_new_tokens, self.default_new_tokens)
 
-    @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None,
-             overrides: Mapping[str, Any] | None = None) -> Settings:
-        """Settings from ``FABLE_*`` variables in ``environ`` (default ``os.environ``),
-        with ``overrides`` (same names; values may already be typed) taking precedence."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
-        values.update({k: v for k, v in (overrides or {}).items() if k.startswith(PREFIX)})
-        read = _Reader(values)
-        # gunicorn's own variable for the worker count, when FABLE_WORKERS is not set
-        web_concurrency = _Reader({PREFIX + "WEB_CONCURRENCY": environ.get("WEB_CONCURRENCY")})
-        workers = read.integer("WORKERS", web_concurrency.integer("WEB_CONCURRENCY", 1, minimum=1),
-                               minimum=1)
-        max_new = read.integer("MAX_NEW_TOKENS", 512, minimum=1)
-        # Each worker's scheduler runs the model on torch's threads: more threads in all
-        # than cores makes OpenMP threads spin against each other (many times slower,
-        # measured). One core stays with the request threads (HTTP, JSON, streaming): on 2
-        # cores, 2 torch threads made a lone 64-token request 2.5x slower than 1 did
-        # (benchmarks/load.py, p50 173 ms against 68 ms).
-        threads = max(1, (available_cores() - 1) // workers)
-        settings = cls(
-            checkpoint_dir=Path(read.string("CHECKPOINT_DIR", "checkpoints")),
-            experiments_dir=Path(read.string("EXPERIMENTS_DIR", "experiments")),
-            device=read.string("DEVICE", "auto").lower(),
-            max_prompt_chars=read.integer("MAX_PROMPT_CHARS", 4000, minimum=1),
-            max_new_tokens=max_new,
-            default_new_tokens=read.integer("DEFAULT_NEW_TOKENS", min(128, max_new), minimum=1),
-            max_body_bytes=read.integer("MAX_BODY_BYTES", 64 * 1024, minimum=1024),
-            admin_token=read.string("ADMIN_TOKEN", "") or None,
-            workers=workers,
-            torch_threads=read.integer("TORCH_THREADS", threads, minimum=1),
-            max_batch=read.integer("MAX_BATCH", 16, minimum=1),
-            max_queue=read.integer("MAX_QUEUE", 48, minimum=0),
-            queue_timeout_s=read.number("QUEUE_TIMEOUT_S", 30.0, minimum=0.0),
-            request_timeout_s=read.number("REQUEST_TIMEOUT_S", 60.0, minimum=0.001),
-            rate_limit=read.integer("RATE_LIMIT", 0, minimum=0),
-            # a Hugging Face Space (which sets SPACE_ID) sits behind HF's proxy
-            proxy_hops=read.integer("PROXY_HOPS", 1 if environ.get("SPACE_ID") else 0,
-                                    minimum=0),
-        )
-        if not _DEVICE.match(settings.device):
-            raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu, mps, cuda or cuda:N, "
-                                f"got {settings.device!r}")
-        if settings.default_new_tokens > settings.max_new_tokens:
-            raise SettingsError(f"{PREFIX}DEFAULT_NEW_TOKENS ({settings.default_new_tokens}) is "
-                                f"above {PREFIX}MAX_NEW_TOKENS ({settings.max_new_tokens})")
-        if settings.admin_token is not None and len(settings.admin_token) < 16:
-            raise SettingsError(f"{PREFIX}ADMIN_TOKEN must be at least 16 characters")
-        return settings
+
+def _explain(error: Any, values: Mapping[str, Any]) -> str:
+    """A pydantic error about one variable as a sentence that names it."""
+    ctx = error.get("ctx", {})
+    if not error["loc"]:  # the model's own check
+        return str(ctx["error"])
+    field, names = _variables(error["loc"][0])
+    name = next((n for n in names if n in values), names[0])
+    if error["type"] == "value_error":
+        return f"{name} {ctx['error']}"
+    if error["type"] in ("too_short", "string_too_short"):
+        return f"{name} must be at least {ctx['min_length']} characters"
+    minimum = next(m.ge for m in field.metadata if hasattr(m, "ge"))
+    if isinstance(minimum, float):
+        return f"{name} must be a finite number >= {minimum}, got {values[name]!r}"
+    return f"{name} must be >= {minimum}, got {error['input']}"
 
 
-class _Reader:
-    """Typed access to raw values (strings from the environment, anything from a test)."""
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self.values = values
-
-    def _raw(self, name: str) -> Any:
-        value = self.values.get(PREFIX + name)
-        return None if value is None or (isinstance(value, str) and not value.strip()) else value
-
-    def string(self, name: str, default: str) -> str:
-        value = self._raw(name)
-        return default if value is None else str(value).strip()
-
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
-        value = self._raw(name)
-        if value is None:
-            return default
-        try:
-            if isinstance(value, bool) or isinstance(value, float):
-                raise ValueError
-            number = int(value)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{PREFIX}{name} must be an integer, got {value!r}") from None
-        if number < minimum:
-            raise SettingsError(f"{PREFIX}{name} must be >= {minimum}, got {number}")
-        return number
-
-    def number(self, name: str, default: float, *, minimum: float) -> float:
-        value = self._raw(name)
-        if value is None:
-            return default
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{PREFIX}{name} must be a number, got {value!r}") from None
-        if not number >= minimum or number == float("inf"):  # NaN fails the comparison
-            raise SettingsError(f"{PREFIX}{name} must be a finite number >= {minimum}, "
-                                f"got {value!r}")
-        return number
+def _variables(key: str) -> tuple[Any, list[str]]:
+    """The field an error's location names, and the variables that may set it."""
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = (list(alias.choices) if isinstance(alias, AliasChoices)
+                 else [alias] if alias else [PREFIX + name.upper()])
+        if key == name or key in names:
+            return field, names
+    raise KeyError(key)
 
 
 def get_settings() -> Settings:

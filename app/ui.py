@@ -1,37 +1,9 @@
-"""The HTML pages: write a story (generate) and fill in a story's middle (infill).
+"""The HTML pages: write a story (``/``) and fill in a story's middle (``/infill``).
 
-    GET  /                  the generate page (HEAD too: Spaces probe ``/``)
-    POST /                  the form without JavaScript: the whole page with the finished text
-    POST /generate/start    the form through htmx: a fragment that opens the stream below
-                            (or the form again, with its errors inline)
-    GET  /generate/stream   ``text/event-stream`` of one generation, described by ``?job=``
-    GET  /infill, POST /infill, POST /infill/start, GET /infill/stream    the same, for infill
-
-Streaming. htmx 2's SSE extension opens an ``EventSource``, which can only GET. So the
-form is POSTed (``hx-post``) to ``/<kind>/start``, which validates it and answers with a
-fragment holding ``sse-connect="/<kind>/stream?job=<token>"``. The token *is* the
-validated request: base64url(zlib(JSON)), no server-side state, so any gunicorn worker
-can serve the stream; the stream endpoint validates it again from scratch, exactly like
-an API call, so nobody gains anything by forging one. A token longer than
-``MAX_JOB_CHARS`` (a huge, incompressible prompt) would not fit gunicorn's default
-request line (4094 bytes): such a request is answered at once with the finished text.
-
-The stream always answers 200 ``text/event-stream``: an EventSource that gets any other
-status reconnects forever, and would run the generation again. It sends
-
-    message   the next text, HTML-escaped (a generated ``<script>`` is text, never markup);
-              several lines of text are several ``data:`` lines; pieces decoded within
-              ``FLUSH_S`` of each other travel in one event
-    failed    what went wrong (bad job, busy server, over the rate limit, error
-              mid-stream), shown in the page
-    done      always last: the finish note, and the form's button enabled again (an
-              out-of-band swap); the page closes the EventSource on it (``sse-close``)
-
-Events carry ids: a browser that lost the connection reconnects with ``Last-Event-ID``,
-and is told the stream was interrupted instead of getting a second, different text.
-
-Without JavaScript (or without ``static/vendor/``), the same forms are plain POSTs that
-render the whole page with the finished text.
+A form posted through htmx gets a fragment that opens a server-sent event stream for its
+job token (the validated request itself, so any worker can serve it); without
+JavaScript the same form is a plain POST answered with the finished text. The stream's
+events and why they are what they are: docs/web-app.md.
 """
 
 from __future__ import annotations
@@ -54,15 +26,12 @@ from flask import (Blueprint, Response, current_app, render_template, request,
                    stream_with_context, url_for)
 from markupsafe import escape
 
-from models_src.sampling import SamplingParams
-
 from . import ratelimit
-from .api import STREAM_HEADERS
 from .registry import get_registry
-from .service import GenerationStream, ServiceError, get_service
+from .schema import GenerationRequest, check_form, make_params, request_models, sampling_values
+from .service import GenerationStream, ServiceError
 from .settings import get_settings
-from .validation import (ValidationError, make_params, model_name, prompt_and_suffix,
-                         sampling_values, string)
+from .web import STREAM_HEADERS, open_stream
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +70,6 @@ class Job:
     def seed(self) -> int:
         return self.values["seed"]
 
-    def params(self) -> SamplingParams:
-        return make_params(self.values, get_settings().limits)
-
     def to_token(self) -> str:
         data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values},
                           separators=(",", ":"), ensure_ascii=False).encode()
@@ -111,11 +77,11 @@ class Job:
 
     def open(self) -> GenerationStream:
         """Start generating (raises ServiceError: busy, unknown model, cannot infill)."""
-        service = get_service()
+        params = make_params(self.values, get_settings().limits)
         if self.kind == "infill":
-            return service.stream_infill(self.model, self.texts["first"], self.texts["last"],
-                                         self.params())
-        return service.stream(self.model, self.texts["prompt"], self.params())
+            return open_stream(GenerationRequest(self.model, self.texts["first"],
+                                                 self.texts["last"], True, params))
+        return open_stream(GenerationRequest(self.model, self.texts["prompt"], None, True, params))
 
 
 # ---- reading forms and tokens ---------------------------------------------------------
@@ -129,55 +95,40 @@ def _unescape_stop(text: str) -> str:
 def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Job:
     """A validated ``Job`` from form fields (strings) or a decoded token (typed values);
     raises ``FormErrors`` with every problem found, each under its field's name."""
-    limits, registry = get_settings().limits, get_registry()
-    errors: dict[str | None, str] = {}
-    model = ""
-    try:
-        model = model_name(raw)
-        loaded = registry.get(model)
+    models = request_models(get_settings().limits)
+    values = {name: raw.get(name) for name in ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)}
+    if from_form:
+        for name in TEXT_FIELDS[kind]:
+            if isinstance(values[name], str):  # browsers send a textarea's lines as CRLF
+                values[name] = values[name].replace("\r\n", "\n")
+        if isinstance(values["stop"], str):
+            values["stop"] = _unescape_stop(values["stop"]) if values["stop"] else None
+    form, errors = check_form(models.infill_form if kind == "infill" else models.generate_form,
+                              values)
+    if "model" not in errors:
+        loaded = get_registry().get(values["model"])
         if loaded is None:
-            raise ValidationError("model", f"'model' must be one of the loaded models; "
-                                           f"{model!r} is not loaded")
-        if kind == "infill" and not loaded.facts.can_infill:
-            raise ValidationError("model", f"'model' must be able to infill; {model!r} "
-                                           f"cannot (its tokenizer has no <blank>/<sep> tokens)")
-    except ValidationError as e:
-        errors["model"] = e.message
-
-    texts: dict[str, str] = {}
-    fields = TEXT_FIELDS[kind]
-    given = {}
-    for name in fields:
-        value = raw.get(name)
-        if from_form and isinstance(value, str):
-            value = value.replace("\r\n", "\n")  # browsers send a textarea's lines as CRLF
-        given[name] = "" if value is None else value
-    try:
-        if kind == "generate":
-            texts["prompt"] = string(given["prompt"], "prompt", max_chars=limits.max_prompt_chars)
-        else:
-            first, last = prompt_and_suffix(given["first"], given["last"], limits,
-                                            fields=("first", "last"))
-            texts = {"first": first, "last": last or ""}
-            for name, label in (("first", "first sentence"), ("last", "last sentence")):
-                if not texts[name].strip():
-                    errors[name] = f"'{name}' is required: the story's {label}"
-    except ValidationError as e:
-        errors[e.field or fields[0]] = e.message
-
-    values: dict[str, Any] = {}
-    for name in SAMPLING_FIELDS:
-        value = raw.get(name)
-        if name == "stop" and from_form and isinstance(value, str):
-            value = _unescape_stop(value) if value else None
-        try:
-            values.update(sampling_values({name: value}, limits, from_form=True))
-        except ValidationError as e:
-            errors[e.field or name] = e.message
-    if errors:
-        raise FormErrors(errors)
+            errors["model"] = (f"'model' must be one of the loaded models; "
+                               f"{values['model']!r} is not loaded")
+        elif kind == "infill" and not loaded.facts.can_infill:
+            errors["model"] = (f"'model' must be able to infill; {values['model']!r} cannot "
+                               f"(its tokenizer has no <blank>/<sep> tokens)")
+    if kind == "infill" and not errors.keys() & {"first", "last"}:
+        for name, label in (("first", "first sentence"), ("last", "last sentence")):
+            if not (values[name] or "").strip():
+                errors[name] = f"'{name}' is required: the story's {label}"
+    if errors:  # in the order the form shows the fields
+        order = ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)
+        raise FormErrors(dict(sorted(errors.items(), key=lambda item: _position(order, item[0]))))
+    texts = {name: getattr(form, name) or "" for name in TEXT_FIELDS[kind]}
+    values = sampling_values(form, dict(zip(SAMPLING_FIELDS, SAMPLING_FIELDS)))
     values.setdefault("seed", secrets.randbelow(SEED_RANGE))  # shown, so a text can be redone
-    return Job(kind, model, texts, values)
+    return Job(kind, form.model, texts, values)
+
+
+def _position(order: tuple[str, ...], field: str) -> int:
+    name = field.split("[")[0]
+    return order.index(name) if name in order else len(order)
 
 
 def job_from_token(kind: str, token: str) -> Job:
@@ -441,84 +392,3 @@ def infill_start():
 @bp.get("/infill/stream")
 def infill_stream():
     return event_stream("infill")
-
-
-# ---- template filters (the admin page uses them too) ----------------------------------
-
-@bp.app_template_filter("count")
-def count_filter(value: Any) -> str:
-    """12345 -> 12,345; None -> an en dash."""
-    if value is None:
-        return "–"
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.0f}"
-
-
-@bp.app_template_filter("params")
-def params_filter(value: int | None) -> str:
-    """Parameter counts as people say them: 85.3K, 1.2M."""
-    if value is None:
-        return "–"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return str(value)
-
-
-@bp.app_template_filter("metric")
-def metric_filter(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
-
-
-@bp.app_template_filter("duration")
-def duration_filter(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-@bp.app_template_filter("describe")
-def describe_filter(value: Any) -> str:
-    """A training summary's free-form value (text, a list or a mapping) as one line."""
-    if value is None or value == "" or value == {} or value == []:
-        return "–"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {describe_filter(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(describe_filter(v) for v in value)
-    return str(value)
-
-
-ARCHITECTURES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "gpt": "GPT",
-                 "seq2seq": "Encoder–decoder"}
-TOKENIZERS = {"char": "characters", "word": "words", "bpe": "BPE", "gpt2": "GPT-2 BPE",
-              "hf": "Hugging Face"}
-
-
-@bp.app_template_filter("arch")
-def arch_filter(value: str | None) -> str:
-    return ARCHITECTURES.get(value or "", value or "–")
-
-
-@bp.app_template_filter("tokenizer_kind")
-def tokenizer_filter(value: str | None) -> str:
-    return TOKENIZERS.get(value or "", value or "–")
-
-
-@bp.app_template_filter("filesize")
-def filesize_filter(size: int | None) -> str:
-    if size is None:
-        return "–"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"

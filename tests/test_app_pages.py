@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import zlib
 from html import unescape
+from pathlib import Path
 
 from app import ui
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 FORM = {"model": "endless", "prompt": "Once", "temperature": "0", "max_new_tokens": "6"}
@@ -464,6 +470,27 @@ def test_admin_survives_an_unreadable_store(make_app, tmp_path):
     alert = re.search(r'<p class="alert" role="alert">(.*?)</p>', html, re.S).group(1)
     assert "The experiment records cannot be read" in alert and "exp/bad.parquet" in alert
     assert str(tmp_path) not in alert  # file names relative to the store
+
+
+def test_the_app_imports_no_trainer(checkpoint_dir, tmp_path):
+    """The admin page reads the experiment records itself: serving it imports nothing from
+    training/ (whose package sets THP_MEM_ALLOC_ENABLE), in a fresh interpreter."""
+    root = tmp_path / "experiments"
+    run_id = log_run(root)
+    code = f"""if True:
+        import json, os, sys
+        from app import create_app
+        app = create_app({{"FABLE_CHECKPOINT_DIR": {str(checkpoint_dir)!r}, "FABLE_DEVICE": "cpu",
+                          "FABLE_EXPERIMENTS_DIR": {str(root)!r}, "FABLE_ADMIN_TOKEN": ""}})
+        client = app.test_client()
+        statuses = [client.get(path).status_code for path in
+                    ("/admin", "/admin/curves/{run_id}.png", "/", "/openapi.json")]
+        trainer = sorted(m for m in sys.modules if m == "training" or m.startswith("training."))
+        print(json.dumps([statuses, trainer, "THP_MEM_ALLOC_ENABLE" in os.environ]))"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == [[200, 200, 200, 200], [], False]
 
 
 def test_admin_needs_the_token_when_one_is_set(make_app, tmp_path, caplog):

@@ -28,6 +28,8 @@ import pytest
 from conftest import ENDLESS_CHAR, MODELS
 from gunicorn_server import GUNICORN, GunicornServer, ServerError, free_port, server_environment
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER_HOME = "/home/user"
 

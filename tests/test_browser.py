@@ -32,6 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync"]
 VENDOR = [ROOT / "static" / "vendor" / name for name in ("htmx.min.js", "sse.js")]
 TIMEOUT_MS = 10_000
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)

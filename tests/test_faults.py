@@ -62,6 +62,17 @@ def test_graceful_timeout_covers_the_generation_deadline():
     assert configured("graceful_timeout", {"GUNICORN_GRACEFUL_TIMEOUT": "7"}) == 7  # still wins
 
 
+def test_gunicorn_reads_the_apps_settings():
+    """gunicorn.conf.py takes workers and its thread pool from the app's settings, so each
+    default is written once (app/settings.py)."""
+    assert configured("workers", {}) == 1
+    assert configured("workers", {"WEB_CONCURRENCY": "3"}) == 3
+    assert configured("workers", {"WEB_CONCURRENCY": "3", "FABLE_WORKERS": "2"}) == 2
+    assert configured("threads", {}) == 16 + 48  # every decoding row and queued request
+    assert configured("threads", {"FABLE_MAX_BATCH": "4", "FABLE_MAX_QUEUE": "6"}) == 10
+    assert configured("threads", {"FABLE_THREADS": "8"}) == 8
+
+
 def read_stream(url: str, body: dict, lines: list, times: list, failures: list) -> None:
     """POST a streaming request; append each NDJSON object and when it came."""
     try:
@@ -75,6 +86,7 @@ def read_stream(url: str, body: dict, lines: list, times: list, failures: list) 
         failures.append(e)
 
 
+@pytest.mark.server
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(checkpoint_dir, tmp_path):
     # The endless model streams until its deadline, deadline_s after it starts, and then
     # ends cleanly (done_reason "length"): a stream that lasts a known time, whatever
@@ -107,13 +119,13 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(checkpoint_dir, t
         assert sum(t > signalled for t in times) > 1, "nothing was streamed after the SIGTERM"
 
         status = server.process.wait(graceful_timeout + 10)
-        exited = time.monotonic()
         assert status == 0, server.log_text()
-        assert exited - signalled < graceful_timeout, "the worker was killed, not drained"
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
         log = server.log_text()
         assert "Handling signal: term" in log and "Shutting down: Master" in log
+        # drained, not killed at graceful_timeout (gunicorn logs "was sent SIGKILL!" then)
+        assert "Worker exiting" in log and "SIGKILL" not in log, log
     finally:
         server.stop()
 
@@ -162,6 +174,7 @@ def leftovers(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("writer,succeed", [
     ("weights", 1),        # the weights of last/ at step 20, after a good save at step 10
     ("trainer state", 1),  # the optimizer state, the last file of last/ at step 20
@@ -197,6 +210,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(
         assert not last.exists()
 
 
+@pytest.mark.train
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     # Ctrl-C (or any exception) partway through writing the weights of the second save.
     raw = raw_config(tmp_path, max_steps=30, save_every=10, eval_every=1000)

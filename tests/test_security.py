@@ -200,25 +200,38 @@ def test_a_form_from_this_site_is_accepted(client, path, form):
         assert response.status_code == 200, (path, headers, response.get_data(as_text=True))
 
 
-def test_the_origin_of_a_proxy_like_hugging_faces_is_honoured(client):
+def test_the_origin_of_a_proxy_like_hugging_faces_is_honoured(make_app):
     """Behind the Spaces proxy the app sees Host: its container address, while the browser
     sends the public origin; the proxy says which in X-Forwarded-Host/-Proto."""
+    client = make_app(FABLE_PROXY_HOPS=1).test_client()
     proxied = {"X-Forwarded-Host": "someone-fable.hf.space", "X-Forwarded-Proto": "https"}
     ok = client.post("/", data=FORM, headers={**proxied,
                                               "Origin": "https://someone-fable.hf.space"})
     assert ok.status_code == 200
     for origin in ("https://other-space.hf.space", "https://huggingface.co",
-                   "http://someone-fable.hf.space:8443"):
+                   "http://someone-fable.hf.space:8443", SAME_ORIGIN):
         refused = client.post("/", data=FORM, headers={**proxied, "Origin": origin})
         assert refused.status_code == 403, origin
-    # a default port is the same origin; several proxies: the first value is the client's
-    for headers in ({"X-Forwarded-Host": "someone-fable.hf.space:443",
-                     "X-Forwarded-Proto": "https"},
-                    {"X-Forwarded-Host": "someone-fable.hf.space, 10.0.0.1",
-                     "X-Forwarded-Proto": "https, http"}):
-        response = client.post("/", data=FORM,
-                               headers={**headers, "Origin": "https://someone-fable.hf.space"})
-        assert response.status_code == 200, headers
+    # a default port is the same origin
+    response = client.post("/", data=FORM, headers={
+        "X-Forwarded-Host": "someone-fable.hf.space:443", "X-Forwarded-Proto": "https",
+        "Origin": "https://someone-fable.hf.space"})
+    assert response.status_code == 200
+    # each proxy appends what it saw: with two, the second value from the right is the public one
+    two = make_app(FABLE_PROXY_HOPS=2).test_client()
+    response = two.post("/", data=FORM, headers={
+        "X-Forwarded-Host": "someone-fable.hf.space, 10.0.0.1",
+        "X-Forwarded-Proto": "https, http", "Origin": "https://someone-fable.hf.space"})
+    assert response.status_code == 200
+
+
+def test_without_a_proxy_x_forwarded_host_is_ignored(make_app):
+    """FABLE_PROXY_HOPS=0: nobody in front is trusted, so a forwarded host proves nothing."""
+    client = make_app(FABLE_PROXY_HOPS=0).test_client()
+    forged = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https",
+              "Origin": "https://evil.example"}
+    assert client.post("/", data=FORM, headers=forged).status_code == 403
+    assert client.post("/", data=FORM, headers={**forged, "Origin": SAME_ORIGIN}).status_code == 200
 
 
 def test_the_json_apis_are_exempt(client):

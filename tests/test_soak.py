@@ -45,7 +45,7 @@ import pytest
 from conftest import ENDLESS_CHAR, MODELS
 from gunicorn_server import GunicornServer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 SECONDS = float(os.environ.get("FABLE_SOAK_SECONDS", "300"))
 CLIENTS = 32

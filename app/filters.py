@@ -1,0 +1,91 @@
+"""Jinja filters the templates share: counts, parameter sizes, metrics, durations, names.
+
+``register(app)`` installs them; an unknown value (None, NaN) shows as an en dash.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import Flask
+
+DASH = "–"
+ARCHITECTURES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "gpt": "GPT",
+                 "seq2seq": "Encoder–decoder"}
+TOKENIZERS = {"char": "characters", "word": "words", "bpe": "BPE", "gpt2": "GPT-2 BPE",
+              "hf": "Hugging Face"}
+
+
+def short_count(n: int) -> str:
+    """Parameter counts as people (and Ollama) say them: 7.2B, 124.4M, 85.3K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def count(value: Any) -> str:
+    """12345 -> 12,345."""
+    if value is None:
+        return DASH
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.0f}"
+
+
+def params(value: int | None) -> str:
+    return DASH if value is None else short_count(value)
+
+
+def metric(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return DASH
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return DASH
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def describe(value: Any) -> str:
+    """A training summary's free-form value (text, a list or a mapping) as one line."""
+    if value is None or value == "" or value == {} or value == []:
+        return DASH
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {describe(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(describe(v) for v in value)
+    return str(value)
+
+
+def arch(value: str | None) -> str:
+    return ARCHITECTURES.get(value or "", value or DASH)
+
+
+def tokenizer_kind(value: str | None) -> str:
+    return TOKENIZERS.get(value or "", value or DASH)
+
+
+def filesize(size: int | None) -> str:
+    if size is None:
+        return DASH
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def register(app: Flask) -> None:
+    for name, function in (("count", count), ("params", params), ("metric", metric),
+                           ("duration", duration), ("describe", describe), ("arch", arch),
+                           ("tokenizer_kind", tokenizer_kind), ("filesize", filesize)):
+        app.add_template_filter(function, name)

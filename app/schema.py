@@ -1,0 +1,493 @@
+"""The request bodies of both generation APIs and the pages' forms, as pydantic models.
+
+Every field and every limit is declared once, here: validation and ``/openapi.json``
+(app/openapi.py) both come from these models. A refused request raises ``RequestError``
+with the first problem in the API's own words ("'options.top_p' must be above 0 and at
+most 1, got 0"). A bool is never a number, a whole float (2.0) is an integer, NaN and
+infinities are refused, and ``null`` means "not given" for every optional field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any, get_args
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError, ValidationInfo, WithJsonSchema, create_model)
+from pydantic_core import PydanticCustomError, core_schema
+
+from models_src.sampling import SamplingParams
+
+from .settings import Limits
+
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
+MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (its limit), and logits / T could overflow
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # penalised logits stay finite
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
+MAX_MODEL_NAME = 256
+
+#: SamplingParams field -> how each API spells it. Top-level Ollama fields and the forms
+#: use the library's names; Ollama's ``options`` use Ollama's.
+CANONICAL = {"temperature": "temperature", "max_new_tokens": "max_new_tokens", "top_k": "top_k",
+             "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed",
+             "stop": "stop"}
+OLLAMA_OPTIONS = {**CANONICAL, "max_new_tokens": "num_predict",
+                  "repetition_penalty": "repeat_penalty"}
+# top_k and repetition_penalty are accepted as extras, as vLLM does
+OPENAI_FIELDS = {**CANONICAL, "max_new_tokens": "max_tokens"}
+
+
+class RequestError(ValueError):
+    """A request the server refuses; ``field`` names the offending field (None: the body)."""
+
+    def __init__(self, field: str | None, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.field, self.message, self.status = field, message, status
+
+
+# ---- how one value is read ----------------------------------------------------------------
+# Checks pydantic's constraints cannot word as the API does raise a "fable" error.
+
+def _refuse(text: str | None = None, *, message: str | None = None,
+            field: str | None = None) -> PydanticCustomError:
+    """``text`` follows the field's name; or ``message`` is the whole sentence (about
+    ``field`` when that is not the field being checked)."""
+    context = {"text": text} if message is None else {"message": message, "field": field}
+    return PydanticCustomError("fable", "{text}" if message is None else "{message}", context)
+
+
+def json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object", type(None): "null"}.get(type(value), "a value")
+
+
+def _got(value: Any) -> str:
+    shown = json.dumps(value) if not isinstance(value, (list, dict)) else json_type(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _form(info: ValidationInfo, value: Any) -> bool:
+    """The value is a string typed into one of the pages' forms."""
+    return bool(info.context and info.context.get("form")) and isinstance(value, str)
+
+
+def _from_form(value: Any, info: ValidationInfo, parse: Callable[[str], Any], kind: str) -> Any:
+    """A form's string read by ``parse`` (None when blank); any other value as it is."""
+    if not _form(info, value):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return parse(value.strip())
+    except ValueError:
+        raise _refuse(f"must be {kind}, got {_got(value)}") from None
+
+
+def _as_number(value: Any, info: ValidationInfo) -> Any:
+    value = _from_form(value, info, float, "a number")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _refuse(f"must be a number, got {_got(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float
+        value = math.inf
+    if not math.isfinite(value):
+        raise _refuse("must be a finite number")
+    return value
+
+
+def _as_integer(value: Any, info: ValidationInfo) -> Any:
+    value = _from_form(value, info, int, "an integer")
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 2.0 is the integer 2 (JSON Schema agrees)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _refuse(f"must be an integer, got {_got(value)}")
+    return value
+
+
+def _valid_unicode(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _refuse("contains invalid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _required(value: Any) -> Any:
+    if value is None or value == "":
+        raise _refuse("is required")
+    return value
+
+
+def _stop_list(value: Any, info: ValidationInfo) -> Any:
+    if value is None or _form(info, value) and not value.strip():
+        return None
+    if not isinstance(value, (str, list)):
+        raise _refuse(f"must be a string or a list of strings, got {_got(value)}")
+    return [value] if isinstance(value, str) else value
+
+
+def number(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           description: str | None = None) -> Any:
+    """An optional finite number within the bounds given."""
+    return Annotated[float | None, Field(ge=ge, gt=gt, le=le, description=description),
+                     BeforeValidator(_as_number)]
+
+
+def integer(*, ge: int | None = None, le: int | None = None,
+            description: str | None = None) -> Any:
+    """An optional integer within the bounds given."""
+    return Annotated[int | None, Field(ge=ge, le=le, description=description),
+                     BeforeValidator(_as_integer)]
+
+
+@dataclass(frozen=True)
+class Neutral:
+    """A parameter this server cannot honour: only its neutral values (and null) pass;
+    anything else is refused with ``message``. Its schema lists exactly those values."""
+    values: tuple[Any, ...]
+    message: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        return core_schema.no_info_plain_validator_function(self._check)
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict:
+        return {"anyOf": [{"const": v} for v in self.values] + [{"type": "null"}]}
+
+    def _check(self, value: Any) -> Any:
+        if value is None or any(_same_json_value(value, v) for v in self.values):
+            return value
+        raise _refuse(message=self.message)
+
+
+def _same_json_value(value: Any, expected: Any) -> bool:
+    """Equal as JSON values: 1.0 is 1, but true is neither 1 nor 1.0."""
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return type(value) is type(expected) and value == expected
+    if isinstance(expected, (int, float)):
+        return isinstance(value, (int, float)) and value == expected
+    return value == expected
+
+
+@dataclass(frozen=True)
+class ServerDefault:
+    """``value`` (Ollama's num_predict -1) asks for the server's default: read as null."""
+    value: int
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        return core_schema.no_info_before_validator_function(
+            lambda v: None if v == self.value and not isinstance(v, bool) else v, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict:
+        schema = handler(schema)
+        return {**schema, "anyOf": [*schema["anyOf"][:-1], {"const": self.value},
+                                    schema["anyOf"][-1]]}
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME),
+                      BeforeValidator(_valid_unicode), BeforeValidator(_required)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS),
+                     BeforeValidator(_valid_unicode)]
+StopList = Annotated[list[StopText], Field(max_length=MAX_STOP)]
+Stop = Annotated[StopList | None, BeforeValidator(
+    _stop_list, json_schema_input_type=StopText | StopList | None), Field(
+    description="The text ends before the first match; the match is not returned")]
+
+
+def _sampling(limits: Limits, names: Mapping[str, str], *, max_temperature: float | None = None,
+              server_default: int | None = None) -> dict[str, Any]:
+    """The SamplingParams fields, as ``names`` spells them, for ``create_model``."""
+    length = integer(ge=1, le=limits.max_new_tokens,
+                     description=f"New tokens at most; default {limits.default_new_tokens}")
+    if server_default is not None:
+        length = Annotated[length, ServerDefault(server_default)]
+    types = {
+        "temperature": number(ge=0, le=max_temperature,
+                              description=f"0 (or below {MIN_TEMPERATURE:g}) = greedy"),
+        "max_new_tokens": length,
+        "top_k": integer(ge=1),
+        "top_p": number(gt=0, le=1),
+        "repetition_penalty": number(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                     description="1 = off; > 1 discourages repeats"),
+        "seed": integer(ge=SEED_MIN, le=SEED_MAX),
+        "stop": Stop,
+    }
+    return {names[key]: (kind, None) for key, kind in types.items()}
+
+
+# ---- the prompt and the suffix ------------------------------------------------------------
+
+def _texts_within(limit: int, first: str, second: str | None = None) -> AfterValidator:
+    """Checks the last text field (``second``, or ``first`` alone): the texts together hold
+    at most ``limit`` characters. A missing or empty second text counts as none."""
+    def check(value: str | None, info: ValidationInfo) -> str | None:
+        if second is not None and first not in info.data:
+            return value  # the first text was refused already
+        texts = [info.data[first], value] if second is not None else [value]
+        total = sum(len(t or "") for t in texts)
+        if total > limit:
+            if second is None or not value:
+                raise _refuse(message=f"'{first}' is {total} characters long; the limit is "
+                                      f"{limit}", field=first)
+            raise _refuse(message=f"'{first}' and '{second}' together are {total} characters "
+                                  f"long; the limit is {limit}", field=second)
+        return value
+    return AfterValidator(check)
+
+
+def _one_prompt(value: Any) -> Any:
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise _refuse(message="'prompt' must be a string or a list of exactly one string "
+                                  "(token arrays and batches are not supported)", field="prompt")
+        return value[0]
+    return value
+
+
+def _stream_options_need_stream(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, dict) and info.data.get("stream") is not True and "stream" in info.data:
+        raise _refuse(message="'stream_options' is only allowed when 'stream' is true")
+    return value
+
+
+# ---- the models ---------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _CompletionBody(_Body):
+    # As OpenAI's: stream_options (when not null) is refused unless stream is true.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"stream_options": {"type": "object"}},
+               "required": ["stream_options"]},
+        "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}})
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models for one set of limits (the running server's)."""
+    generate: type[BaseModel]  # POST /api/generate
+    completion: type[BaseModel]  # POST /v1/completions
+    generate_form: type[BaseModel]  # the generate page
+    infill_form: type[BaseModel]  # the infill page
+
+
+@cache
+def request_models(limits: Limits) -> RequestModels:
+    chars = limits.max_prompt_chars
+    text = Annotated[str, Field(json_schema_extra={"maxLength": chars}),
+                     BeforeValidator(_valid_unicode)]
+    suffix = Annotated[text | None, _texts_within(chars, "prompt", "suffix")]
+    ollama_options = create_model(
+        "OllamaOptions", __base__=_Body,
+        __doc__="Ollama's options; unknown ones are ignored. They win over the same "
+                "settings given at the top level.",
+        **_sampling(limits, OLLAMA_OPTIONS, server_default=-1))
+    generate = create_model(
+        "GenerateRequest", __base__=_Body,
+        __doc__="Ollama's generate request; system, template, raw, keep_alive, think, "
+                "context are ignored",
+        model=(ModelName, ...),
+        prompt=(text | None, Field(None, description="Empty: start from the beginning")),
+        suffix=(suffix, Field(None, validate_default=True, description=(
+            "Story infilling: prompt is the first sentence, suffix the last; the response "
+            "is the middle. The prompt and suffix together are limited too."))),
+        stream=(bool | None, True),
+        format=(Neutral(("", []), "'format' is not supported by this server"), None),
+        images=(Neutral(("", []), "'images' is not supported by this server"), None),
+        options=(ollama_options | None, None),
+        **_sampling(limits, CANONICAL))
+    stream_options = create_model("StreamOptions", __base__=_Body,
+                                  include_usage=(bool | None, None))
+    zero_only = WithJsonSchema({"anyOf": [{"const": 0}, {"type": "null"}]})
+    completion = create_model(
+        "CompletionRequest", __base__=_CompletionBody,
+        __doc__="OpenAI's completion request; top_k and repetition_penalty are extras (as in "
+                "vLLM). stream_options needs stream true.",
+        model=(ModelName, ...),
+        prompt=(Annotated[text | None, BeforeValidator(_one_prompt, json_schema_input_type=(
+            text | Annotated[list[text], Field(min_length=1, max_length=1)] | None))], None),
+        suffix=(suffix, Field(None, validate_default=True,
+                              description="Story infilling (see /api/generate)")),
+        stream=(bool | None, False),
+        stream_options=(Annotated[stream_options | None,
+                                  BeforeValidator(_stream_options_need_stream)], None),
+        n=(Neutral((1,), "'n': only n=1 is supported"), None),
+        best_of=(Neutral((1,), "'best_of': only best_of=1 is supported"), None),
+        echo=(Neutral((False,), "'echo': echo=true is not supported"), None),
+        logprobs=(Neutral((0,), "'logprobs': logprobs are not supported"), None),
+        presence_penalty=(Annotated[number(ge=-2, le=2), _zero_only("presence_penalty"),
+                                    zero_only], None),
+        frequency_penalty=(Annotated[number(ge=-2, le=2), _zero_only("frequency_penalty"),
+                                     zero_only], None),
+        logit_bias=(Neutral(({},), "'logit_bias' is not supported"), None),
+        **_sampling(limits, OPENAI_FIELDS, max_temperature=2.0),
+        user=(Any, Field(None, description="Ignored")))
+    generate_form = create_model(
+        "GenerateForm", __base__=_Body, model=(ModelName, ...),
+        prompt=(Annotated[text | None, _texts_within(chars, "prompt")], None),
+        **_sampling(limits, CANONICAL))
+    infill_form = create_model(
+        "InfillForm", __base__=_Body, model=(ModelName, ...), first=(text | None, None),
+        last=(Annotated[text | None, _texts_within(chars, "first", "last")],
+              Field(None, validate_default=True)),
+        **_sampling(limits, CANONICAL))
+    return RequestModels(generate, completion, generate_form, infill_form)
+
+
+def _zero_only(field: str) -> AfterValidator:
+    def check(value: float | None) -> float | None:
+        if value not in (None, 0):
+            raise _refuse(message=f"'{field}' is not supported; send 0 or leave it out "
+                                  f"(repetition_penalty is available)")
+        return value
+    return AfterValidator(check)
+
+
+# ---- reading a request --------------------------------------------------------------------
+
+def validate(model: type[BaseModel], values: Mapping[str, Any], *,
+             nested_last: str | None = None) -> Any:
+    """``values`` as ``model``, or ``RequestError`` naming the first problem (those inside
+    the field ``nested_last`` come after every other one)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda error: len(error["loc"]) > 1
+                        and error["loc"][0] == nested_last)
+        raise RequestError(*_explain(model, errors[0], values)) from None
+
+
+def check_form(model: type[BaseModel], values: Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
+    """A page's form (strings read as numbers, blanks as not given) as ``model``: (the
+    model, {}), or (None, every problem: field name -> the first message about it)."""
+    try:
+        return model.model_validate(values, context={"form": True}), {}
+    except ValidationError as e:
+        problems: dict[str, str] = {}
+        for error in e.errors():
+            field, message = _explain(model, error, values)
+            problems.setdefault(field, message)
+        return None, problems
+
+
+def _explain(model: type[BaseModel], error: Any, values: Mapping[str, Any]) -> tuple[str, str]:
+    """(field name, message) for one pydantic error, in the API's words."""
+    name = _field_name(error["loc"], values)
+    kind, value, ctx = error["type"], error["input"], error.get("ctx") or {}
+    if kind == "fable" and "message" in ctx:
+        return ctx["field"] or name, ctx["message"]
+    if kind == "fable":
+        text = ctx["text"]
+    elif kind == "missing":
+        text = "is required"
+    elif kind in ("greater_than", "greater_than_equal", "less_than_equal"):
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        text = f"must be {_range(**_bounds(model, error['loc']))}, got {shown}"
+    elif kind == "string_too_long":
+        text = f"is {len(value)} characters long; the limit is {ctx['max_length']}"
+    elif kind == "string_too_short":
+        text = "must not be empty"
+    elif kind == "too_long":
+        text = f"may hold at most {ctx['max_length']} strings, got {ctx['actual_length']}"
+    elif kind == "string_type":
+        text = f"must be a string, got {_got(value)}"
+    elif kind == "bool_type":
+        text = f"must be true or false, got {_got(value)}"
+    elif kind == "model_type":
+        text = f"must be an object, got {_got(value)}"
+    else:  # no field of these models fails any other way
+        text = f"is not valid ({error['msg']})"
+    return name, f"'{name}' {text}"
+
+
+def _field_name(loc: tuple, values: Any) -> str:
+    """``options.temperature``, ``stop[1]``; a stop string given alone is ``stop``."""
+    name, node = "", values
+    for part in loc:
+        if isinstance(part, int):
+            if isinstance(node, list):
+                name += f"[{part}]"
+                node = node[part]
+        else:
+            name += f".{part}" if name else part
+            node = node.get(part) if isinstance(node, Mapping) else None
+    return name
+
+
+def _bounds(model: type[BaseModel], loc: tuple) -> dict[str, Any]:
+    """The ge / gt / le declared on the field at ``loc``."""
+    field = None
+    for part in (p for p in loc if isinstance(p, str)):
+        field = model.model_fields[part]
+        model = next((t for t in get_args(field.annotation)
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return {key: getattr(m, key) for m in field.metadata for key in ("ge", "gt", "le")
+            if getattr(m, key, None) is not None}
+
+
+def _range(ge: float | None = None, gt: float | None = None, le: float | None = None) -> str:
+    low = gt if gt is not None else ge
+    if low is not None and le is not None:
+        return f"above {low:g} and at most {le:g}" if gt is not None else \
+            f"between {low:g} and {le:g}"
+    if low is not None:
+        return f"{'>' if gt is not None else '>='} {low:g}"
+    return f"<= {le:g}"
+
+
+# ---- what a valid request asks for --------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request, whatever API it came through."""
+    model: str
+    prompt: str  # with a suffix: the story's first sentence
+    suffix: str | None  # the story's last sentence: infill the middle; None: continue prompt
+    stream: bool
+    params: SamplingParams
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+
+
+def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONICAL) -> dict:
+    """The SamplingParams keyword arguments that ``fields`` (spelt as ``names``) sets."""
+    values = {key: getattr(fields, name, None) for key, name in names.items()}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def make_params(values: Mapping[str, Any], limits: Limits) -> SamplingParams:
+    """SamplingParams from validated values; the server default length when none is given.
+    A temperature between 0 and MIN_TEMPERATURE is greedy decoding, its limit."""
+    values = {"max_new_tokens": limits.default_new_tokens, **values}
+    if 0 < values.get("temperature", 1.0) < MIN_TEMPERATURE:
+        values["temperature"] = 0.0
+    return SamplingParams(**values)
+
+
+def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
+    """Ollama's ``POST /api/generate`` body (plus the library's names at top level);
+    ``options`` win over top-level settings, and are checked after them."""
+    req = validate(request_models(limits).generate, body, nested_last="options")
+    values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS)}
+    return GenerationRequest(req.model, req.prompt or "", req.suffix or None,
+                             req.stream is not False, make_params(values, limits))
+
+
+def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
+    """OpenAI's ``POST /v1/completions`` body."""
+    req = validate(request_models(limits).completion, body)
+    values = sampling_values(req, OPENAI_FIELDS)
+    usage = req.stream_options is not None and req.stream_options.include_usage is True
+    return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
+                             make_params(values, limits), usage)

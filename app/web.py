@@ -1,0 +1,136 @@
+"""HTTP helpers the blueprints share: error shapes, streamed responses, the admin check.
+
+Errors are Ollama's ``{"error": "..."}`` everywhere but under ``/v1``, where they take
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterator
+
+from flask import Request, Response, jsonify, request
+
+from .schema import GenerationRequest, RequestError, json_type
+from .service import GenerationStream, ServiceError, get_service
+from .settings import get_settings
+
+#: Paths whose errors are JSON whatever the client accepts (``/v1`` in OpenAI's shape).
+JSON_PREFIXES = ("/api", "/v1", "/healthz", "/openapi.json")
+#: Headers of every streamed response: proxies (nginx, the HF Spaces front end) must
+#: pass each piece on at once instead of buffering the whole body.
+STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error",
+                 404: "invalid_request_error", 429: "rate_limit_error"}
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+def ollama_error(status: int, message: str, headers: dict | None = None) -> Response:
+    response = jsonify(error=message)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def openai_error(status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None) -> Response:
+    kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    response = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def is_openai_path() -> bool:
+    return request.path == "/v1" or request.path.startswith("/v1/")
+
+
+def json_error(status: int, message: str) -> Response:
+    """An error in the shape of the API the request was for."""
+    return (openai_error if is_openai_path() else ollama_error)(status, message)
+
+
+def wants_json() -> bool:
+    """Errors on API paths, or for clients that prefer JSON, are JSON (never HTML)."""
+    if any(request.path == p or request.path.startswith(p + "/") for p in JSON_PREFIXES):
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def retry_headers(e: ServiceError) -> dict:
+    return {"Retry-After": "1"} if e.status == 503 else {}
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+def read_json_object(req: Request) -> dict:
+    """The request body as a JSON object.
+
+    A body without a Content-Type is read as JSON (as Ollama does, for hand-written
+    clients); any other type than ``application/json`` (or ``*+json``) is a 415. A body
+    over ``MAX_CONTENT_LENGTH`` raises werkzeug's 413 from ``get_data``.
+    """
+    mimetype = req.mimetype
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise RequestError(None, f"Content-Type must be application/json, got {mimetype}",
+                           status=415)
+    raw = req.get_data(cache=True)
+    if not raw.strip():
+        raise RequestError(None, "request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw.decode(req.mimetype_params.get("charset", "utf-8")),
+                          parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, LookupError):
+        raise RequestError(None, "request body is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(None, f"request body is not valid JSON: {e}") from None
+    except ValueError as e:  # NaN / Infinity
+        raise RequestError(None, str(e)) from None
+    if not isinstance(body, dict):
+        raise RequestError(None, f"request body must be a JSON object, got {json_type(body)}")
+    return body
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def has_admin_token(*, basic: bool = False) -> bool:
+    """True when no admin token is configured or the request carries it, as a Bearer token
+    or, with ``basic`` (the admin page, which browsers sign in to), as a Basic password."""
+    token = get_settings().admin_token
+    if token is None:
+        return True
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        given = credentials.strip()
+    elif scheme.lower() == "basic" and basic and request.authorization is not None:
+        given = request.authorization.password or ""
+    else:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+def open_stream(req: GenerationRequest) -> GenerationStream:
+    """Start the generation a validated request asks for (raises ServiceError before any
+    text is produced: unknown model, cannot infill, busy)."""
+    service = get_service()
+    if req.suffix is not None:
+        return service.stream_infill(req.model, req.prompt, req.suffix, req.params)
+    return service.stream(req.model, req.prompt, req.params)
+
+
+def streamed(lines: Iterator[str], stream: GenerationStream, mimetype: str) -> Response:
+    """A streaming response whose generator closes ``stream`` however it ends: finished,
+    failed, or closed by the WSGI server because the client went away."""
+    def body():
+        try:
+            yield from lines
+        finally:
+            stream.close()
+    return Response(body(), mimetype=mimetype, headers=STREAM_HEADERS)
