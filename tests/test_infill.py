@@ -162,6 +162,7 @@ MODELS = {"gpt": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 192},
           "lstm": {"n_layer": 1, "n_embd": 32, "n_hidden": 64}}  # read by truncated BPTT
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("arch", MODELS)
 def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
     corpus = write_stories(tmp_path / "stories.txt")
@@ -192,6 +193,7 @@ def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
     assert out.startswith("Tom had a kite. ") and out.rstrip().endswith("Tom was happy again.")
 
 
+@pytest.mark.train
 def test_middle_only_asks_for_batches_of_examples_not_a_stream(tmp_path):
     corpus = write_stories(tmp_path / "stories.txt", count=40)
     raw = {"name": "tiny", "model": {"arch": "lstm", **MODELS["lstm"]},

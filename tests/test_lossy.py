@@ -71,6 +71,7 @@ def test_backoff_probabilities_sum_to_one():
     assert seen + escape == pytest.approx(1.0)
 
 
+@pytest.mark.train
 def test_evaluate_adds_the_dropped_bits_to_a_word_models_bits_per_char(tmp_path):
     corpus = tmp_path / "stories.txt"
     corpus.write_text("\n\n".join(stories(300, seed=3)) + "\n")

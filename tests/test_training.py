@@ -30,6 +30,8 @@ from training_runs import make_corpus, raw_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.train  # every test here runs the trainer
+
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_tiny_run_writes_checkpoints_and_experiment_rows(tmp_path, arch):
