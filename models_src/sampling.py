@@ -142,9 +142,11 @@ class RowSettings:
 
         self.greedy_list = [p.temperature < GREEDY_BELOW for p in params]
         self.greedy = torch.tensor(self.greedy_list, device=device)
-        self.all_greedy = all(self.greedy_list)
-        self.temperature = column([1.0 if g else float32_safe(p.temperature)
-                                   for p, g in zip(params, self.greedy_list)])
+        self.all_greedy, self.any_greedy = all(self.greedy_list), any(self.greedy_list)
+        self.temperature = None  # None: every row samples at temperature 1 (or is greedy)
+        if any(not g and p.temperature != 1.0 for p, g in zip(params, self.greedy_list)):
+            self.temperature = column([1.0 if g else float32_safe(p.temperature)
+                                       for p, g in zip(params, self.greedy_list)])
         self.penalty = self.top_k = self.top_p = None
         if any(p.repetition_penalty != 1.0 for p in params):
             self.penalty = column([float32_safe(p.repetition_penalty) for p in params])
@@ -162,15 +164,17 @@ def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,
     logits = logits.float()
     if rows.penalty is not None:
         logits = apply_repetition_penalty(logits, seen, rows.penalty)
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1) if rows.any_greedy else None
     if rows.all_greedy:
         return greedy
-    logits = apply_temperature(logits, rows.temperature)
+    if rows.temperature is not None:
+        logits = apply_temperature(logits, rows.temperature)
     if rows.top_k is not None:
         logits = apply_top_k(logits, rows.top_k)
     if rows.top_p is not None:
         logits = apply_top_p(logits, rows.top_p)
-    return torch.where(rows.greedy, greedy, inverse_cdf(logits.softmax(dim=-1), u))
+    drawn = inverse_cdf(logits.softmax(dim=-1), u)
+    return torch.where(rows.greedy, greedy, drawn) if rows.any_greedy else drawn
 
 
 def make_generator(seed: int | None) -> torch.Generator:
