@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,8 @@ from training import generate as generate_cli
 from training.config import ConfigError, load_config
 from training.data import DataConfig, load_documents
 from training.evaluate import evaluate
-from training.examples import as_stream, build_examples, collate, example_batch, split_sentences, split_story
+from training.examples import (Examples, as_stream, build_examples, collate, example_batch, split_sentences,
+                               split_story)
 from training.train import Trainer
 
 NAMES = ["Tom", "Lily", "Ben", "Mia", "Sam"]
@@ -84,12 +86,30 @@ def test_examples_count_skipped_stories_and_mask_padding(tokenizer):
     _, scored = collate(ex, [0], tokenizer.pad_id, only_scored=True)
     first_scored = int((scored[0] != -100).nonzero()[0])
     assert x[0, first_scored] == tokenizer.sep_id  # the sep position predicts the middle's first token
-    _, y_middle = example_batch(ex, 4, torch.Generator().manual_seed(0), tokenizer.pad_id, middle_only=True)
-    drawn = torch.randint(len(ex), (4,), generator=torch.Generator().manual_seed(0)).tolist()
-    # middle_only scores exactly each drawn example's middle and eos
-    assert (y_middle != -100).sum() == sum(len(ex.ids(i)) - 1 - ex.scored_from[i] for i in drawn)
+    _, y_middle = collate(ex, [0, 1, 1], tokenizer.pad_id, only_scored=True)
+    # only_scored scores exactly each example's middle and eos
+    assert (y_middle != -100).sum() == sum(len(ex.ids(i)) - 1 - ex.scored_from[i] for i in [0, 1, 1])
     mixed = build_examples(docs * 20, tokenizer, "infill+lm", 0.5, max_len=100, seed=0)
     assert 0 < mixed.infill.sum() < len(mixed)  # both kinds, plain stories keep short ones
+
+
+def test_example_batches_draw_every_example_and_group_similar_lengths():
+    # example i is i + 2 copies of the token i + 1, so a row's first token names its example
+    lengths = np.arange(2, 102)
+    tokens = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)]).astype(np.int32)
+    ex = Examples(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                  scored_from=np.zeros(100, dtype=np.int64), infill=np.zeros(100, dtype=bool))
+    generator, uniform = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    seen, grouped_padding, uniform_padding = set(), [], []
+    for _ in range(400):
+        x, y = example_batch(ex, 8, generator, pad_id=0)
+        seen.update(x[:, 0].tolist())
+        assert all((row[row != 0] == row[0]).all() for row in x)  # whole examples, one a row
+        grouped_padding.append(float((y == -100).float().mean()))
+        _, y = collate(ex, torch.randint(100, (8,), generator=uniform).tolist(), pad_id=0)
+        uniform_padding.append(float((y == -100).float().mean()))
+    assert seen == set(range(1, 101))  # every example is drawn
+    assert np.mean(grouped_padding) < 0.5 * np.mean(uniform_padding)
 
 
 class Counts(list):

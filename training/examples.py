@@ -160,12 +160,24 @@ def collate(examples: Examples, indices, pad_id: int, only_scored: bool = False)
     return x, y
 
 
+GROUP = 8  # a batch is drawn from this many batches' worth of examples
+
+
 def example_batch(examples: Examples, batch_size: int, generator: torch.Generator, pad_id: int,
                   middle_only: bool = False):
-    """A random batch of whole examples (indices drawn from ``generator`` for exact resume);
-    with ``middle_only`` only the middle of infilling examples is scored (plain ones whole)."""
-    indices = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
-    return collate(examples, indices, pad_id, only_scored=middle_only)
+    """A random batch of whole examples of similar length (indices drawn from ``generator``
+    for exact resume); with ``middle_only`` only the middle of infilling examples is scored
+    (plain ones whole).
+
+    ``GROUP`` batches' worth of uniform draws are sorted by length and one run of
+    ``batch_size`` neighbours, chosen at random, is the batch: each example is still drawn
+    uniformly, but a row is padded to a similar length, not to the longest of 16 random
+    stories (docs/training.md, "Whole-example batches")."""
+    drawn = torch.randint(len(examples), (GROUP * batch_size,), generator=generator)
+    lengths = torch.from_numpy(np.diff(examples.offsets))[drawn]
+    by_length = drawn[torch.argsort(lengths, stable=True)]
+    start = int(torch.randint(GROUP, (1,), generator=generator)) * batch_size
+    return collate(examples, by_length[start:start + batch_size].tolist(), pad_id, only_scored=middle_only)
 
 
 def in_order(examples: Examples, batch_size: int, pad_id: int, only_scored: bool = False,

@@ -118,8 +118,13 @@ class Trainer:
             train = as_stream(self.examples["train"], self.t.seed)
         else:
             train = self.examples["train"].tokens
-        self.tokens_per_step = self.t.batch_size * self.seq_len * self.t.grad_accum * self.dist.world
-        self.steps_per_epoch = max(1, len(train) // self.tokens_per_step)
+        rows_per_step = self.t.batch_size * self.t.grad_accum * self.dist.world
+        if self.examples is not None and not self.tbptt:  # whole examples: rows of their own length
+            self.steps_per_epoch = max(1, len(self.examples["train"]) // rows_per_step)
+            self.tokens_per_step = round(len(train) / len(self.examples["train"]) * rows_per_step)
+        else:
+            self.tokens_per_step = rows_per_step * self.seq_len
+            self.steps_per_epoch = max(1, len(train) // self.tokens_per_step)
         if self.t.max_steps or self.t.epochs:
             self.max_steps = self.t.max_steps or math.ceil(self.t.epochs * self.steps_per_epoch)
         else:  # a time budget alone: the clock ends the run
