@@ -368,11 +368,22 @@ def cpu_has_bf16_units() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it ("AMD EPYC"), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware(device: torch.device, world: int) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        name = f"{cpu_name()} CPU, {torch.get_num_threads()} threads"
     return f"{world} x {name}" if world > 1 else name
 
 
