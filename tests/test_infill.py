@@ -225,3 +225,18 @@ def test_middle_only_asks_for_batches_of_examples_not_a_stream(tmp_path):
         Trainer(load_config(raw=raw), quiet=True)
     raw["training"]["tbptt"] = False  # whole examples in batches, each from a fresh state
     assert Trainer(load_config(raw=raw), quiet=True).examples is not None
+
+
+@pytest.mark.train
+def test_an_epoch_of_whole_examples_is_each_example_once(tmp_path):
+    corpus = write_stories(tmp_path / "stories.txt", count=120)
+    raw = {"name": "tiny", "model": {"arch": "gpt", **MODELS["gpt"]},
+           "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "task": "infill+lm",
+                    "infill_fraction": 0.5},
+           "tokenizer": {"kind": "char"}, "training": {"batch_size": 8, "epochs": 2},
+           "output": {"dir": str(tmp_path / "runs/{name}"), "experiments_dir": str(tmp_path / "exp")}}
+    trainer = Trainer(load_config(raw=raw), quiet=True)
+    train = trainer.examples["train"]
+    assert trainer.max_steps == 2 * (len(train) // 8)
+    # tokens/s and tokens seen count the examples' tokens, not rows padded to the context
+    assert trainer.tokens_per_step == round(len(train.tokens) / len(train) * 8)
