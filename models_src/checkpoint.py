@@ -101,7 +101,11 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)
+        # mkdtemp's folder is private (0700): a checkpoint must be readable by a server or
+        # an image that runs as another user, as a folder made by hand would be.
+        os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
+            os.chmod(f, 0o644)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _swap_into_place(tmp, target)

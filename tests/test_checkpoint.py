@@ -9,6 +9,7 @@ import torch
 from models_src import ARCHITECTURES, ModelConfig, build_model
 from models_src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models_src.tokenization import Tokenizer
+from training.model_card import write_json_atomically
 
 TEXT = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer\n"
 
@@ -74,6 +75,17 @@ def test_overwrite_is_atomic_and_leaves_no_temporary_dirs(tmp_path, tokenizer, m
     save_checkpoint(path, small_model(tokenizer), tokenizer, {"step": 3})
     assert load_checkpoint(path).summary == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_checkpoint_is_readable_by_other_users(tmp_path, tokenizer):
+    # written through a private temporary folder, it must still load in a server or an
+    # image that runs as another user (the Space image runs as uid 1000)
+    path = save_checkpoint(tmp_path / "m", small_model(tokenizer), tokenizer, {"step": 1})
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == {
+        f.name: 0o644 for f in path.iterdir()}
+    write_json_atomically(path / "config.json", {"format_version": 1})
+    assert (path / "config.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_missing_files_are_named(tmp_path, tokenizer):

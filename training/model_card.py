@@ -74,6 +74,7 @@ def write_json_atomically(path: Path, value: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(value, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's file is private; the checkpoint's files are not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
