@@ -31,11 +31,7 @@ def uniform_batch(examples, batch_size, generator, pad_id):
     return collate(examples, indices, pad_id)
 
 
-def grouped_batch(examples, batch_size, generator, pad_id):
-    return example_batch(examples, batch_size, generator, pad_id)
-
-
-DRAWS = {"uniform": uniform_batch, "grouped by length": grouped_batch}
+DRAWS = {"uniform": uniform_batch, "grouped by length": example_batch}
 
 
 def main() -> None:

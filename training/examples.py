@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,11 @@ class Examples:
 
     def ids(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """Each example's length in tokens (what batches are grouped by)."""
+        return torch.from_numpy(np.diff(self.offsets))
 
 
 def random_spans(sentences: list[str], count: int, rng: random.Random) -> list[tuple[str, str, str]]:
@@ -174,8 +180,7 @@ def example_batch(examples: Examples, batch_size: int, generator: torch.Generato
     uniformly, but a row is padded to a similar length, not to the longest of 16 random
     stories (docs/training.md, "Whole-example batches")."""
     drawn = torch.randint(len(examples), (GROUP * batch_size,), generator=generator)
-    lengths = torch.from_numpy(np.diff(examples.offsets))[drawn]
-    by_length = drawn[torch.argsort(lengths, stable=True)]
+    by_length = drawn[torch.argsort(examples.lengths[drawn], stable=True)]
     start = int(torch.randint(GROUP, (1,), generator=generator)) * batch_size
     return collate(examples, by_length[start:start + batch_size].tolist(), pad_id, only_scored=middle_only)
 
