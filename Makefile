@@ -34,7 +34,7 @@ test-all: $(STAMP) assets
 
 # docs/screenshots/*.png from the bundled models
 screenshots: $(STAMP) assets
-	FABLE_SCREENSHOTS=1 FABLE_SCREENSHOTS_CHECKPOINTS=checkpoints FABLE_SCREENSHOTS_MODEL=tinystories-gpt \
+	FABLE_SCREENSHOTS=1 FABLE_SCREENSHOTS_CHECKPOINTS=checkpoints \
 		$(PY) -m pytest tests/test_browser.py -k screenshots -o addopts=""
 
 results: $(STAMP)

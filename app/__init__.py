@@ -54,6 +54,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("no model loaded from %s (%d failed)", settings.checkpoint_dir,
                     len(registry.errors))
     app.extensions["fable.settings"] = settings
+    if settings.default_model and settings.default_model not in registry:
+        log.warning("FABLE_DEFAULT_MODEL=%s is not loaded: the pages start on %s",
+                    settings.default_model, getattr(registry.default(), "name", "no model"))
     app.extensions["fable.registry"] = registry
     app.extensions["fable.service"] = GenerationService.from_settings(settings, registry)
 

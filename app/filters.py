@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -52,8 +53,18 @@ def duration(seconds: float | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes} min {secs} s" if secs else f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
+    hours, minutes = divmod(round(seconds / 60), 60)  # to the nearest minute, as model cards say
     return f"{hours} h {minutes} min"
+
+
+def shown_path(path: Any) -> str:
+    """A server folder as a page may show it: relative to the working directory when it
+    is inside, else only its name (a page never reveals the server's layout)."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix() or "."
+    except ValueError:
+        return path.name or "."
 
 
 def describe(value: Any) -> str:
@@ -87,5 +98,6 @@ def filesize(size: int | None) -> str:
 def register(app: Flask) -> None:
     for name, function in (("count", count), ("params", params), ("metric", metric),
                            ("duration", duration), ("describe", describe), ("arch", arch),
-                           ("tokenizer_kind", tokenizer_kind), ("filesize", filesize)):
+                           ("tokenizer_kind", tokenizer_kind), ("filesize", filesize),
+                           ("shown_path", shown_path)):
         app.add_template_filter(function, name)

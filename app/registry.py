@@ -19,7 +19,8 @@ from typing import Any
 
 from flask import current_app
 
-from models_src.checkpoint import Checkpoint, load_checkpoint, read_config
+from models_src.checkpoint import Checkpoint, load_checkpoint, read_config, suggested_prompt
+from models_src.infill import trained_to_infill
 from models_src.summary import count_parameters
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 #: Training facts copied from a checkpoint's summary (``config.json`` "training").
 SUMMARY_KEYS = ("val_perplexity", "val_loss", "bits_per_char", "token_accuracy", "tokens_seen",
                 "training_time_s", "data", "step", "hardware")
+#: The same figures as ``python -m training.evaluate`` stored them (``config.json``
+#: "evaluation", which the model card shows); they win over the trainer's last evaluation.
+EVALUATION_KEYS = {"val_perplexity": "perplexity", "val_loss": "loss",
+                   "bits_per_char": "bits_per_char", "token_accuracy": "token_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class ModelFacts:
     size_bytes: int  # the checkpoint directory's files
     modified_at: str  # ISO 8601, UTC: newest file in the directory
     digest: str  # sha256 (hex) over the directory's files, names included
-    can_infill: bool  # the tokenizer has the <blank>/<sep> story-infilling markers
+    can_infill: bool  # trained on the infilling format (models_src.infill.trained_to_infill)
+    prompt: str | None = None  # what its card offers to try (the prompt box's placeholder)
     val_perplexity: float | None = None
     val_loss: float | None = None
     bits_per_char: float | None = None
@@ -129,8 +135,18 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._models)
 
-    def facts(self) -> list[ModelFacts]:
-        return [m.facts for m in self._models.values()]
+    def facts(self, *, infill: bool = False) -> list[ModelFacts]:
+        """Every model's facts, or (``infill``) those of the models trained to infill."""
+        return [m.facts for m in self._models.values() if m.facts.can_infill or not infill]
+
+    def default(self, preferred: str | None = None, *, infill: bool = False) -> ModelFacts | None:
+        """The model a page starts on: ``preferred`` when it is loaded (and infills, if the
+        page needs that), else the one with the fewest bits per character, a figure that
+        compares models whatever their vocabulary (models without one come last)."""
+        models = self.facts(infill=infill)
+        chosen = [m for m in models if m.name == preferred]
+        ranked = sorted(models, key=lambda m: (m.bits_per_char is None, m.bits_per_char or 0, m.name))
+        return (chosen or ranked or [None])[0]
 
 
 def _relative(message: str, directory: Path) -> str:
@@ -167,11 +183,11 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str) -> ModelFacts:
     newest = max((s.st_mtime for s in stats), default=path.stat().st_mtime)
     config, tok = checkpoint.config, checkpoint.tokenizer
     summary = _json_safe(checkpoint.summary if isinstance(checkpoint.summary, dict) else {})
-    try:
-        can_infill = tok.blank_id is not None and tok.sep_id is not None
-    except (AttributeError, KeyError):
-        can_infill = False
+    stored = read_config(path)
+    evaluation = stored.get("evaluation") if isinstance(stored.get("evaluation"), dict) else {}
     numeric = {k: _number(summary.get(k)) for k in SUMMARY_KEYS if k not in ("data", "hardware")}
+    numeric |= {k: _number(evaluation[e]) for k, e in EVALUATION_KEYS.items()
+                if _number(evaluation.get(e)) is not None}
     return ModelFacts(
         name=path.name,
         architecture=config.arch,
@@ -181,12 +197,13 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str) -> ModelFacts:
         context=checkpoint.model.max_context,
         n_layer=config.n_layer,
         n_embd=config.n_embd,
-        dtype=str(read_config(path).get("dtype", "float32")),
+        dtype=str(stored.get("dtype", "float32")),
         device=device,
         size_bytes=sum(s.st_size for s in stats),
         modified_at=datetime.fromtimestamp(newest, timezone.utc).isoformat().replace("+00:00", "Z"),
         digest=digest.hexdigest(),
-        can_infill=can_infill,
+        can_infill=trained_to_infill(summary, tok),
+        prompt=suggested_prompt(path),
         data=summary.get("data"),
         hardware=summary.get("hardware"),
         **numeric,

@@ -54,9 +54,10 @@ class UnknownModel(ServiceError):
 class CannotInfill(ServiceError):
     status, param = 400, "suffix"
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"model {name!r} cannot infill "
-                         f"(its tokenizer has no <blank>/<sep> tokens)")
+    def __init__(self, name: str, infillers: list[str]) -> None:
+        which = (f"models that do: {', '.join(infillers)}" if infillers
+                 else "no loaded model does")
+        super().__init__(f"model {name!r} was not trained to infill ({which})")
 
 
 class ServerBusy(ServiceError):
@@ -235,7 +236,7 @@ class GenerationService:
         sentence is never repeated."""
         loaded = self.model(model_name)
         if not loaded.facts.can_infill:
-            raise CannotInfill(loaded.name)
+            raise CannotInfill(loaded.name, [f.name for f in self.registry.facts() if f.can_infill])
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
         return self._start(loaded, ids, infill_params(params, last), strip=True)
 

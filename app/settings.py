@@ -100,6 +100,9 @@ class Settings(BaseSettings):
                                  description="every directory directly under it is a model")
     experiments_dir: Folder = Field(Path("experiments"),
                                   description="training records (Parquet) the admin page reads")
+    default_model: Text | None = Field(
+        None, description="the model the pages start on; unset (or not loaded): the one with "
+                          "the fewest bits per character (on the infill page, of those that infill)")
     device: Text = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, "
                                              "cuda:N or mps")
     max_prompt_chars: Integer = Field(4000, ge=1,

@@ -48,6 +48,7 @@ FLUSH_S = 0.04  # pieces decoded closer together than this share one event
 SEED_RANGE = 2 ** 31  # seeds picked for the user: short enough to read and retype
 VENDOR_FILES = ("htmx.min.js", "sse.js")
 DEFAULT_TEMPERATURE = "0.8"
+FALLBACK_PROMPT = "Once upon a time"  # the placeholder for a model whose card offers none
 
 
 class FormErrors(Exception):
@@ -111,8 +112,8 @@ def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Jo
             errors["model"] = (f"'model' must be one of the loaded models; "
                                f"{values['model']!r} is not loaded")
         elif kind == "infill" and not loaded.facts.can_infill:
-            errors["model"] = (f"'model' must be able to infill; {values['model']!r} cannot "
-                               f"(its tokenizer has no <blank>/<sep> tokens)")
+            errors["model"] = (f"'model' must be a model that infills; {values['model']!r} "
+                               f"was not trained to")
     if kind == "infill" and not errors.keys() & {"first", "last"}:
         for name, label in (("first", "first sentence"), ("last", "last sentence")):
             if not (values[name] or "").strip():
@@ -204,8 +205,8 @@ def vendor_ready() -> bool:
 
 
 def default_form(kind: str) -> dict[str, str]:
-    models = [f for f in get_registry().facts() if kind != "infill" or f.can_infill]
-    return {"model": models[0].name if models else "", "temperature": DEFAULT_TEMPERATURE,
+    model = get_registry().default(get_settings().default_model, infill=kind == "infill")
+    return {"model": model.name if model else "", "temperature": DEFAULT_TEMPERATURE,
             "max_new_tokens": str(get_settings().default_new_tokens)}
 
 
@@ -220,7 +221,8 @@ def _context(kind: str, form: Mapping[str, Any], errors: Mapping[str | None, str
              **extra) -> dict[str, Any]:
     errors = dict(errors or {})
     return {"kind": kind, "form": form, "errors": errors, "first_error": _first_error(kind, errors),
-            "models": get_registry().facts(), "limits": get_settings().limits, **extra}
+            "models": get_registry().facts(infill=kind == "infill"), "limits": get_settings().limits,
+            "fallback_prompt": FALLBACK_PROMPT, **extra}
 
 
 def render_page(kind: str, form: Mapping[str, Any], *, errors=None, result: Result | None = None,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -31,6 +32,7 @@ from .tokenization import Tokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"  # the model card, in the Hugging Face layout (YAML front matter)
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS = ("model.pt", "pytorch_model.bin")
 
@@ -165,6 +167,27 @@ def read_config(directory) -> dict:
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path}: missing the 'model' section")
     return config
+
+
+def read_card(path) -> tuple[dict, str]:
+    """A model card's YAML front matter and its body (({}, text) without front matter)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}, text
+    _, meta, body = text.split("---\n", 2)
+    meta = yaml.safe_load(meta)
+    return (meta if isinstance(meta, dict) else {}), body
+
+
+def suggested_prompt(directory) -> str | None:
+    """The prompt a checkpoint's card offers to try (``widget: [{text: ...}]``, as on the
+    Hugging Face hub); None without a card or one."""
+    try:
+        meta, _ = read_card(Path(directory) / CARD_FILE)
+        text = meta["widget"][0]["text"]
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, LookupError, TypeError):
+        return None
+    return text if isinstance(text, str) and text.strip() else None
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -60,6 +60,14 @@
     }
   });
 
+  /* The prompt box offers the chosen model's suggested prompt (its data-prompt). */
+  document.addEventListener("change", function (event) {
+    var radio = event.target;
+    if (radio.name !== "model" || !radio.form) { return; }
+    var box = radio.form.querySelector("textarea[name='prompt']");
+    if (box) { box.placeholder = radio.dataset.prompt; }
+  });
+
   /* A streamed result is busy (screen readers wait) until its stream closes. */
   document.addEventListener("htmx:sseClose", function (event) {
     event.target.querySelectorAll("[aria-busy='true']").forEach(function (node) {

@@ -33,7 +33,8 @@ ENDLESS_CHAR = "o"
 MODELS = ("endless", "tiny-gpt", "tiny-lstm")  # the loadable ones, sorted
 SUMMARY = {"val_perplexity": 3.5, "val_loss": 1.2528, "bits_per_char": 1.807,
            "token_accuracy": 0.41, "tokens_seen": 12345, "training_time_s": 1.5,
-           "data": "tests/conftest.py", "step": 10, "hardware": "cpu"}
+           "data": "tests/conftest.py", "step": 10, "hardware": "cpu",
+           "infill": True}  # as an imported model declares it; tiny-lstm cannot infill
 
 
 def _config(tokenizer: Tokenizer, arch: str) -> ModelConfig:
@@ -58,7 +59,7 @@ def build_checkpoints(directory: Path) -> Path:
         endless.ln_f.bias.fill_(1.0)
         endless.wte.weight.normal_(0.0, 0.01)
         endless.wte.weight[tokenizer.encode(ENDLESS_CHAR)[0]] = 1.0
-    save_checkpoint(directory / "endless", endless, tokenizer, {"note": "always writes 'o'"})
+    save_checkpoint(directory / "endless", endless, tokenizer, {"note": "always writes 'o'", "infill": True})
 
     (directory / "broken").mkdir()
     (directory / "broken" / "config.json").write_text("{ not json")
@@ -85,6 +86,7 @@ def app_config(checkpoint_dir) -> dict:
         "FABLE_DEFAULT_NEW_TOKENS": 64,
         "FABLE_MAX_BODY_BYTES": 64 * 1024,
         "FABLE_ADMIN_TOKEN": "",
+        "FABLE_DEFAULT_MODEL": "",
         "FABLE_MAX_BATCH": 4,
         "FABLE_QUEUE_TIMEOUT_S": 5,
         "FABLE_REQUEST_TIMEOUT_S": 30,

@@ -92,11 +92,11 @@ def test_models_gives_every_fact_and_reports_the_broken_checkpoint(client, spec,
     assert list(facts) == list(MODELS)
     gpt, lstm = facts["tiny-gpt"], facts["tiny-lstm"]
     for key, value in SUMMARY.items():
-        assert gpt[key] == value
+        assert key == "infill" or gpt[key] == value
     assert gpt["architecture"] == "gpt" and lstm["architecture"] == "lstm"
     assert gpt["tokenizer"] == "char" and gpt["vocab_size"] > 6
     assert gpt["context"] == 64 and lstm["context"] is None
-    assert gpt["device"] == "cpu" and gpt["can_infill"] is True
+    assert gpt["device"] == "cpu" and gpt["can_infill"] is True and lstm["can_infill"] is False
     assert lstm["val_perplexity"] is None  # no summary: unknown, not invented
     from app.registry import ModelRegistry
     from models_src.summary import count_parameters
@@ -300,13 +300,24 @@ def test_suffix_infills_the_middle(client):
     bos, blank, sep = 1, 1, 1
     assert response.json["prompt_eval_count"] == (bos + len("Lily saw a ball.") + blank
                                                    + len(" The end.") + sep)
-    for model in ("tiny-gpt", "tiny-lstm"):  # streamed and whole agree; no whitespace at the ends
-        body = dict(model=model, prompt="Lily saw a ball.", suffix="She was happy.",
-                    options={"seed": 3, "num_predict": 40})
-        whole = generate(client, **body).json["response"]
-        *chunks, final = ndjson(client.post(GEN, json={**body, "stream": True}))
-        assert "".join(c["response"] for c in chunks) == whole == whole.strip()
-        assert final["done"] is True
+    # streamed and whole agree; no whitespace at the ends
+    body = dict(model="tiny-gpt", prompt="Lily saw a ball.", suffix="She was happy.",
+                options={"seed": 3, "num_predict": 40})
+    whole = generate(client, **body).json["response"]
+    *chunks, final = ndjson(client.post(GEN, json={**body, "stream": True}))
+    assert "".join(c["response"] for c in chunks) == whole == whole.strip()
+    assert final["done"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_suffix_to_a_model_not_trained_to_infill_is_refused_naming_those_that_are(client, stream):
+    body = dict(model="tiny-lstm", prompt="Lily saw a ball.", suffix="She was happy.", stream=stream)
+    for path, message in ((GEN, lambda r: r.json["error"]),
+                          ("/v1/completions", lambda r: r.json["error"]["message"])):
+        response = client.post(path, json=body)
+        assert response.status_code == 400, path
+        assert message(response) == ("model 'tiny-lstm' was not trained to infill "
+                                     "(models that do: endless, tiny-gpt)")
 
 
 # ---- Ollama errors ------------------------------------------------------------------------

@@ -337,13 +337,32 @@ INFILL = {"model": "endless", "first": "Lily saw a ball.", "last": "The end.",
           "temperature": "0", "max_new_tokens": "5"}
 
 
+def test_the_pages_start_on_the_model_with_the_fewest_bits_per_character(client):
+    # tiny-gpt is the only test model with the figure; the others come after it
+    for path in ("/", "/infill"):
+        assert 'value="tiny-gpt" checked' in client.get(path).get_data(as_text=True)
+
+
+def test_the_pages_start_on_the_default_model_when_one_is_set(make_app, caplog):
+    client = make_app(FABLE_DEFAULT_MODEL="tiny-lstm").test_client()
+    html = client.get("/").get_data(as_text=True)
+    assert 'value="tiny-lstm" checked' in html
+    # a model without a card offers the fallback prompt
+    assert 'placeholder="Once upon a time"' in html
+    # the infill page cannot start on a model that does not infill: the best one that does
+    assert 'value="tiny-gpt" checked' in client.get("/infill").get_data(as_text=True)
+    client = make_app(FABLE_DEFAULT_MODEL="no-such-model").test_client()
+    assert "FABLE_DEFAULT_MODEL=no-such-model is not loaded: the pages start on tiny-gpt" in caplog.text
+    assert 'value="tiny-gpt" checked' in client.get("/").get_data(as_text=True)
+
+
 def test_infill_page_renders(client):
     response = client.get("/infill")
     assert response.status_code == 200
     html = response.get_data(as_text=True)
-    for name in MODELS:
-        assert f'value="{name}"' in html
-    assert f"{SUMMARY['val_perplexity']:.2f}" in html
+    for name in MODELS:  # only the models trained to infill are offered
+        assert (f'value="{name}"' in html) == (name != "tiny-lstm")
+    assert f"{SUMMARY['bits_per_char']:.3f}" in html and f"ppl {SUMMARY['val_perplexity']:.2f}" in html
     assert '<label for="field-first">' in html and '<label for="field-last">' in html
     assert 'hx-post="/infill/start"' in html and 'action="/infill"' in html
 

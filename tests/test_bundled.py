@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from models_src.checkpoint import load_checkpoint
+from models_src.checkpoint import load_checkpoint, read_card, suggested_prompt
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
-from training.model_card import read_card
 
 BUNDLED = sorted(p for p in (Path(__file__).resolve().parent.parent / "checkpoints").iterdir()
                  if p.is_dir() and not p.name.startswith("."))
@@ -45,3 +44,4 @@ def test_each_bundled_model_has_a_card_whose_figures_are_its_config_s(path):
                    training["training_time_s"], training["hardware"]):
         assert str(figure) in body
     assert body.count("\n> ") >= 3  # three samples
+    assert suggested_prompt(path), "the card offers a prompt to try (widget), the app's placeholder"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models_src.base import LanguageModel
-from models_src.infill import infill, infill_example_ids, infill_prompt_ids, stream_infill
+from models_src.infill import (infill, infill_example_ids, infill_prompt_ids, stream_infill,
+                               trained_to_infill)
 from models_src.config import ModelConfig
 from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
@@ -240,3 +241,16 @@ def test_an_epoch_of_whole_examples_is_each_example_once(tmp_path):
     assert trainer.max_steps == 2 * (len(train) // 8)
     # tokens/s and tokens seen count the examples' tokens, not rows padded to the context
     assert trainer.tokens_per_step == round(len(train.tokens) / len(train) * 8)
+
+
+def test_a_model_infills_only_when_it_learned_the_format():
+    tok = Tokenizer.train_char(["Lily saw a ball. The end."])
+    def trained_on(**data):
+        return {"config": {"data": data}}
+    assert trained_to_infill(trained_on(task="infill", infill_fraction=0.5), tok)
+    assert trained_to_infill(trained_on(task="infill+lm", infill_fraction=0.3), tok)
+    assert not trained_to_infill(trained_on(task="infill+lm", infill_fraction=0.0), tok)
+    assert not trained_to_infill(trained_on(task="lm", infill_fraction=0.5), tok)
+    assert not trained_to_infill({}, tok)  # no record of its training: the markers alone say nothing
+    assert trained_to_infill({"infill": True}, tok)  # an imported model declares it
+    assert not trained_to_infill({"infill": False, **trained_on(task="infill")}, tok)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from models_src.checkpoint import CheckpointError, load_checkpoint
+from models_src.checkpoint import CARD_FILE, CheckpointError, load_checkpoint
 from models_src.generation import generate
+from models_src.infill import trained_to_infill
 from models_src.sampling import SamplingParams
 
 from .data import DataError
@@ -116,6 +117,7 @@ def front_matter(name: str, config: dict, corpus: dict) -> dict:
     meta = {
         "license": corpus["license"], "language": ["en"], "library_name": "fable",
         "pipeline_tag": "text-generation",
+        "widget": [{"text": corpus["prompt"]}],  # the app's placeholder prompt, as on the hub
         "tags": ["text-generation", "small-language-model", arch, config["tokenizer"]["kind"]],
         "model-index": [{"name": name, "results": [{
             "task": {"type": "text-generation", "name": "Language modelling"},
@@ -201,18 +203,11 @@ def write_card(checkpoint_dir: Path, *, evaluate_again: bool = True) -> Path:
         write_json_atomically(config_path, config)
     checkpoint = load_checkpoint(checkpoint_dir)
     corpus = corpus_of(config["training"].get("data") or "")
-    task = config["training"].get("config", {}).get("data", {}).get("task", "lm")
-    card = render(checkpoint_dir.name, config, samples(checkpoint, corpus["prompt"]), "infill" in task)
-    path = checkpoint_dir / "README.md"
+    card = render(checkpoint_dir.name, config, samples(checkpoint, corpus["prompt"]),
+                  trained_to_infill(checkpoint.summary, checkpoint.tokenizer))
+    path = checkpoint_dir / CARD_FILE
     path.write_text(card)
     return path
-
-
-def read_card(path: Path) -> tuple[dict, str]:
-    """A card's YAML front matter and its body."""
-    text = Path(path).read_text()
-    _, meta, body = text.split("---\n", 2)
-    return yaml.safe_load(meta), body
 
 
 def main(argv: list[str] | None = None) -> int:

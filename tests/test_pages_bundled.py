@@ -1,0 +1,149 @@
+"""The first minute on the bundled models: what a newcomer meets after ``make serve``.
+
+Headless Chromium against the app serving ``checkpoints/``: the infill page offers only
+the models trained to infill (and the API refuses the others), the pages start on the
+best model with its suggested prompt, the picker ranks by bits per character, the Output
+card sits at the top of its column and stays in view, and the admin page shows no
+server path. Skips as tests/test_browser.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from models_src.checkpoint import read_config, suggested_prompt
+from models_src.infill import trained_to_infill
+from models_src.tokenization import Tokenizer
+from test_browser import ROOT, TIMEOUT_MS, browser, fill_form, serve  # noqa: F401
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
+CHECKPOINTS = ROOT / "checkpoints"
+BUNDLED = sorted(p for p in CHECKPOINTS.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _infills(path) -> bool:
+    return trained_to_infill(read_config(path)["training"], Tokenizer.load(path))
+
+
+def _bits(path) -> float:
+    return read_config(path)["evaluation"]["bits_per_char"]
+
+
+INFILLERS = [p.name for p in BUNDLED if _infills(p)]
+BEST = min(BUNDLED, key=_bits).name
+
+
+@pytest.fixture(scope="module")
+def url(app_config, tmp_path_factory):
+    from app import create_app
+
+    threads = torch.get_num_threads()
+    # experiment records outside the working directory: the page may show only their name
+    app = create_app({**app_config, "FABLE_CHECKPOINT_DIR": str(CHECKPOINTS),
+                      "FABLE_EXPERIMENTS_DIR": str(tmp_path_factory.mktemp("records")),
+                      "FABLE_DEFAULT_NEW_TOKENS": 40})
+    with serve(app) as address:
+        yield address
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def page(browser):  # noqa: F811
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    yield context.new_page()
+    context.close()
+
+
+def offered(page) -> list[str]:
+    return page.locator("input[name=model]").evaluate_all("inputs => inputs.map(i => i.value)")
+
+
+def test_the_bundled_models_split_into_infillers_and_others():
+    assert INFILLERS == ["tinystories-gpt"]  # the Shakespeare and books models were never taught
+
+
+def test_the_infill_page_offers_only_the_models_trained_to_infill(page, url):
+    page.goto(url + "/infill")
+    assert offered(page) == INFILLERS
+    assert page.locator("input[name=model]:checked").get_attribute("value") == INFILLERS[0]
+    page.goto(url + "/admin")
+    tagged = page.locator("tr:has(.tag:text-is('infill')) th[scope=row]").all_text_contents()
+    assert [name.replace("infill", "").strip() for name in tagged] == INFILLERS
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/completions"])
+def test_the_api_refuses_a_suffix_for_a_model_that_does_not_infill(url, path):
+    other = next(p.name for p in BUNDLED if p.name not in INFILLERS)
+    body = json.dumps({"model": other, "prompt": "Lily wanted to fly a kite.",
+                       "suffix": "She was happy.", "stream": False}).encode()
+    request = urllib.request.Request(url + path, body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    error = json.loads(refused.value.read())["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert message == (f"model {other!r} was not trained to infill "
+                       f"(models that do: {', '.join(INFILLERS)})")
+
+
+def test_the_pages_start_on_the_best_model_with_its_suggested_prompt(page, url):
+    page.goto(url + "/")
+    assert page.locator("input[name=model]:checked").get_attribute("value") == BEST == "tinystories-gpt"
+    prompt = page.locator("#field-prompt")
+    assert prompt.get_attribute("placeholder") == suggested_prompt(CHECKPOINTS / BEST)
+    for path in BUNDLED:  # choosing another model offers that model's prompt
+        page.check(f"input[name=model][value='{path.name}']")
+        assert prompt.get_attribute("placeholder") == suggested_prompt(path)
+    assert suggested_prompt(CHECKPOINTS / "char-gpt-shakespeare") == "ROMEO:"
+
+
+def test_the_picker_compares_models_by_bits_per_character(page, url):
+    page.goto(url + "/")
+    for path in BUNDLED:
+        option = page.locator(f"label.model-option:has(input[value='{path.name}'])")
+        evaluation = read_config(path)["evaluation"]
+        assert option.locator(".model-score-value").text_content() == f"{evaluation['bits_per_char']:.3f}"
+        assert option.locator(".model-score-label").text_content() == "bits/char"
+        vocabulary = f"{read_config(path)['tokenizer']['vocab_size']:,} tokens"
+        assert option.locator(".model-score-sub").text_content() == (
+            f"ppl {evaluation['perplexity']:.2f} · {vocabulary}")
+
+
+@pytest.mark.parametrize("kind", ["generate", "infill"])
+def test_the_output_card_starts_at_the_top_and_stays_in_view(page, url, kind):
+    page.goto(url + ("/" if kind == "generate" else "/infill"))
+
+    def tops():
+        return page.evaluate("""() => [document.querySelector('form.form-panel'),
+                                        document.querySelector('.output-panel')]
+                                       .map(e => e.getBoundingClientRect().top)""")
+
+    form_top, output_top = tops()
+    assert abs(form_top - output_top) <= 1
+    fields = {"prompt": "Once upon a time"} if kind == "generate" else {
+        "first": "Lily wanted to fly a kite.", "last": "From then on, Lily loved the wind."}
+    fill_form(page, {**fields, "seed": "1", "max_new_tokens": "40"})
+    page.click(f"#{kind}-submit")
+    page.wait_for_selector(".status-text:not(.is-streaming)")
+    assert 0 <= tops()[1] <= 100  # scrolled down to the button, the text is in view
+    page.evaluate("window.scrollTo(0, 0)")
+    form_top, output_top = tops()
+    assert abs(form_top - output_top) <= 1  # the text in it did not move it down
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # at the Generate button
+    _, output_top = tops()
+    assert 0 <= output_top <= 100  # it followed: still in view at the top of the window
+
+
+def test_the_admin_page_shows_no_server_path(page, url):
+    page.goto(url + "/admin")
+    html = page.content()
+    assert str(ROOT) not in html and "/tmp/" not in html
+    note = page.locator("#runs-heading ~ .panel-note code").text_content()
+    assert note.startswith("records") and "/" not in note
