@@ -31,6 +31,7 @@ TEXT = ("Once upon a time, there was a little girl named Lily. She liked to play
         "One day, she saw a big red ball! \"Can I play?\" she asked. The end.\n")
 ENDLESS_CHAR = "o"
 MODELS = ("endless", "tiny-gpt", "tiny-lstm")  # the loadable ones, sorted
+INFILL_MODELS = ("endless", "tiny-gpt")  # their summaries declare "infill": true
 SUMMARY = {"val_perplexity": 3.5, "val_loss": 1.2528, "bits_per_char": 1.807,
            "token_accuracy": 0.41, "tokens_seen": 12345, "training_time_s": 1.5,
            "data": "tests/conftest.py", "step": 10, "hardware": "cpu",

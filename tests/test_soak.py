@@ -8,7 +8,8 @@ request for the whole duration, drawn from this mix over the test checkpoints:
 
     valid (about 85 %)  Ollama /api/generate whole and streamed (NDJSON), OpenAI
                         /v1/completions whole and streamed (SSE), each also as story
-                        infilling (``suffix``), on all three test models
+                        infilling (``suffix``, on the two that infill), on all three
+                        test models
     malformed           bad JSON, wrong types, an unknown model, a body over the limit,
                         the wrong Content-Type
 
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from conftest import ENDLESS_CHAR, MODELS
+from conftest import ENDLESS_CHAR, INFILL_MODELS, MODELS
 from gunicorn_server import GunicornServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -103,7 +104,7 @@ class Outcome:
 def valid_request(rng: random.Random) -> Request:
     model = rng.choice(MODELS)
     tokens = rng.randint(1, 48)
-    infill = rng.random() < 0.3
+    infill = model in INFILL_MODELS and rng.random() < 0.3
     stream = rng.random() < 0.5
     sampling = {"temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randrange(1 << 30)}
     if rng.random() < 0.6:
