@@ -33,7 +33,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from . import filters, security
     from .registry import ModelRegistry
     from .service import GenerationService
-    from .settings import Settings, resolve_device
+    from models_src.chat import ChatTemplateError
+
+    from .settings import Settings, SettingsError, resolve_device
 
     app = Flask(__name__, static_folder=str(ROOT / "static"),
                 template_folder=str(ROOT / "templates"))
@@ -58,7 +60,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("FABLE_DEFAULT_MODEL=%s is not loaded: the pages start on %s",
                     settings.default_model, getattr(registry.default(), "name", "no model"))
     app.extensions["fable.registry"] = registry
-    app.extensions["fable.service"] = GenerationService.from_settings(settings, registry)
+    try:
+        app.extensions["fable.service"] = GenerationService.from_settings(settings, registry)
+    except ChatTemplateError as e:
+        raise SettingsError(f"FABLE_CHAT_TEMPLATE: {e}") from None
 
     security.init_app(app, settings)  # headers, CSRF Origin check, rate limit
     filters.register(app)

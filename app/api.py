@@ -17,7 +17,7 @@ from flask import Blueprint, jsonify, request
 from .filters import short_count
 from .ratelimit import rate_limited
 from .registry import get_registry
-from .schema import GenerationRequest, RequestError, parse_ollama_generate
+from .schema import GenerationRequest, RequestError, parse_ollama_chat, parse_ollama_generate
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
 from .web import (has_admin_token, ollama_error, open_stream, read_json_object, retry_headers,
@@ -60,15 +60,22 @@ def _ndjson(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
+def _text(req: GenerationRequest, text: str) -> dict:
+    """A piece of text as /api/generate (``response``) or /api/chat (``message``) gives it."""
+    if req.messages is not None:
+        return {"message": {"role": "assistant", "content": text}}
+    return {"response": text}
+
+
 def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
-           response: str) -> dict:
+           text: str) -> dict:
     """Ollama's last object: the reason and the counts; durations in nanoseconds
     (load_duration is the wait for a generation slot: models are loaded at start-up)."""
     completion = stream.completion
     end = stream.finished_ns or time.perf_counter_ns()
     first = stream.first_piece_ns or end
     return {
-        "model": req.model, "created_at": _now(), "response": response, "done": True,
+        "model": req.model, "created_at": _now(), **_text(req, text), "done": True,
         "done_reason": completion.finish_reason,
         "total_duration": time.perf_counter_ns() - received_ns,
         "load_duration": stream.queued_ns,
@@ -83,7 +90,19 @@ def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
 @rate_limited
 def generate():
     received = time.perf_counter_ns()
-    req = parse_ollama_generate(read_json_object(request), get_settings().limits)
+    return _respond(parse_ollama_generate(read_json_object(request), get_settings().limits),
+                    received)
+
+
+@bp.post("/api/chat")
+@rate_limited
+def chat():
+    received = time.perf_counter_ns()
+    return _respond(parse_ollama_chat(read_json_object(request), get_settings().limits), received)
+
+
+def _respond(req: GenerationRequest, received: int):
+    """The answer to a generate or chat request: one object, or an NDJSON stream."""
     stream = open_stream(req)
     if not req.stream:
         completion = stream.collect()
@@ -92,7 +111,7 @@ def generate():
     def lines() -> Iterator[str]:
         try:
             for piece in stream:
-                yield _ndjson({"model": req.model, "created_at": _now(), "response": piece,
+                yield _ndjson({"model": req.model, "created_at": _now(), **_text(req, piece),
                                "done": False})
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")

@@ -1,6 +1,6 @@
-"""OpenAI's completions API for the official ``openai`` client: ``/v1/completions`` and
-``/v1/models``. Errors are OpenAI's shape; every deterministic refusal is a 4xx (the
-client retries 5xx): docs/web-app.md.
+"""OpenAI's API for the official ``openai`` client: ``/v1/completions``,
+``/v1/chat/completions`` and ``/v1/models``. Errors are OpenAI's shape; every
+deterministic refusal is a 4xx (the client retries 5xx): docs/web-app.md.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 from flask import Blueprint, jsonify, request
 
 from .ratelimit import rate_limited
 from .registry import get_registry
-from .schema import RequestError, parse_openai_completion
+from .schema import GenerationRequest, RequestError, parse_openai_chat, parse_openai_completion
 from .service import ServiceError
 from .settings import get_settings
 from .web import openai_error, open_stream, read_json_object, retry_headers, streamed
@@ -45,8 +45,33 @@ def _sse(obj: dict | str) -> str:
 @rate_limited
 def completions():
     req = parse_openai_completion(read_json_object(request), get_settings().limits)
+
+    def choice(text: str, finish_reason: str | None, first: bool = False) -> dict:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+    return _respond(req, "cmpl", "text_completion", "text_completion", choice)
+
+
+@bp.post("/chat/completions")
+@rate_limited
+def chat_completions():
+    req = parse_openai_chat(read_json_object(request), get_settings().limits)
+    whole = not req.stream
+
+    def choice(text: str, finish_reason: str | None, first: bool = False) -> dict:
+        if whole:
+            return {"index": 0, "message": {"role": "assistant", "content": text},
+                    "logprobs": None, "finish_reason": finish_reason}
+        # a stream's first delta names the role; the last one (finish_reason set) is empty
+        delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _respond(req, "chatcmpl", "chat.completion", "chat.completion.chunk", choice)
+
+
+def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_object: str,
+             choice: Callable[..., dict]):
+    """A completion, or its stream of chunks (server-sent events), in OpenAI's shape."""
     stream = open_stream(req)
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": whole_object,
             "created": int(time.time()), "model": req.model}
 
     def usage() -> dict:
@@ -54,22 +79,20 @@ def completions():
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                 "total_tokens": c.prompt_tokens + c.completion_tokens}
 
-    def choice(text: str, finish_reason: str | None) -> dict:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-
     if not req.stream:
         completion = stream.collect()
         return jsonify({**head, "choices": [choice(completion.text, completion.finish_reason)],
                         "usage": usage()})
 
+    head["object"] = chunk_object
     # With include_usage every chunk carries "usage": null and one last chunk, with no
     # choices, carries the totals (OpenAI's documented behaviour).
     extra = {"usage": None} if req.include_usage else {}
 
     def events() -> Iterator[str]:
         try:
-            for piece in stream:
-                yield _sse({**head, "choices": [choice(piece, None)], **extra})
+            for number, piece in enumerate(stream):
+                yield _sse({**head, "choices": [choice(piece, None, number == 0)], **extra})
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")
             yield _sse({**head, "choices": [choice("", stream.completion.finish_reason)], **extra})

@@ -47,6 +47,33 @@ class GenerateFinal(_Shape):
     eval_duration: Count
 
 
+class AssistantMessage(_Shape):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChunk(_Shape):
+    model: str
+    created_at: datetime
+    message: AssistantMessage
+    done: Literal[False]
+
+
+class ChatFinal(_Shape):
+    """As GenerateFinal, with the reply as a message"""
+    model: str
+    created_at: datetime
+    message: AssistantMessage = Field(description="Whole reply (stream false), else empty")
+    done: Literal[True]
+    done_reason: Reason
+    total_duration: Count
+    load_duration: Count
+    prompt_eval_count: Count
+    prompt_eval_duration: Count
+    eval_count: Count
+    eval_duration: Count
+
+
 class Error(_Shape):
     error: str
 
@@ -125,6 +152,46 @@ class Completion(_Shape):
     usage: Usage | None = None
 
 
+class ChatCompletionChoice(_Shape):
+    index: Literal[0]
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Reason
+
+
+class ChatCompletion(_Shape):
+    id: str
+    object: Literal["chat.completion"]
+    created: Count
+    model: str
+    choices: Annotated[list[ChatCompletionChoice], Field(min_length=1, max_length=1)]
+    usage: Usage
+
+
+class ChatDelta(_Shape):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Shape):
+    index: Literal[0]
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: Reason | None
+
+
+class ChatCompletionChunk(_Shape):
+    """One streamed chunk: the first delta names the role, the last one carries
+    finish_reason; with stream_options.include_usage a final chunk with no choices
+    carries usage"""
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: Count
+    model: str
+    choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]
+    usage: Usage | None = None
+
+
 class OpenAIErrorBody(_Shape):
     message: str
     type: str
@@ -148,8 +215,9 @@ class OpenAIModelList(_Shape):
     data: list[OpenAIModel]
 
 
-RESPONSES = (GenerateChunk, GenerateFinal, Error, Tags, Version, Models, Health, Completion,
-             OpenAIError, OpenAIModelList, OpenAIModel)
+RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, Error, Tags, Version, Models,
+             Health, Completion, ChatCompletion, ChatCompletionChunk, OpenAIError,
+             OpenAIModelList, OpenAIModel)
 
 
 class _Generator(GenerateJsonSchema):
@@ -164,6 +232,7 @@ def schemas(limits: Limits) -> dict[str, Any]:
     models = request_models(limits)
     _, document = models_json_schema(
         [(models.generate, "validation"), (models.completion, "validation"),
+         (models.chat, "validation"), (models.chat_completion, "validation"),
          *((model, "serialization") for model in RESPONSES)],
         ref_template="#/components/schemas/{model}", schema_generator=_Generator)
     return document["$defs"]
@@ -209,6 +278,13 @@ def build_spec(version: str, limits: Limits) -> dict:
     ndjson = {"schema": {"anyOf": [_ref("GenerateChunk"), _ref("GenerateFinal"), _ref("Error")]},
               "description": "One JSON object per line: chunks, then the final object (or an "
                              "error object if generation fails mid-stream)"}
+    chat_ndjson = {"schema": {"anyOf": [_ref("ChatChunk"), _ref("ChatFinal"), _ref("Error")]},
+                   "description": "One JSON object per line: chunks, then the final object (or "
+                                  "an error object if generation fails mid-stream)"}
+    chat_sse = {"schema": {"type": "string"},
+                "description": "Server-sent events: `data: <ChatCompletionChunk JSON>` per "
+                               "piece, the last chunk with finish_reason, an optional usage "
+                               "chunk, then `data: [DONE]`"}
     sse = {"schema": {"type": "string"},
            "description": "Server-sent events: `data: <Completion chunk JSON>` per piece, the "
                           "last chunk with finish_reason, an optional usage chunk, then "
@@ -220,6 +296,14 @@ def build_spec(version: str, limits: Limits) -> dict:
                                     "object",
                      "content": {"application/x-ndjson": ndjson,
                                  "application/json": {"schema": _ref("GenerateFinal")}},
+                     "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
+             **_errors("Error", 400, 404, 413, 415, 429, 500, 503)}),
+        "/api/chat": _post(
+            "chat", "ollama", "Reply to a conversation (Ollama's API)", "ChatRequest",
+            {"200": {"description": "NDJSON stream (default) or, with stream false, one JSON "
+                                    "object",
+                     "content": {"application/x-ndjson": chat_ndjson,
+                                 "application/json": {"schema": _ref("ChatFinal")}},
                      "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
              **_errors("Error", 400, 404, 413, 415, 429, 500, 503)}),
         "/api/tags": _get("tags", "ollama", "Loaded models (Ollama's list)",
@@ -242,6 +326,13 @@ def build_spec(version: str, limits: Limits) -> dict:
                                     "chunks",
                      "content": {"application/json": {"schema": _ref("Completion")},
                                  "text/event-stream": sse}},
+             **_errors("OpenAIError", 400, 404, 413, 415, 429, 500, 503)}),
+        "/v1/chat/completions": _post(
+            "createChatCompletion", "openai", "Reply to a conversation (OpenAI's API)",
+            "ChatCompletionRequest",
+            {"200": {"description": "A chat completion, or with stream true a stream of chunks",
+                     "content": {"application/json": {"schema": _ref("ChatCompletion")},
+                                 "text/event-stream": chat_sse}},
              **_errors("OpenAIError", 400, 404, 413, 415, 429, 500, 503)}),
         "/v1/models": _get("listModels", "openai", "Loaded models (OpenAI's list)",
                            {"200": _json(_ref("OpenAIModelList"), "Models")}),

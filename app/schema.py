@@ -14,12 +14,13 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError, ValidationInfo, WithJsonSchema, create_model)
 from pydantic_core import PydanticCustomError, core_schema
 
+from models_src.chat import ROLES, Message
 from models_src.sampling import SamplingParams
 
 from .settings import Limits
@@ -30,6 +31,7 @@ MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (its limit), and logits /
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # penalised logits stay finite
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 MAX_MODEL_NAME = 256
+MAX_MESSAGES = 256  # messages in one chat request
 
 #: SamplingParams field -> how each API spells it. Top-level Ollama fields and the forms
 #: use the library's names; Ollama's ``options`` use Ollama's.
@@ -260,6 +262,28 @@ def _stream_options_need_stream(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def _text_parts(value: Any) -> Any:
+    """OpenAI's content as a list of parts: the text parts joined (no images here)."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for part in value:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise _refuse("must be a string or a list of text parts ({\"type\": \"text\", "
+                          "\"text\": ...}); images and audio are not supported")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages_within(limit: int) -> AfterValidator:
+    def check(messages: list) -> list:
+        total = sum(len(m.content or "") for m in messages)
+        if total > limit:
+            raise _refuse(f"together hold {total} characters of content; the limit is {limit}")
+        return messages
+    return AfterValidator(check)
+
+
 # ---- the models ---------------------------------------------------------------------------
 
 class _Body(BaseModel):
@@ -279,6 +303,8 @@ class RequestModels:
     """The request models for one set of limits (the running server's)."""
     generate: type[BaseModel]  # POST /api/generate
     completion: type[BaseModel]  # POST /v1/completions
+    chat: type[BaseModel]  # POST /api/chat
+    chat_completion: type[BaseModel]  # POST /v1/chat/completions
     generate_form: type[BaseModel]  # the generate page
     infill_form: type[BaseModel]  # the infill page
 
@@ -334,6 +360,57 @@ def request_models(limits: Limits) -> RequestModels:
         logit_bias=(Neutral(({},), "'logit_bias' is not supported"), None),
         **_sampling(limits, OPENAI_FIELDS, max_temperature=2.0),
         user=(Any, Field(None, description="Ignored")))
+    role = Literal[ROLES]  # type: ignore[valid-type]
+    ollama_message = create_model(
+        "ChatMessage", __base__=_Body, __doc__="One message; thinking is ignored",
+        role=(role, ...), content=(text | None, None),
+        images=(Neutral(([],), "'images' is not supported by this server"), None),
+        tool_calls=(Neutral(([],), "'tool_calls' is not supported by this server"), None))
+    openai_message = create_model(
+        "ChatCompletionMessage", __base__=_Body,
+        __doc__="One message (developer is read as system); name is ignored",
+        role=(Annotated[role, BeforeValidator(lambda v: "system" if v == "developer" else v,
+                                              json_schema_input_type=Literal[(*ROLES, "developer")])], ...),
+        content=(Annotated[text | None, BeforeValidator(_text_parts, json_schema_input_type=(
+            text | list[dict[str, Any]] | None))], None),
+        name=(Any, Field(None, description="Ignored")))
+    messages = Annotated[list[ollama_message], Field(min_length=1, max_length=MAX_MESSAGES),
+                         _messages_within(chars)]
+    chat = create_model(
+        "ChatRequest", __base__=_Body,
+        __doc__="Ollama's chat request; keep_alive and think are ignored",
+        model=(ModelName, ...), messages=(messages, ...), stream=(bool | None, True),
+        format=(Neutral(("", []), "'format' is not supported by this server"), None),
+        tools=(Neutral(([],), "'tools' are not supported by this server"), None),
+        logprobs=(Neutral((False,), "'logprobs' are not supported by this server"), None),
+        top_logprobs=(Neutral((0,), "'top_logprobs' are not supported by this server"), None),
+        options=(ollama_options | None, None),
+        **_sampling(limits, CANONICAL))
+    chat_completion = create_model(
+        "ChatCompletionRequest", __base__=_CompletionBody,
+        __doc__="OpenAI's chat completion request; top_k and repetition_penalty are extras "
+                "(as in vLLM). max_completion_tokens wins over max_tokens.",
+        model=(ModelName, ...),
+        messages=(Annotated[list[openai_message], Field(min_length=1, max_length=MAX_MESSAGES),
+                            _messages_within(chars)], ...),
+        stream=(bool | None, False),
+        stream_options=(Annotated[stream_options | None,
+                                  BeforeValidator(_stream_options_need_stream)], None),
+        max_completion_tokens=(integer(ge=1, le=limits.max_new_tokens), None),
+        n=(Neutral((1,), "'n': only n=1 is supported"), None),
+        logprobs=(Neutral((False,), "'logprobs': logprobs are not supported"), None),
+        top_logprobs=(Neutral((0,), "'top_logprobs': logprobs are not supported"), None),
+        presence_penalty=(Annotated[number(ge=-2, le=2), _zero_only("presence_penalty"),
+                                    zero_only], None),
+        frequency_penalty=(Annotated[number(ge=-2, le=2), _zero_only("frequency_penalty"),
+                                     zero_only], None),
+        logit_bias=(Neutral(({},), "'logit_bias' is not supported"), None),
+        response_format=(Neutral(({"type": "text"},), "'response_format': only text is supported"),
+                         None),
+        tools=(Neutral(([],), "'tools' are not supported by this server"), None),
+        tool_choice=(Neutral(("none",), "'tool_choice': tools are not supported"), None),
+        **_sampling(limits, OPENAI_FIELDS, max_temperature=2.0),
+        user=(Any, Field(None, description="Ignored")))
     generate_form = create_model(
         "GenerateForm", __base__=_Body, model=(ModelName, ...),
         prompt=(Annotated[text | None, _texts_within(chars, "prompt")], None),
@@ -343,7 +420,7 @@ def request_models(limits: Limits) -> RequestModels:
         last=(Annotated[text | None, _texts_within(chars, "first", "last")],
               Field(None, validate_default=True)),
         **_sampling(limits, CANONICAL))
-    return RequestModels(generate, completion, generate_form, infill_form)
+    return RequestModels(generate, completion, chat, chat_completion, generate_form, infill_form)
 
 
 def _zero_only(field: str) -> AfterValidator:
@@ -400,11 +477,18 @@ def _explain(model: type[BaseModel], error: Any, values: Mapping[str, Any]) -> t
     elif kind == "string_too_short":
         text = "must not be empty"
     elif kind == "too_long":
-        text = f"may hold at most {ctx['max_length']} strings, got {ctx['actual_length']}"
+        text = (f"may hold at most {ctx['max_length']} "
+                f"{'messages' if name.startswith('messages') else 'strings'}, got {ctx['actual_length']}")
     elif kind == "string_type":
         text = f"must be a string, got {_got(value)}"
     elif kind == "bool_type":
         text = f"must be true or false, got {_got(value)}"
+    elif kind == "literal_error":
+        text = f"must be {ctx['expected']}, got {_got(value)}"
+    elif kind == "too_short":
+        text = f"must hold at least {ctx['min_length']} item{'s' if ctx['min_length'] != 1 else ''}"
+    elif kind == "list_type":
+        text = f"must be an array, got {_got(value)}"
     elif kind == "model_type":
         text = f"must be an object, got {_got(value)}"
     else:  # no field of these models fails any other way
@@ -458,6 +542,7 @@ class GenerationRequest:
     stream: bool
     params: SamplingParams
     include_usage: bool = False  # OpenAI stream_options.include_usage
+    messages: tuple[Message, ...] | None = None  # a chat: the reply to these (prompt unused)
 
 
 def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONICAL) -> dict:
@@ -491,3 +576,26 @@ def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> Generati
     usage = req.stream_options is not None and req.stream_options.include_usage is True
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
                              make_params(values, limits), usage)
+
+
+def _messages(req: BaseModel) -> tuple[Message, ...]:
+    return tuple(Message(m.role, m.content or "") for m in req.messages)
+
+
+def parse_ollama_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
+    """Ollama's ``POST /api/chat`` body; settings as in ``parse_ollama_generate``."""
+    req = validate(request_models(limits).chat, body, nested_last="options")
+    values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS)}
+    return GenerationRequest(req.model, "", None, req.stream is not False,
+                             make_params(values, limits), messages=_messages(req))
+
+
+def parse_openai_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
+    """OpenAI's ``POST /v1/chat/completions`` body."""
+    req = validate(request_models(limits).chat_completion, body)
+    values = sampling_values(req, OPENAI_FIELDS)
+    if req.max_completion_tokens is not None:
+        values["max_new_tokens"] = req.max_completion_tokens
+    usage = req.stream_options is not None and req.stream_options.include_usage is True
+    return GenerationRequest(req.model, "", None, req.stream is True, make_params(values, limits),
+                             usage, _messages(req))

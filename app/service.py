@@ -4,6 +4,7 @@
     service.infill(model, first, last, params)         -> Completion (middle, stripped)
     service.stream(model, prompt, params)              -> GenerationStream
     service.stream_infill(model, first, last, params)  -> GenerationStream
+    service.stream_chat(model, messages, params)       -> GenerationStream (the reply)
 
 A request first gets a row from the worker's ``Scheduler`` (admission: 503 when there is
 none), then joins the ``EngineLoop``'s running batch. A ``GenerationStream`` holds its row
@@ -17,10 +18,12 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 
 from flask import current_app
 
+from models_src.chat import TRANSCRIPT_TEMPLATE, ChatTemplate, ChatTemplateError, Message, checked
 from models_src.infill import infill_params, infill_prompt_ids
 from models_src.sampling import Completion, SamplingParams
 
@@ -58,6 +61,10 @@ class CannotInfill(ServiceError):
         which = (f"models that do: {', '.join(infillers)}" if infillers
                  else "no loaded model does")
         super().__init__(f"model {name!r} was not trained to infill ({which})")
+
+
+class CannotChat(ServiceError):
+    status, param = 400, "messages"
 
 
 class ServerBusy(ServiceError):
@@ -199,8 +206,12 @@ class GenerationService:
                  max_queue: int = _default("max_queue"),
                  queue_timeout_s: float = _default("queue_timeout_s"),
                  request_timeout_s: float = _default("request_timeout_s"),
+                 chat_template: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``chat_template``: for models whose tokenizer has none (None: the transcript);
+        raises ChatTemplateError when it does not work."""
         self.registry = registry
+        self.chat_template = checked(chat_template or TRANSCRIPT_TEMPLATE)
         self.scheduler = Scheduler(max_batch, max_queue)
         self.engine = EngineLoop()
         self.queue_timeout_s = queue_timeout_s
@@ -211,7 +222,8 @@ class GenerationService:
     def from_settings(cls, settings, registry: ModelRegistry) -> GenerationService:
         return cls(registry, max_batch=settings.max_batch, max_queue=settings.max_queue,
                    queue_timeout_s=settings.queue_timeout_s,
-                   request_timeout_s=settings.request_timeout_s)
+                   request_timeout_s=settings.request_timeout_s,
+                   chat_template=settings.chat_template)
 
     # ---- the interface ------------------------------------------------------------
 
@@ -240,6 +252,22 @@ class GenerationService:
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
         return self._start(loaded, ids, infill_params(params, last), strip=True)
 
+    def stream_chat(self, model_name: str, messages: tuple[Message, ...],
+                    params: SamplingParams | None = None) -> GenerationStream:
+        """The assistant's reply to ``messages``, rendered with the model's own chat
+        template (its tokenizer config's) or the server's; it ends at the next turn
+        marker and has no whitespace at its ends."""
+        loaded = self.model(model_name)
+        template = self._template(loaded)
+        try:
+            text = template.render(messages)
+        except ChatTemplateError as e:
+            raise CannotChat(f"model {loaded.name!r}: {e}") from None
+        params = params or SamplingParams()
+        params = replace(params, stop=[*params.stop, template.turn_marker])
+        ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(text)]
+        return self._start(loaded, ids, params, strip=True)
+
     def generate(self, model_name: str, prompt: str,
                  params: SamplingParams | None = None) -> Completion:
         return self.stream(model_name, prompt, params).collect()
@@ -260,6 +288,15 @@ class GenerationService:
                 "request_timeout_s": self.request_timeout_s}
 
     # ---- internals ----------------------------------------------------------------
+
+    def _template(self, loaded: LoadedModel) -> ChatTemplate:
+        own = getattr(loaded.tokenizer, "chat_template", None)
+        if not own:
+            return self.chat_template
+        try:
+            return checked(own)
+        except ChatTemplateError as e:
+            raise CannotChat(f"model {loaded.name!r}: {e}") from None
 
     def _start(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, *,
                strip: bool = False) -> GenerationStream:

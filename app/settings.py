@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     default_model: Text | None = Field(
         None, description="the model the pages start on; unset (or not loaded): the one with "
                           "the fewest bits per character (on the infill page, of those that infill)")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (Hugging Face's variables: messages, "
+                          "add_generation_prompt) for models whose tokenizer has none; unset: "
+                          "a plain transcript, 'User: ...' / 'Assistant:' (models_src/chat.py)")
     device: Text = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, "
                                              "cuda:N or mps")
     max_prompt_chars: Integer = Field(4000, ge=1,

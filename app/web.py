@@ -120,6 +120,8 @@ def open_stream(req: GenerationRequest) -> GenerationStream:
     """Start the generation a validated request asks for (raises ServiceError before any
     text is produced: unknown model, cannot infill, busy)."""
     service = get_service()
+    if req.messages is not None:
+        return service.stream_chat(req.model, req.messages, req.params)
     if req.suffix is not None:
         return service.stream_infill(req.model, req.prompt, req.suffix, req.params)
     return service.stream(req.model, req.prompt, req.params)

@@ -95,6 +95,7 @@ class Tokenizer:
         self.backend = backend
         self.kind = kind
         self.special_tokens = dict(special_tokens)
+        self.chat_template: str | None = None  # Jinja, as in HF tokenizer configs (models_src.chat)
         # Typed "<eos>" must stay text. The flag is not saved in tokenizer.json, so it is
         # set here, on every way in.
         backend.encode_special_tokens = True
@@ -253,6 +254,8 @@ class Tokenizer:
             "additional_special_tokens": [tokens["blank"], tokens["sep"]],
             "model_max_length": _NO_MAX_LENGTH,
         }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (directory / CONFIG_FILE).write_text(text, encoding="utf-8")
 
@@ -283,9 +286,12 @@ class Tokenizer:
         except Exception as err:  # the Rust side raises a bare Exception
             raise ValueError(f"{tokenizer_path} is not a valid tokenizer file: {err}") from err
         try:
-            return cls(backend, kind, special_tokens)
+            tokenizer = cls(backend, kind, special_tokens)
         except ValueError as err:
             raise ValueError(f"{directory}: {err}") from err
+        template = config.get("chat_template")
+        tokenizer.chat_template = template if isinstance(template, str) and template.strip() else None
+        return tokenizer
 
     # ---- encoding ---------------------------------------------------------------------
 

@@ -531,8 +531,8 @@ def test_wrong_method_and_unknown_routes_are_json(client):
     assert openai.status_code == 405 and openai.json["error"]["type"] == "invalid_request_error"
     assert client.post("/api/tags").status_code == 405
     assert client.get("/api/nope").json == {"error": "not found: GET /api/nope"}
-    chat = client.post("/v1/chat/completions", json={})
-    assert chat.status_code == 404 and "message" in chat.json["error"]
+    embeddings = client.post("/v1/embeddings", json={})
+    assert embeddings.status_code == 404 and "message" in embeddings.json["error"]
     assert client.get("/healthz/x").mimetype == "application/json"
 
 

@@ -191,6 +191,50 @@ def test_openai_client(server):
         assert error.value.param == "temperature"
 
 
+def test_ollama_client_chat(server):
+    import ollama
+
+    client = ollama.Client(host=server["url"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    try:
+        options = {"seed": 4, "num_predict": 30}
+        whole = client.chat(model="tiny-gpt", messages=messages, options=options)
+        assert whole.done and whole.message.role == "assistant" and whole.eval_count >= 1
+        parts = list(client.chat(model="tiny-gpt", messages=messages, stream=True, options=options))
+        assert all(not p.done for p in parts[:-1]) and parts[-1].done
+        assert "".join(p.message.content for p in parts) == whole.message.content
+        reply = client.chat(model="endless", messages=messages, options={"num_predict": 3,
+                                                                         "temperature": 0})
+        assert reply.message.content == ENDLESS_CHAR * 3
+        with pytest.raises(ollama.ResponseError) as error:  # an option it cannot honour
+            client.chat(model="tiny-gpt", messages=messages, format="json")
+        assert error.value.status_code == 400 and "'format' is not supported" in error.value.error
+    finally:
+        client.close()
+
+
+def test_openai_client_chat(server):
+    import openai
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with openai.OpenAI(api_key="x", base_url=f"{server['url']}/v1", max_retries=0) as client:
+        whole = client.chat.completions.create(model="tiny-lstm", messages=messages,
+                                               max_completion_tokens=20, seed=2)
+        choice = whole.choices[0]
+        assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+        assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+        chunks = list(client.chat.completions.create(
+            model="tiny-lstm", messages=messages, max_completion_tokens=20, seed=2, stream=True,
+            stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            choice.message.content
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        with pytest.raises(openai.BadRequestError) as error:  # an option it cannot honour
+            client.chat.completions.create(model="tiny-lstm", messages=messages, n=2)
+        assert error.value.param == "n"
+
+
 def test_raw_http_errors(server):
     url = server["url"]
     wrong_type = httpx.post(f"{url}/api/generate", content=b'{"model": "tiny-gpt"}',
