@@ -247,7 +247,8 @@ def _json(schema: dict, description: str = "") -> dict:
 
 
 def _errors(shape: str, *codes: int) -> dict:
-    text = {400: "Invalid request (the message names the field)", 401: "Admin token missing",
+    text = {400: "Invalid request (the message names the field)",
+            401: "Key missing or wrong (the admin token for /api/models, else FABLE_API_KEYS)",
             404: "Unknown model or route", 405: "Method not allowed",
             413: "Request body too large", 415: "Content-Type is not application/json",
             429: "Over the client's rate limit (FABLE_RATE_LIMIT); retry later",
@@ -271,7 +272,11 @@ def _post(operation: str, tag: str, summary: str, body: str, responses: dict) ->
     return {"post": {"operationId": operation, "tags": [tag], "summary": summary,
                      "requestBody": {"required": True, "content": {
                          "application/json": {"schema": _ref(body)}}},
-                     "responses": responses}}
+                     "responses": responses, "security": API_KEY}}
+
+
+#: The generation APIs: open, or with FABLE_API_KEYS set, a key
+API_KEY = [{}, {"apiKey": []}]
 
 
 def build_spec(version: str, limits: Limits) -> dict:
@@ -297,7 +302,7 @@ def build_spec(version: str, limits: Limits) -> dict:
                      "content": {"application/x-ndjson": ndjson,
                                  "application/json": {"schema": _ref("GenerateFinal")}},
                      "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
-             **_errors("Error", 400, 404, 413, 415, 429, 500, 503)}),
+             **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)}),
         "/api/chat": _post(
             "chat", "ollama", "Reply to a conversation (Ollama's API)", "ChatRequest",
             {"200": {"description": "NDJSON stream (default) or, with stream false, one JSON "
@@ -305,11 +310,13 @@ def build_spec(version: str, limits: Limits) -> dict:
                      "content": {"application/x-ndjson": chat_ndjson,
                                  "application/json": {"schema": _ref("ChatFinal")}},
                      "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
-             **_errors("Error", 400, 404, 413, 415, 429, 500, 503)}),
+             **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)}),
         "/api/tags": _get("tags", "ollama", "Loaded models (Ollama's list)",
-                          {"200": _json(_ref("Tags"), "Models")}),
+                          {"200": _json(_ref("Tags"), "Models"), **_errors("Error", 401)},
+                          security=API_KEY),
         "/api/version": _get("version", "ollama", "Server version",
-                             {"200": _json(_ref("Version"), "Version")}),
+                             {"200": _json(_ref("Version"), "Version"), **_errors("Error", 401)},
+                             security=API_KEY),
         "/api/models": _get("models", "admin", "Every fact about the loaded models, and load "
                             "errors", {"200": _json(_ref("Models"), "Models"),
                                        **_errors("Error", 401)},
@@ -326,20 +333,21 @@ def build_spec(version: str, limits: Limits) -> dict:
                                     "chunks",
                      "content": {"application/json": {"schema": _ref("Completion")},
                                  "text/event-stream": sse}},
-             **_errors("OpenAIError", 400, 404, 413, 415, 429, 500, 503)}),
+             **_errors("OpenAIError", 400, 401, 404, 413, 415, 429, 500, 503)}),
         "/v1/chat/completions": _post(
             "createChatCompletion", "openai", "Reply to a conversation (OpenAI's API)",
             "ChatCompletionRequest",
             {"200": {"description": "A chat completion, or with stream true a stream of chunks",
                      "content": {"application/json": {"schema": _ref("ChatCompletion")},
                                  "text/event-stream": chat_sse}},
-             **_errors("OpenAIError", 400, 404, 413, 415, 429, 500, 503)}),
+             **_errors("OpenAIError", 400, 401, 404, 413, 415, 429, 500, 503)}),
         "/v1/models": _get("listModels", "openai", "Loaded models (OpenAI's list)",
-                           {"200": _json(_ref("OpenAIModelList"), "Models")}),
+                           {"200": _json(_ref("OpenAIModelList"), "Models"),
+                            **_errors("OpenAIError", 401)}, security=API_KEY),
         "/v1/models/{model}": _get(
             "retrieveModel", "openai", "One model",
-            {"200": _json(_ref("OpenAIModel"), "The model"), **_errors("OpenAIError", 404)},
-            parameters=[{"name": "model", "in": "path", "required": True,
+            {"200": _json(_ref("OpenAIModel"), "The model"), **_errors("OpenAIError", 401, 404)},
+            security=API_KEY, parameters=[{"name": "model", "in": "path", "required": True,
                          "schema": {"type": "string"}}]),
     }
     return {
@@ -349,7 +357,11 @@ def build_spec(version: str, limits: Limits) -> dict:
                                 "OpenAI-compatible generation API."},
         "paths": paths,
         "components": {"schemas": schemas(limits),
-                       "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer",
-                                                          "description": "FABLE_ADMIN_TOKEN, when "
-                                                                         "the server sets one"}}},
+                       "securitySchemes": {
+                           "adminToken": {"type": "http", "scheme": "bearer",
+                                          "description": "FABLE_ADMIN_TOKEN, when the server "
+                                                         "sets one"},
+                           "apiKey": {"type": "http", "scheme": "bearer",
+                                      "description": "One of FABLE_API_KEYS, when the server "
+                                                     "sets them"}}},
     }

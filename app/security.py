@@ -1,5 +1,5 @@
 """The app's security wiring: headers on every response (a strict Content-Security-Policy,
-framing by Hugging Face only), the CSRF Origin check and the rate limit. Why each header
+framing by Hugging Face only), the CSRF Origin check, API keys and CORS, and the rate limit. Why each header
 is what it is: docs/web-app.md.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Flask, Response
 
-from . import csrf, ratelimit
+from . import api_access, csrf, ratelimit
 from .settings import Settings
 
 #: Who may show the pages in a frame: the app itself and Hugging Face (Spaces are shown
@@ -40,6 +40,7 @@ SECURITY_HEADERS = {
 def init_app(app: Flask, settings: Settings) -> None:
     app.after_request(add_security_headers)
     csrf.init_app(app)
+    api_access.init_app(app)
     ratelimit.init_app(app, settings)
 
 

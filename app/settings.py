@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 PREFIX = "FABLE_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_ORIGIN = re.compile(r"^https?://[^/\s,]+/?$", re.IGNORECASE)
 #: Tokens a request gets when it does not say, unless FABLE_MAX_NEW_TOKENS is lower.
 DEFAULT_NEW_TOKENS = 128
 
@@ -118,6 +119,13 @@ class Settings(BaseSettings):
                     f"-1): {DEFAULT_NEW_TOKENS}, or FABLE_MAX_NEW_TOKENS if lower")
     max_body_bytes: Integer = Field(64 * 1024, ge=1024,
                                     description="largest request body; a larger one gets 413")
+    api_keys: Text | None = Field(
+        None, repr=False, description="comma-separated keys (each at least 16 characters); when "
+        "set, the JSON APIs (/api/*, /v1/*) need 'Authorization: Bearer <key>' (the pages, "
+        "/healthz and /openapi.json do not)")
+    cors_origins: Text | None = Field(
+        None, description="comma-separated origins (https://app.example.com) or *: browsers on "
+                          "them may call the JSON APIs; unset: none may (no CORS headers)")
     admin_token: Text | None = Field(
         None, min_length=16, repr=False,  # never shown in logs or tracebacks
         description="when set, /api/models needs 'Authorization: Bearer <token>'; the /admin "
@@ -156,6 +164,30 @@ class Settings(BaseSettings):
             raise _Refused(f"must be auto, cpu, mps, cuda or cuda:N, got {device.lower()!r}")
         return device.lower()
 
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, value: str | None) -> str | None:
+        if value is not None and any(len(key) < 16 for key in _listed(value)):
+            raise _Refused("must list keys of at least 16 characters each, separated by commas")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        for origin in _listed(value or ""):
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise _Refused(f"must be * or origins such as https://app.example.com, got {origin!r}")
+        return value
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        return _listed(self.api_keys or "")
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """Origins as browsers send them: lower-case, no trailing slash."""
+        return tuple(o.lower().rstrip("/") for o in _listed(self.cors_origins or ""))
+
     @model_validator(mode="after")
     def _default_within_maximum(self) -> Settings:
         if self.default_new_tokens > self.max_new_tokens:
@@ -183,6 +215,10 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         return Limits(self.max_prompt_chars, self.max_new_tokens, self.default_new_tokens)
+
+
+def _listed(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _explain(error: Any, values: Mapping[str, Any]) -> str:

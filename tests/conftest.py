@@ -88,6 +88,8 @@ def app_config(checkpoint_dir) -> dict:
         "FABLE_MAX_BODY_BYTES": 64 * 1024,
         "FABLE_ADMIN_TOKEN": "",
         "FABLE_DEFAULT_MODEL": "",
+        "FABLE_API_KEYS": "",
+        "FABLE_CORS_ORIGINS": "",
         "FABLE_MAX_BATCH": 4,
         "FABLE_QUEUE_TIMEOUT_S": 5,
         "FABLE_REQUEST_TIMEOUT_S": 30,

@@ -1,0 +1,81 @@
+"""Who may call the JSON APIs, and from which web pages: API keys and CORS, both opt-in.
+
+``FABLE_API_KEYS``: the generation APIs (``/api/*``, ``/v1/*``) need ``Authorization:
+Bearer <key>``; a missing or wrong key is a 401 in the API's own error shape. The pages
+never need one (they post to their own routes), nor do ``/healthz`` (probes) and
+``/openapi.json``; ``/api/models`` keeps its admin token. Keys are compared in constant
+time, against every key, so the time taken says nothing about which one nearly matched.
+
+``FABLE_CORS_ORIGINS``: browsers on those origins may call the JSON APIs (preflights
+answered, ``Access-Control-Allow-Origin`` on the answers). Unset, no CORS header is ever
+sent, so another site's script cannot read an answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Flask, Response, request
+
+from .settings import get_settings
+from .web import json_error
+
+API_PREFIXES = ("/api", "/v1")
+CORS_PATHS = (*API_PREFIXES, "/healthz", "/openapi.json")
+OPEN_PATHS = ("/api/models",)  # guarded by the admin token instead
+PREFLIGHT_MAX_AGE_S = 600
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_preflight_or_key)
+    app.after_request(_allow_origin)
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _allowed_origin() -> str | None:
+    """The value of Access-Control-Allow-Origin for this request, if any."""
+    origins = get_settings().cors_origin_list
+    origin = request.headers.get("Origin", "").lower().rstrip("/")
+    if not origins or not origin or not _under(request.path, CORS_PATHS):
+        return None
+    return "*" if "*" in origins else origin if origin in origins else None
+
+
+def key_accepted(keys: tuple[str, ...], authorization: str) -> bool:
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given_bytes = given.strip().encode("utf-8")
+    matches = [hmac.compare_digest(given_bytes, key.encode("utf-8")) for key in keys]
+    return any(matches)
+
+
+def _preflight_or_key() -> Response | None:
+    if request.method == "OPTIONS" and _under(request.path, CORS_PATHS):
+        if request.headers.get("Access-Control-Request-Method") and _allowed_origin():
+            response = Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
+            return response
+        return None
+    keys = get_settings().api_key_list
+    if keys and _under(request.path, API_PREFIXES) and not _under(request.path, OPEN_PATHS):
+        if not key_accepted(keys, request.headers.get("Authorization", "")):
+            response = json_error(401, "this API needs a key: send 'Authorization: Bearer <key>'")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+    return None
+
+
+def _allow_origin(response: Response) -> Response:
+    origin = _allowed_origin()
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+    if get_settings().cors_origin_list and "*" not in get_settings().cors_origin_list:
+        response.vary.add("Origin")  # the answer depends on who asks
+    return response
