@@ -67,8 +67,18 @@ def _text(req: GenerationRequest, text: str) -> dict:
     return {"response": text}
 
 
+def _logprobs(stream: GenerationStream, entries) -> dict:
+    """Ollama's ``logprobs`` for these tokens (nothing when the request did not ask)."""
+    if not stream.wants_logprobs:
+        return {}
+    token = stream.token_text
+    return {"logprobs": [{"token": token(e.token_id), "logprob": e.logprob,
+                          "top_logprobs": [{"token": token(i), "logprob": lp} for i, lp in e.top]}
+                         for e in entries]}
+
+
 def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
-           text: str) -> dict:
+           text: str, logprobs: list) -> dict:
     """Ollama's last object: the reason and the counts; durations in nanoseconds
     (load_duration is the wait for a generation slot: models are loaded at start-up)."""
     completion = stream.completion
@@ -83,6 +93,7 @@ def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
         "prompt_eval_duration": first - stream.started_ns,
         "eval_count": completion.completion_tokens,
         "eval_duration": end - first,
+        **_logprobs(stream, logprobs),
     }
 
 
@@ -106,16 +117,16 @@ def _respond(req: GenerationRequest, received: int):
     stream = open_stream(req)
     if not req.stream:
         completion = stream.collect()
-        return jsonify(_final(req, stream, received, completion.text))
+        return jsonify(_final(req, stream, received, completion.text, completion.logprobs or []))
 
     def lines() -> Iterator[str]:
         try:
             for piece in stream:
                 yield _ndjson({"model": req.model, "created_at": _now(), **_text(req, piece),
-                               "done": False})
+                               "done": False, **_logprobs(stream, stream.new_logprobs())})
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")
-            yield _ndjson(_final(req, stream, received, ""))
+            yield _ndjson(_final(req, stream, received, "", stream.new_logprobs()))
         except Exception as e:  # the status line is gone: report in the stream
             log.exception("generation with %s failed mid-stream", req.model)
             yield _ndjson({"error": f"generation failed ({type(e).__name__})"})

@@ -46,6 +46,9 @@ class Ticket:
                  on_end: Callable[[], None] = lambda: None) -> None:
         self.loaded, self.prompt_ids, self.params = loaded, prompt_ids, params
         self.first_piece_ns: int | None = None  # when the loop decoded the first text
+        # the sequence's log-probabilities as the loop appends them (set when it joins;
+        # None unless the request asked), read by the reader's thread as they grow
+        self.logprobs: list | None = None
         self.joined = threading.Event()  # its prompt is in the batch (or it already ended)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -150,6 +153,7 @@ class EngineLoop:
                     t.deliver(Failed(error))
                 continue
             for t, seq in zip(group, seqs):
+                t.logprobs = seq.logprobs
                 t.joined.set()
                 if seq.completion is not None:  # asked for no tokens
                     t.deliver(Finished(seq.completion))

@@ -17,7 +17,7 @@ from flask import Blueprint, jsonify, request
 from .ratelimit import rate_limited
 from .registry import get_registry
 from .schema import GenerationRequest, RequestError, parse_openai_chat, parse_openai_completion
-from .service import ServiceError
+from .service import GenerationStream, ServiceError
 from .settings import get_settings
 from .web import openai_error, open_stream, read_json_object, retry_headers, streamed
 
@@ -45,10 +45,23 @@ def _sse(obj: dict | str) -> str:
 @rate_limited
 def completions():
     req = parse_openai_completion(read_json_object(request), get_settings().limits)
+    offset = len(req.prompt)  # text_offset counts from the prompt's start, as OpenAI's does
 
-    def choice(text: str, finish_reason: str | None, first: bool = False) -> dict:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-    return _respond(req, "cmpl", "text_completion", "text_completion", choice)
+    def logprobs(stream: GenerationStream, entries: list) -> dict:
+        nonlocal offset
+        tokens = [stream.token_text(e.token_id) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{stream.token_text(i): lp for i, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def choice(text: str, finish_reason: str | None, logprobs: dict | None,
+               first: bool = False) -> dict:
+        return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _respond(req, "cmpl", "text_completion", "text_completion", choice, logprobs)
 
 
 @bp.post("/chat/completions")
@@ -57,20 +70,34 @@ def chat_completions():
     req = parse_openai_chat(read_json_object(request), get_settings().limits)
     whole = not req.stream
 
-    def choice(text: str, finish_reason: str | None, first: bool = False) -> dict:
+    def entry(stream: GenerationStream, token_id: int, logprob: float) -> dict:
+        token = stream.token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    def logprobs(stream: GenerationStream, entries: list) -> dict:
+        return {"content": [{**entry(stream, e.token_id, e.logprob),
+                             "top_logprobs": [entry(stream, i, lp) for i, lp in e.top]}
+                            for e in entries], "refusal": None}
+
+    def choice(text: str, finish_reason: str | None, logprobs: dict | None,
+               first: bool = False) -> dict:
         if whole:
             return {"index": 0, "message": {"role": "assistant", "content": text},
-                    "logprobs": None, "finish_reason": finish_reason}
+                    "logprobs": logprobs, "finish_reason": finish_reason}
         # a stream's first delta names the role; the last one (finish_reason set) is empty
         delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return _respond(req, "chatcmpl", "chat.completion", "chat.completion.chunk", choice)
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _respond(req, "chatcmpl", "chat.completion", "chat.completion.chunk", choice, logprobs)
 
 
 def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_object: str,
-             choice: Callable[..., dict]):
-    """A completion, or its stream of chunks (server-sent events), in OpenAI's shape."""
+             choice: Callable[..., dict], logprobs: Callable[[GenerationStream, list], dict]):
+    """A completion, or its stream of chunks (server-sent events), in OpenAI's shape;
+    ``logprobs`` formats token log-probabilities (null when the request did not ask)."""
     stream = open_stream(req)
+
+    def asked(entries: list | None) -> dict | None:
+        return logprobs(stream, entries or []) if stream.wants_logprobs else None
     head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": whole_object,
             "created": int(time.time()), "model": req.model}
 
@@ -81,7 +108,8 @@ def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_objec
 
     if not req.stream:
         completion = stream.collect()
-        return jsonify({**head, "choices": [choice(completion.text, completion.finish_reason)],
+        return jsonify({**head, "choices": [choice(completion.text, completion.finish_reason,
+                                                   asked(completion.logprobs))],
                         "usage": usage()})
 
     head["object"] = chunk_object
@@ -92,10 +120,12 @@ def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_objec
     def events() -> Iterator[str]:
         try:
             for number, piece in enumerate(stream):
-                yield _sse({**head, "choices": [choice(piece, None, number == 0)], **extra})
+                yield _sse({**head, "choices": [choice(piece, None, asked(stream.new_logprobs()),
+                                                       number == 0)], **extra})
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")
-            yield _sse({**head, "choices": [choice("", stream.completion.finish_reason)], **extra})
+            yield _sse({**head, "choices": [choice("", stream.completion.finish_reason,
+                                                   asked(stream.new_logprobs()))], **extra})
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": usage()})
             yield _sse("[DONE]")

@@ -25,11 +25,27 @@ class _Shape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class OllamaTokenLogprob(_Shape):
+    token: str
+    logprob: float
+
+
+class OllamaLogprob(OllamaTokenLogprob):
+    """A generated token's log-probability under the model (before temperature and the
+    other processors), and the likeliest tokens at its position"""
+    top_logprobs: list[OllamaTokenLogprob]
+
+
+OllamaLogprobs = Annotated[list[OllamaLogprob] | None,
+                           Field(description="With logprobs true: the tokens of this object")]
+
+
 class GenerateChunk(_Shape):
     model: str
     created_at: datetime
     response: str
     done: Literal[False]
+    logprobs: OllamaLogprobs = None
 
 
 class GenerateFinal(_Shape):
@@ -45,6 +61,7 @@ class GenerateFinal(_Shape):
     prompt_eval_duration: Count
     eval_count: Count
     eval_duration: Count
+    logprobs: OllamaLogprobs = None
 
 
 class AssistantMessage(_Shape):
@@ -57,6 +74,7 @@ class ChatChunk(_Shape):
     created_at: datetime
     message: AssistantMessage
     done: Literal[False]
+    logprobs: OllamaLogprobs = None
 
 
 class ChatFinal(_Shape):
@@ -72,6 +90,7 @@ class ChatFinal(_Shape):
     prompt_eval_duration: Count
     eval_count: Count
     eval_duration: Count
+    logprobs: OllamaLogprobs = None
 
 
 class Error(_Shape):
@@ -128,10 +147,19 @@ class Health(_Shape):
     active: Count = 0
 
 
+class CompletionLogprobs(_Shape):
+    """With logprobs n: each token, its log-probability, the n likeliest tokens at its
+    position (a token -> log-probability map) and where it starts in prompt + text"""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[Count]
+
+
 class CompletionChoice(_Shape):
     text: str
     index: Literal[0]
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Reason | None
 
 
@@ -152,10 +180,26 @@ class Completion(_Shape):
     usage: Usage | None = None
 
 
+class ChatTokenLogprob(_Shape):
+    token: str
+    logprob: float
+    bytes: list[Annotated[int, Field(ge=0, le=255)]]
+
+
+class ChatLogprob(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]
+
+
+class ChatLogprobs(_Shape):
+    """With logprobs true (and top_logprobs n): each token of the text"""
+    content: list[ChatLogprob]
+    refusal: None = None
+
+
 class ChatCompletionChoice(_Shape):
     index: Literal[0]
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: Reason
 
 
@@ -176,7 +220,7 @@ class ChatDelta(_Shape):
 class ChatChunkChoice(_Shape):
     index: Literal[0]
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: Reason | None
 
 

@@ -21,7 +21,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError, core_schema
 
 from models_src.chat import ROLES, Message
-from models_src.sampling import SamplingParams
+from models_src.sampling import MAX_LOGPROBS, SamplingParams
 
 from .settings import Limits
 
@@ -298,6 +298,15 @@ class _CompletionBody(_Body):
         "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}})
 
 
+class _ChatCompletionBody(_Body):
+    # As OpenAI's: stream_options needs stream true, and top_logprobs (above 0) logprobs true.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _CompletionBody.model_config["json_schema_extra"],
+        {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                "required": ["top_logprobs"]},
+         "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}]})
+
+
 @dataclass(frozen=True)
 class RequestModels:
     """The request models for one set of limits (the running server's)."""
@@ -315,6 +324,9 @@ def request_models(limits: Limits) -> RequestModels:
     text = Annotated[str, Field(json_schema_extra={"maxLength": chars}),
                      BeforeValidator(_valid_unicode)]
     suffix = Annotated[text | None, _texts_within(chars, "prompt", "suffix")]
+    top_logprobs = integer(ge=0, le=MAX_LOGPROBS, description=(
+        "Alternatives given at each position when logprobs is true (ignored otherwise, as "
+        "Ollama does)"))
     ollama_options = create_model(
         "OllamaOptions", __base__=_Body,
         __doc__="Ollama's options; unknown ones are ignored. They win over the same "
@@ -332,6 +344,8 @@ def request_models(limits: Limits) -> RequestModels:
         stream=(bool | None, True),
         format=(Neutral(("", []), "'format' is not supported by this server"), None),
         images=(Neutral(("", []), "'images' is not supported by this server"), None),
+        logprobs=(bool | None, Field(None, description="Each token's log-probability")),
+        top_logprobs=(top_logprobs, None),
         options=(ollama_options | None, None),
         **_sampling(limits, CANONICAL))
     stream_options = create_model("StreamOptions", __base__=_Body,
@@ -351,8 +365,10 @@ def request_models(limits: Limits) -> RequestModels:
                                   BeforeValidator(_stream_options_need_stream)], None),
         n=(Neutral((1,), "'n': only n=1 is supported"), None),
         best_of=(Neutral((1,), "'best_of': only best_of=1 is supported"), None),
-        echo=(Neutral((False,), "'echo': echo=true is not supported"), None),
-        logprobs=(Neutral((0,), "'logprobs': logprobs are not supported"), None),
+        echo=(Neutral((False,), "'echo': echo=true is not supported (the prompt's "
+                                "log-probabilities would need a second pass)"), None),
+        logprobs=(integer(ge=0, le=MAX_LOGPROBS, description=(
+            "Each token's log-probability and this many alternatives")), None),
         presence_penalty=(Annotated[number(ge=-2, le=2), _zero_only("presence_penalty"),
                                     zero_only], None),
         frequency_penalty=(Annotated[number(ge=-2, le=2), _zero_only("frequency_penalty"),
@@ -382,12 +398,12 @@ def request_models(limits: Limits) -> RequestModels:
         model=(ModelName, ...), messages=(messages, ...), stream=(bool | None, True),
         format=(Neutral(("", []), "'format' is not supported by this server"), None),
         tools=(Neutral(([],), "'tools' are not supported by this server"), None),
-        logprobs=(Neutral((False,), "'logprobs' are not supported by this server"), None),
-        top_logprobs=(Neutral((0,), "'top_logprobs' are not supported by this server"), None),
+        logprobs=(bool | None, Field(None, description="Each token's log-probability")),
+        top_logprobs=(top_logprobs, None),
         options=(ollama_options | None, None),
         **_sampling(limits, CANONICAL))
     chat_completion = create_model(
-        "ChatCompletionRequest", __base__=_CompletionBody,
+        "ChatCompletionRequest", __base__=_ChatCompletionBody,
         __doc__="OpenAI's chat completion request; top_k and repetition_penalty are extras "
                 "(as in vLLM). max_completion_tokens wins over max_tokens.",
         model=(ModelName, ...),
@@ -398,8 +414,9 @@ def request_models(limits: Limits) -> RequestModels:
                                   BeforeValidator(_stream_options_need_stream)], None),
         max_completion_tokens=(integer(ge=1, le=limits.max_new_tokens), None),
         n=(Neutral((1,), "'n': only n=1 is supported"), None),
-        logprobs=(Neutral((False,), "'logprobs': logprobs are not supported"), None),
-        top_logprobs=(Neutral((0,), "'top_logprobs': logprobs are not supported"), None),
+        logprobs=(bool | None, Field(None, description="Each token's log-probability")),
+        top_logprobs=(Annotated[integer(ge=0, le=MAX_LOGPROBS, description=(
+            "Alternatives given at each position; needs logprobs true")), _needs_logprobs], None),
         presence_penalty=(Annotated[number(ge=-2, le=2), _zero_only("presence_penalty"),
                                     zero_only], None),
         frequency_penalty=(Annotated[number(ge=-2, le=2), _zero_only("frequency_penalty"),
@@ -421,6 +438,15 @@ def request_models(limits: Limits) -> RequestModels:
               Field(None, validate_default=True)),
         **_sampling(limits, CANONICAL))
     return RequestModels(generate, completion, chat, chat_completion, generate_form, infill_form)
+
+
+def _top_logprobs_need_logprobs(value: Any, info: ValidationInfo) -> Any:
+    if value not in (None, 0) and info.data.get("logprobs") is not True:
+        raise _refuse(message="'top_logprobs' needs 'logprobs': true")
+    return value
+
+
+_needs_logprobs = AfterValidator(_top_logprobs_need_logprobs)
 
 
 def _zero_only(field: str) -> AfterValidator:
@@ -564,7 +590,8 @@ def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> Generation
     """Ollama's ``POST /api/generate`` body (plus the library's names at top level);
     ``options`` win over top-level settings, and are checked after them."""
     req = validate(request_models(limits).generate, body, nested_last="options")
-    values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS)}
+    values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS),
+              **_logprobs(req)}
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None,
                              req.stream is not False, make_params(values, limits))
 
@@ -573,9 +600,16 @@ def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> Generati
     """OpenAI's ``POST /v1/completions`` body."""
     req = validate(request_models(limits).completion, body)
     values = sampling_values(req, OPENAI_FIELDS)
+    if req.logprobs is not None:
+        values["logprobs"] = req.logprobs
     usage = req.stream_options is not None and req.stream_options.include_usage is True
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
                              make_params(values, limits), usage)
+
+
+def _logprobs(req: BaseModel) -> dict[str, int]:
+    """``logprobs: true`` (+ ``top_logprobs``) as SamplingParams' ``logprobs``."""
+    return {"logprobs": req.top_logprobs or 0} if req.logprobs is True else {}
 
 
 def _messages(req: BaseModel) -> tuple[Message, ...]:
@@ -585,7 +619,8 @@ def _messages(req: BaseModel) -> tuple[Message, ...]:
 def parse_ollama_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
     """Ollama's ``POST /api/chat`` body; settings as in ``parse_ollama_generate``."""
     req = validate(request_models(limits).chat, body, nested_last="options")
-    values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS)}
+    values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS),
+              **_logprobs(req)}
     return GenerationRequest(req.model, "", None, req.stream is not False,
                              make_params(values, limits), messages=_messages(req))
 
@@ -593,7 +628,7 @@ def parse_ollama_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequ
 def parse_openai_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
     """OpenAI's ``POST /v1/chat/completions`` body."""
     req = validate(request_models(limits).chat_completion, body)
-    values = sampling_values(req, OPENAI_FIELDS)
+    values = {**sampling_values(req, OPENAI_FIELDS), **_logprobs(req)}
     if req.max_completion_tokens is not None:
         values["max_new_tokens"] = req.max_completion_tokens
     usage = req.stream_options is not None and req.stream_options.include_usage is True

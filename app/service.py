@@ -25,7 +25,7 @@ from flask import current_app
 
 from models_src.chat import TRANSCRIPT_TEMPLATE, ChatTemplate, ChatTemplateError, Message, checked
 from models_src.infill import infill_params, infill_prompt_ids
-from models_src.sampling import Completion, SamplingParams
+from models_src.sampling import Completion, SamplingParams, TokenLogprob
 
 from .engine_loop import EngineLoop, Failed, Finished, Ticket
 from .registry import LoadedModel, ModelRegistry
@@ -88,7 +88,8 @@ class GenerationStream:
 
     def __init__(self, model_name: str, ticket: Ticket, *, deadline: float,
                  clock: Callable[[], float], prompt_tokens: int, encode: Callable[[str], list[int]],
-                 queued_ns: int = 0, strip: bool = False) -> None:
+                 queued_ns: int = 0, strip: bool = False,
+                 decode: Callable[[list[int]], str] | None = None) -> None:
         self.model_name = model_name
         self.completion: Completion | None = None
         self.timed_out = False
@@ -98,8 +99,10 @@ class GenerationStream:
         self.finished_ns: int | None = None
         self._ticket: Ticket | None = ticket
         self._deadline, self._clock = deadline, clock
-        self._prompt_tokens, self._encode = prompt_tokens, encode
+        self._prompt_tokens, self._encode, self._decode = prompt_tokens, encode, decode
         self._strip = strip
+        self._logprobs = ticket.logprobs  # grows as the loop decodes (None: not asked for)
+        self._logprobs_taken = 0
         self._held = ""  # whitespace not yet handed out (strip mode)
         self._pieces: list[str] = []
 
@@ -156,6 +159,23 @@ class GenerationStream:
         """The text handed out so far."""
         return "".join(self._pieces)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self._logprobs is not None
+
+    def new_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities decoded since the last call: a streamed chunk carries
+        those of the tokens behind it (and any decoded while it was on its way)."""
+        if self._logprobs is None:
+            return []
+        entries = self._logprobs[self._logprobs_taken:]
+        self._logprobs_taken += len(entries)
+        return entries
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (a byte-level piece of a character shows as U+FFFD)."""
+        return self._decode([token_id]) if self._decode is not None else ""
+
     def _time_out(self) -> None:
         self.timed_out = True
         text = self.text
@@ -166,7 +186,8 @@ class GenerationStream:
         log.warning("generation with %s hit the request deadline after %d characters",
                     self.model_name, len(text))
         ids = self._encode(text)
-        self._end(Completion(text, ids, "length", self._prompt_tokens, len(ids)))
+        logprobs = None if self._logprobs is None else list(self._logprobs)
+        self._end(Completion(text, ids, "length", self._prompt_tokens, len(ids), logprobs))
 
     def _end(self, completion: Completion | None) -> None:
         self.completion = completion
@@ -315,7 +336,7 @@ class GenerationService:
         return GenerationStream(
             loaded.name, ticket, deadline=self._clock() + self.request_timeout_s,
             clock=self._clock, prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
-            queued_ns=time.perf_counter_ns() - waited, strip=strip)
+            queued_ns=time.perf_counter_ns() - waited, strip=strip, decode=loaded.tokenizer.decode)
 
 
 def get_service() -> GenerationService:

@@ -24,8 +24,8 @@ from dataclasses import replace
 
 import torch
 
-from .sampling import (Completion, RowSettings, SamplingParams, TextStream, Tokenizer, make_generator,
-                       sample, uniforms)
+from .sampling import (Completion, RowSettings, SamplingParams, TextStream, TokenLogprob, Tokenizer,
+                       make_generator, sample, token_logprobs, uniforms)
 
 #: U[0, 1) draws a row fetches from its generator at once (see Sequence.uniform)
 DRAW_CHUNK = 64
@@ -46,6 +46,7 @@ class Sequence:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
             self.seen[0, prompt_ids] = True
         self.generated = 0  # tokens sampled, eos included
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.filled = 0  # tokens the state holds (the context limit counts them)
         self.completion: Completion | None = None
 
@@ -56,14 +57,17 @@ class Sequence:
             self._draws = uniforms(DRAW_CHUNK, self.generator, "cpu").view(-1).tolist()[::-1]
         return self._draws.pop()
 
-    def accept(self, token: int) -> tuple[str, str | None]:
-        """Take one sampled token; return the new text and the finish reason (None: goes on)."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> tuple[str, str | None]:
+        """Take one sampled token (and its log-probability, when the row asked); return
+        the new text and the finish reason (None: goes on)."""
         self.generated += 1
         if self.seen is not None:
             self.seen[0, token] = True
         text, limit = self.stream, self.params.max_new_tokens
         if token == self.eos_id:
             return text.flush(), "stop"
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         piece = text.push(token)
         if not text.stopped and len(text.ids) == limit:
             piece += text.flush()
@@ -71,7 +75,8 @@ class Sequence:
 
     def _finish(self, reason: str) -> None:
         s = self.stream
-        self.completion = Completion(s.text, s.ids, reason, len(self.prompt_ids), self.generated)
+        self.completion = Completion(s.text, s.ids, reason, len(self.prompt_ids), self.generated,
+                                     self.logprobs)
 
 
 class Batch:
@@ -135,10 +140,11 @@ class Batch:
         with torch.inference_mode():
             logits = self._forward()
             tokens = self._sample(logits)
+            logprobs = self._logprobs(logits, tokens)
         ctx = self.model.max_context
         events, keep, reprime = [], [], []
         for s, token in zip(self._running, tokens.tolist()):  # the one host sync per step
-            piece, reason = s.accept(token)
+            piece, reason = s.accept(token, logprobs.get(s))
             full = reason is None and ctx is not None and s.filled + 1 > ctx  # no room for its token
             if reason is not None:
                 s._finish(reason)
@@ -188,6 +194,17 @@ class Batch:
             u = torch.tensor([0.0 if g else s.uniform() for s, g in zip(running, rows.greedy_list)],
                              device=logits.device)[:, None]
         return sample(logits, rows, u, seen)
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> dict[Sequence, TokenLogprob]:
+        """Log-probabilities for the rows that asked for them, and only those."""
+        asking = [i for i, s in enumerate(self._running) if s.params.logprobs is not None]
+        if not asking:
+            return {}
+        index = torch.tensor(asking, device=logits.device)
+        top = max(self._running[i].params.logprobs for i in asking)
+        entries = token_logprobs(logits[index], tokens[index], top)
+        return {self._running[i]: replace(e, top=e.top[:self._running[i].params.logprobs])
+                for i, e in zip(asking, entries)}
 
     def _keep(self, mask: list[bool]) -> None:
         """Keep the running rows where ``mask`` is true."""

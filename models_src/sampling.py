@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+MAX_LOGPROBS = 20  # alternatives a row may ask for at each position (OpenAI's limit)
 GREEDY_BELOW = 1e-4  # dividing float32 logits by a smaller temperature overflows to inf
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for bytes that are not (yet) a character
 
@@ -40,6 +41,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # the text is cut before the first match
     seed: int | None = None  # None: fresh entropy each call
     ignore_eos: bool = False  # keep going past eos (benchmarks that need exact lengths)
+    # None: no log-probabilities; n: each token's, and the n likeliest alternatives'
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # a lone string would otherwise be split into characters
@@ -58,6 +61,10 @@ class SamplingParams:
                              f"got {self.repetition_penalty}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None), "
+                             f"got {self.logprobs}")
 
 
 def _is_int(value) -> bool:
@@ -74,12 +81,37 @@ def float32_safe(factor: float) -> float:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model's own distribution (before
+    temperature, top-k/top-p and the repetition penalty, as vLLM reports by default), and
+    the likeliest tokens at its position, best first."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
     text: str  # cut before a stop string; never contains eos
     token_ids: list[int]  # generated ids without eos (a matched stop string's tokens included)
     finish_reason: str  # "stop" (eos or stop string) or "length" (max_new_tokens)
     prompt_tokens: int  # ids in the prompt, bos included
     completion_tokens: int  # tokens the model generated for this row, eos included
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each row's picked token's log-probability, with its ``top`` likeliest alternatives;
+    ``logits`` (R, V) are the raw ones, for only the rows that asked."""
+    # -9999 stands for "impossible", as OpenAI's API has it: JSON has no -inf
+    logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-9999.0)
+    picked = logp.gather(1, tokens[:, None]).view(-1).tolist()
+    ids = tokens.tolist()
+    if not top:
+        return [TokenLogprob(i, lp) for i, lp in zip(ids, picked)]
+    values, indices = logp.topk(min(top, logp.size(-1)), dim=-1)
+    return [TokenLogprob(i, lp, list(zip(ix, vs)))
+            for i, lp, ix, vs in zip(ids, picked, indices.tolist(), values.tolist())]
 
 
 # --- logit processing: pure functions on (B, V) float logits -----------------------------

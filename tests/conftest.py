@@ -124,6 +124,7 @@ class ScriptedTicket:
     each), then a completion, or raises ``error`` after the pieces."""
 
     first_piece_ns = None
+    logprobs = None
 
     def __init__(self, pieces, delay=0.0, error=None, reason="stop"):
         from app.engine_loop import Failed, Finished

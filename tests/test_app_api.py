@@ -447,8 +447,9 @@ EXACT_MESSAGES = [
                                                             "-2 and 2, got 1.84467e+19"),
     (CMPL, {"model": "m", "temperature": -2}, "'temperature' must be between 0 and 2, got -2"),
     (CMPL, {"model": "m", "stream": "yes"}, "'stream' must be true or false, got \"yes\""),
-    (CMPL, {"model": "m", "echo": ""}, "'echo': echo=true is not supported"),
-    (CMPL, {"model": "m", "logprobs": {}}, "'logprobs': logprobs are not supported"),
+    (CMPL, {"model": "m", "echo": ""}, "'echo': echo=true is not supported (the prompt's "
+                                       "log-probabilities would need a second pass)"),
+    (CMPL, {"model": "m", "logprobs": {}}, "'logprobs' must be an integer, got an object"),
     (CMPL, {"model": "m", "n": [1, 2], "top_p": ["a"]}, "'n': only n=1 is supported"),
     (CMPL, {"model": "m", "stream": True, "stream_options": {"include_usage": "yes"}},
      "'stream_options.include_usage' must be true or false, got \"yes\""),
@@ -694,7 +695,7 @@ def test_completion_suffix_infills(client):
     ({"n": True}, "n"),
     ({"best_of": 3}, "best_of"),
     ({"echo": True}, "echo"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -828,7 +829,7 @@ def test_random_bodies_get_documented_answers_never_a_500(make_app, spec):
              "repeat_penalty": penalty,
              "stop": st.lists(st.text(min_size=1, max_size=3), max_size=4),
              "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-             "n": st.just(1), "echo": st.just(False), "logprobs": st.none(),
+             "n": st.just(1), "echo": st.just(False), "logprobs": st.none() | st.integers(0, 3),
              "presence_penalty": st.just(0), "best_of": st.just(1), "logit_bias": st.just({}),
              "mirostat": st.integers()}
 

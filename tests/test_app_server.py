@@ -206,6 +206,13 @@ def test_ollama_client_chat(server):
         reply = client.chat(model="endless", messages=messages, options={"num_predict": 3,
                                                                          "temperature": 0})
         assert reply.message.content == ENDLESS_CHAR * 3
+        scored = client.chat(model="tiny-gpt", messages=messages, options=options, logprobs=True,
+                             top_logprobs=2)
+        assert scored.message.content == whole.message.content  # asking changes nothing else
+        assert scored.logprobs and all(len(e.top_logprobs) == 2 and e.logprob <= 0
+                                       for e in scored.logprobs)
+        generated = client.generate(model="tiny-gpt", prompt="Once", options=options, logprobs=True)
+        assert generated.logprobs and generated.logprobs[0].top_logprobs == []
         with pytest.raises(ollama.ResponseError) as error:  # an option it cannot honour
             client.chat(model="tiny-gpt", messages=messages, format="json")
         assert error.value.status_code == 400 and "'format' is not supported" in error.value.error
@@ -230,6 +237,16 @@ def test_openai_client_chat(server):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
             choice.message.content
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        scored = client.chat.completions.create(model="tiny-lstm", messages=messages,
+                                                max_completion_tokens=20, seed=2, logprobs=True,
+                                                top_logprobs=3)
+        content = scored.choices[0].logprobs.content
+        assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+        completion = client.completions.create(model="tiny-lstm", prompt="Once", max_tokens=10,
+                                               seed=2, logprobs=2)
+        logprobs = completion.choices[0].logprobs
+        assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs)
+        assert logprobs.text_offset[0] == len("Once")
         with pytest.raises(openai.BadRequestError) as error:  # an option it cannot honour
             client.chat.completions.create(model="tiny-lstm", messages=messages, n=2)
         assert error.value.param == "n"

@@ -328,3 +328,44 @@ def test_a_removed_sequence_that_has_not_joined_yet_never_runs():
     while batch:
         assert [s for s, _ in batch.step()] == [kept]
     assert dropped.completion is None and dropped.generated == 0
+
+
+# ---- log-probabilities ------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_log_probabilities_are_the_model_s_own_and_change_nothing_else(arch):
+    model = make(arch)
+    ids = prompt(6, 1, arch)
+    params = SamplingParams(max_new_tokens=5, temperature=0.7, top_k=10, seed=3)
+    plain = alone(model, ids, params)
+    scored = alone(model, ids, dataclasses.replace(params, logprobs=3))
+    assert scored.text == plain.text and plain.logprobs is None
+    assert [e.token_id for e in scored.logprobs] == scored.token_ids
+    context = list(ids)
+    for entry in scored.logprobs:  # each figure is log_softmax of the model's logits then
+        with torch.no_grad():
+            logits = model(torch.tensor([context]))[0][0, -1]
+        expected = torch.log_softmax(logits.float(), -1)
+        assert entry.logprob == pytest.approx(expected[entry.token_id].item(), abs=1e-4)
+        best = expected.topk(3)
+        assert [i for i, _ in entry.top] == best.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        context.append(entry.token_id)
+
+
+def test_only_the_rows_that_ask_get_log_probabilities():
+    model = make("gpt")
+    batch = Batch(model, TOK)
+    asks, quiet, more = batch.add([(prompt(4, 1, "gpt"), SamplingParams(max_new_tokens=4, seed=1, logprobs=0)),
+                                   (prompt(5, 2, "gpt"), SamplingParams(max_new_tokens=4, seed=2)),
+                                   (prompt(3, 3, "gpt"), SamplingParams(max_new_tokens=4, seed=3, logprobs=2))])
+    while batch:
+        batch.step()
+    assert quiet.completion.logprobs is None
+    assert [len(e.top) for e in asks.completion.logprobs] == [0] * 4
+    assert [len(e.top) for e in more.completion.logprobs] == [2] * 4
+
+
+def test_logprobs_are_bounded():
+    with pytest.raises(ValueError, match="logprobs must be an integer in"):
+        SamplingParams(logprobs=21)
