@@ -291,16 +291,18 @@ class _Body(BaseModel):
 
 
 class _CompletionBody(_Body):
-    # As OpenAI's: stream_options (when not null) is refused unless stream is true.
-    model_config = ConfigDict(json_schema_extra={
+    # As OpenAI's: an argument it does not know is refused, and stream_options (when not
+    # null) is refused unless stream is true.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
         "if": {"properties": {"stream_options": {"type": "object"}},
                "required": ["stream_options"]},
         "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}})
 
 
 class _ChatCompletionBody(_Body):
-    # As OpenAI's: stream_options needs stream true, and top_logprobs (above 0) logprobs true.
-    model_config = ConfigDict(json_schema_extra={"allOf": [
+    # As OpenAI's: unknown arguments are refused, stream_options needs stream true, and
+    # top_logprobs (above 0) logprobs true.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
         _CompletionBody.model_config["json_schema_extra"],
         {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
                 "required": ["top_logprobs"]},
@@ -329,13 +331,17 @@ def request_models(limits: Limits) -> RequestModels:
         "Ollama does)"))
     ollama_options = create_model(
         "OllamaOptions", __base__=_Body,
-        __doc__="Ollama's options; unknown ones are ignored. They win over the same "
-                "settings given at the top level.",
-        **_sampling(limits, OLLAMA_OPTIONS, server_default=-1))
+        __doc__="Ollama's options. They win over the same settings given at the top level. "
+                "Sampling options this server cannot honour pass only at their neutral "
+                "values; llama.cpp's runtime options (num_ctx, num_batch, num_gpu, num_thread, "
+                "use_mmap, ...) are ignored, and so are unknown ones, as Ollama ignores them.",
+        **_sampling(limits, OLLAMA_OPTIONS, server_default=-1),
+        **_unsupported_options())
     generate = create_model(
         "GenerateRequest", __base__=_Body,
-        __doc__="Ollama's generate request; system, template, raw, keep_alive, think, "
-                "context are ignored",
+        __doc__="Ollama's generate request. The prompt is always given to the model as it is "
+                "(raw); keep_alive is ignored (every model stays loaded); unknown fields are "
+                "ignored, as Ollama ignores them.",
         model=(ModelName, ...),
         prompt=(text | None, Field(None, description="Empty: start from the beginning")),
         suffix=(suffix, Field(None, validate_default=True, description=(
@@ -344,6 +350,15 @@ def request_models(limits: Limits) -> RequestModels:
         stream=(bool | None, True),
         format=(Neutral(("", []), "'format' is not supported by this server"), None),
         images=(Neutral(("", []), "'images' is not supported by this server"), None),
+        system=(Neutral(("",), "'system' is not supported by /api/generate (the prompt is "
+                               "used as it is); send a system message to /api/chat"), None),
+        template=(Neutral(("",), "'template' is not supported: the prompt is used as it is"),
+                  None),
+        context=(Neutral(([],), "'context' is not supported (Ollama deprecated it); send "
+                                "the text as the prompt"), None),
+        raw=(bool | None, Field(None, description="Always raw here: the prompt is not templated")),
+        think=(Neutral((False,), "'think': these models do not think"), None),
+        keep_alive=(Any, Field(None, description="Ignored: every model stays loaded")),
         logprobs=(bool | None, Field(None, description="Each token's log-probability")),
         top_logprobs=(top_logprobs, None),
         options=(ollama_options | None, None),
@@ -394,8 +409,11 @@ def request_models(limits: Limits) -> RequestModels:
                          _messages_within(chars)]
     chat = create_model(
         "ChatRequest", __base__=_Body,
-        __doc__="Ollama's chat request; keep_alive and think are ignored",
+        __doc__="Ollama's chat request; keep_alive is ignored (every model stays loaded), and "
+                "so are unknown fields, as Ollama ignores them",
         model=(ModelName, ...), messages=(messages, ...), stream=(bool | None, True),
+        think=(Neutral((False,), "'think': these models do not think"), None),
+        keep_alive=(Any, Field(None, description="Ignored: every model stays loaded")),
         format=(Neutral(("", []), "'format' is not supported by this server"), None),
         tools=(Neutral(([],), "'tools' are not supported by this server"), None),
         logprobs=(bool | None, Field(None, description="Each token's log-probability")),
@@ -426,6 +444,16 @@ def request_models(limits: Limits) -> RequestModels:
                          None),
         tools=(Neutral(([],), "'tools' are not supported by this server"), None),
         tool_choice=(Neutral(("none",), "'tool_choice': tools are not supported"), None),
+        parallel_tool_calls=(bool | None, Field(None, description="Ignored: there are no tools")),
+        modalities=(Neutral((["text"],), "'modalities': only text is supported"), None),
+        audio=(Neutral(({},), "'audio' is not supported by this server"), None),
+        prediction=(Neutral(({},), "'prediction' is not supported by this server"), None),
+        reasoning_effort=(Neutral((), "'reasoning_effort': these models do not reason"), None),
+        web_search_options=(Neutral(({},), "'web_search_options' is not supported"), None),
+        store=(Neutral((False,), "'store': completions are not stored here"), None),
+        metadata=(Any, Field(None, description="Ignored (OpenAI keeps it with stored "
+                                               "completions; nothing is stored here)")),
+        service_tier=(Any, Field(None, description="Ignored: there is one tier")),
         **_sampling(limits, OPENAI_FIELDS, max_temperature=2.0),
         user=(Any, Field(None, description="Ignored")))
     generate_form = create_model(
@@ -447,6 +475,17 @@ def _top_logprobs_need_logprobs(value: Any, info: ValidationInfo) -> Any:
 
 
 _needs_logprobs = AfterValidator(_top_logprobs_need_logprobs)
+
+
+def _unsupported_options() -> dict[str, Any]:
+    """Ollama's sampling options this server does not have: each passes only at the value
+    that turns it off (Ollama's default for all but repeat_last_n, whose -1, the whole
+    text, is what the repetition penalty here covers)."""
+    neutral = {"min_p": (0,), "typical_p": (1,), "tfs_z": (1,), "mirostat": (0,),
+               "presence_penalty": (0,), "frequency_penalty": (0,), "repeat_last_n": (-1,)}
+    return {name: (Neutral(values, f"'options.{name}' is not supported by this server; send "
+                                   f"{values[0]} or leave it out"), None)
+            for name, values in neutral.items()}
 
 
 def _zero_only(field: str) -> AfterValidator:
@@ -509,6 +548,8 @@ def _explain(model: type[BaseModel], error: Any, values: Mapping[str, Any]) -> t
         text = f"must be a string, got {_got(value)}"
     elif kind == "bool_type":
         text = f"must be true or false, got {_got(value)}"
+    elif kind == "extra_forbidden":  # OpenAI's own words
+        return name, f"Unrecognized request argument supplied: {name}"
     elif kind == "literal_error":
         text = f"must be {ctx['expected']}, got {_got(value)}"
     elif kind == "too_short":

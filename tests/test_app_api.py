@@ -259,10 +259,38 @@ def test_options_win_over_top_level_settings(client):
             == text(temperature=0, seed=1))
 
 
-def test_unknown_options_and_fields_are_ignored(client):
-    response = generate(client, model="endless", system="be brief", keep_alive="5m", raw=True,
-                        options={"num_predict": 2, "mirostat": 2, "num_ctx": 2048})
+def test_ollama_ignores_runtime_and_unknown_options_as_ollama_does(client):
+    response = generate(client, model="endless", keep_alive="5m", raw=True, unknown=1,
+                        options={"num_predict": 2, "mirostat": 0, "num_ctx": 2048, "num_gpu": 1})
     assert response.status_code == 200 and response.json["response"] == ENDLESS_CHAR * 2
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"options": {"mirostat": 2}}, "'options.mirostat' is not supported by this server; send 0"),
+    ({"options": {"min_p": 0.05}}, "'options.min_p' is not supported by this server; send 0"),
+    ({"options": {"repeat_last_n": 64}}, "'options.repeat_last_n' is not supported by this "
+                                          "server; send -1"),
+    ({"system": "Be brief."}, "'system' is not supported by /api/generate"),
+    ({"template": "{{ .Prompt }}"}, "'template' is not supported"),
+    ({"context": [1, 2]}, "'context' is not supported"),
+    ({"think": True}, "'think': these models do not think"),
+])
+def test_ollama_options_that_would_change_the_text_are_never_silently_ignored(client, body,
+                                                                               message):
+    response = generate(client, model="endless", prompt="x", **body)
+    assert response.status_code == 400 and message in response.json["error"]
+
+
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/completions", {"prompt": "x"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+])
+def test_openai_refuses_an_argument_it_does_not_know_as_openai_does(client, path, extra):
+    response = client.post(path, json={"model": "endless", **extra, "max_tokens": 1,
+                                       "frobnicate": True})
+    assert response.status_code == 400
+    assert response.json["error"]["message"] == "Unrecognized request argument supplied: frobnicate"
+    assert response.json["error"]["param"] == "frobnicate"
 
 
 def _a_text(client, model="tiny-gpt", min_len=12):

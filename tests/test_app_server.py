@@ -216,6 +216,9 @@ def test_ollama_client_chat(server):
         with pytest.raises(ollama.ResponseError) as error:  # an option it cannot honour
             client.chat(model="tiny-gpt", messages=messages, format="json")
         assert error.value.status_code == 400 and "'format' is not supported" in error.value.error
+        with pytest.raises(ollama.ResponseError) as error:  # a sampling option it does not have
+            client.chat(model="tiny-gpt", messages=messages, options={"mirostat": 2})
+        assert error.value.status_code == 400 and "'options.mirostat'" in error.value.error
     finally:
         client.close()
 
@@ -250,6 +253,10 @@ def test_openai_client_chat(server):
         with pytest.raises(openai.BadRequestError) as error:  # an option it cannot honour
             client.chat.completions.create(model="tiny-lstm", messages=messages, n=2)
         assert error.value.param == "n"
+        with pytest.raises(openai.BadRequestError) as error:  # one it does not know
+            client.chat.completions.create(model="tiny-lstm", messages=messages,
+                                           extra_body={"min_p": 0.1})
+        assert error.value.param == "min_p" and "Unrecognized request argument" in str(error.value)
 
 
 def test_raw_http_errors(server):
