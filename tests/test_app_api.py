@@ -859,7 +859,7 @@ def test_random_bodies_get_documented_answers_never_a_500(make_app, spec):
              "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
              "n": st.just(1), "echo": st.just(False), "logprobs": st.none() | st.integers(0, 3),
              "presence_penalty": st.just(0), "best_of": st.just(1), "logit_bias": st.just({}),
-             "mirostat": st.integers()}
+             "mirostat": st.just(0), "num_ctx": st.integers()}
 
     @st.composite
     def requests(draw):
@@ -873,7 +873,8 @@ def test_random_bodies_get_documented_answers_never_a_500(make_app, spec):
                     for k in chosen}
         body = fields(keys[path])
         if path == GEN and draw(st.booleans()):
-            body["options"] = fields(["num_predict", "repeat_penalty", "mirostat", *sampling])
+            body["options"] = fields(["num_predict", "repeat_penalty", "mirostat", "num_ctx",
+                                      *sampling])
         if path == CMPL and meant_valid and body.get("stream") is not True:
             body.pop("stream_options", None)
         body["model"] = draw(st.sampled_from(MODELS) if meant_valid
