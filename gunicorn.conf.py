@@ -6,7 +6,9 @@ so every value can be changed from the environment.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from app.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
@@ -54,3 +56,28 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
 # gunicorn >= 25 opens a control socket under $HOME by default; nothing here uses it, and
 # two servers on one machine (tests, several Spaces) would fight over the path.
 control_socket_disable = True
+
+# Prometheus's multiprocess mode (app/metrics.py): every worker writes its samples under
+# one folder, named here, before any worker imports prometheus_client.
+_OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fable-metrics-")
+
+
+def on_starting(server):
+    """Start from an empty metrics folder: no earlier server's counts carry over."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """A worker that exits stops counting in the live gauges (queue depth, rows)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

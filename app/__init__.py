@@ -30,7 +30,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The app; ``test_config`` overrides ``FABLE_*`` settings and Flask config keys."""
     import torch
 
-    from . import filters, security
+    from . import filters, metrics, security, telemetry
     from .registry import ModelRegistry
     from .service import GenerationService
     from models_src.chat import ChatTemplateError
@@ -68,6 +68,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     security.init_app(app, settings)  # headers, CSRF Origin check, rate limit
     filters.register(app)
     _register_blueprints(app)
+    metrics.init_app(app)  # /metrics, and every answer counted
+    telemetry.LOAD_ERRORS.set(len(registry.errors))
     _register_error_handlers(app)
     return app
 

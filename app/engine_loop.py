@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from models_src.generation import Batch, Sequence
 from models_src.sampling import Completion, SamplingParams
 
+from . import telemetry
+
 log = logging.getLogger(__name__)
 
 
@@ -168,6 +170,7 @@ class EngineLoop:
         if not batch:
             del self._batches[name]  # an idle model holds no state
             return
+        telemetry.BATCH.labels(name).observe(len(batch))
         try:
             events = batch.step()
         except Exception as error:  # noqa: BLE001 - every request of the batch is told

@@ -368,6 +368,11 @@ def build_spec(version: str, limits: Limits) -> dict:
         "/healthz": _get("health", "admin", "200 with at least one model loaded, 503 with none",
                          {"200": _json(_ref("Health"), "Serving"),
                           "503": _json(_ref("Health"), "No model loaded")}),
+        "/metrics": _get("metrics", "admin", "Prometheus metrics, every worker's together",
+                         {"200": {"description": "Prometheus's text format",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors("Error", 401)},
+                         security=[{}, {"adminToken": []}]),
         "/openapi.json": _get("openapi", "admin", "This document",
                               {"200": _json({"type": "object"}, "OpenAPI 3.1")}),
         "/v1/completions": _post(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 
 class QueueFull(Exception):
@@ -21,10 +22,13 @@ class QueueTimeout(Exception):
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int) -> None:
+    def __init__(self, max_batch: int, max_queue: int,
+                 on_change: Callable[[int, int], None] = lambda rows, queued: None) -> None:
+        """``on_change(rows, queued)`` runs (under the lock) whenever either changes."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.max_batch, self.max_queue = max_batch, max_queue
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._rows = 0  # rows held
         self._waiting: deque[threading.Event] = deque()  # set when handed a row
@@ -35,17 +39,20 @@ class Scheduler:
         with self._lock:
             if self._rows < self.max_batch and not self._waiting:
                 self._rows += 1
+                self._on_change(self._rows, len(self._waiting))
                 return
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull
             handed = threading.Event()
             self._waiting.append(handed)
+            self._on_change(self._rows, len(self._waiting))
         if handed.wait(timeout):
             return
         with self._lock:
             if handed.is_set():  # handed a row just as the wait ran out: keep it
                 return
             self._waiting.remove(handed)
+            self._on_change(self._rows, len(self._waiting))
         raise QueueTimeout
 
     def release(self) -> None:
@@ -55,6 +62,7 @@ class Scheduler:
                 self._waiting.popleft().set()  # the row passes on; the count stays
             else:
                 self._rows -= 1
+            self._on_change(self._rows, len(self._waiting))
 
     @property
     def rows(self) -> int:

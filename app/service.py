@@ -27,6 +27,7 @@ from models_src.chat import TRANSCRIPT_TEMPLATE, ChatTemplate, ChatTemplateError
 from models_src.infill import infill_params, infill_prompt_ids
 from models_src.sampling import Completion, SamplingParams, TokenLogprob
 
+from . import telemetry
 from .engine_loop import EngineLoop, Failed, Finished, Ticket
 from .registry import LoadedModel, ModelRegistry
 from .scheduler import QueueFull, QueueTimeout, Scheduler
@@ -193,6 +194,10 @@ class GenerationStream:
         self.completion = completion
         self.finished_ns = time.perf_counter_ns()
         ticket, self._ticket = self._ticket, None
+        if completion is not None and ticket is not None:
+            telemetry.generation(self.model_name, self.started_ns - self.queued_ns,
+                                 ticket.first_piece_ns, self.finished_ns,
+                                 completion.completion_tokens)
         if ticket is not None:
             ticket.cancel()  # gives the row back; the loop stops decoding it before its next step
 
@@ -233,7 +238,7 @@ class GenerationService:
         raises ChatTemplateError when it does not work."""
         self.registry = registry
         self.chat_template = checked(chat_template or TRANSCRIPT_TEMPLATE)
-        self.scheduler = Scheduler(max_batch, max_queue)
+        self.scheduler = Scheduler(max_batch, max_queue, on_change=telemetry.rows)
         self.engine = EngineLoop()
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s

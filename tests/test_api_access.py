@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 KEY, OTHER = "k" * 16 + "-first", "second-key-0123456789"
-BODY = {"model": "endless", "prompt": "Once", "stream": False, "max_tokens": 2,
-        "options": {"num_predict": 2}}
+BODIES = {"/api/generate": {"model": "endless", "prompt": "Once", "stream": False,
+                             "options": {"num_predict": 2}},
+          "/v1/completions": {"model": "endless", "prompt": "Once", "max_tokens": 2}}
+BODY = BODIES["/api/generate"]
 
 
 @pytest.fixture
@@ -16,6 +18,7 @@ def keyed(make_app):
 
 @pytest.mark.parametrize("path", ["/api/generate", "/v1/completions"])
 def test_with_keys_set_the_apis_need_one_of_them(keyed, path):
+    BODY = BODIES[path]
     refused = keyed.post(path, json=BODY)
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
     error = refused.json["error"]
@@ -62,6 +65,7 @@ def test_listed_origins_may_call_the_apis_from_a_browser(make_app):
     assert preflight.status_code == 204  # a preflight carries no key, and needs none
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://a.example"
     assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    BODY = BODIES["/v1/completions"]
     answer = client.post("/v1/completions", json=BODY, headers={
         "Origin": "http://localhost:5173", "Authorization": f"Bearer {KEY}"})
     assert answer.status_code == 200
@@ -88,3 +92,14 @@ def test_a_malformed_origin_is_refused_at_start(make_app):
 
     with pytest.raises(SettingsError, match="FABLE_CORS_ORIGINS must be \\* or origins"):
         make_app(FABLE_CORS_ORIGINS="a.example/path")
+
+
+def test_metrics_are_served_and_need_the_admin_token_when_one_is_set(client, make_app):
+    client.post("/api/generate", json=BODY)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'fable_requests_total{method="POST",route="/api/generate",status="200"}' in text
+    assert "fable_generated_tokens_total" in text
+    guarded = make_app(FABLE_ADMIN_TOKEN="a" * 20).test_client()
+    refused = guarded.get("/metrics")
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert guarded.get("/metrics", headers={"Authorization": "Bearer " + "a" * 20}).status_code == 200

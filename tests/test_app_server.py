@@ -312,3 +312,47 @@ def test_a_refused_oversize_body_leaves_the_connection_usable(server):
                                                          "prompt": "x" * 200_000})
             assert refused.status_code == 413
             assert client.post("/api/generate", json=ok).status_code == 200
+
+
+def test_metrics_count_what_was_sent_across_the_workers(checkpoint_dir, tmp_path):
+    """/metrics under concurrent load on two workers: whichever worker answers the scrape,
+    the counters add up to what the test sent and got back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = {"FABLE_WORKERS": "2", "FABLE_TORCH_THREADS": "1", "FABLE_MAX_BATCH": "4",
+           "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+    with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as gunicorn:
+        gunicorn.wait_for_workers(2, len(MODELS))
+        good = [{"model": "endless", "prompt": "Once", "stream": i % 2 == 0,
+                 "options": {"num_predict": 3 + i % 5, "temperature": 0}} for i in range(24)]
+        bad = [{"model": "nope", "prompt": "Once"}] * 6
+
+        def send(body):
+            with httpx.Client(base_url=gunicorn.url, timeout=30) as client:
+                response = client.post("/api/generate", json=body)
+                lines = [json.loads(line) for line in response.text.splitlines()]
+                return response.status_code, lines[-1]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, good + bad))
+        samples = {}
+        for family in text_string_to_metric_families(httpx.get(f"{gunicorn.url}/metrics").text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+        def value(name, **labels):
+            return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+        assert [status for status, _ in answers] == [200] * 24 + [404] * 6
+        route = dict(route="/api/generate", method="POST")
+        assert value("fable_requests_total", **route, status="200") == 24
+        assert value("fable_requests_total", **route, status="404") == 6
+        tokens = sum(final["eval_count"] for _, final in answers[:24])
+        assert value("fable_generated_tokens_total", model="endless") == tokens
+        assert value("fable_time_to_first_token_seconds_count", model="endless") == 24
+        assert value("fable_time_per_output_token_seconds_count", model="endless") == 24
+        assert value("fable_batch_size_sum", model="endless") >= tokens  # rows decoded
+        assert value("fable_running_rows") == 0 and value("fable_queued_requests") == 0
+        assert value("fable_model_load_errors") == 1  # the broken test checkpoint
+        pids = {int(pid) for pid in re.findall(r"\[(\d+)\] \[INFO\] loaded endless", gunicorn.log_text())}
+        assert len(pids) == 2
