@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from app.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
@@ -57,11 +58,14 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
 # two servers on one machine (tests, several Spaces) would fight over the path.
 control_socket_disable = True
 
-# Prometheus's multiprocess mode (app/metrics.py): every worker writes its samples under
-# one folder, named here, before any worker imports prometheus_client.
+# The workers' shared runtime folder, named here before any worker starts: Prometheus's
+# multiprocess samples (app/metrics.py) and the reload stamp every worker follows
+# (app/reload.py).
+_RUNTIME = tempfile.mkdtemp(prefix="fable-run-")
 _OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _OWN_METRICS_DIR:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fable-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_RUNTIME, "metrics")
+os.environ["FABLE_RELOAD_STAMP"] = os.path.join(_RUNTIME, "reload")
 
 
 def on_starting(server):
@@ -71,9 +75,19 @@ def on_starting(server):
     os.makedirs(folder, exist_ok=True)
 
 
+def when_ready(server):
+    """SIGHUP to the master reloads the models in every worker, in place (app/reload.py),
+    instead of gunicorn's restart of every worker: a checkpoint that fails to load then
+    leaves its loaded version serving. (Settings change with a restart.)"""
+    def reload_models():
+        server.log.info("SIGHUP: every worker reloads its models")
+        with open(os.environ["FABLE_RELOAD_STAMP"], "w") as stamp:
+            stamp.write(f"{os.getpid()} {time.time_ns()}")
+    server.handle_hup = reload_models
+
+
 def on_exit(server):
-    if _OWN_METRICS_DIR:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
 
 
 def child_exit(server, worker):

@@ -32,6 +32,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     from . import filters, metrics, security, telemetry
     from .registry import ModelRegistry
+    from .reload import Reloader
     from .service import GenerationService
     from models_src.chat import ChatTemplateError
 
@@ -70,6 +71,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _register_blueprints(app)
     metrics.init_app(app)  # /metrics, and every answer counted
     telemetry.LOAD_ERRORS.set(len(registry.errors))
+    reloader = Reloader.from_environment(
+        registry, on_refresh=lambda r: telemetry.LOAD_ERRORS.set(len(r.errors)))
+    app.extensions["fable.reloader"] = reloader
+    reloader.watch()
     _register_error_handlers(app)
     return app
 

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, abort, current_app, render_template, requ
 
 from . import experiment_reader
 from .registry import get_registry
+from .reload import get_reloader
 from .service import get_service
 from .settings import get_settings
 from .web import has_admin_token
@@ -49,7 +50,7 @@ def _store_problem(e: Exception, root: Path) -> str:
 
 
 @bp.get("")
-def index():
+def index(reloaded: dict | None = None):
     settings, registry, service = get_settings(), get_registry(), get_service()
     root = settings.experiments_dir
     best_rows, runs, store_error = [], [], None
@@ -63,7 +64,14 @@ def index():
                            load_errors=registry.errors, device=registry.device,
                            stats=service.stats(), checkpoint_dir=registry.directory,
                            experiments_dir=root, best_rows=best_rows, runs=runs,
-                           store_error=store_error, vendor=False)
+                           store_error=store_error, reloaded=reloaded, vendor=False)
+
+
+@bp.post("/reload")
+def reload_models():
+    """The page's Reload button (a form: the CSRF Origin check applies): every worker
+    matches the checkpoint directory; the page says what changed here."""
+    return index(reloaded=get_reloader().reload())
 
 
 # ---- training curves ------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flask import Blueprint, jsonify, request
 from .filters import short_count
 from .ratelimit import rate_limited
 from .registry import get_registry
+from .reload import get_reloader
 from .schema import GenerationRequest, RequestError, parse_ollama_chat, parse_ollama_generate
 from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
@@ -160,6 +161,17 @@ def models():
     registry, service = get_registry(), get_service()
     return jsonify(models=[f.to_dict() for f in registry.facts()], errors=registry.errors,
                    device=registry.device, service=service.stats())
+
+
+@bp.post("/api/models/reload")
+@admin_required
+def reload_models():
+    """Match the checkpoint directory in every worker (app/reload.py): what changed here."""
+    report = get_reloader().reload()
+    registry = get_registry()
+    return jsonify(added=report["added"], reloaded=report["reloaded"], removed=report["removed"],
+                   failed={name: registry.errors.get(name, "") for name in report["failed"]},
+                   unchanged=report["unchanged"], models=registry.names())
 
 
 @bp.get("/healthz")

@@ -112,7 +112,9 @@ class EngineLoop:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._joining: list[Ticket] = []
-        self._batches: dict[str, Batch] = {}  # model name -> its running batch
+        # one running batch per loaded model: a model reloaded under the same name is a new
+        # LoadedModel, so the generations running on the old weights finish on them
+        self._batches: dict[object, Batch] = {}
         self._owner: dict[Sequence, Ticket] = {}
         self._thread: threading.Thread | None = None
 
@@ -136,21 +138,20 @@ class EngineLoop:
                     self._cond.wait()
                 joining, self._joining = self._joining, []
             self._join(joining)
-            for name in list(self._batches):
-                self._step(name)
+            for loaded in list(self._batches):
+                self._step(loaded)
 
     def _join(self, tickets: list[Ticket]) -> None:
-        by_model: dict[str, list[Ticket]] = {}
+        by_model: dict[object, list[Ticket]] = {}
         for t in tickets:
             if not t.cancelled:
-                by_model.setdefault(t.loaded.name, []).append(t)
-        for name, group in by_model.items():
-            loaded = group[0].loaded
-            batch = self._batches.setdefault(name, Batch(loaded.model, loaded.tokenizer))
+                by_model.setdefault(t.loaded, []).append(t)
+        for loaded, group in by_model.items():
+            batch = self._batches.setdefault(loaded, Batch(loaded.model, loaded.tokenizer))
             try:
                 seqs = batch.add([(t.prompt_ids, t.params) for t in group])
             except Exception as error:  # noqa: BLE001 - reported to each request
-                log.exception("joining failed for %s", name)
+                log.exception("joining failed for %s", loaded.name)
                 for t in group:
                     t.deliver(Failed(error))
                 continue
@@ -162,22 +163,22 @@ class EngineLoop:
                 else:
                     self._owner[seq] = t
 
-    def _step(self, name: str) -> None:
-        batch = self._batches[name]
+    def _step(self, loaded) -> None:
+        batch = self._batches[loaded]
         for seq in [s for s in batch.sequences if self._owner[s].cancelled]:
             batch.remove(seq)
             del self._owner[seq]
         if not batch:
-            del self._batches[name]  # an idle model holds no state
+            del self._batches[loaded]  # an idle model holds no state (nor its old weights)
             return
-        telemetry.BATCH.labels(name).observe(len(batch))
+        telemetry.BATCH.labels(loaded.name).observe(len(batch))
         try:
             events = batch.step()
         except Exception as error:  # noqa: BLE001 - every request of the batch is told
-            log.exception("decoding step failed for %s", name)
+            log.exception("decoding step failed for %s", loaded.name)
             for seq in batch.sequences:
                 self._owner.pop(seq).deliver(Failed(error))
-            del self._batches[name]
+            del self._batches[loaded]
             return
         for seq, piece in events:
             ticket = self._owner[seq]

@@ -140,6 +140,18 @@ class Models(_Shape):
     service: ServiceStats | None = None
 
 
+class Reloaded(_Shape):
+    """What changed in the worker that answered; every other worker follows within a
+    second"""
+    added: list[str]
+    reloaded: list[str]
+    removed: list[str]
+    failed: dict[str, str] = Field(description="Checkpoints that failed to load -> why (a "
+                                               "loaded version stays)")
+    unchanged: list[str]
+    models: list[str] = Field(description="The models now loaded")
+
+
 class Health(_Shape):
     status: str
     models: Count
@@ -260,6 +272,7 @@ class OpenAIModelList(_Shape):
 
 
 RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, Error, Tags, Version, Models,
+             Reloaded,
              Health, Completion, ChatCompletion, ChatCompletionChunk, OpenAIError,
              OpenAIModelList, OpenAIModel)
 
@@ -365,6 +378,12 @@ def build_spec(version: str, limits: Limits) -> dict:
                             "errors", {"200": _json(_ref("Models"), "Models"),
                                        **_errors("Error", 401)},
                             security=[{}, {"adminToken": []}]),
+        "/api/models/reload": {"post": {
+            "operationId": "reloadModels", "tags": ["admin"],
+            "summary": "Load new, reload changed and unload removed checkpoints, in every worker",
+            "responses": {"200": _json(_ref("Reloaded"), "What changed"),
+                          **_errors("Error", 401)},
+            "security": [{}, {"adminToken": []}]}},
         "/healthz": _get("health", "admin", "200 with at least one model loaded, 503 with none",
                          {"200": _json(_ref("Health"), "Serving"),
                           "503": _json(_ref("Health"), "No model loaded")}),

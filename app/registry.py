@@ -1,9 +1,13 @@
 """The models a worker serves: every valid checkpoint directly under one directory.
 
-Loaded once, when the app is created (inside each gunicorn worker). A directory that
-fails to load is skipped, and why is kept in ``registry.errors`` for the admin page; the
-app starts even with no model at all. Models are looked up by exact name among the
-loaded ones only, so a name in a request can never become a path.
+Loaded when the app is created (inside each gunicorn worker), and again on ``refresh()``
+(app/reload.py): a new directory is loaded, a changed one reloaded, a removed one
+unloaded. A directory that fails to load is skipped, and why is kept in
+``registry.errors`` for the admin page; a model that was serving stays when its changed
+files fail to load. The app starts even with no model at all. Models are looked up by
+exact name among the loaded ones only, so a name in a request can never become a path.
+A refresh swaps in new dictionaries at once: a request sees the models before or after,
+and a generation keeps the ``LoadedModel`` it started with until it ends.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -66,11 +71,12 @@ class ModelFacts:
         return asdict(self)
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: one load of one checkpoint
 class LoadedModel:
     name: str
     checkpoint: Checkpoint
     facts: ModelFacts
+    fingerprint: tuple = ()  # the files' names, sizes and times when it was loaded
 
     @property
     def model(self):
@@ -91,33 +97,62 @@ class ModelRegistry:
         self.device = device
         self._models = dict(sorted((models or {}).items()))
         self.errors = dict(sorted((errors or {}).items()))
+        self._refreshing = threading.Lock()
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> ModelRegistry:
         """Load every non-hidden directory under ``directory``; never raises for a bad one."""
-        directory = Path(directory)
-        models, errors = {}, {}
-        if not directory.is_dir():
+        registry = cls(directory, device)
+        if not registry.directory.is_dir():
             log.warning("checkpoint directory %s does not exist: serving no models", directory)
-            return cls(directory, device)
-        for path in sorted(directory.iterdir()):
-            # Hidden entries are save_checkpoint's temporary / previous directories.
-            if path.name.startswith(".") or not path.is_dir():
-                continue
-            try:
-                checkpoint = load_checkpoint(path, device=device)
-                models[path.name] = LoadedModel(path.name, checkpoint,
-                                                _facts(path, checkpoint, device))
-            except Exception as e:  # one broken checkpoint must not stop the others
-                reason = _relative(str(e) or type(e).__name__, directory)
-                if not isinstance(e, ValueError):  # CheckpointError is a ValueError
-                    reason = f"{type(e).__name__}: {reason}"
-                errors[path.name] = reason
-                log.warning("skipping checkpoint %s: %s", path.name, reason)
-            else:
-                log.info("loaded %s (%s, %s parameters) on %s", path.name,
-                         checkpoint.config.arch, f"{models[path.name].facts.parameters:,}", device)
-        return cls(directory, device, models, errors)
+            return registry
+        registry.refresh()
+        return registry
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Match the checkpoint directory: load new models, reload changed ones, unload
+        removed ones; one that fails keeps its previous version. Returns the names
+        ``added``, ``reloaded``, ``removed``, ``failed`` and ``unchanged``."""
+        with self._refreshing:
+            report: dict[str, list[str]] = {k: [] for k in
+                                            ("added", "reloaded", "removed", "failed", "unchanged")}
+            found = _checkpoint_dirs(self.directory)
+            models, errors = dict(self._models), {}
+            for name in [n for n in models if n not in found]:
+                del models[name]
+                report["removed"].append(name)
+                log.info("unloaded %s (its directory is gone)", name)
+            for name, path in found.items():
+                old = models.get(name)
+                fingerprint = _fingerprint(path)
+                if old is not None and old.fingerprint == fingerprint:
+                    report["unchanged"].append(name)
+                    continue
+                try:
+                    models[name] = self._load(path, fingerprint)
+                except Exception as e:  # one broken checkpoint must not stop the others
+                    errors[name] = reason = self._reason(e)
+                    report["failed"].append(name)
+                    log.warning("skipping checkpoint %s: %s%s", name, reason,
+                                " (the loaded version stays)" if old is not None else "")
+                else:
+                    report["reloaded" if old is not None else "added"].append(name)
+            self._models, self.errors = dict(sorted(models.items())), dict(sorted(errors.items()))
+            return report
+
+    def _load(self, path: Path, fingerprint: tuple) -> LoadedModel:
+        checkpoint = load_checkpoint(path, device=self.device)
+        loaded = LoadedModel(path.name, checkpoint, _facts(path, checkpoint, self.device),
+                             fingerprint)
+        log.info("loaded %s (%s, %s parameters) on %s", path.name, checkpoint.config.arch,
+                 f"{loaded.facts.parameters:,}", self.device)
+        return loaded
+
+    def _reason(self, e: Exception) -> str:
+        reason = _relative(str(e) or type(e).__name__, self.directory)
+        if not isinstance(e, ValueError):  # CheckpointError is a ValueError
+            reason = f"{type(e).__name__}: {reason}"
+        return reason
 
     def get(self, name: Any) -> LoadedModel | None:
         """The loaded model called exactly ``name``, else None (never touches the disk)."""
@@ -147,6 +182,26 @@ class ModelRegistry:
         chosen = [m for m in models if m.name == preferred]
         ranked = sorted(models, key=lambda m: (m.bits_per_char is None, m.bits_per_char or 0, m.name))
         return (chosen or ranked or [None])[0]
+
+
+def _checkpoint_dirs(directory: Path) -> dict[str, Path]:
+    """The candidate checkpoints: non-hidden directories (hidden ones are
+    save_checkpoint's temporary and set-aside copies)."""
+    if not directory.is_dir():
+        return {}
+    return {p.name: p for p in sorted(directory.iterdir())
+            if not p.name.startswith(".") and p.is_dir()}
+
+
+def _fingerprint(path: Path) -> tuple:
+    """What changes when a checkpoint is rewritten: each file's name, size and mtime
+    (save_checkpoint swaps in a new directory, so its inode changes too)."""
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return (path.stat().st_ino, *((f.relative_to(path).as_posix(), f.stat().st_size,
+                                       f.stat().st_mtime_ns) for f in files))
+    except OSError:
+        return ()
 
 
 def _relative(message: str, directory: Path) -> str:

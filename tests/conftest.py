@@ -44,6 +44,21 @@ def _config(tokenizer: Tokenizer, arch: str) -> ModelConfig:
                        pad_id=tokenizer.pad_id)
 
 
+def save_endless(path: Path, char: str, tokenizer: Tokenizer | None = None) -> Path:
+    """A char GPT that writes ``char`` forever (never eos)."""
+    tokenizer = tokenizer or Tokenizer.train_char([TEXT])
+    torch.manual_seed(0)
+    # Whatever the input, ln_f makes the last hidden state all ones, so the logits are the
+    # row sums of the (tied) embedding: the char's row is all ones, the rest are small.
+    endless = build_model(_config(tokenizer, "gpt"))
+    with torch.no_grad():
+        endless.ln_f.weight.zero_()
+        endless.ln_f.bias.fill_(1.0)
+        endless.wte.weight.normal_(0.0, 0.01)
+        endless.wte.weight[tokenizer.encode(char)[0]] = 1.0
+    return save_checkpoint(path, endless, tokenizer, {"note": f"always writes {char!r}", "infill": True})
+
+
 def build_checkpoints(directory: Path) -> Path:
     """Write the test checkpoints described above into ``directory``."""
     tokenizer = Tokenizer.train_char([TEXT])
@@ -52,15 +67,7 @@ def build_checkpoints(directory: Path) -> Path:
                     SUMMARY)
     save_checkpoint(directory / "tiny-lstm", build_model(_config(tokenizer, "lstm")), tokenizer)
 
-    # Whatever the input, ln_f makes the last hidden state all ones, so the logits are the
-    # row sums of the (tied) embedding: ENDLESS_CHAR's row is all ones, the rest are small.
-    endless = build_model(_config(tokenizer, "gpt"))
-    with torch.no_grad():
-        endless.ln_f.weight.zero_()
-        endless.ln_f.bias.fill_(1.0)
-        endless.wte.weight.normal_(0.0, 0.01)
-        endless.wte.weight[tokenizer.encode(ENDLESS_CHAR)[0]] = 1.0
-    save_checkpoint(directory / "endless", endless, tokenizer, {"note": "always writes 'o'", "infill": True})
+    save_endless(directory / "endless", ENDLESS_CHAR, tokenizer)
 
     (directory / "broken").mkdir()
     (directory / "broken" / "config.json").write_text("{ not json")

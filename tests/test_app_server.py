@@ -356,3 +356,62 @@ def test_metrics_count_what_was_sent_across_the_workers(checkpoint_dir, tmp_path
         assert value("fable_model_load_errors") == 1  # the broken test checkpoint
         pids = {int(pid) for pid in re.findall(r"\[(\d+)\] \[INFO\] loaded endless", gunicorn.log_text())}
         assert len(pids) == 2
+
+
+def test_models_are_added_and_replaced_in_every_worker_without_a_failed_request(checkpoint_dir,
+                                                                                 tmp_path):
+    """A checkpoint added to a running two-worker server, then reloaded: every worker
+    serves it. Then one replaced while it streams, and SIGHUP: the stream ends on the old
+    weights, new requests get the new ones, and no request fails meanwhile."""
+    import shutil
+    import signal
+    import threading
+
+    from conftest import save_endless
+
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint_dir, folder)
+    env = {"FABLE_WORKERS": "2", "FABLE_TORCH_THREADS": "1", "FABLE_MAX_NEW_TOKENS": "100000",
+           "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+
+    def generate(url, model):
+        body = {"model": model, "prompt": "Once", "stream": False,
+                "options": {"num_predict": 3, "temperature": 0}}
+        with httpx.Client(base_url=url, timeout=30) as client:  # a new connection: any worker
+            return client.post("/api/generate", json=body)
+
+    def converged(url, model, text, deadline_s=10):
+        """Twelve answers in a row give ``text`` (both workers, surely); no answer may fail."""
+        deadline, run = time.monotonic() + deadline_s, 0
+        while run < 12:
+            response = generate(url, model)
+            assert response.status_code in (200, 404), response.text
+            run = run + 1 if response.status_code == 200 and response.json()["response"] == text else 0
+            assert time.monotonic() < deadline, "the workers did not converge"
+        return True
+
+    with GunicornServer(folder, env=env, log_path=tmp_path / "server.log") as gunicorn:
+        gunicorn.wait_for_workers(2, len(MODELS))
+        save_endless(folder / "aaa", "a")
+        report = httpx.post(f"{gunicorn.url}/api/models/reload", timeout=30).json()
+        assert report["added"] == ["aaa"]
+        assert converged(gunicorn.url, "aaa", "aaa")
+
+        streamed: list[str] = []
+
+        def stream():
+            body = {"model": "endless", "prompt": "Once", "options": {"num_predict": 30_000}}
+            with httpx.stream("POST", f"{gunicorn.url}/api/generate", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    streamed.append(json.loads(line).get("response", ""))
+        running = threading.Thread(target=stream)
+        running.start()
+        while not streamed:
+            time.sleep(0.01)
+        save_endless(folder / "endless", "e")
+        gunicorn.process.send_signal(signal.SIGHUP)
+        assert converged(gunicorn.url, "endless", "eee")
+        assert running.is_alive()  # the first stream is still being written...
+        running.join(60)
+        assert "".join(streamed) == ENDLESS_CHAR * 30_000  # ...on the weights it began with
+        assert "SIGHUP: every worker reloads its models" in gunicorn.log_text()
