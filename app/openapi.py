@@ -40,19 +40,14 @@ OllamaLogprobs = Annotated[list[OllamaLogprob] | None,
                            Field(description="With logprobs true: the tokens of this object")]
 
 
-class GenerateChunk(_Shape):
+class _Ollama(_Shape):
     model: str
     created_at: datetime
-    response: str
-    done: Literal[False]
     logprobs: OllamaLogprobs = None
 
 
-class GenerateFinal(_Shape):
+class _OllamaFinal(_Ollama):
     """Durations in nanoseconds; load_duration is the wait for a generation slot"""
-    model: str
-    created_at: datetime
-    response: str = Field(description="Whole text (stream false), else empty")
     done: Literal[True]
     done_reason: Reason
     total_duration: Count
@@ -61,7 +56,6 @@ class GenerateFinal(_Shape):
     prompt_eval_duration: Count
     eval_count: Count
     eval_duration: Count
-    logprobs: OllamaLogprobs = None
 
 
 class AssistantMessage(_Shape):
@@ -69,28 +63,22 @@ class AssistantMessage(_Shape):
     content: str
 
 
-class ChatChunk(_Shape):
-    model: str
-    created_at: datetime
+class GenerateChunk(_Ollama):
+    response: str
+    done: Literal[False]
+
+
+class GenerateFinal(_OllamaFinal):
+    response: str = Field(description="Whole text (stream false), else empty")
+
+
+class ChatChunk(_Ollama):
     message: AssistantMessage
     done: Literal[False]
-    logprobs: OllamaLogprobs = None
 
 
-class ChatFinal(_Shape):
-    """As GenerateFinal, with the reply as a message"""
-    model: str
-    created_at: datetime
+class ChatFinal(_OllamaFinal):
     message: AssistantMessage = Field(description="Whole reply (stream false), else empty")
-    done: Literal[True]
-    done_reason: Reason
-    total_duration: Count
-    load_duration: Count
-    prompt_eval_count: Count
-    prompt_eval_duration: Count
-    eval_count: Count
-    eval_duration: Count
-    logprobs: OllamaLogprobs = None
 
 
 class Error(_Shape):
@@ -336,38 +324,35 @@ def _post(operation: str, tag: str, summary: str, body: str, responses: dict) ->
 API_KEY = [{}, {"apiKey": []}]
 
 
-def build_spec(version: str, limits: Limits) -> dict:
-    ndjson = {"schema": {"anyOf": [_ref("GenerateChunk"), _ref("GenerateFinal"), _ref("Error")]},
+def _ollama_generation(operation: str, summary: str, body: str, chunk: str, final: str) -> dict:
+    ndjson = {"schema": {"anyOf": [_ref(chunk), _ref(final), _ref("Error")]},
               "description": "One JSON object per line: chunks, then the final object (or an "
                              "error object if generation fails mid-stream)"}
-    chat_ndjson = {"schema": {"anyOf": [_ref("ChatChunk"), _ref("ChatFinal"), _ref("Error")]},
-                   "description": "One JSON object per line: chunks, then the final object (or "
-                                  "an error object if generation fails mid-stream)"}
-    chat_sse = {"schema": {"type": "string"},
-                "description": "Server-sent events: `data: <ChatCompletionChunk JSON>` per "
-                               "piece, the last chunk with finish_reason, an optional usage "
-                               "chunk, then `data: [DONE]`"}
+    return _post(operation, "ollama", summary, body, {
+        "200": {"description": "NDJSON stream (default) or, with stream false, one JSON object",
+                "content": {"application/x-ndjson": ndjson,
+                            "application/json": {"schema": _ref(final)}},
+                "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
+        **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)})
+
+
+def _openai_generation(operation: str, summary: str, body: str, whole: str, chunk: str) -> dict:
     sse = {"schema": {"type": "string"},
-           "description": "Server-sent events: `data: <Completion chunk JSON>` per piece, the "
-                          "last chunk with finish_reason, an optional usage chunk, then "
-                          "`data: [DONE]`"}
+           "description": f"Server-sent events: `data: <{chunk} JSON>` per piece, the last "
+                          f"chunk with finish_reason, an optional usage chunk, then "
+                          f"`data: [DONE]`"}
+    return _post(operation, "openai", summary, body, {
+        "200": {"description": "One answer, or with stream true a stream of chunks",
+                "content": {"application/json": {"schema": _ref(whole)}, "text/event-stream": sse}},
+        **_errors("OpenAIError", 400, 401, 404, 413, 415, 429, 500, 503)})
+
+
+def build_spec(version: str, limits: Limits) -> dict:
     paths = {
-        "/api/generate": _post(
-            "generate", "ollama", "Generate or infill text (Ollama's API)", "GenerateRequest",
-            {"200": {"description": "NDJSON stream (default) or, with stream false, one JSON "
-                                    "object",
-                     "content": {"application/x-ndjson": ndjson,
-                                 "application/json": {"schema": _ref("GenerateFinal")}},
-                     "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
-             **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)}),
-        "/api/chat": _post(
-            "chat", "ollama", "Reply to a conversation (Ollama's API)", "ChatRequest",
-            {"200": {"description": "NDJSON stream (default) or, with stream false, one JSON "
-                                    "object",
-                     "content": {"application/x-ndjson": chat_ndjson,
-                                 "application/json": {"schema": _ref("ChatFinal")}},
-                     "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
-             **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)}),
+        "/api/generate": _ollama_generation("generate", "Generate or infill text (Ollama's API)",
+                                            "GenerateRequest", "GenerateChunk", "GenerateFinal"),
+        "/api/chat": _ollama_generation("chat", "Reply to a conversation (Ollama's API)",
+                                        "ChatRequest", "ChatChunk", "ChatFinal"),
         "/api/tags": _get("tags", "ollama", "Loaded models (Ollama's list)",
                           {"200": _json(_ref("Tags"), "Models"), **_errors("Error", 401)},
                           security=API_KEY),
@@ -394,21 +379,12 @@ def build_spec(version: str, limits: Limits) -> dict:
                          security=[{}, {"adminToken": []}]),
         "/openapi.json": _get("openapi", "admin", "This document",
                               {"200": _json({"type": "object"}, "OpenAPI 3.1")}),
-        "/v1/completions": _post(
-            "createCompletion", "openai", "Text completion or infilling (OpenAI's API)",
-            "CompletionRequest",
-            {"200": {"description": "A completion, or with stream true a stream of completion "
-                                    "chunks",
-                     "content": {"application/json": {"schema": _ref("Completion")},
-                                 "text/event-stream": sse}},
-             **_errors("OpenAIError", 400, 401, 404, 413, 415, 429, 500, 503)}),
-        "/v1/chat/completions": _post(
-            "createChatCompletion", "openai", "Reply to a conversation (OpenAI's API)",
-            "ChatCompletionRequest",
-            {"200": {"description": "A chat completion, or with stream true a stream of chunks",
-                     "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                 "text/event-stream": chat_sse}},
-             **_errors("OpenAIError", 400, 401, 404, 413, 415, 429, 500, 503)}),
+        "/v1/completions": _openai_generation(
+            "createCompletion", "Text completion or infilling (OpenAI's API)",
+            "CompletionRequest", "Completion", "Completion chunk"),
+        "/v1/chat/completions": _openai_generation(
+            "createChatCompletion", "Reply to a conversation (OpenAI's API)",
+            "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
         "/v1/models": _get("listModels", "openai", "Loaded models (OpenAI's list)",
                            {"200": _json(_ref("OpenAIModelList"), "Models"),
                             **_errors("OpenAIError", 401)}, security=API_KEY),

@@ -176,3 +176,21 @@ def test_the_server_template_is_a_setting_and_a_broken_one_stops_the_start(make_
     assert client.post("/v1/chat/completions", json=body).json["usage"]["prompt_tokens"] == 1 + len(rendered)
     with pytest.raises(SettingsError, match="FABLE_CHAT_TEMPLATE: the chat template does not work"):
         make_app(FABLE_CHAT_TEMPLATE="{% for m in messages %}")
+
+
+def test_a_checkpoint_s_own_chat_template_wins(make_app, checkpoint_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint_dir / "endless", folder / "endless")
+    config = folder / "endless" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}))
+    client = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client()
+    body = {"model": "endless", "messages": MESSAGES[1:], "max_tokens": 1}
+    rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert client.post("/v1/chat/completions", json=body).json["usage"]["prompt_tokens"] == 1 + len(rendered)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": "{{ oops"}))
+    client = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client()
+    refused = client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and refused.json["error"]["param"] == "messages"
+    assert "model 'endless': the chat template does not work" in refused.json["error"]["message"]
