@@ -8,15 +8,20 @@ time, against every key, so the time taken says nothing about which one nearly m
 
 ``FABLE_CORS_ORIGINS``: browsers on those origins may call the JSON APIs (preflights
 answered, ``Access-Control-Allow-Origin`` on the answers). Unset, no CORS header is ever
-sent, so another site's script cannot read an answer.
+sent, so another site's script cannot read an answer. And it cannot spend the server's
+(or a visitor's rate limit's) work either: a POST whose ``Origin`` is neither this site
+nor an allowed origin is refused with 403 before anything runs, as Ollama refuses origins
+outside ``OLLAMA_ORIGINS``. Clients that are not browsers send no ``Origin`` and pass.
 """
 
 from __future__ import annotations
 
 import hmac
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
+from .csrf import SAFE_METHODS, normalise, own_origin
 from .settings import get_settings
 from .web import json_error
 
@@ -44,6 +49,26 @@ def _allowed_origin() -> str | None:
     return "*" if "*" in origins else origin if origin in origins else None
 
 
+def _origin(value: str) -> str | None:
+    parts = urlsplit(value.strip())
+    return normalise(parts.scheme, parts.netloc) if parts.scheme and parts.netloc else None
+
+
+def cross_site_refusal() -> str | None:
+    """Why a browser's POST from another site must be refused, or None."""
+    origin = request.headers.get("Origin")
+    if origin is None or request.method in SAFE_METHODS:
+        return None
+    allowed = get_settings().cors_origin_list
+    given = _origin(origin)
+    if given is not None and (given == own_origin() or "*" in allowed
+                              or given in {_origin(o) for o in allowed}):
+        return None
+    shown = origin if len(origin) <= 100 else origin[:97] + "..."
+    return (f"cross-site requests to this API are refused (Origin {shown}); the server "
+            f"lists the sites that may call it in FABLE_CORS_ORIGINS")
+
+
 def key_accepted(keys: tuple[str, ...], authorization: str) -> bool:
     scheme, _, given = authorization.partition(" ")
     if scheme.lower() != "bearer":
@@ -62,6 +87,10 @@ def _preflight_or_key() -> Response | None:
             response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
             return response
         return None
+    if _under(request.path, API_PREFIXES):
+        reason = cross_site_refusal()
+        if reason is not None:
+            return json_error(403, reason)
     keys = get_settings().api_key_list
     if keys and _under(request.path, API_PREFIXES) and not _under(request.path, OPEN_PATHS):
         if not key_accepted(keys, request.headers.get("Authorization", "")):

@@ -50,7 +50,7 @@ def test_weak_keys_are_refused_at_start(make_app):
 
 def test_without_cors_origins_no_cors_header_is_sent(client):
     response = client.post("/api/generate", json=BODY, headers={"Origin": "https://a.example"})
-    assert response.status_code == 200 and "Access-Control-Allow-Origin" not in response.headers
+    assert response.status_code == 403 and "Access-Control-Allow-Origin" not in response.headers
     preflight = client.options("/v1/completions", headers={
         "Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
     assert "Access-Control-Allow-Origin" not in preflight.headers
@@ -103,3 +103,24 @@ def test_metrics_are_served_and_need_the_admin_token_when_one_is_set(client, mak
     refused = guarded.get("/metrics")
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
     assert guarded.get("/metrics", headers={"Authorization": "Bearer " + "a" * 20}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/completions", "/api/chat"])
+def test_a_browser_post_from_another_site_is_refused_before_anything_runs(client, path):
+    body = BODIES.get(path, {"model": "endless", "messages": [{"role": "user", "content": "x"}]})
+    for origin in ("https://evil.example", "null"):
+        refused = client.post(path, json=body, headers={"Origin": origin})
+        assert refused.status_code == 403, origin
+        error = refused.json["error"]
+        message = error["message"] if path.startswith("/v1") else error
+        assert message.startswith(f"cross-site requests to this API are refused (Origin {origin})")
+    assert client.post(path, json=body).status_code == 200  # no Origin: not a browser
+    same = client.post(path, json=body, headers={"Origin": "http://localhost"})
+    assert same.status_code == 200  # a page of this site
+
+
+def test_an_allowed_origin_may_post(make_app):
+    client = make_app(FABLE_CORS_ORIGINS="https://a.example").test_client()
+    ok = client.post("/api/generate", json=BODY, headers={"Origin": "https://a.example:443"})
+    assert ok.status_code == 200
+    assert client.post("/api/generate", json=BODY, headers={"Origin": "https://b.example"}).status_code == 403
