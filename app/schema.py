@@ -28,6 +28,7 @@ from .settings import Limits
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
 MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (its limit), and logits / T could overflow
+MAX_TEMPERATURE = 100.0  # far past uniform already; OpenAI's routes keep OpenAI's 2
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # penalised logits stay finite
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 MAX_MODEL_NAME = 256
@@ -206,7 +207,7 @@ Stop = Annotated[StopList | None, BeforeValidator(
     description="The text ends before the first match; the match is not returned")]
 
 
-def _sampling(limits: Limits, names: Mapping[str, str], *, max_temperature: float | None = None,
+def _sampling(limits: Limits, names: Mapping[str, str], *, max_temperature: float = MAX_TEMPERATURE,
               server_default: int | None = None) -> dict[str, Any]:
     """The SamplingParams fields, as ``names`` spells them, for ``create_model``."""
     length = integer(ge=1, le=limits.max_new_tokens,

@@ -31,7 +31,7 @@ from .registry import get_registry
 from .schema import GenerationRequest, check_form, make_params, request_models, sampling_values
 from .service import GenerationStream, ServiceError
 from .settings import get_settings
-from .web import STREAM_HEADERS, open_stream
+from .web import STREAM_HEADERS, open_stream, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def job_from_token(kind: str, token: str) -> Job:
         data = inflate.decompress(blob, MAX_JOB_JSON_BYTES)
         if inflate.unconsumed_tail or not inflate.eof:
             raise ValueError("truncated or too large")
-        body = json.loads(data.decode("utf-8"))
-    except (binascii.Error, zlib.error, ValueError):
+        body = parse_json(data)
+    except (binascii.Error, zlib.error, ValueError):  # RequestError is a ValueError
         raise invalid from None
     if not isinstance(body, dict) or body.get("kind") != kind:
         raise invalid

@@ -639,3 +639,42 @@ def test_the_admin_token_never_reaches_the_logs(make_app, monkeypatch, caplog):
         make_app(FABLE_ADMIN_TOKEN="short-secret")
     assert "short-secret" not in str(refused.value)
 
+
+
+# ---- hostile bodies -------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/completions", "/api/chat"])
+def test_deeply_nested_json_is_a_400_not_a_crash(client, path):
+    nested = '{"model": "tiny-gpt", "prompt": ' + "[" * 20_000 + "]" * 20_000 + "}"
+    response = client.post(path, data=nested, content_type="application/json")
+    assert response.status_code == 400
+    error = response.json["error"]
+    assert "nests arrays and objects more than 32 deep" in (error["message"] if isinstance(error, dict) else error)
+    brackets_in_a_string = {"model": "tiny-gpt", "prompt": "[" * 3_000, "stream": False,
+                            "options": {"num_predict": 1}, "max_tokens": 1}
+    if path == "/api/chat":
+        brackets_in_a_string = {"model": "tiny-gpt", "messages": [{"role": "user", "content": "[" * 3_000}],
+                                "stream": False}
+    if path == "/v1/completions":
+        brackets_in_a_string.pop("options"), brackets_in_a_string.pop("stream")
+    assert client.post(path, json=brackets_in_a_string).status_code == 200  # text is not nesting
+
+
+def test_an_integer_of_thousands_of_digits_gets_a_plain_message(client):
+    body = '{"model": "tiny-gpt", "prompt": "x", "seed": ' + "9" * 5_000 + "}"
+    response = client.post("/v1/completions", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json["error"]["message"] == ("request body has an integer of 5000 digits; "
+                                                 "numbers here have at most 100")
+
+
+def test_a_job_token_that_nests_deeply_is_an_invalid_link(app):
+    import base64
+    import zlib
+
+    from app.ui import FormErrors, job_from_token
+
+    data = zlib.compress(b'{"kind": "generate", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 9)
+    token = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    with app.test_request_context(), pytest.raises(FormErrors, match="invalid"):
+        job_from_token("generate", token)
