@@ -10,13 +10,15 @@ registers the blueprints; they reach these through ``app.extensions`` ("fable.se
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, request
-from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed
+from flask import Flask, current_app, request
+from werkzeug.exceptions import (HTTPException, InternalServerError, MethodNotAllowed,
+                                 RequestEntityTooLarge)
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 __version__ = "0.1.0"
@@ -68,6 +70,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     security.init_app(app, settings)  # headers, CSRF Origin check, rate limit
     filters.register(app)
+    app.before_request(_read_chunked_body)  # first: nothing may read the body before it
     _register_blueprints(app)
     metrics.init_app(app)  # /metrics, and every answer counted
     telemetry.LOAD_ERRORS.set(len(registry.errors))
@@ -100,6 +103,24 @@ def _configure_logging(app: Flask) -> None:
 
 #: Largest refused body read to its end so the connection can serve the next request.
 DISCARD_LIMIT = 4 * 1024 * 1024
+
+
+def _read_chunked_body() -> None:
+    """``before_request``: a body sent without Content-Length (chunked) is read here, to
+    one byte past the limit: over it is a 413, as it would be with a Content-Length
+    (werkzeug would otherwise cut it silently at the limit, and a form would lose the
+    fields past the cut). Within it, the request goes on as if it had a Content-Length."""
+    environ = request.environ
+    if environ.get("CONTENT_LENGTH") or "wsgi.input" not in environ:
+        return
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    body = environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        raise RequestEntityTooLarge()
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
 
 
 def _discard_unread_body() -> None:

@@ -272,6 +272,39 @@ def test_raw_http_errors(server):
     assert httpx.get(f"{url}/healthz").status_code == 200  # the server is fine after all that
 
 
+def test_chunked_nested_and_oversized_bodies_get_4xx_answers(server):
+    """One size limit, with or without Content-Length; nesting and long numbers are 400s."""
+    def post_chunked(path: str, body: bytes, content_type: str = "application/json") -> bytes:
+        sock = socket.create_connection(("127.0.0.1", server["port"]), timeout=30)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+                     f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode())
+        for start in range(0, len(body), 8192):
+            part = body[start:start + 8192]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sock.close()
+        return answer
+
+    big = json.dumps({"model": "tiny-gpt", "prompt": "x" * 100_000, "stream": False}).encode()
+    answer = post_chunked("/api/generate", big)
+    assert answer.startswith(b"HTTP/1.1 413") and b"request body too large" in answer
+    form = b"model=endless&max_new_tokens=2&pad=" + b"y" * 100_000 + b"&prompt=hello"
+    answer = post_chunked("/", form, "application/x-www-form-urlencoded")
+    assert answer.startswith(b"HTTP/1.1 413")  # not a text generated without its prompt
+    small = json.dumps({"model": "endless", "prompt": "x", "stream": False,
+                        "options": {"num_predict": 3}}).encode()
+    answer = post_chunked("/api/generate", small)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["response"] == ENDLESS_CHAR * 3
+    nested = b'{"model": "tiny-gpt", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    answer = post_chunked("/v1/completions", nested)
+    assert answer.startswith(b"HTTP/1.1 400") and b"more than 32 deep" in answer
+    assert httpx.get(f"{server['url']}/healthz").status_code == 200
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(server):
     """The endless model would stream for the whole 60 s deadline, holding the only
     generation slot; once its client is gone, the slot must be free at once."""
