@@ -30,10 +30,13 @@ bind = f"{os.environ.get('FABLE_HOST', '0.0.0.0')}:{_int('PORT', 7860)}"
 # loop keeps heart-beating through long streams (sync workers would be killed mid-stream).
 worker_class = "gthread"
 workers = settings.workers
-# Requests in flight per worker: enough for every decoding row and queued request, so that
-# the app, not gunicorn's own unbounded backlog, decides when to answer 503. The threads
-# only wait on sockets and queues; one scheduler thread per worker runs the model.
-threads = _int("FABLE_THREADS", settings.max_batch + settings.max_queue)
+# Requests in flight per worker: every decoding row and queued request, plus SPARE_THREADS
+# for everything else. A request past the queue then reaches the app, which answers 503
+# at once and frees its thread, and /healthz always finds one; with no spare, the 65th
+# request waited in gunicorn's backlog instead. The threads only wait on sockets and
+# queues; one scheduler thread per worker runs the model.
+SPARE_THREADS = 16
+threads = _int("FABLE_THREADS", settings.max_batch + settings.max_queue + SPARE_THREADS)
 preload_app = False
 
 # For gthread workers ``timeout`` is a heartbeat, not a request limit (generation has its

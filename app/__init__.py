@@ -34,7 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     from . import filters, metrics, security, telemetry
     from .registry import ModelRegistry
-    from .reload import Reloader
+    from .reload import Reloader, environment_stamp, read_stamp
     from .service import GenerationService
     from models_src.chat import ChatTemplateError
 
@@ -54,6 +54,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
+    stamp = environment_stamp()
+    seen = read_stamp(stamp)  # before loading: a reload asked for meanwhile is not missed
     registry = ModelRegistry.load(settings.checkpoint_dir, device)
     if not len(registry):
         log.warning("no model loaded from %s (%d failed)", settings.checkpoint_dir,
@@ -74,8 +76,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _register_blueprints(app)
     metrics.init_app(app)  # /metrics, and every answer counted
     telemetry.LOAD_ERRORS.set(len(registry.errors))
-    reloader = Reloader.from_environment(
-        registry, on_refresh=lambda r: telemetry.LOAD_ERRORS.set(len(r.errors)))
+    reloader = Reloader(registry, stamp, seen,
+                        on_refresh=lambda r: telemetry.LOAD_ERRORS.set(len(r.errors)))
     app.extensions["fable.reloader"] = reloader
     reloader.watch()
     _register_error_handlers(app)

@@ -29,18 +29,29 @@ STAMP_VARIABLE = "FABLE_RELOAD_STAMP"
 POLL_S = 1.0
 
 
+def environment_stamp() -> Path | None:
+    value = os.environ.get(STAMP_VARIABLE)
+    return Path(value) if value else None
+
+
+def read_stamp(stamp: Path | None) -> str | None:
+    try:
+        return stamp.read_text() if stamp is not None else None
+    except OSError:
+        return None
+
+
 class Reloader:
-    def __init__(self, registry: ModelRegistry, stamp: str | Path | None = None,
+    """``seen``: the stamp as it was *before* the registry was loaded, so that a reload
+    asked for by another worker while this one was loading is not missed."""
+
+    def __init__(self, registry: ModelRegistry, stamp: Path | None, seen: str | None,
                  on_refresh=lambda registry: None) -> None:
         self.registry = registry
-        self.stamp = Path(stamp) if stamp else None
+        self.stamp = stamp
         self._on_refresh = on_refresh
-        self._seen = self._stamp_value()
+        self._seen = seen
         self._thread: threading.Thread | None = None
-
-    @classmethod
-    def from_environment(cls, registry: ModelRegistry, **kwargs) -> Reloader:
-        return cls(registry, os.environ.get(STAMP_VARIABLE) or None, **kwargs)
 
     def reload(self) -> dict[str, list[str]]:
         """Refresh this worker now, and tell the others (through the stamp)."""
@@ -61,7 +72,7 @@ class Reloader:
     def _follow(self) -> None:
         while True:
             time.sleep(POLL_S)
-            seen = self._stamp_value()
+            seen = read_stamp(self.stamp)
             if seen != self._seen:
                 self._seen = seen
                 try:
@@ -75,12 +86,6 @@ class Reloader:
         log.info("models reloaded: %s", changed or "nothing changed")
         self._on_refresh(self.registry)
         return report
-
-    def _stamp_value(self) -> str | None:
-        try:
-            return self.stamp.read_text() if self.stamp is not None else None
-        except OSError:
-            return None
 
 
 def get_reloader() -> Reloader:

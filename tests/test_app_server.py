@@ -448,3 +448,40 @@ def test_models_are_added_and_replaced_in_every_worker_without_a_failed_request(
         running.join(60)
         assert "".join(streamed) == ENDLESS_CHAR * 30_000  # ...on the weights it began with
         assert "SIGHUP: every worker reloads its models" in gunicorn.log_text()
+
+
+def test_overload_answers_503_at_once_and_health_stays_quick(checkpoint_dir, tmp_path):
+    """More concurrent streams than rows + queue: the extra ones get 503 with Retry-After
+    within a second (not a wait in gunicorn's backlog), and /healthz answers quickly
+    throughout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_MAX_BATCH": "4",
+           "FABLE_MAX_QUEUE": "4", "FABLE_QUEUE_TIMEOUT_S": "10", "FABLE_REQUEST_TIMEOUT_S": "4",
+           "FABLE_MAX_NEW_TOKENS": "1000000", "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+    with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as gunicorn:
+        body = {"model": "endless", "prompt": "x", "options": {"num_predict": 1_000_000}}
+
+        def stream(_):
+            started = time.monotonic()
+            with httpx.stream("POST", f"{gunicorn.url}/api/generate", json=body, timeout=30) as r:
+                first = time.monotonic() - started
+                for _ in r.iter_bytes():
+                    pass
+                return r.status_code, first, r.headers.get("Retry-After")
+
+        health: list[float] = []
+        with ThreadPoolExecutor(30) as pool:
+            answers = pool.map(stream, range(30))
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                started = time.monotonic()
+                assert httpx.get(f"{gunicorn.url}/healthz", timeout=5).status_code == 200
+                health.append(time.monotonic() - started)
+                time.sleep(0.1)
+            answers = list(answers)
+        refused = [a for a in answers if a[0] == 503]
+        assert len(refused) == 30 - 8  # 4 rows + 4 queued; the rest are told at once
+        assert all(first < 1.0 and retry == "1" for _, first, retry in refused)
+        assert [a[0] for a in answers].count(200) == 8
+        assert max(health) < 1.0, health

@@ -107,10 +107,24 @@ def test_a_stamp_makes_another_worker_follow(folder, tmp_path):
     stamp = tmp_path / "reload"
     here, there = ModelRegistry.load(folder), ModelRegistry.load(folder)
     followed = threading.Event()
-    first = Reloader(here, stamp)
-    second = Reloader(there, stamp, on_refresh=lambda registry: followed.set())
+    first = Reloader(here, stamp, None)
+    second = Reloader(there, stamp, None, on_refresh=lambda registry: followed.set())
     second.watch()
     save_endless(folder / "aaa", "a")
     assert first.reload()["added"] == ["aaa"]
     assert followed.wait(5) and "aaa" in there
     time.sleep(0.1)
+
+
+def test_a_reload_asked_for_while_a_worker_loads_is_not_missed(folder, tmp_path):
+    from app.registry import ModelRegistry
+    from app.reload import Reloader, read_stamp
+
+    stamp = tmp_path / "reload"
+    seen = read_stamp(stamp)  # as create_app does, before loading
+    registry = ModelRegistry.load(folder)
+    save_endless(folder / "aaa", "a")  # another worker adds it and stamps while this one loads
+    stamp.write_text("another worker")
+    followed = threading.Event()
+    Reloader(registry, stamp, seen, on_refresh=lambda r: followed.set()).watch()
+    assert followed.wait(5) and "aaa" in registry
