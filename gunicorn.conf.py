@@ -50,6 +50,10 @@ graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", int(settings.request_timeou
 keepalive = 5
 
 accesslog = "-"  # stdout: what the Spaces log viewer shows
+# No secrets and no prompts: the path without its query string (a stream's job token holds
+# the prompt; a token typed into a URL would be logged) and no user name (%(u)s is the
+# Basic user name, where a browser's sign-in dialog invites people to type the admin token).
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s"'
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 

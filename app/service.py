@@ -232,12 +232,13 @@ class GenerationService:
                  max_queue: int = _default("max_queue"),
                  queue_timeout_s: float = _default("queue_timeout_s"),
                  request_timeout_s: float = _default("request_timeout_s"),
-                 chat_template: str | None = None,
+                 chat_template: str | None = None, log_prompts: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``chat_template``: for models whose tokenizer has none (None: the transcript);
         raises ChatTemplateError when it does not work."""
         self.registry = registry
         self.chat_template = checked(chat_template or TRANSCRIPT_TEMPLATE)
+        self.log_prompts = log_prompts
         self.scheduler = Scheduler(max_batch, max_queue, on_change=telemetry.rows)
         self.engine = EngineLoop()
         self.queue_timeout_s = queue_timeout_s
@@ -249,7 +250,7 @@ class GenerationService:
         return cls(registry, max_batch=settings.max_batch, max_queue=settings.max_queue,
                    queue_timeout_s=settings.queue_timeout_s,
                    request_timeout_s=settings.request_timeout_s,
-                   chat_template=settings.chat_template)
+                   chat_template=settings.chat_template, log_prompts=settings.log_prompts)
 
     # ---- the interface ------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class GenerationService:
                params: SamplingParams | None = None) -> GenerationStream:
         """Continue ``prompt`` ("" starts from bos), yielding text as it is decoded."""
         loaded = self.model(model_name)
+        self._log("generate", loaded.name, prompt)
         ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(prompt)]
         return self._start(loaded, ids, params or SamplingParams())
 
@@ -275,6 +277,7 @@ class GenerationService:
         loaded = self.model(model_name)
         if not loaded.facts.can_infill:
             raise CannotInfill(loaded.name, [f.name for f in self.registry.facts() if f.can_infill])
+        self._log("infill", loaded.name, f"{first} … {last}")
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
         return self._start(loaded, ids, infill_params(params, last), strip=True)
 
@@ -289,6 +292,7 @@ class GenerationService:
             text = template.render(messages)
         except ChatTemplateError as e:
             raise CannotChat(f"model {loaded.name!r}: {e}") from None
+        self._log("chat", loaded.name, messages[-1].content if messages else "")
         params = params or SamplingParams()
         params = replace(params, stop=[*params.stop, template.turn_marker])
         ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(text)]
@@ -314,6 +318,11 @@ class GenerationService:
                 "request_timeout_s": self.request_timeout_s}
 
     # ---- internals ----------------------------------------------------------------
+
+    def _log(self, kind: str, model: str, text: str) -> None:
+        """Prompts reach the log only when FABLE_LOG_PROMPTS asks (they are the users')."""
+        if self.log_prompts:
+            log.info("%s with %s: %r", kind, model, text[:200])
 
     def _template(self, loaded: LoadedModel) -> ChatTemplate:
         own = getattr(loaded.tokenizer, "chat_template", None)

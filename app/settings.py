@@ -148,6 +148,9 @@ class Settings(BaseSettings):
                                                               "for a row (then 503)")
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
+    log_prompts: bool = Field(False, description="log each generation's model and prompt "
+                                                 "(first 200 characters); off: prompts never reach "
+                                                 "the logs")
     rate_limit: Integer = Field(0, ge=0, description="generation requests a minute per client "
                                                      "address and worker (then 429); 0: no limit")
     space_id: str | None = Field(None, validation_alias="SPACE_ID", exclude=True,

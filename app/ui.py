@@ -44,6 +44,7 @@ SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "seed",
 #: default limit_request_line (4094 bytes) and any proxy's.
 MAX_JOB_CHARS = 3800
 MAX_JOB_JSON_BYTES = 256 * 1024  # a token never inflates past this (zip-bomb guard)
+JOB_TTL_S = 600  # a stream's link works this long after the form was posted, then expires
 FLUSH_S = 0.04  # pieces decoded closer together than this share one event
 SEED_RANGE = 2 ** 31  # seeds picked for the user: short enough to read and retype
 VENDOR_FILES = ("htmx.min.js", "sse.js")
@@ -72,7 +73,8 @@ class Job:
         return self.values["seed"]
 
     def to_token(self) -> str:
-        data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values},
+        data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values,
+                           "issued": int(time.time())},
                           separators=(",", ":"), ensure_ascii=False).encode()
         return base64.urlsafe_b64encode(zlib.compress(data, 9)).rstrip(b"=").decode("ascii")
 
@@ -148,6 +150,11 @@ def job_from_token(kind: str, token: str) -> Job:
         raise invalid from None
     if not isinstance(body, dict) or body.get("kind") != kind:
         raise invalid
+    issued = body.get("issued")
+    if not isinstance(issued, int) or isinstance(issued, bool) or issued > time.time() + 60:
+        raise invalid
+    if time.time() - issued > JOB_TTL_S:
+        raise FormErrors({None: "this generation link has expired; submit the form again"})
     return read_job(kind, body, from_form=False)
 
 

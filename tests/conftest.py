@@ -95,6 +95,7 @@ def app_config(checkpoint_dir) -> dict:
         "FABLE_MAX_BODY_BYTES": 64 * 1024,
         "FABLE_ADMIN_TOKEN": "",
         "FABLE_DEFAULT_MODEL": "",
+        "FABLE_LOG_PROMPTS": False,
         "FABLE_API_KEYS": "",
         "FABLE_CORS_ORIGINS": "",
         "FABLE_MAX_BATCH": 4,

@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 import zlib
 from html import unescape
 from pathlib import Path
@@ -64,7 +65,8 @@ def token_of(url: str) -> dict:
 
 
 def make_token(body: dict) -> str:
-    data = zlib.compress(json.dumps(body).encode())
+    """A job token as the server writes them (issued now, unless ``body`` says)."""
+    data = zlib.compress(json.dumps({"issued": int(time.time()), **body}).encode())
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
@@ -192,6 +194,7 @@ def test_htmx_start_returns_a_fragment_that_opens_the_stream(client):
     assert url.startswith("/generate/stream?job=")
     assert len(url) < 4000  # fits gunicorn's default request line (4094 bytes)
     job = token_of(url)
+    assert abs(job.pop("issued") - time.time()) < 60  # it expires (app.ui.JOB_TTL_S)
     assert job == {"kind": "generate", "model": "endless", "prompt": "Once", "temperature": 0.0,
                    "max_new_tokens": 6, "seed": 42}
     # the form comes back out of band: errors cleared, its button disabled while streaming
@@ -260,9 +263,14 @@ def test_stream_of_a_forged_or_damaged_token_reports_an_error_event(client):
                          "max_new_tokens": 100000, "seed": 1})
     wrong_kind = make_token({"kind": "infill", "model": "endless", "first": "a", "last": "b"})
     bomb = base64.urlsafe_b64encode(zlib.compress(b" " * 10_000_000)).decode().rstrip("=")
+    stale = make_token({"kind": "generate", "model": "endless", "prompt": "x",
+                        "issued": int(time.time()) - 601})
+    unstamped = make_token({"kind": "generate", "model": "endless", "prompt": "x", "issued": None})
     cases = {forged: "&#39;max_new_tokens&#39; must be between 1 and 512",
              "not*base64": "link is invalid", wrong_kind: "link is invalid",
-             bomb: "link is invalid", "": "link is invalid"}
+             bomb: "link is invalid", "": "link is invalid",
+             stale: "this generation link has expired; submit the form again",
+             unstamped: "link is invalid"}
     for token, message in cases.items():
         response = client.get(f"/generate/stream?job={token}")
         assert response.status_code == 200  # an EventSource would retry any other status

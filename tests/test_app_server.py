@@ -485,3 +485,24 @@ def test_overload_answers_503_at_once_and_health_stays_quick(checkpoint_dir, tmp
         assert all(first < 1.0 and retry == "1" for _, first, retry in refused)
         assert [a[0] for a in answers].count(200) == 8
         assert max(health) < 1.0, health
+
+
+def test_the_access_log_holds_no_secret_and_no_prompt(checkpoint_dir, tmp_path):
+    token, prompt = "admin-token-0123456789", "my secret story about Zanzibar"
+    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_ADMIN_TOKEN": token,
+           "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+    with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as gunicorn:
+        url = gunicorn.url
+        httpx.get(f"{url}/admin", auth=(token, "wrong"))  # typed as the user name
+        httpx.get(f"{url}/admin", auth=("admin", token))
+        httpx.get(f"{url}/api/models", params={"token": token})
+        start = httpx.post(f"{url}/generate/start", headers={"HX-Request": "true"},
+                           data={"model": "endless", "prompt": prompt, "max_new_tokens": "3"})
+        stream = re.search(r'sse-connect="([^"]+)"', start.text).group(1).replace("&amp;", "&")
+        assert httpx.get(url + stream).status_code == 200
+        httpx.post(f"{url}/api/generate", json={"model": "endless", "prompt": prompt,
+                                                "stream": False, "options": {"num_predict": 2}})
+        job = stream.split("job=", 1)[1]
+    log = gunicorn.log_text()
+    assert '"GET /generate/stream HTTP/1.1" 200' in log  # the requests are logged...
+    assert token not in log and "Zanzibar" not in log and job not in log  # ...their secrets not

@@ -68,8 +68,9 @@ def test_gunicorn_reads_the_apps_settings():
     assert configured("workers", {}) == 1
     assert configured("workers", {"WEB_CONCURRENCY": "3"}) == 3
     assert configured("workers", {"WEB_CONCURRENCY": "3", "FABLE_WORKERS": "2"}) == 2
-    assert configured("threads", {}) == 16 + 48  # every decoding row and queued request
-    assert configured("threads", {"FABLE_MAX_BATCH": "4", "FABLE_MAX_QUEUE": "6"}) == 10
+    # every decoding row and queued request, and spare threads for the rest (a 503, /healthz)
+    assert configured("threads", {}) == 16 + 48 + 16
+    assert configured("threads", {"FABLE_MAX_BATCH": "4", "FABLE_MAX_QUEUE": "6"}) == 10 + 16
     assert configured("threads", {"FABLE_THREADS": "8"}) == 8
 
 

@@ -678,3 +678,12 @@ def test_a_job_token_that_nests_deeply_is_an_invalid_link(app):
     token = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
     with app.test_request_context(), pytest.raises(FormErrors, match="invalid"):
         job_from_token("generate", token)
+
+
+def test_prompts_reach_the_log_only_when_asked(make_app, caplog):
+    caplog.set_level("INFO")
+    body = {"model": "endless", "prompt": "Zanzibar", "stream": False, "options": {"num_predict": 1}}
+    make_app().test_client().post("/api/generate", json=body)
+    assert "Zanzibar" not in caplog.text
+    make_app(FABLE_LOG_PROMPTS=True).test_client().post("/api/generate", json=body)
+    assert "generate with endless: 'Zanzibar'" in caplog.text
