@@ -452,12 +452,15 @@ def test_models_are_added_and_replaced_in_every_worker_without_a_failed_request(
 
 def test_overload_answers_503_at_once_and_health_stays_quick(checkpoint_dir, tmp_path):
     """More concurrent requests than rows + queue: the extra ones get 503 with Retry-After
-    within a second (not a wait in gunicorn's backlog), and /healthz answers quickly
-    throughout. Whole (not streamed) answers, so that the clients themselves stay idle."""
+    at once, not after waiting in gunicorn's backlog for a request to end (the admitted
+    ones run to the 5 s deadline), and /healthz answers within a second throughout. On an
+    idle machine the 503s take well under a second; the bound allows for CI's load, where
+    the tiny model's decode loop holds the GIL much of the time. Whole (not streamed)
+    answers, so that the clients themselves stay idle."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_MAX_BATCH": "4",
-           "FABLE_MAX_QUEUE": "4", "FABLE_QUEUE_TIMEOUT_S": "10", "FABLE_REQUEST_TIMEOUT_S": "3",
+           "FABLE_MAX_QUEUE": "4", "FABLE_QUEUE_TIMEOUT_S": "10", "FABLE_REQUEST_TIMEOUT_S": "5",
            "FABLE_MAX_NEW_TOKENS": "1000000", "GUNICORN_GRACEFUL_TIMEOUT": "3"}
     with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as gunicorn:
         body = {"model": "endless", "prompt": "x", "stream": False,
@@ -480,7 +483,7 @@ def test_overload_answers_503_at_once_and_health_stays_quick(checkpoint_dir, tmp
             answers = list(answers)
         refused = [a for a in answers if a[0] == 503]
         assert len(refused) == 30 - 8, answers  # 4 rows + 4 queued; the rest are told at once
-        assert all(seconds < 1.0 and retry == "1" for _, seconds, retry in refused), refused
+        assert all(seconds < 3.0 and retry == "1" for _, seconds, retry in refused), refused
         assert [a[0] for a in answers].count(200) == 8
         assert max(health) < 1.0, health
 
