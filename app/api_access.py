@@ -40,18 +40,24 @@ def _under(path: str, prefixes: tuple[str, ...]) -> bool:
     return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
-def _allowed_origin() -> str | None:
-    """The value of Access-Control-Allow-Origin for this request, if any."""
-    origins = get_settings().cors_origin_list
-    origin = request.headers.get("Origin", "").lower().rstrip("/")
-    if not origins or not origin or not _under(request.path, CORS_PATHS):
-        return None
-    return "*" if "*" in origins else origin if origin in origins else None
-
-
 def _origin(value: str) -> str | None:
+    """An origin as ``csrf.normalise`` writes it (lower case, no default port), or None."""
     parts = urlsplit(value.strip())
     return normalise(parts.scheme, parts.netloc) if parts.scheme and parts.netloc else None
+
+
+def _listed(origin: str) -> bool:
+    """The origin is one FABLE_CORS_ORIGINS lets call the APIs (or it lists ``*``)."""
+    allowed = get_settings().cors_origin_list
+    return "*" in allowed or (_origin(origin) or "") in {_origin(o) for o in allowed}
+
+
+def _allowed_origin() -> str | None:
+    """The value of Access-Control-Allow-Origin for this request, if any."""
+    origin = request.headers.get("Origin")
+    if not origin or not _under(request.path, CORS_PATHS) or not _listed(origin):
+        return None
+    return "*" if "*" in get_settings().cors_origin_list else origin
 
 
 def cross_site_refusal() -> str | None:
@@ -59,10 +65,7 @@ def cross_site_refusal() -> str | None:
     origin = request.headers.get("Origin")
     if origin is None or request.method in SAFE_METHODS:
         return None
-    allowed = get_settings().cors_origin_list
-    given = _origin(origin)
-    if given is not None and (given == own_origin() or "*" in allowed
-                              or given in {_origin(o) for o in allowed}):
+    if _origin(origin) == own_origin() or _listed(origin):
         return None
     shown = origin if len(origin) <= 100 else origin[:97] + "..."
     return (f"cross-site requests to this API are refused (Origin {shown}); the server "

@@ -188,8 +188,7 @@ class Settings(BaseSettings):
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
-        """Origins as browsers send them: lower-case, no trailing slash."""
-        return tuple(o.lower().rstrip("/") for o in _listed(self.cors_origins or ""))
+        return tuple(o.rstrip("/") for o in _listed(self.cors_origins or ""))
 
     @model_validator(mode="after")
     def _default_within_maximum(self) -> Settings:
