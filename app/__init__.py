@@ -32,12 +32,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The app; ``test_config`` overrides ``FABLE_*`` settings and Flask config keys."""
     import torch
 
+    from models_src.chat import ChatTemplateError
+
     from . import filters, metrics, security, telemetry
     from .registry import ModelRegistry
     from .reload import Reloader, environment_stamp, read_stamp
     from .service import GenerationService
-    from models_src.chat import ChatTemplateError
-
     from .settings import Settings, SettingsError, resolve_device
 
     app = Flask(__name__, static_folder=str(ROOT / "static"),
@@ -75,9 +75,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.before_request(_read_chunked_body)  # first: nothing may read the body before it
     _register_blueprints(app)
     metrics.init_app(app)  # /metrics, and every answer counted
-    telemetry.LOAD_ERRORS.set(len(registry.errors))
-    reloader = Reloader(registry, stamp, seen,
-                        on_refresh=lambda r: telemetry.LOAD_ERRORS.set(len(r.errors)))
+    telemetry.load_errors(registry)
+    reloader = Reloader(registry, stamp, seen, on_refresh=telemetry.load_errors)
     app.extensions["fable.reloader"] = reloader
     reloader.watch()
     _register_error_handlers(app)

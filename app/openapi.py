@@ -169,13 +169,17 @@ class Usage(_Shape):
     total_tokens: Count
 
 
-class Completion(_Shape):
-    """Also the shape of each streamed chunk (usage only on the last one, with
-    stream_options.include_usage)"""
+class _OpenAI(_Shape):
+    """What every OpenAI answer object starts with"""
     id: str
-    object: Literal["text_completion"]
     created: Count
     model: str
+
+
+class Completion(_OpenAI):
+    """Also the shape of each streamed chunk (usage only on the last one, with
+    stream_options.include_usage)"""
+    object: Literal["text_completion"]
     choices: Annotated[list[CompletionChoice], Field(max_length=1)]
     usage: Usage | None = None
 
@@ -203,11 +207,8 @@ class ChatCompletionChoice(_Shape):
     finish_reason: Reason
 
 
-class ChatCompletion(_Shape):
-    id: str
+class ChatCompletion(_OpenAI):
     object: Literal["chat.completion"]
-    created: Count
-    model: str
     choices: Annotated[list[ChatCompletionChoice], Field(min_length=1, max_length=1)]
     usage: Usage
 
@@ -228,10 +229,7 @@ class ChatCompletionChunk(_Shape):
     """One streamed chunk: the first delta names the role, the last one carries
     finish_reason; with stream_options.include_usage a final chunk with no choices
     carries usage"""
-    id: str
     object: Literal["chat.completion.chunk"]
-    created: Count
-    model: str
     choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]
     usage: Usage | None = None
 

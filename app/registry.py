@@ -198,8 +198,8 @@ def _fingerprint(path: Path) -> tuple:
     (save_checkpoint swaps in a new directory, so its inode changes too)."""
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        return (path.stat().st_ino, *((f.relative_to(path).as_posix(), f.stat().st_size,
-                                       f.stat().st_mtime_ns) for f in files))
+        stats = [(f.relative_to(path).as_posix(), f.stat()) for f in files]
+        return (path.stat().st_ino, *((name, st.st_size, st.st_mtime_ns) for name, st in stats))
     except OSError:
         return ()
 

@@ -644,9 +644,13 @@ def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> Generati
     values = sampling_values(req, OPENAI_FIELDS)
     if req.logprobs is not None:
         values["logprobs"] = req.logprobs
-    usage = req.stream_options is not None and req.stream_options.include_usage is True
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
-                             make_params(values, limits), usage)
+                             make_params(values, limits), _include_usage(req))
+
+
+def _include_usage(req: BaseModel) -> bool:
+    """OpenAI's ``stream_options.include_usage``."""
+    return req.stream_options is not None and req.stream_options.include_usage is True
 
 
 def _logprobs(req: BaseModel) -> dict[str, int]:
@@ -673,6 +677,5 @@ def parse_openai_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequ
     values = {**sampling_values(req, OPENAI_FIELDS), **_logprobs(req)}
     if req.max_completion_tokens is not None:
         values["max_new_tokens"] = req.max_completion_tokens
-    usage = req.stream_options is not None and req.stream_options.include_usage is True
     return GenerationRequest(req.model, "", None, req.stream is True, make_params(values, limits),
-                             usage, _messages(req))
+                             _include_usage(req), _messages(req))

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from dataclasses import replace
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from flask import current_app
 
@@ -89,8 +89,8 @@ class GenerationStream:
 
     def __init__(self, model_name: str, ticket: Ticket, *, deadline: float,
                  clock: Callable[[], float], prompt_tokens: int, encode: Callable[[str], list[int]],
-                 queued_ns: int = 0, strip: bool = False,
-                 decode: Callable[[list[int]], str] | None = None) -> None:
+                 decode: Callable[[list[int]], str], queued_ns: int = 0,
+                 strip: bool = False) -> None:
         self.model_name = model_name
         self.completion: Completion | None = None
         self.timed_out = False
@@ -175,7 +175,7 @@ class GenerationStream:
 
     def token_text(self, token_id: int) -> str:
         """One token as text (a byte-level piece of a character shows as U+FFFD)."""
-        return self._decode([token_id]) if self._decode is not None else ""
+        return self._decode([token_id])
 
     def _time_out(self) -> None:
         self.timed_out = True
@@ -350,7 +350,7 @@ class GenerationService:
         return GenerationStream(
             loaded.name, ticket, deadline=self._clock() + self.request_timeout_s,
             clock=self._clock, prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
-            queued_ns=time.perf_counter_ns() - waited, strip=strip, decode=loaded.tokenizer.decode)
+            decode=loaded.tokenizer.decode, queued_ns=time.perf_counter_ns() - waited, strip=strip)
 
 
 def get_service() -> GenerationService:

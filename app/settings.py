@@ -188,7 +188,7 @@ class Settings(BaseSettings):
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
-        return tuple(o.rstrip("/") for o in _listed(self.cors_origins or ""))
+        return _listed(self.cors_origins or "")
 
     @model_validator(mode="after")
     def _default_within_maximum(self) -> Settings:

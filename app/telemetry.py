@@ -29,6 +29,11 @@ LOAD_ERRORS = Gauge("fable_model_load_errors", "Checkpoint directories that fail
                     multiprocess_mode="max")
 
 
+def load_errors(registry) -> None:
+    """After a registry (re)load: how many checkpoint directories failed."""
+    LOAD_ERRORS.set(len(registry.errors))
+
+
 def rows(running: int, queued: int) -> None:
     RUNNING.set(running)
     QUEUED.set(queued)

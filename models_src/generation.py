@@ -197,14 +197,12 @@ class Batch:
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> dict[Sequence, TokenLogprob]:
         """Log-probabilities for the rows that asked for them, and only those."""
-        asking = [i for i, s in enumerate(self._running) if s.params.logprobs is not None]
+        asking = self._rows.logprobs
         if not asking:
             return {}
-        index = torch.tensor(asking, device=logits.device)
-        top = max(self._running[i].params.logprobs for i in asking)
-        entries = token_logprobs(logits[index], tokens[index], top)
-        return {self._running[i]: replace(e, top=e.top[:self._running[i].params.logprobs])
-                for i, e in zip(asking, entries)}
+        index = torch.tensor([i for i, _ in asking], device=logits.device)
+        entries = token_logprobs(logits[index], tokens[index], max(n for _, n in asking))
+        return {self._running[i]: replace(e, top=e.top[:n]) for (i, n), e in zip(asking, entries)}
 
     def _keep(self, mask: list[bool]) -> None:
         """Keep the running rows where ``mask`` is true."""

@@ -186,6 +186,8 @@ class RowSettings:
             self.top_k = column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
         if any(p.top_p is not None and p.top_p < 1.0 for p in params):
             self.top_p = column([1.0 if p.top_p is None else p.top_p for p in params])
+        # (row, alternatives) of the rows that ask for log-probabilities; [] costs a step nothing
+        self.logprobs = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
 
 
 def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,

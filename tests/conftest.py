@@ -168,6 +168,7 @@ def script(monkeypatch):
             return GenerationStream(loaded.name, ScriptedTicket(pieces, **kwargs),
                                     deadline=float("inf"), clock=lambda: 0.0,
                                     prompt_tokens=len(prompt_ids),
-                                    encode=loaded.tokenizer.encode, strip=strip)
+                                    encode=loaded.tokenizer.encode,
+                                    decode=loaded.tokenizer.decode, strip=strip)
         monkeypatch.setattr(GenerationService, "_start", start)
     return install
