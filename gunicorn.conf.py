@@ -28,7 +28,9 @@ bind = f"{os.environ.get('FABLE_HOST', '0.0.0.0')}:{_int('PORT', 7860)}"
 
 # Threads wait on the network while torch, which releases the GIL, generates; the main
 # loop keeps heart-beating through long streams (sync workers would be killed mid-stream).
-worker_class = "gthread"
+# gthread, except that a thread gets a request only once all of it has arrived: slow
+# clients wait in the main loop's poller (app/http_worker.py; SECURITY.md says why).
+worker_class = "app.http_worker.BufferingThreadWorker"
 workers = settings.workers
 # Requests in flight per worker: every decoding row and queued request, plus SPARE_THREADS
 # for everything else. A request past the queue then reaches the app, which answers 503

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app, request
-from werkzeug.exceptions import (HTTPException, InternalServerError, MethodNotAllowed,
+from werkzeug.exceptions import (BadRequest, HTTPException, InternalServerError, MethodNotAllowed,
                                  RequestEntityTooLarge)
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -102,10 +102,6 @@ def _configure_logging(app: Flask) -> None:
         package_log.propagate = False
 
 
-#: Largest refused body read to its end so the connection can serve the next request.
-DISCARD_LIMIT = 4 * 1024 * 1024
-
-
 def _read_chunked_body() -> None:
     """``before_request``: a body sent without Content-Length (chunked) is read here, to
     one byte past the limit: over it is a 413, as it would be with a Content-Length
@@ -117,26 +113,14 @@ def _read_chunked_body() -> None:
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    body = environ["wsgi.input"].read(limit + 1)
+    try:
+        body = environ["wsgi.input"].read(limit + 1)
+    except Exception as e:  # the server's parser refused the framing (its own error types)
+        raise BadRequest(f"the chunked request body is malformed ({type(e).__name__})") from None
     if len(body) > limit:
         raise RequestEntityTooLarge()
     environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(len(body))
-
-
-def _discard_unread_body() -> None:
-    """Read and drop (up to DISCARD_LIMIT) the body of a request refused as too large:
-    gunicorn keeps the connection alive but drains only 64 KiB, so the client's next
-    request on it would get no response at all."""
-    length = request.content_length
-    stream = request.environ.get("wsgi.input")
-    if stream is None or length is None or length > DISCARD_LIMIT:
-        return
-    while length > 0:
-        chunk = stream.read(min(length, 64 * 1024))
-        if not chunk:
-            break
-        length -= len(chunk)
 
 
 def _register_error_handlers(app: Flask) -> None:
@@ -144,8 +128,6 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        if e.code == 413:
-            _discard_unread_body()
         if not wants_json():
             return e
         messages = {

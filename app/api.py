@@ -177,10 +177,16 @@ def reload_models():
 @bp.get("/healthz")
 def healthz():
     """200 while at least one model is loaded, even if other checkpoints failed; 503 when
-    none is (nothing can be served). The process answering at all is the liveness signal."""
+    none is (nothing can be served). The process answering at all is the liveness signal;
+    ``full`` says this worker is up but refuses generations (every row and queue place
+    taken), which a load balancer reads as "send elsewhere", not "down"."""
     registry = get_registry()
+    service = get_service()
+    stats = service.stats()
+    full = stats["active"] >= stats["max_batch"] and stats["queued"] >= stats["max_queue"]
     body = {"status": "ok" if len(registry) else "no models loaded", "models": len(registry),
-            "errors": len(registry.errors), "active": get_service().active}
+            "errors": len(registry.errors), "active": stats["active"], "queued": stats["queued"],
+            "full": full}
     return jsonify(body), 200 if len(registry) else 503
 
 

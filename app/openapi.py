@@ -141,10 +141,14 @@ class Reloaded(_Shape):
 
 
 class Health(_Shape):
+    """Liveness and load: ``full`` while every decoding row and queue place is taken (up,
+    but refusing generations with 503)"""
     status: str
     models: Count
     errors: Count
     active: Count = 0
+    queued: Count = 0
+    full: bool = False
 
 
 class CompletionLogprobs(_Shape):

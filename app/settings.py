@@ -146,6 +146,9 @@ class Settings(BaseSettings):
                           "least 1")
     queue_timeout_s: Number = Field(30.0, ge=0.0, description="how long a queued request waits "
                                                               "for a row (then 503)")
+    read_timeout_s: Number = Field(10.0, gt=0.0, description="how long a client may take to "
+                                   "send a whole request, head and body (then 408): waiting "
+                                   "connections are held by the worker's main loop, not a thread")
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
     log_prompts: bool = Field(False, description="log each generation's model and prompt "

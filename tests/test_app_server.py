@@ -118,7 +118,7 @@ def test_the_image_command_serves_the_checkpoints(dockerfile, server):
         "model": "endless", "prompt": "x", "stream": False, "options": {"num_predict": 3}}).json()
     assert text["response"] == ENDLESS_CHAR * 3
     log = server["log"].read_text()
-    assert "gthread" in log and '"GET /healthz' in log  # worker class; access log on stdout
+    assert "BufferingThreadWorker" in log and '"GET /healthz' in log  # access log on stdout
 
 
 def test_every_worker_of_the_image_loads_the_models_and_serves(dockerfile, checkpoint_dir, tmp_path):
@@ -334,10 +334,10 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server):
 
 
 def test_a_refused_oversize_body_leaves_the_connection_usable(server):
-    """A 413 is answered before the body is read, with "Connection: keep-alive"; gunicorn
-    then drains only 64 KiB of what is left unread and closes the connection, so the
-    client's next request on it would get no response at all (13 times in 20 before the
-    app read such bodies to their end; the soak test found it)."""
+    """A 413 is answered before the body is read, with "Connection: close" (the worker
+    never reads the rest of a body over the limit); the client's next request goes on a
+    new connection and is served. (With "keep-alive" and the body left unread, the next
+    request got no answer at all 13 times in 20; the soak test found it.)"""
     ok = {"model": "tiny-gpt", "stream": False, "options": {"num_predict": 2}}
     with httpx.Client(base_url=server["url"], timeout=30) as client:
         for _ in range(20):
@@ -448,44 +448,6 @@ def test_models_are_added_and_replaced_in_every_worker_without_a_failed_request(
         running.join(60)
         assert "".join(streamed) == ENDLESS_CHAR * 30_000  # ...on the weights it began with
         assert "SIGHUP: every worker reloads its models" in gunicorn.log_text()
-
-
-def test_overload_answers_503_at_once_and_health_stays_quick(checkpoint_dir, tmp_path):
-    """More concurrent requests than rows + queue: the extra ones get 503 with Retry-After
-    at once, not after waiting in gunicorn's backlog for a request to end (the admitted
-    ones run to the 5 s deadline), and /healthz answers within a second throughout. On an
-    idle machine the 503s take well under a second; the bound allows for CI's load, where
-    the tiny model's decode loop holds the GIL much of the time. Whole (not streamed)
-    answers, so that the clients themselves stay idle."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_MAX_BATCH": "4",
-           "FABLE_MAX_QUEUE": "4", "FABLE_QUEUE_TIMEOUT_S": "10", "FABLE_REQUEST_TIMEOUT_S": "5",
-           "FABLE_MAX_NEW_TOKENS": "1000000", "GUNICORN_GRACEFUL_TIMEOUT": "3"}
-    with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as gunicorn:
-        body = {"model": "endless", "prompt": "x", "stream": False,
-                "options": {"num_predict": 1_000_000}}
-
-        def send(_):
-            started = time.monotonic()
-            response = httpx.post(f"{gunicorn.url}/api/generate", json=body, timeout=30)
-            return response.status_code, time.monotonic() - started, response.headers.get("Retry-After")
-
-        health: list[float] = []
-        with ThreadPoolExecutor(30) as pool:
-            answers = pool.map(send, range(30))
-            end = time.monotonic() + 2.5
-            while time.monotonic() < end:
-                started = time.monotonic()
-                assert httpx.get(f"{gunicorn.url}/healthz", timeout=5).status_code == 200
-                health.append(time.monotonic() - started)
-                time.sleep(0.1)
-            answers = list(answers)
-        refused = [a for a in answers if a[0] == 503]
-        assert len(refused) == 30 - 8, answers  # 4 rows + 4 queued; the rest are told at once
-        assert all(seconds < 3.0 and retry == "1" for _, seconds, retry in refused), refused
-        assert [a[0] for a in answers].count(200) == 8
-        assert max(health) < 1.0, health
 
 
 def test_the_access_log_holds_no_secret_and_no_prompt(checkpoint_dir, tmp_path):

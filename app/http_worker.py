@@ -1,0 +1,340 @@
+"""The gunicorn worker that serves Fable: gthread, with whole requests read before a thread
+takes them.
+
+gthread gives a connection to a pool thread as soon as its first bytes arrive, and the
+thread then blocks until the rest of the request is in: 64 clients that sent half a header
+and stopped held every thread, and ``/healthz`` with them. Here the main loop reads every
+waiting connection without blocking, as nginx does, and submits a request to the pool only
+once its head and body have arrived; a waiting connection costs a buffer, not a thread.
+
+- A request must arrive whole within ``FABLE_READ_TIMEOUT_S`` of the connection (or of the
+  first byte after a kept-alive one); then 408 and the connection closes.
+- A head over ``MAX_HEAD_BYTES`` gets 431. A body over ``FABLE_MAX_BODY_BYTES`` goes to
+  the app, which refuses it (413, in each API's error shape) from what is already held,
+  and the connection then closes: nothing is ever read from a slow client in a thread.
+- Closing lingers in the main loop too (the kernel would otherwise answer a client still
+  sending with a reset, which can cut the answer off); gunicorn lingers in its main thread,
+  where one silent client stalled every connection of the worker for 2 s.
+- gunicorn's own error pages (400, 414, 431, ...) become JSON with the app's security
+  headers.
+
+TLS and HTTP/2 (not used by the Space, whose proxy terminates TLS) keep gthread's way.
+"""
+
+from __future__ import annotations
+
+import errno
+import html
+import json
+import selectors
+import socket
+import time
+from functools import partial
+
+from gunicorn.http import get_parser
+from gunicorn.http2 import negotiation
+from gunicorn.workers.gthread import ThreadWorker, TConn
+
+from .settings import Settings
+
+#: Largest request head (request line and header fields), as nginx's default buffers.
+MAX_HEAD_BYTES = 32 * 1024
+#: How long a closed connection is drained, and how much of it at most.
+LINGER_S = 2.0
+LINGER_BYTES = 1024 * 1024
+_RECEIVE = 64 * 1024
+
+
+def error_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection: ``{"error": message}`` with the
+    security headers every page of the app carries."""
+    from .security import SECURITY_HEADERS  # not at import: the master loads this module
+
+    body = json.dumps({"error": message}).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Connection: close",
+            *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Pending:
+    """What a waiting connection has sent so far, and whether it makes a whole request.
+
+    Read incrementally: each call scans only what arrived since the last one, so a client
+    that sends a byte at a time costs the main loop no more than one that sends it all."""
+
+    def __init__(self, data: bytes, deadline: float) -> None:
+        self.data = bytearray(data)
+        self.deadline = deadline
+        self.sent_continue = False  # answered "Expect: 100-continue" ourselves
+        self.whole = False
+        self.expects_continue = False
+        self._scanned = 0  # where the search for the head's end goes on
+        self._body_start: int | None = None
+        self._length: int | None = None  # Content-Length; None: chunked
+        self._chunk = 0  # chunked: where the next chunk's size line starts
+        self._content = 0  # chunked: bytes of content in the whole chunks before it
+
+    def state(self, max_body: int) -> str:
+        """"more" (wait), "ready" (submit: whole, or the app can refuse it from what is
+        here, or it is malformed and gunicorn's parser answers 400) or "head too large"."""
+        if self._body_start is None:
+            verdict = self._read_head()
+            if verdict:
+                return verdict
+        if self._length is not None:
+            self.whole = len(self.data) - self._body_start >= self._length
+            return "ready" if self.whole or self._length > max_body else "more"
+        end, content = self._read_chunks()
+        self.whole = end is not None
+        return "ready" if self.whole or content > max_body else "more"
+
+    def _read_head(self) -> str | None:
+        data = self.data
+        start = len(data) - len(data.lstrip(b"\r\n"))  # empty lines before a request
+        head_end = data.find(b"\r\n\r\n", max(start, self._scanned - 3))
+        if head_end < 0:
+            self._scanned = len(data)
+            return "head too large" if len(data) > MAX_HEAD_BYTES else "more"
+        request_line, *lines = bytes(data[start:head_end]).split(b"\r\n")
+        fields: dict[bytes, list[bytes]] = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            fields.setdefault(name.strip().lower(), []).append(value.strip().lower())
+        self._body_start = self._chunk = head_end + 4
+        self.expects_continue = (fields.get(b"expect") == [b"100-continue"]
+                                 and request_line.endswith(b" HTTP/1.1"))  # 1.0 ignores it
+        if b"transfer-encoding" in fields:
+            if not fields[b"transfer-encoding"][-1].endswith(b"chunked"):
+                return "ready"  # gunicorn refuses it (501)
+            return None
+        lengths = fields.get(b"content-length", [b"0"])
+        if len(lengths) != 1 or not lengths[0].isdigit():
+            return "ready"  # gunicorn answers 400
+        self._length = int(lengths[0])
+        return None
+
+    def _read_chunks(self) -> tuple[int | None, int]:
+        """Where the chunked body ends (None while incomplete; a malformed one counts as
+        ended, and gunicorn's parser answers 400), and how much content has arrived."""
+        data = self.data
+        while True:
+            line_end = data.find(b"\r\n", self._chunk)
+            if line_end < 0:
+                return None, self._content
+            size = bytes(data[self._chunk:line_end]).split(b";", 1)[0].strip()
+            try:
+                length = int(size, 16)
+            except ValueError:
+                return len(data), self._content
+            if length == 0:  # then trailer fields, if any, up to an empty line
+                end = data.find(b"\r\n\r\n", line_end)
+                return (None if end < 0 else end + 4), self._content
+            following = line_end + 2 + length + 2
+            if following > len(data):
+                return None, self._content + len(data) - line_end - 2
+            self._chunk, self._content = following, self._content + length
+
+
+class Connection(TConn):
+    """gthread's connection, whose graceful close lingers in the worker's main loop."""
+
+    def __init__(self, cfg, sock, client, server, linger) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.linger = linger
+        self.pending: Pending | None = None  # the request being served, as it arrived
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful:
+            self.linger(self.sock)
+        else:
+            super().close()
+
+
+class BufferingThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker that submits only whole requests to its threads."""
+
+    def init_process(self) -> None:
+        settings = Settings.load()
+        self.max_body = settings.max_body_bytes
+        self.read_timeout = settings.read_timeout_s
+        self.waiting: dict[TConn, Pending] = {}
+        self.lingering: dict[socket.socket, tuple[float, int]] = {}  # deadline, bytes read
+        super().init_process()
+
+    def _buffers(self, conn: TConn) -> bool:
+        return not (self.cfg.is_ssl or negotiation.prior_knowledge_allowed(self.cfg, conn.client))
+
+    # ---- waiting for a whole request ----------------------------------------------------
+
+    def accept(self, listener) -> None:
+        try:
+            sock, client = listener.accept()
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        self.nr_conns += 1
+        self.enqueue_req(Connection(self.cfg, sock, client, listener.getsockname(), self._linger))
+
+    def enqueue_req(self, conn: TConn) -> None:
+        """Every way into the thread pool (a new connection, a kept-alive one with a next
+        request, bytes read ahead) passes here: wait in the poller for a whole request."""
+        if not self._buffers(conn):
+            return super().enqueue_req(conn)
+        held = conn.parser.unreader.take_buffered() if conn.parser else b""
+        pending = Pending(held, time.monotonic() + self.read_timeout)
+        conn.sock.setblocking(False)
+        self.waiting[conn] = pending
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        if held:
+            self._advance(conn, pending)
+
+    def _on_readable(self, conn: TConn, sock: socket.socket) -> None:
+        data = _receive(sock)
+        if data is None:
+            return
+        if not data:  # the client closed (or reset) the connection
+            self._forget(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        pending = self.waiting[conn]
+        pending.data += data
+        self._advance(conn, pending)
+
+    def _advance(self, conn: TConn, pending: Pending) -> None:
+        state = pending.state(self.max_body)
+        if state == "more":
+            if pending.expects_continue and not pending.sent_continue:
+                pending.sent_continue = _send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        self._forget(conn)
+        if state == "head too large":
+            return self._refuse(conn, 431, "Request Header Fields Too Large",
+                                f"the request head is over {MAX_HEAD_BYTES} bytes")
+        if conn.parser is None:
+            conn.parser = get_parser(self.cfg, conn.sock, conn.client)
+        conn.parser.unreader.unread(bytes(pending.data))
+        conn.data_ready = True  # gthread's own wait for a first byte is not needed
+        conn.pending = pending
+        super().enqueue_req(conn)
+
+    def _forget(self, conn: TConn) -> None:
+        del self.waiting[conn]
+        self.poller.unregister(conn.sock)
+
+    def _refuse(self, conn: TConn, status: int, reason: str, message: str) -> None:
+        self.log.warning("Refused request from ip=%s: %s", conn.client[0], message)
+        _send(conn.sock, error_response(status, reason, message))
+        self.nr_conns -= 1
+        self._linger(conn.sock)
+
+    def handle_request(self, req, conn):
+        """A request that arrived incomplete (a body over the limit) closes its connection
+        after the answer: the rest of its body is never read in a thread."""
+        pending = conn.pending
+        if pending is not None:
+            if not pending.whole:
+                req.must_close = True
+            if pending.sent_continue:
+                req._expected_100_continue = False  # the 100 went out already
+        return super().handle_request(req, conn)
+
+    # ---- closing ------------------------------------------------------------------------
+
+    def finish_request(self, conn, fs) -> None:
+        conn.pending = None
+        super().finish_request(conn, fs)
+
+    def _linger(self, sock: socket.socket) -> None:
+        """Half-close, then read and drop what the client still sends, for LINGER_S at
+        most, before closing: its last answer reaches it whole."""
+        try:
+            sock.setblocking(False)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self.lingering[sock] = (time.monotonic() + LINGER_S, 0)
+        self.poller.register(sock, selectors.EVENT_READ, self._drain)
+
+    def _drain(self, sock: socket.socket) -> None:
+        deadline, read = self.lingering[sock]
+        data = _receive(sock)
+        if data is None:
+            return
+        if data and read + len(data) < LINGER_BYTES:
+            self.lingering[sock] = (deadline, read + len(data))
+            return
+        del self.lingering[sock]
+        self.poller.unregister(sock)
+        sock.close()
+
+    def murder_pending(self) -> None:
+        """Each turn of the main loop: close what waited too long (408 to a client that
+        began a request), and end lingering closes that are due."""
+        super().murder_pending()
+        now = time.monotonic()
+        for conn, pending in [(c, p) for c, p in self.waiting.items() if p.deadline <= now]:
+            self._forget(conn)
+            if pending.data:
+                self._refuse(conn, 408, "Request Timeout",
+                             f"the request did not arrive within {self.read_timeout:g} s")
+            else:
+                self.nr_conns -= 1
+                conn.close()
+        for sock in [s for s, (deadline, _) in self.lingering.items() if deadline <= now]:
+            del self.lingering[sock]
+            self.poller.unregister(sock)
+            sock.close()
+
+    # ---- gunicorn's own errors ----------------------------------------------------------
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        """gunicorn's answer (status and message, logged as it logs them), sent as JSON
+        with the security headers instead of its bare HTML page."""
+        page = _Captured()
+        super().handle_error(req, page, addr, exc)
+        status_line, _, rest = page.data.partition(b"\r\n")
+        _, status, reason = status_line.decode("latin-1").split(" ", 2)
+        message = rest.partition(b"</h1>")[2].partition(b"</body>")[0]
+        text = html.unescape(message.decode("latin-1").strip()) or reason
+        _send(client, error_response(int(status), reason, text), blocking=True)
+
+
+class _Captured:
+    """Stands in for the socket gunicorn writes its error page to."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What a readable non-blocking socket holds: b"" once the client has closed or reset
+    it, None when there was nothing after all."""
+    try:
+        return sock.recv(_RECEIVE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def _send(sock: socket.socket, data: bytes, blocking: bool = False) -> bool:
+    """Send a short answer; from the main loop never blocking (a client that does not read
+    just does not get it)."""
+    try:
+        if blocking:
+            sock.sendall(data)
+        else:
+            sock.send(data)
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,226 @@
+"""Clients that try to freeze or fool a real gunicorn (issue: slow clients, overload, odd
+bodies): half-sent requests, more streams than the server admits, gunicorn's own error
+answers, a cross-site POST. Every loop here is bounded in count and time, and every
+connection goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from gunicorn_server import GunicornServer
+
+pytestmark = pytest.mark.server
+
+SECURITY_HEADERS = ("content-security-policy", "x-content-type-options", "referrer-policy")
+
+
+def timed_health(url: str) -> float:
+    started = time.monotonic()
+    assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    return time.monotonic() - started
+
+
+def read_answer(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout``)."""
+    sock.settimeout(timeout)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return answer
+
+
+def head_and_json(answer: bytes) -> tuple[str, dict[str, str], dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in
+               (line.partition(":") for line in lines)}
+    return status, headers, json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir, tmp_path_factory):
+    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_READ_TIMEOUT_S": "3",
+           "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with GunicornServer(checkpoint_dir, env=env, log_path=log) as gunicorn:
+        yield gunicorn
+
+
+def test_256_half_sent_requests_hold_no_thread_and_time_out(server):
+    """The slowloris pattern: 256 connections each send part of a head (or a head and part
+    of its body) and stop. /healthz stays quick throughout; after FABLE_READ_TIMEOUT_S each
+    gets 408 and is closed; a client that sent nothing is closed without an answer."""
+    openings = [b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+                b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{\"model\": ",
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"400\r\n{\"model\"",
+                b""]
+    sockets = []
+    try:
+        for i in range(256):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(openings[i % len(openings)])
+            sockets.append(sock)
+        started = time.monotonic()
+        health = [timed_health(server.url)]
+        while time.monotonic() - started < 2:  # within the 3 s they are given
+            health.append(timed_health(server.url))
+            time.sleep(0.1)
+        assert max(health) < 1.0, health
+        answers = [read_answer(sock, timeout=10) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    for i, answer in enumerate(answers):
+        if openings[i % len(openings)]:
+            status, headers, body = head_and_json(answer)
+            assert status == "HTTP/1.1 408 Request Timeout", answer
+            assert "within 3 s" in body["error"] and headers["connection"] == "close"
+            assert all(name in headers for name in SECURITY_HEADERS)
+        else:
+            assert answer == b""
+    assert timed_health(server.url) < 1.0
+
+
+def test_a_request_sent_a_byte_at_a_time_is_served(server):
+    """Slow is not refused: a whole request that arrives within the timeout is answered,
+    and an Expect: 100-continue client gets its 100 before it sends the body."""
+    body = json.dumps({"model": "endless", "prompt": "x", "stream": False,
+                       "options": {"num_predict": 3}}).encode()
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for start in range(0, len(request), 16):
+            sock.sendall(request[start:start + 16])
+            time.sleep(0.005)
+        answer = read_answer(sock, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"response":"ooo"' in answer
+
+    head = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = read_answer(sock, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"100 Continue") == 0
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "414 URI Too Long"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+     "431 Request Header Fields Too Large"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Many: y\r\n" * 3000 + b"\r\n",
+     "431 Request Header Fields Too Large"),  # over the worker's 32 KiB head limit
+    (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", "400 Bad Request"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n", "400 Bad Request"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "400 Bad Request"),
+])
+def test_gunicorns_own_refusals_are_json_with_the_security_headers(server, request_bytes, status):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = read_answer(sock, timeout=10)
+    line, headers, body = head_and_json(answer)
+    assert line.lower() == f"HTTP/1.1 {status}".lower(), answer[:300]  # werkzeug's is upper case
+    assert headers["content-type"] == "application/json" and body["error"]
+    assert all(name in headers for name in SECURITY_HEADERS)
+
+
+def test_a_body_over_the_limit_is_refused_and_its_connection_closed(server):
+    """A 413 comes from the Content-Length alone, before any of the body; the connection
+    then closes (the rest is never read in a thread) and the client reads the whole
+    answer rather than a reset."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+        answer = read_answer(sock, timeout=10)
+    status, headers, body = head_and_json(answer)
+    assert status.startswith("HTTP/1.1 413") and headers["connection"] == "close"
+    assert "request body too large" in body["error"]
+
+
+def test_a_cross_site_post_is_refused_before_anything_runs(server):
+    """What a page on another site can send without a CORS preflight: a POST with no
+    Content-Type. Refused with 403; the same request without an Origin (a server-side
+    client) goes through."""
+    body = json.dumps({"model": "endless", "prompt": "x", "stream": False,
+                       "options": {"num_predict": 2}})
+    for path in ("/api/generate", "/v1/completions"):
+        refused = httpx.post(server.url + path, content=body,
+                             headers={"Origin": "https://evil.example", "Content-Type": ""})
+        assert refused.status_code == 403 and "evil.example" in refused.text
+    served = httpx.post(server.url + "/api/generate", content=body,
+                        headers={"Content-Type": "application/json"}, timeout=30)
+    assert served.status_code == 200
+
+
+def test_80_concurrent_streams_past_rows_and_queue_get_503_at_once(checkpoint_dir, tmp_path):
+    """The default capacity (16 rows + 48 queued = 64 admitted) and 80 concurrent streams:
+    16 get 503 with Retry-After within a second, 16 stream and 48 wait for a row, and /healthz
+    answers within a second throughout, saying the worker is full. The 80 clients are one
+    thread reading 80 sockets, so that the test's own threads do not slow its clock."""
+    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_QUEUE_TIMEOUT_S": "20",
+           "FABLE_REQUEST_TIMEOUT_S": "4", "FABLE_MAX_NEW_TOKENS": "1000000",
+           "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+    body = json.dumps({"model": "endless", "prompt": "x",
+                       "options": {"num_predict": 1_000_000}}).encode()
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as gunicorn:
+        health, full, watching = [], [], threading.Event()
+
+        def watch_health():
+            while not watching.wait(0.1):
+                started = time.monotonic()
+                reply = httpx.get(f"{gunicorn.url}/healthz", timeout=5)
+                health.append(time.monotonic() - started)
+                full.append(reply.status_code == 200 and reply.json()["full"])
+
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        clients = [socket.create_connection(("127.0.0.1", gunicorn.port), timeout=5)
+                   for _ in range(80)]
+        received = {sock: b"" for sock in clients}
+        first_byte: dict[socket.socket, float] = {}
+        try:
+            with selectors.DefaultSelector() as selector:
+                started = time.monotonic()
+                for sock in clients:
+                    sock.sendall(request)
+                    sock.setblocking(False)
+                    selector.register(sock, selectors.EVENT_READ)
+                while time.monotonic() - started < 3:
+                    for key, _ in selector.select(0.05):
+                        first_byte.setdefault(key.fileobj, time.monotonic() - started)
+                        try:
+                            received[key.fileobj] += key.fileobj.recv(65536)
+                        except BlockingIOError:
+                            pass
+        finally:
+            watching.set()
+            watcher.join()
+            for sock in clients:
+                sock.close()
+    refused = [sock for sock in clients if received[sock].startswith(b"HTTP/1.1 503")]
+    streaming = [sock for sock in clients if received[sock].startswith(b"HTTP/1.1 200")]
+    waiting = [sock for sock in clients if not received[sock]]  # queued for a row
+    assert (len(refused), len(streaming), len(waiting)) == (16, 16, 48), \
+        [received[s][:12] for s in clients]
+    assert all(b"\r\nRetry-After: 1\r\n" in received[sock] for sock in refused)
+    assert max(first_byte[sock] for sock in refused) < 1.0, sorted(first_byte.values())
+    assert all(received[sock].count(b'"done": false') > 1 for sock in streaming)
+    assert max(health) < 1.0, health
+    assert any(full), full
