@@ -4,6 +4,9 @@
     <dir>/model.safetensors   the weights (tied weights stored once)
     <dir>/tokenizer.json      the tokenizer, self-contained (+ tokenizer_config.json)
 
+A GPT-2-format Hugging Face directory (config.json with ``"model_type": "gpt2"``, trained
+elsewhere) loads too: ``models_src.hf_import`` translates it, or says why it cannot.
+
 A checkpoint is written into a temporary sibling directory and renamed into place, so
 a crash while saving leaves the previous checkpoint whole. Loading checks every file
 and every tensor shape and says which one is wrong.
@@ -25,6 +28,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import hf_import
 from .registry import build_model
 from .base import LanguageModel
 from .config import ModelConfig
@@ -149,7 +153,8 @@ def restore_set_aside(target: Path) -> None:
 
 
 def read_config(directory) -> dict:
-    """The parsed, version-checked config.json of a checkpoint directory."""
+    """The parsed, version-checked config.json of a checkpoint directory; a Hugging Face
+    GPT-2 directory's in Fable's shape, marked ``"imported": "gpt2"``."""
     restore_set_aside(Path(directory))
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -158,6 +163,11 @@ def read_config(directory) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if isinstance(config, dict) and hf_import.is_foreign(config):
+        try:
+            return hf_import.checkpoint_config(config)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(config, dict) or "format_version" not in config:
         raise CheckpointError(f"{path}: not a Fable checkpoint (no format_version; "
                               f"a config.json written by another program?)")
@@ -226,8 +236,9 @@ def load_checkpoint(directory, device: str | torch.device = "cpu",
         model_config = ModelConfig.from_dict(config["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config ({e})") from None
+    imported = "imported" in config
     try:
-        tokenizer = Tokenizer.load(directory)
+        tokenizer = hf_import.load_tokenizer(directory) if imported else Tokenizer.load(directory)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory}: tokenizer cannot be loaded ({e})") from None
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -239,6 +250,8 @@ def load_checkpoint(directory, device: str | torch.device = "cpu",
     model = build_model(model_config)
     expected = _unique_state(model)
     tensors = _read_weights(directory)
+    if imported:
+        tensors = hf_import.from_gpt2(tensors, model_config.tie_weights)
     problems = [f"missing tensor {k}" for k in expected if k not in tensors]
     problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
     problems += [f"{k}: shape {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} expected"

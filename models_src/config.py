@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 ARCHITECTURES = ("rnn", "gru", "lstm", "gpt", "seq2seq")
+#: The GPT's MLP activation -> F.gelu's ``approximate``: the exact (erf) GELU, Fable's own,
+#: or the tanh approximation that GPT-2 checkpoints were trained with ("gelu_new").
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 @dataclass
@@ -32,6 +35,7 @@ class ModelConfig:
     weight_drop: float = 0.0  # DropConnect on hidden-to-hidden matrices (awd: wdrop)
     tie_weights: bool = True
     bias: bool = True
+    activation: str = "gelu"  # GPT only: a key of ACTIVATIONS
     # special token ids the model itself needs (seq2seq splits source/target at sep_id)
     pad_id: int | None = None
     sep_id: int | None = None
@@ -45,6 +49,12 @@ class ModelConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.arch == "seq2seq" and self.sep_id is None:
             raise ValueError("seq2seq needs sep_id: the token that ends the source")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; "
+                             f"expected one of {tuple(ACTIVATIONS)}")
+        if self.activation != "gelu" and self.arch != "gpt":
+            raise ValueError(f"activation {self.activation!r} is only implemented "
+                             f"for the GPT")
         for name in ("dropout", "dropout_input", "dropout_hidden", "dropout_embedding", "weight_drop"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:

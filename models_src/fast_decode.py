@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ACTIVATIONS
 from .kernels import aten_kernels
 from .layers import KVCache
 
@@ -37,8 +38,9 @@ def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]
     with aten_kernels():  # oneDNN's per-call set-up would be most of GELU's cost here
         x = (torch.embedding(modules["wte"]._parameters["weight"], ids)
              + torch.embedding(modules["wpe"]._parameters["weight"], positions))
+        approximate = ACTIVATIONS[model.config.activation]  # the GELU the module path uses
         for i, block in enumerate(modules["blocks"]._modules.values()):
-            x = _block(block, x, caches, i)
+            x = _block(block, x, caches, i, approximate)
         for cache in caches:
             cache.end()
         if rows is not None:
@@ -51,7 +53,7 @@ def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]
         return torch.mm(x, head)
 
 
-def _block(block, x, caches: list[KVCache], layer: int) -> torch.Tensor:
+def _block(block, x, caches: list[KVCache], layer: int, approximate: str) -> torch.Tensor:
     """``Block.forward(x, cache=cache, layer=layer)`` in eval mode on (N, C) rows."""
     modules = block._modules
     attn, mlp = modules["attn"], modules["mlp"]
@@ -70,7 +72,7 @@ def _block(block, x, caches: list[KVCache], layer: int) -> torch.Tensor:
         y = torch.cat([c.attend(layer, part, attn.n_head) for c, part in zip(caches, parts)])
     x = x + _affine(y, w_proj, proj["bias"])
     h = torch.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
-    h = F.gelu(_affine(h, w_fc, fc["bias"]))
+    h = F.gelu(_affine(h, w_fc, fc["bias"]), approximate=approximate)
     return x + _affine(h, w_mlp, mlp_proj["bias"])
 
 

@@ -7,12 +7,25 @@ the weights to `transformers.GPT2LMHeadModel` unchanged (bar the Conv1D transpos
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import fast_decode
 from .base import LanguageModel, right_pad
-from .config import ModelConfig
-from .layers import Block, KVCache, init_transformer_weights
+from .config import ACTIVATIONS, ModelConfig
+from .layers import MLP, Block, KVCache, init_transformer_weights
+
+
+class GeluMLP(MLP):
+    """``layers.MLP`` with the GELU ``config.activation`` names: GPT-2 checkpoints use the
+    tanh approximation. Only built for those, so Fable's own models keep the shared MLP."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.approximate = ACTIVATIONS[config.activation]
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class GPT(LanguageModel):
@@ -23,6 +36,9 @@ class GPT(LanguageModel):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal=True) for _ in range(config.n_layer))
+        if config.activation != "gelu":  # same parameters; initialised below like the rest
+            for block in self.blocks:
+                block.mlp = GeluMLP(config)
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         init_transformer_weights(self, config.n_layer)

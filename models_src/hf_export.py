@@ -1,39 +1,43 @@
 """Export a GPT checkpoint to the Hugging Face GPT-2 format.
 
-The GPT's layout already is GPT-2's; the only differences are the ``transformer.``
-name prefix and GPT-2's Conv1D layers, which store their weights transposed.
-``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` then loads the
-export and gives the same logits.
+The GPT's layout already is GPT-2's; the renaming both ways lives in ``hf_import``.
+``transformers.pipeline("text-generation", model=out_dir)`` then writes what Fable
+writes: the exported tokenizer puts ``<bos>`` before the prompt as Fable's callers do
+(Fable's own ``encode`` never adds it, and still does not), and ``generation_config.json``
+carries the special ids and Fable's default sampling settings.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import tokenizers
 import torch
+from tokenizers import processors
 
+from .checkpoint import CARD_FILE, load_checkpoint
 from .gpt import GPT
-from .tokenization import Tokenizer
+from .hf_import import ACTIVATIONS, CONFIG_FIELDS, LAYER_NORM_EPS, to_gpt2
+from .sampling import SamplingParams
+from .tokenization import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+#: What ``tokenizer_config.json`` records for a tokenizer that splits text as GPT-2 does
+#: (a GGUF converter calls this pre-tokenizer "gpt2"; others are not recorded).
+GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 
 
-def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("blocks."):
-            hf_name = "transformer.h." + name.removeprefix("blocks.")
-        elif name == "lm_head.weight":
-            hf_name = name
-        else:
-            hf_name = "transformer." + name
-        state[hf_name] = tensor.t().contiguous() if name.endswith(_CONV1D) else tensor
-    return state
+def splits_like_gpt2(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer pre-tokenizes with GPT-2's byte-level regex split (the "bpe"
+    and "gpt2" kinds, and borrowed tokenizers built that way)."""
+    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
+    return all(pre.get(k) == v for k, v in GPT2_PRE_TOKENIZER.items())
 
 
 def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | None = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and the tokenizer in HF's layout, and
-    the model card (a checkpoint's ``README.md``) when given."""
+    """Write ``config.json``, ``model.safetensors`` (float32), ``generation_config.json``
+    and the tokenizer in HF's layout, and the model card (a checkpoint's ``README.md``)
+    when given."""
     from transformers import GPT2Config, GPT2LMHeadModel  # heavy: only when exporting
 
     c = model.config
@@ -42,19 +46,64 @@ def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | N
     if not c.bias:
         raise ValueError("GPT-2's format has biases everywhere; this model was built with bias=False")
     hf_config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, activation_function="gelu", layer_norm_epsilon=1e-5,
-        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-        tie_word_embeddings=c.tie_weights)
+        **{hf: getattr(c, ours) for ours, hf in CONFIG_FIELDS.items()},
+        n_ctx=c.block_size,  # GPT-2's old name for n_positions, which llama.cpp's converter reads
+        activation_function=next(hf for hf, ours in ACTIVATIONS.items() if ours == c.activation),
+        layer_norm_epsilon=LAYER_NORM_EPS, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     hf_model = GPT2LMHeadModel(hf_config)
-    missing, unexpected = hf_model.load_state_dict(gpt2_state_dict(model), strict=False)
+    missing, unexpected = hf_model.load_state_dict(to_gpt2(model.state_dict()), strict=False)
     # GPT-2 keeps no buffers we lack; the tied head is the only name it may fill itself.
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    hf_model.generation_config = generation_config(tokenizer)
     out = Path(out_dir)
     hf_model.save_pretrained(out)
-    tokenizer.save(out)
+    save_tokenizer(tokenizer, out)
     if card is not None:
         (out / "README.md").write_text(Path(card).read_text())
     return out
+
+
+def export_checkpoint(directory, out_dir) -> Path:
+    """Export a checkpoint directory, its model card included. The weights are read as
+    float32 (the bundled ones are stored in float16), the precision both sides compute in."""
+    checkpoint = load_checkpoint(directory, dtype=torch.float32)
+    card = Path(directory) / CARD_FILE
+    return export_to_hf(checkpoint.model, checkpoint.tokenizer, out_dir,
+                        card=card if card.is_file() else None)
+
+
+def generation_config(tokenizer: Tokenizer):
+    """Special ids and Fable's default sampling settings (``SamplingParams``' defaults)."""
+    from transformers import GenerationConfig
+
+    defaults = SamplingParams()
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+        do_sample=defaults.temperature > 0, temperature=defaults.temperature,
+        top_k=defaults.top_k or 0,  # 0: no top-k (left unset, transformers would use 50)
+        top_p=defaults.top_p or 1.0, repetition_penalty=defaults.repetition_penalty,
+        max_new_tokens=defaults.max_new_tokens)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """The tokenizer's files, made to add ``<bos>`` where Fable's callers put it: a
+    TemplateProcessing post-processor in tokenizer.json (for any reader of that file) and
+    ``add_bos_token`` (which transformers honours by building that same template).
+    Fable's ``encode`` asks for no special tokens, so loading the export changes nothing."""
+    tokenizer.save(out)
+    backend = tokenizers.Tokenizer.from_file(str(out / TOKENIZER_FILE))
+    bos = tokenizer.special_tokens["bos"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, tokenizer.bos_id)])
+    backend.save(str(out / TOKENIZER_FILE))
+    config_path = out / CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    # decode as Fable does: no clean-up of spaces before punctuation
+    config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False)
+    if splits_like_gpt2(tokenizer):
+        config["fable_pre_tokenizer"] = "gpt2"
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    config_path.write_text(text, encoding="utf-8")

@@ -192,12 +192,18 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, cache_dir: str | Path | None = None
+        cls, name_or_path: str | Path, cache_dir: str | Path | None = None, *,
+        fixed_vocab: bool = False,
     ) -> Tokenizer:
         """Any Hugging Face (fast) tokenizer: a directory, or a hub name found in an offline
         cache (``models--org--name/snapshots/<rev>/``); nothing is downloaded. Its bos, eos,
         unk and pad are kept; missing roles get Fable's tokens (bos falls back to eos,
-        as for GPT-2; unk stays None, since a vocabulary without one never produces it)."""
+        as for GPT-2; unk stays None, since a vocabulary without one never produces it).
+
+        ``fixed_vocab``: the tokenizer of a model trained elsewhere, whose embedding has no
+        row for a new token. Nothing is added; eos plays the roles the vocabulary lacks
+        (pad, as usual for GPT-2, and the infilling markers, which such a model never
+        learned: it is never offered infilling)."""
         # slow imports, needed only here
         from huggingface_hub import snapshot_download
         from transformers import AutoTokenizer
@@ -232,7 +238,13 @@ class Tokenizer:
             "bos": hf.bos_token or hf.eos_token or SPECIAL_TOKENS["bos"],
             "eos": hf.eos_token or SPECIAL_TOKENS["eos"],
         }
-        backend.add_special_tokens(_unique_tokens(special_tokens))
+        if fixed_vocab:
+            vocab = backend.get_vocab(with_added_tokens=True)
+            eos = special_tokens["eos"]
+            special_tokens = {role: token if token is None or token in vocab else eos
+                              for role, token in special_tokens.items()}
+        else:
+            backend.add_special_tokens(_unique_tokens(special_tokens))
         return cls(backend, "hf", special_tokens)
 
     # ---- persistence ----------------------------------------------------------------

@@ -272,7 +272,8 @@ def broken_checkpoints(source: Path, directory: Path) -> dict[str, str]:
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps(FOREIGN_CONFIG))
     (foreign / "model.safetensors").write_bytes(weights)
-    expected["hf-gpt2"] = "config.json: not a Fable checkpoint (no format_version"
+    # a GPT-2 directory goes to the importer, which names what it lacks
+    expected["hf-gpt2"] = "no tokenizer files: a GPT-2-format directory needs tokenizer.json"
     (directory / "empty").mkdir()
     expected["empty"] = "not a checkpoint (no config.json)"
     return expected

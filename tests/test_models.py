@@ -97,12 +97,13 @@ def test_awd_lstm_regularisers_train_and_are_off_in_eval():
     assert torch.equal(model(ids)[0], model(ids)[0])
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_gpt_decode_path_gives_the_module_path_numbers(bias):
+@pytest.mark.parametrize("bias, activation", [(True, "gelu"), (False, "gelu"), (True, "gelu_tanh")])
+def test_gpt_decode_path_gives_the_module_path_numbers(bias, activation):
     """In eval mode GPT.step runs Block.decode (direct calls, no modules, weights laid out
     (in, out)); in training mode the modules. With no dropout both give the same logits up
-    to the order of the sums. Uniform prefill, one-token steps and a ragged batch."""
-    model = make("gpt", bias=bias)
+    to the order of the sums. Uniform prefill, one-token steps and a ragged batch; the
+    exact GELU and GPT-2's tanh approximation."""
+    model = make("gpt", bias=bias, activation=activation)
     ids = random_ids(2, 12)
     lengths = torch.tensor([5, 3])
     results = {}
@@ -220,7 +221,9 @@ def test_seq2seq_without_separator_is_a_language_model():
 
 
 @pytest.mark.parametrize("bad", [dict(arch="transformer"), dict(n_embd=30, n_head=4),
-                                 dict(arch="seq2seq", sep_id=None), dict(dropout=1.0)])
+                                 dict(arch="seq2seq", sep_id=None), dict(dropout=1.0),
+                                 dict(activation="relu"),
+                                 dict(arch="lstm", activation="gelu_tanh")])
 def test_config_validation(bad):
     cfg = dict(arch="gpt", vocab_size=V, sep_id=SEP)
     cfg.update(bad)
@@ -238,3 +241,17 @@ def test_inspection_counts_tied_parameters_once():
     assert "blocks.0.attn.c_attn" in table
     assert "weight tied to wte.weight" in table  # the head shares the embedding
     assert f"total: {count_parameters(model):,} parameters" in table
+
+
+def test_the_tanh_gelu_is_the_one_the_gpt_computes():
+    """activation="gelu_tanh" changes the MLP's GELU (module and decode paths), nothing else."""
+    exact, tanh = make("gpt"), make("gpt", activation="gelu_tanh")
+    tanh.load_state_dict(exact.state_dict())
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        x = torch.randn(4, 32)
+        torch.testing.assert_close(tanh.blocks[0].mlp(x), exact.blocks[0].mlp.c_proj(
+            torch.nn.functional.gelu(exact.blocks[0].mlp.c_fc(x), approximate="tanh")))
+        assert not torch.equal(tanh(ids)[0], exact(ids)[0])
+        torch.testing.assert_close(tanh.step(ids, tanh.init_state(1))[0], tanh(ids)[0],
+                                   rtol=1e-5, atol=1e-5)

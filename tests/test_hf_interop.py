@@ -1,0 +1,285 @@
+"""Models that arrive and leave: a Fable GPT exported to transformers writes the same
+text there, and a GPT-2-format directory trained elsewhere is served by Fable with
+transformers' numbers, or refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models_src import ModelConfig, build_model
+from models_src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models_src.generation import generate
+from models_src.hf_export import export_checkpoint, export_to_hf
+from models_src.sampling import SamplingParams
+from models_src.tokenization import Tokenizer
+from training.export import main as export_main
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "checkpoints" / "tinystories-gpt"
+# GPT-2's own tokenizer files, from the shared read-only data ($FABLE_DATA_DIR, else ../shared/data)
+GPT2_FILES = Path(os.environ.get("FABLE_DATA_DIR", ROOT.parent / "shared" / "data")) / "gpt2"
+GREEDY = dict(max_new_tokens=24, temperature=0.0)
+TEXT = "Once upon a time, there was a little girl named Lily. She liked to play outside.\n"
+
+needs_gpt2_files = pytest.mark.skipif(not (GPT2_FILES / "vocab.json").is_file(),
+                                      reason=f"GPT-2 tokenizer files not in {GPT2_FILES}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared machine; tiny models are fastest on one thread anyway
+    yield
+    torch.set_num_threads(threads)
+
+
+def fable_greedy(checkpoint, prompt: str) -> str:
+    params = SamplingParams(**GREEDY)
+    return generate(checkpoint.model, checkpoint.tokenizer, prompt, params)[0].text
+
+
+def tiny_fable_gpt(tmp_path, **overrides) -> Path:
+    """A saved char GPT with random weights, biases and layer norms included."""
+    tokenizer = Tokenizer.train_char([TEXT])
+    torch.manual_seed(0)
+    config = dict(arch="gpt", vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=32, n_head=4,
+                  block_size=64, pad_id=tokenizer.pad_id, sep_id=tokenizer.sep_id)
+    model = build_model(ModelConfig(**{**config, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return save_checkpoint(tmp_path / "fable", model, tokenizer)
+
+
+# ---- export -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not BUNDLED.is_dir(), reason="bundled checkpoint absent")
+def test_transformers_pipeline_writes_fables_greedy_text(tmp_path):
+    from transformers import pipeline
+
+    out = export_checkpoint(BUNDLED, tmp_path / "hf")
+    assert (out / "README.md").read_text() == (BUNDLED / "README.md").read_text()
+    checkpoint = load_checkpoint(BUNDLED)  # float32, as the export: the file is float16
+    pipe = pipeline("text-generation", model=str(out))
+    assert pipe.model.dtype == torch.float32
+    for prompt in ("Once upon a time", "The little dog", "Lily wanted to"):
+        theirs = pipe(prompt, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"],
+                      return_full_text=False)[0]["generated_text"]
+        assert theirs == fable_greedy(checkpoint, prompt)
+
+
+def test_the_export_prompts_with_bos_and_carries_the_settings(tmp_path):
+    from transformers import AutoTokenizer
+
+    source = tiny_fable_gpt(tmp_path)
+    out = export_checkpoint(source, tmp_path / "hf")
+    fable = Tokenizer.load(source)
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf(TEXT)["input_ids"] == [fable.bos_id, *fable.encode(TEXT)]  # where Fable puts it
+    assert Tokenizer.load(out).encode(TEXT) == fable.encode(TEXT)  # Fable's encode: unchanged
+    assert Tokenizer.load(source).encode(TEXT) == fable.encode(TEXT)
+    generation = json.loads((out / "generation_config.json").read_text())
+    defaults = SamplingParams()
+    assert generation | {"transformers_version": None} == {
+        "bos_token_id": fable.bos_id, "eos_token_id": fable.eos_id, "pad_token_id": fable.pad_id,
+        "do_sample": True, "temperature": defaults.temperature, "top_k": 0, "top_p": 1.0,
+        "repetition_penalty": defaults.repetition_penalty,
+        "max_new_tokens": defaults.max_new_tokens, "transformers_version": None}
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == 64
+    assert config["activation_function"] == "gelu"  # F.gelu: the exact erf GELU
+    assert "fable_pre_tokenizer" not in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_a_byte_level_bpe_export_records_gpt2s_pre_tokenizer(tmp_path):
+    tokenizer = Tokenizer.train_bpe([TEXT * 3], vocab_size=300)
+    model = build_model(ModelConfig(arch="gpt", vocab_size=tokenizer.vocab_size, n_layer=1,
+                                    n_embd=16, n_head=2, block_size=16)).eval()
+    out = export_to_hf(model, tokenizer, tmp_path / "hf")
+    assert json.loads((out / "tokenizer_config.json").read_text())["fable_pre_tokenizer"] == "gpt2"
+
+
+@pytest.mark.parametrize("activation, hf_name", [("gelu", "gelu"), ("gelu_tanh", "gelu_new")])
+def test_an_export_imports_back_with_the_same_logits(tmp_path, activation, hf_name):
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_fable_gpt(tmp_path, activation=activation)
+    out = export_checkpoint(source, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == hf_name
+    ours, back = load_checkpoint(source), load_checkpoint(out)  # the export is GPT-2 format
+    assert back.config.activation == activation
+    ids = torch.tensor([ours.tokenizer.encode(TEXT[:50])])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        assert (ours.model(ids)[0] - theirs).abs().max() < 1e-4
+        assert (back.model(ids)[0] - theirs).abs().max() < 1e-4
+
+
+def test_export_cli(tmp_path, capsys):
+    source = tiny_fable_gpt(tmp_path)
+    (source / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    out = tmp_path / "exported"
+    assert export_main(["--checkpoint", str(source), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert export_main(["--checkpoint", str(tmp_path / "nowhere"), "--format", "hf",
+                        "--out", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--checkpoint", str(source), "--format", "onnx", "--out", str(out)])
+    assert exit_.value.code == 2
+
+
+# ---- import -----------------------------------------------------------------------------
+
+def save_gpt2(directory: Path, tokenizer_files: str = "tokenizer.json", **config) -> Path:
+    """A tiny random GPT2LMHeadModel as transformers saves it, with GPT-2's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    torch.manual_seed(0)
+    options = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+    model = GPT2LMHeadModel(GPT2Config(**{**options, **config})).eval()
+    with torch.no_grad():  # non-trivial biases and layer norms
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    if tokenizer_files == "tokenizer.json":
+        GPT2Tokenizer.from_pretrained(GPT2_FILES).save_pretrained(directory)
+    elif tokenizer_files == "vocab+merges":
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(GPT2_FILES / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    if not (GPT2_FILES / "vocab.json").is_file():
+        pytest.skip(f"GPT-2 tokenizer files not in {GPT2_FILES}")
+    return save_gpt2(tmp_path_factory.mktemp("hub") / "tiny-gpt2")
+
+
+def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(directory).eval()(ids).logits
+
+
+@needs_gpt2_files
+@pytest.mark.parametrize("tokenizer_files", ["tokenizer.json", "vocab+merges"])
+def test_a_gpt2_directory_loads_with_transformers_logits(tmp_path, tokenizer_files):
+    directory = save_gpt2(tmp_path / "m", tokenizer_files)
+    checkpoint = load_checkpoint(directory)
+    tok, config = checkpoint.tokenizer, checkpoint.config
+    assert tok.encode("Hello world!") == [15496, 995, 0]
+    assert tok.bos_id == tok.eos_id == 50256  # <|endoftext|>
+    # no room for new ids: pad and the infilling markers fall back to eos
+    assert tok.vocab_size == config.vocab_size == 50257
+    assert max(tok.special_ids) < config.vocab_size
+    assert (config.activation, config.block_size, config.n_layer) == ("gelu_tanh", 128, 2)
+    ids = torch.tensor([[tok.bos_id, *tok.encode(TEXT)]])
+    theirs = hf_logits(directory, ids)
+    with torch.no_grad():
+        ours = checkpoint.model(ids)[0]  # the module path
+        stepped = checkpoint.model.step(ids, checkpoint.model.init_state(1))[0]  # fast path
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (stepped - theirs).abs().max() < 1e-4
+
+
+def test_greedy_generation_matches_transformers_generate(gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = load_checkpoint(gpt2_dir)
+    tok = checkpoint.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    for prompt in ("Once upon a time", "The cat sat"):
+        ids = [tok.bos_id, *tok.encode(prompt)]
+        params = SamplingParams(max_new_tokens=20, temperature=0.0)
+        ours = generate(checkpoint.model, tok, prompt, params)[0]
+        prompt_ids = torch.tensor([ids])
+        with torch.no_grad():
+            out = hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                              do_sample=False, max_new_tokens=20, pad_token_id=tok.eos_id)
+        theirs = out[0, len(ids):].tolist()
+        if theirs[-1] == tok.eos_id:
+            theirs.pop()  # Fable's token_ids leave out the eos that ended the text
+        assert ours.token_ids == theirs
+
+
+def test_a_gpt2model_file_without_prefixes_and_with_mask_buffers_loads(tmp_path, gpt2_dir):
+    """The hub's own gpt2 weights are GPT2Model's (no ``transformer.`` prefix) and hold
+    the causal-mask buffers of older transformers versions."""
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(gpt2_dir, tmp_path / "old")
+    state = load_file(directory / "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
+    save_file(state, directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2Model"]}))
+    ids = torch.tensor([[50256, 464, 3797]])
+    with torch.no_grad():
+        old, new = load_checkpoint(directory).model, load_checkpoint(gpt2_dir).model
+        assert torch.equal(old(ids)[0], new(ids)[0])
+
+
+@needs_gpt2_files
+@pytest.mark.parametrize("config, problem", [
+    (dict(model_type="llama"), "model_type 'llama' cannot be imported"),
+    (dict(architectures=["GPT2ForSequenceClassification"]),
+     "architecture 'GPT2ForSequenceClassification'"),
+    (dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn = True"),
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx = True"),
+    (dict(activation_function="relu"), "activation_function 'relu'"),
+    (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon = 1e-06"),
+    (dict(n_inner=100), "n_inner = 100"),
+])
+def test_what_cannot_be_mapped_is_refused_by_name(tmp_path, gpt2_dir, config, problem):
+    directory = shutil.copytree(gpt2_dir, tmp_path / "m")
+    original = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**original, **config}))
+    with pytest.raises(CheckpointError, match=problem):
+        load_checkpoint(directory)
+
+
+def test_missing_tokenizer_or_weights_are_named(tmp_path, gpt2_dir):
+    directory = shutil.copytree(gpt2_dir, tmp_path / "m")
+    (directory / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        load_checkpoint(directory)
+    directory = shutil.copytree(gpt2_dir, tmp_path / "w")
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_checkpoint(directory)
+
+
+def test_the_app_serves_an_imported_model_and_reports_one_it_cannot(tmp_path, gpt2_dir, make_app):
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(gpt2_dir, folder / "tiny-gpt2")
+    shutil.copytree(gpt2_dir, folder / "llama-ish")
+    config = json.loads((folder / "llama-ish" / "config.json").read_text())
+    (folder / "llama-ish" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    client = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client()
+    listing = client.get("/api/models").json
+    assert "model_type 'llama' cannot be imported" in listing["errors"]["llama-ish"]
+    facts, = listing["models"]
+    assert {k: facts[k] for k in ("name", "architecture", "tokenizer", "vocab_size", "context",
+                                  "n_layer", "n_embd", "dtype", "can_infill")} == {
+        "name": "tiny-gpt2", "architecture": "gpt", "tokenizer": "hf", "vocab_size": 50257,
+        "context": 128, "n_layer": 2, "n_embd": 64, "dtype": "float32", "can_infill": False}
+    body = {"model": "tiny-gpt2", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    checkpoint = load_checkpoint(gpt2_dir)
+    want = generate(checkpoint.model, checkpoint.tokenizer, "Once upon a time",
+                    SamplingParams(max_new_tokens=8, temperature=0.0))[0].text
+    assert response.json["choices"][0]["text"] == want
