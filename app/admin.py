@@ -109,7 +109,7 @@ def curves(run_id: str):
     if not RUN_ID.match(run_id):
         abort(404)
     root = get_settings().experiments_dir
-    files = sorted(root.glob(f"**/{run_id}.parquet"))
+    files = sorted(root.glob(f"*/{run_id}.parquet"))  # not health/<run_id>.parquet
     if not files:
         abort(404)
     key = (run_id, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))

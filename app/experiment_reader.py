@@ -35,8 +35,9 @@ LOSSES_SQL = """SELECT step, train_loss, val_loss FROM experiments WHERE run_id 
 def _rows(root: Path, sql: str, params: list) -> list[dict]:
     """``sql`` over the view ``experiments`` (every run file under ``root``), as dicts;
     timestamps in UTC."""
-    files = str(root / "**" / "*.parquet")
-    if not any(root.glob("**/*.parquet")):
+    # <root>/<experiment>/<run_id>.parquet; health records lie one level down (health/)
+    files = str(root / "*" / "*.parquet")
+    if not any(root.glob("*/*.parquet")):
         return []
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")

@@ -13,6 +13,7 @@ and a generation keeps the ``LoadedModel`` it started with until it ends.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -57,6 +58,8 @@ class ModelFacts:
     digest: str  # sha256 (hex) over the directory's files, names included
     can_infill: bool  # trained on the infilling format (models_src.infill.trained_to_infill)
     prompt: str | None = None  # what its card offers to try (the prompt box's placeholder)
+    # python -m training.inspect --save: {"problems": [...], "checked": ..., "measured_on": ...}
+    health: dict | None = None
     val_perplexity: float | None = None
     val_loss: float | None = None
     bits_per_char: float | None = None
@@ -259,10 +262,24 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str) -> ModelFacts:
         digest=digest.hexdigest(),
         can_infill=trained_to_infill(summary, tok),
         prompt=suggested_prompt(path),
+        health=_health(path),
         data=summary.get("data"),
         hardware=summary.get("hardware"),
         **numeric,
     )
+
+
+def _health(path: Path) -> dict | None:
+    """The checkpoint's saved health report (``health.json``): its problems, when and on
+    what it was measured; None without one (or with one that is not a report)."""
+    try:
+        report = json.loads((path / "health.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("problems"), list):
+        return None
+    return {"problems": [str(p) for p in report["problems"]],
+            "checked": str(report.get("checked", "")), "measured_on": str(report.get("measured_on", ""))}
 
 
 def get_registry() -> ModelRegistry:

@@ -438,6 +438,29 @@ def test_admin_lists_models_facts_and_load_errors(make_app, tmp_path):
     assert "No experiment has been recorded yet" in html  # an empty store: empty state
 
 
+def test_admin_shows_each_models_saved_health_report(make_app, tmp_path, checkpoint_dir):
+    """health.json (python -m training.inspect --save) is what the Health column shows:
+    "healthy", the problems in words (escaped), or "not inspected" without one."""
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    for name in ("tiny-gpt", "tiny-lstm", "endless"):
+        shutil.copytree(checkpoint_dir / name, folder / name)
+    (folder / "tiny-gpt" / "health.json").write_text(json.dumps(
+        {"checked": "2026-12-03T10:00:00+00:00", "measured_on": "8 x 32 tokens", "problems": []}))
+    (folder / "tiny-lstm" / "health.json").write_text(json.dumps(
+        {"checked": "2026-12-03T10:00:00+00:00", "measured_on": "8 x 32 tokens",
+         "problems": ["layers.0: 98% of its gate values are <saturated>"]}))
+    html = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client().get("/admin").get_data(
+        as_text=True)
+    rows = {name: html.split(f'<th scope="row">{name}', 1)[1].split("</tr>", 1)[0]
+            for name in ("tiny-gpt", "tiny-lstm", "endless")}
+    assert "healthy" in rows["tiny-gpt"] and "checked 2026-12-03" in rows["tiny-gpt"]
+    assert "1 problem<" in rows["tiny-lstm"] and "98% of its gate values are &lt;saturated&gt;" \
+        in rows["tiny-lstm"]
+    assert "not inspected" in rows["endless"]
+
+
 def test_admin_shows_best_runs_and_curves(make_app, tmp_path):
     root = tmp_path / "experiments"
     run_id = log_run(root)

@@ -84,6 +84,9 @@ class TrainingConfig:
     precision: str = "auto"  # auto | float32 | bfloat16
     num_threads: int | None = None  # torch intra-op threads on CPU
     tbptt: bool | None = None  # carry RNN state across windows; None: on for RNNs
+    # per-layer gradient, update, weight, activation and attention figures every N steps
+    # (models_src.health; benchmarks/README.md has their cost); 0 turns them off
+    health_every: int = 100
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -101,8 +104,13 @@ class TrainingConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be at least 1")
+        if self.health_every < 0:
+            raise ConfigError("training.health_every must be 0 (off) or a number of steps")
         if self.learning_rate <= 0:
             raise ConfigError("training.learning_rate must be positive")
+
+
+LOGGERS = ("tensorboard", "wandb")  # output.loggers: optional packages, imported only when listed
 
 
 @dataclass
@@ -111,6 +119,15 @@ class OutputConfig:
     experiments_dir: str = "experiments"
     checkpoint_dtype: str = "float32"  # final/best weights; last/ is always float32 for exact resume
     publish: str | None = None  # also write the final model here (e.g. checkpoints/{name}), in float16
+    loggers: list[str] = field(default_factory=list)  # any of LOGGERS (training.loggers)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loggers, (list, tuple)):
+            raise ConfigError(f"output.loggers must be a list such as [tensorboard], not {self.loggers!r}")
+        for name in self.loggers:
+            if name not in LOGGERS:
+                raise ConfigError(f"output.loggers: unknown logger {name!r} (known: {', '.join(LOGGERS)})")
+        self.loggers = list(dict.fromkeys(self.loggers))
 
 
 # ModelConfig's keys that the tokenizer decides, never the config.

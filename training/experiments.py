@@ -1,11 +1,14 @@
 """Experiment records: one Parquet file per run, all runs queried together with DuckDB.
 
-    <root>/<experiment>/<run_id>.parquet     one row per evaluation, columns exactly SCHEMA
+    <root>/<experiment>/<run_id>.parquet          one row per evaluation, columns exactly SCHEMA
+    <root>/<experiment>/health/<run_id>.parquet   training health (models_src.health): one
+                                                  row per layer and figure, HEALTH_SCHEMA
 
 `ExperimentLog.log` rewrites its run's whole file through a temporary sibling and
 `os.replace`, so a crash never leaves half a file and DuckDB only ever reads complete ones.
 Every file has the same ordered, typed columns, so a glob over the root is one table:
-`connect(root)` exposes it as the view ``experiments``.
+`connect(root)` exposes it as the view ``experiments``, and the health records as the
+view ``health``.
 
     python -m training.experiments --best val_perplexity --top 5
     python -m training.experiments --sql "SELECT model, max(step) FROM experiments GROUP BY 1"
@@ -52,6 +55,18 @@ SCHEMA = pa.schema([
     pa.field("config", pa.string(), nullable=False),  # the run config as JSON
     pa.field("git_commit", pa.string()),
 ])
+HEALTH_SCHEMA = pa.schema([
+    pa.field("experiment", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("layer", pa.string(), nullable=False),  # a parameter, module or attention head
+    pa.field("metric", pa.string(), nullable=False),  # grad_norm, update_ratio, dead_units, ...
+    pa.field("value", pa.float64()),
+    pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+#: The run files and the health files under a root (one level apart, so neither glob
+#: reads the other's files).
+RUN_FILES, HEALTH_FILES = "*/*.parquet", "*/health/*.parquet"
 LOWER_IS_BETTER = ("train_loss", "val_loss", "val_perplexity", "bits_per_char")
 HIGHER_IS_BETTER = ("token_accuracy", "bleu", "tokens_per_s")
 METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
@@ -134,17 +149,46 @@ class ExperimentLog:
         return full
 
 
+class HealthLog:
+    """The training-health records of one run (``models_src.health``), appended as they
+    come; reopening a run id goes on after its rows, as ExperimentLog does."""
+
+    def __init__(self, root: Path | str, experiment: str, run_id: str) -> None:
+        self.experiment = _file_name(experiment, "experiment name")
+        self.run_id = _file_name(run_id, "run id")
+        self.path = Path(root) / self.experiment / "health" / f"{self.run_id}.parquet"
+        self.rows = pq.read_table(self.path).to_pylist() if self.path.exists() else []
+
+    def log(self, step: int, records: list[tuple[str, str, float]]) -> None:
+        now = datetime.now(timezone.utc)
+        rows = self.rows + [
+            {"experiment": self.experiment, "run_id": self.run_id, "step": step, "layer": layer,
+             "metric": metric, "value": value, "timestamp": now} for layer, metric, value in records]
+        _write_atomic(pa.Table.from_pylist(rows, schema=HEALTH_SCHEMA), self.path)
+        self.rows = rows
+
+    def latest(self) -> tuple[int | None, list[tuple[str, str, float]]]:
+        """The last recorded step and its records."""
+        if not self.rows:
+            return None, []
+        step = self.rows[-1]["step"]
+        return step, [(r["layer"], r["metric"], r["value"]) for r in self.rows if r["step"] == step]
+
+
 def connect(root: Path | str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the view ``experiments`` over every run file under ``root``
-    (with SCHEMA's columns and no rows while there are none). Times are shown in UTC."""
+    and ``health`` over every health file (each with its schema's columns and no rows while
+    there are none). Times are shown in UTC."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    if any(Path(root).glob("**/*.parquet")):
-        pattern = str(Path(root) / "**" / "*.parquet").replace("'", "''")
-        con.execute("CREATE VIEW experiments AS SELECT * FROM "
-                    f"read_parquet('{pattern}', union_by_name = true)")
-    else:
-        con.register("experiments", SCHEMA.empty_table())
+    for view, files, schema in (("experiments", RUN_FILES, SCHEMA),
+                                ("health", HEALTH_FILES, HEALTH_SCHEMA)):
+        if any(Path(root).glob(files)):
+            pattern = str(Path(root) / files).replace("'", "''")
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM "
+                        f"read_parquet('{pattern}', union_by_name = true)")
+        else:
+            con.register(view, schema.empty_table())
     return con
 
 

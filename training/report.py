@@ -1,5 +1,6 @@
 """What a training run tells as it goes: its opening and closing lines, the progress bar,
-and one experiment row per evaluation (``training.experiments``).
+one experiment row per evaluation (``training.experiments``) and, when ``output.loggers``
+lists them, the same figures to TensorBoard and W&B (``training.loggers``).
 
 Only rank 0 reports. ``quiet`` leaves out the lines and the bar, never the rows.
 """
@@ -11,7 +12,8 @@ import sys
 from tqdm import tqdm
 
 from .config import RunConfig
-from .experiments import ExperimentLog, plot_curves
+from .experiments import ExperimentLog, HealthLog, plot_curves
+from .loggers import Loggers
 
 
 class RunReport:
@@ -19,6 +21,8 @@ class RunReport:
         self.cfg, self.main, self.talks = cfg, main, main and not quiet
         self.log = ExperimentLog(cfg.output.experiments_dir, cfg.name, config=cfg.to_dict()) if main else None
         self.bar = None
+        self.loggers = Loggers(cfg, cfg.output.loggers if main else ())
+        self.health_log: HealthLog | None = None  # opened at the first health records
 
     @property
     def run_id(self) -> str | None:
@@ -35,12 +39,19 @@ class RunReport:
             print(text, file=sys.stderr)
 
     def start_bar(self, total: int | None, done: int) -> None:
+        """The bar, and the loggers: the loop starts, and a resumed run has its own id back."""
         self.bar = tqdm(total=total, initial=done, disable=not self.talks, dynamic_ncols=True,
                         desc=self.cfg.name)
+        self.loggers.start(self.run_id, done)
 
-    def step(self, loss: float, lr: float, tokens_per_s: float) -> None:
+    def step(self, loss: float, lr: float, tokens_per_s: float, *, step: int) -> None:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self.loggers.train_step(step, loss, lr, tokens_per_s)
+
+    def scalars(self, step: int, values: dict[str, float], group: str) -> None:
+        """Any named figures (``<group>/<name>``) to every configured logger, at an optimizer step."""
+        self.loggers.scalars(step, values, group)
 
     def close_bar(self) -> None:
         self.bar.close()
@@ -52,7 +63,24 @@ class RunReport:
         self.log.log(**progress, model=self.cfg.run_dir.name, architecture=self.cfg.model.arch,
                      tokens_per_s=progress["tokens_seen"] / max(train_time, 1e-9), learning_rate=lr,
                      wall_time_s=train_time, split="validation", kind=kind)
+        self.loggers.validation(progress)
+
+    def health(self, step: int, records: list[tuple[str, str, float]]) -> None:
+        """Training-health records (models_src.health) beside the run's rows."""
+        if not self.log:
+            return
+        if self.health_log is None or self.health_log.run_id != self.log.run_id:  # resumed
+            self.health_log = HealthLog(self.cfg.output.experiments_dir, self.cfg.name,
+                                        self.log.run_id)
+        self.health_log.log(step, records)
+        self.loggers.scalars(step, {f"{layer}/{metric}": value for layer, metric, value in records},
+                             "health")
 
     def plot(self) -> None:
         """The run's loss curves as ``loss.png`` in its directory."""
         plot_curves(self.cfg.output.experiments_dir, self.log.run_id, self.cfg.run_dir / "loss.png")
+
+    def close(self) -> None:
+        """Flush and close the loggers (the trainer does, however its run ends); again is
+        harmless."""
+        self.loggers.close()

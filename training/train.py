@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models_src import build_model
+from models_src import build_model, health
 from models_src.summary import count_parameters
 
 from .checkpoints import RunCheckpoints, TrainingError
@@ -244,12 +244,20 @@ class Trainer:
             "data": self.data.source, "tokenizer": self.tokenizer.kind,
             "vocab_size": self.tokenizer.vocab_size, "seq_len": self.seq_len,
             "hardware": hardware(self.device, self.dist.world), "config": self.cfg.to_dict(),
-            "command": self.cfg.command,
+            "command": self.cfg.command, "run_id": self.report.run_id,
         }
 
     # --- the loop -----------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> dict:
+        """Train (from ``<run dir>/last`` with ``resume``); the final checkpoint's summary.
+        However the run ends, its loggers are flushed and closed."""
+        try:
+            return self._fit(resume)
+        finally:
+            self.report.close()
+
+    def _fit(self, resume: bool) -> dict:
         s, t, main = self.state, self.t, self.dist.main
         if resume:
             self.checkpoints.resume(s, self.device)
@@ -273,6 +281,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 total = 0.0
+                checkup = main and t.health_every and (s.step + 1) % t.health_every == 0
                 for micro in range(t.grad_accum):
                     x, y = self.next_batch()
                     sync = micro == t.grad_accum - 1 or self.dist.world == 1
@@ -285,15 +294,21 @@ class Trainer:
                         f"the loss became {total} at step {s.step + 1}; stopped. The last good "
                         f"checkpoint is {self.run_dir / 'last'} (lower training.learning_rate or raise "
                         f"training.warmup_steps, then --resume)")
+                if checkup:  # gradients before clipping, and the weights before the step
+                    records, weights = health.gradient_stats(self.model), health.snapshot(self.model)
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.optimizer.step()
                 s.step += 1
+                if checkup:
+                    records += health.update_ratios(weights, self.model)
+                    records += health.weight_stats(self.model) + health.probe(self.model, x)
+                    self.report.health(s.step, records)
                 self.optimizer.zero_grad(set_to_none=True)
                 s.last_train_loss = total
                 elapsed = time.perf_counter() - started
                 s.train_time += elapsed
-                self.report.step(total, lr, self.tokens_per_step / elapsed)
+                self.report.step(total, lr, self.tokens_per_step / elapsed, step=s.step)
 
                 stop = False
                 if s.step % t.eval_every == 0 or s.step == self.max_steps:
