@@ -139,30 +139,63 @@ def test_export_cli(tmp_path, capsys):
 
 # ---- import -----------------------------------------------------------------------------
 
-def save_gpt2(directory: Path, tokenizer_files: str = "tokenizer.json", **config) -> Path:
-    """A tiny random GPT2LMHeadModel as transformers saves it, with GPT-2's tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+END = "<|endoftext|>"
 
+
+def gpt2_style_tokenizer():
+    """A small byte-level BPE built as GPT-2's is (GPT-2's split, ``<|endoftext|>`` as its
+    one special token), trained here: the import tests need no files from outside."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([TEXT, "The cat sat on the mat. Hello world!"] * 20, trainer)
+    return backend
+
+
+def save_gpt2(directory: Path, tokenizer_files: str = "tokenizer.json", real_gpt2: bool = False,
+              **config) -> Path:
+    """A tiny random GPT2LMHeadModel as transformers saves it, with a GPT-2-style tokenizer
+    (or GPT-2's own files, ``real_gpt2``) as ``tokenizer.json`` or ``vocab.json`` +
+    ``merges.txt``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if real_gpt2:
+        tokenizer = GPT2Tokenizer.from_pretrained(GPT2_FILES)
+        vocab_files = [GPT2_FILES / name for name in ("vocab.json", "merges.txt")]
+    else:
+        backend = gpt2_style_tokenizer()
+        tokenizer = GPT2TokenizerFast(tokenizer_object=backend, bos_token=END, eos_token=END,
+                                      unk_token=END)
+        backend.model.save(str(directory))  # vocab.json and merges.txt
+        vocab_files = []
     torch.manual_seed(0)
-    options = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+    options = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=len(tokenizer))
     model = GPT2LMHeadModel(GPT2Config(**{**options, **config})).eval()
     with torch.no_grad():  # non-trivial biases and layer norms
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+        # the tied head scores <|endoftext|> 0, under the best of the others: greedy
+        # text does not end at once, so comparing it compares something
+        model.transformer.wte.weight[tokenizer.convert_tokens_to_ids(END)] = 0.0
     model.save_pretrained(directory)
     if tokenizer_files == "tokenizer.json":
-        GPT2Tokenizer.from_pretrained(GPT2_FILES).save_pretrained(directory)
-    elif tokenizer_files == "vocab+merges":
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(GPT2_FILES / name, directory / name)
+        tokenizer.save_pretrained(directory)
+        for name in ("vocab.json", "merges.txt"):  # only the one form under test
+            (directory / name).unlink(missing_ok=True)
+    else:
+        for path in vocab_files:
+            shutil.copy(path, directory / path.name)
     return directory
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    if not (GPT2_FILES / "vocab.json").is_file():
-        pytest.skip(f"GPT-2 tokenizer files not in {GPT2_FILES}")
     return save_gpt2(tmp_path_factory.mktemp("hub") / "tiny-gpt2")
 
 
@@ -173,16 +206,18 @@ def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
         return AutoModelForCausalLM.from_pretrained(directory).eval()(ids).logits
 
 
-@needs_gpt2_files
 @pytest.mark.parametrize("tokenizer_files", ["tokenizer.json", "vocab+merges"])
 def test_a_gpt2_directory_loads_with_transformers_logits(tmp_path, tokenizer_files):
+    from transformers import AutoTokenizer
+
     directory = save_gpt2(tmp_path / "m", tokenizer_files)
     checkpoint = load_checkpoint(directory)
     tok, config = checkpoint.tokenizer, checkpoint.config
-    assert tok.encode("Hello world!") == [15496, 995, 0]
-    assert tok.bos_id == tok.eos_id == 50256  # <|endoftext|>
+    theirs_tok = AutoTokenizer.from_pretrained(directory)
+    assert tok.encode(TEXT) == theirs_tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert tok.bos_id == tok.eos_id == theirs_tok.convert_tokens_to_ids(END)
     # no room for new ids: pad and the infilling markers fall back to eos
-    assert tok.vocab_size == config.vocab_size == 50257
+    assert tok.vocab_size == config.vocab_size == len(theirs_tok)
     assert max(tok.special_ids) < config.vocab_size
     assert (config.activation, config.block_size, config.n_layer) == ("gelu_tanh", 128, 2)
     ids = torch.tensor([[tok.bos_id, *tok.encode(TEXT)]])
@@ -192,6 +227,19 @@ def test_a_gpt2_directory_loads_with_transformers_logits(tmp_path, tokenizer_fil
         stepped = checkpoint.model.step(ids, checkpoint.model.init_state(1))[0]  # fast path
     assert (ours - theirs).abs().max() < 1e-4
     assert (stepped - theirs).abs().max() < 1e-4
+
+
+@needs_gpt2_files
+def test_gpt2s_own_tokenizer_files_load(tmp_path):
+    directory = save_gpt2(tmp_path / "m", "vocab+merges", real_gpt2=True)
+    checkpoint = load_checkpoint(directory)
+    tok = checkpoint.tokenizer
+    assert tok.encode("Hello world!") == [15496, 995, 0]
+    assert tok.bos_id == tok.eos_id == 50256  # <|endoftext|>
+    assert tok.vocab_size == checkpoint.config.vocab_size == 50257
+    ids = torch.tensor([[tok.bos_id, *tok.encode(TEXT)]])
+    with torch.no_grad():
+        assert (checkpoint.model(ids)[0] - hf_logits(directory, ids)).abs().max() < 1e-4
 
 
 def test_greedy_generation_matches_transformers_generate(gpt2_dir):
@@ -211,7 +259,7 @@ def test_greedy_generation_matches_transformers_generate(gpt2_dir):
         theirs = out[0, len(ids):].tolist()
         if theirs[-1] == tok.eos_id:
             theirs.pop()  # Fable's token_ids leave out the eos that ended the text
-        assert ours.token_ids == theirs
+        assert ours.token_ids == theirs and len(theirs) == 20
 
 
 def test_a_gpt2model_file_without_prefixes_and_with_mask_buffers_loads(tmp_path, gpt2_dir):
@@ -226,13 +274,12 @@ def test_a_gpt2model_file_without_prefixes_and_with_mask_buffers_loads(tmp_path,
     save_file(state, directory / "model.safetensors")
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2Model"]}))
-    ids = torch.tensor([[50256, 464, 3797]])
+    ids = torch.tensor([[load_checkpoint(gpt2_dir).tokenizer.bos_id, 64, 65]])
     with torch.no_grad():
         old, new = load_checkpoint(directory).model, load_checkpoint(gpt2_dir).model
         assert torch.equal(old(ids)[0], new(ids)[0])
 
 
-@needs_gpt2_files
 @pytest.mark.parametrize("config, problem", [
     (dict(model_type="llama"), "model_type 'llama' cannot be imported"),
     (dict(architectures=["GPT2ForSequenceClassification"]),
@@ -274,7 +321,8 @@ def test_the_app_serves_an_imported_model_and_reports_one_it_cannot(tmp_path, gp
     facts, = listing["models"]
     assert {k: facts[k] for k in ("name", "architecture", "tokenizer", "vocab_size", "context",
                                   "n_layer", "n_embd", "dtype", "can_infill")} == {
-        "name": "tiny-gpt2", "architecture": "gpt", "tokenizer": "hf", "vocab_size": 50257,
+        "name": "tiny-gpt2", "architecture": "gpt", "tokenizer": "hf",
+        "vocab_size": load_checkpoint(gpt2_dir).config.vocab_size,
         "context": 128, "n_layer": 2, "n_embd": 64, "dtype": "float32", "can_infill": False}
     body = {"model": "tiny-gpt2", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
     response = client.post("/v1/completions", json=body)
