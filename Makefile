@@ -15,11 +15,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-# htmx is served from its npm package (never a CDN), pinned and checksummed by
-# package-lock.json; fetched with Python alone, so no Node is needed
-assets: static/vendor/htmx.min.js static/vendor/sse.js
+# htmx and uPlot are served from their npm packages (never a CDN), pinned and checksummed
+# by package-lock.json; fetched with Python alone, so no Node is needed
+VENDORED = static/vendor/htmx.min.js static/vendor/sse.js static/vendor/uPlot.iife.min.js \
+	static/vendor/uPlot.min.css
 
-static/vendor/htmx.min.js static/vendor/sse.js: package-lock.json scripts/vendor_assets.py
+assets: $(VENDORED)
+
+$(VENDORED): package-lock.json scripts/vendor_assets.py
 	$(PYTHON) scripts/vendor_assets.py
 
 # The web app on the bundled models: http://localhost:7860
@@ -32,10 +35,11 @@ test: $(STAMP) assets
 test-all: $(STAMP) assets
 	$(PY) -m pytest -m ""
 
-# docs/screenshots/*.png from the bundled models
+# docs/screenshots/*.png from the bundled models (and experiments/'s records, where there are any)
 screenshots: $(STAMP) assets
 	FABLE_SCREENSHOTS=1 FABLE_SCREENSHOTS_CHECKPOINTS=checkpoints \
-		$(PY) -m pytest tests/test_browser.py -k screenshots -o addopts=""
+		$(PY) -m pytest tests/test_browser.py tests/test_browser_compare.py \
+		tests/test_browser_model_page.py tests/test_browser_experiments.py -k screenshot -o addopts=""
 
 results: $(STAMP)
 	$(PY) benchmarks/results.py

@@ -1,4 +1,5 @@
-"""Reads the training records for the admin page, without importing the trainer.
+"""Reads the training records for the admin and experiments pages, without importing the
+trainer.
 
 The trainer writes one Parquet file per run under ``FABLE_EXPERIMENTS_DIR``; DuckDB
 queries them here directly. An empty or missing store reads as no rows.
@@ -30,6 +31,30 @@ RECENT_RUNS_SQL = """SELECT experiment, run_id, any_value(model) AS model,
     ORDER BY last_logged DESC, run_id LIMIT ?"""
 LOSSES_SQL = """SELECT step, train_loss, val_loss FROM experiments WHERE run_id = ?
     ORDER BY step, timestamp"""
+#: Every run, newest first: what it is, how far it went, and the figures of its evaluation
+#: with the lowest validation loss (then the earliest), beside its latest throughput.
+RUN_SUMMARIES_SQL = """SELECT experiment, run_id, arg_max(model, timestamp) AS model,
+        arg_max(architecture, timestamp) AS architecture,
+        arg_max(parameters, timestamp) AS parameters, count(*) AS evaluations,
+        max(step) AS last_step, max(timestamp) AS last_logged,
+        count(*) FILTER (WHERE isfinite(train_loss) OR isfinite(val_loss)) AS losses,
+        min(val_loss) FILTER (WHERE isfinite(val_loss)) AS best_val_loss,
+        arg_min(val_perplexity, (val_loss, step)) FILTER (WHERE isfinite(val_loss))
+            AS val_perplexity,
+        arg_min(bits_per_char, (val_loss, step)) FILTER (WHERE isfinite(val_loss))
+            AS bits_per_char,
+        arg_min(token_accuracy, (val_loss, step)) FILTER (WHERE isfinite(val_loss))
+            AS token_accuracy,
+        arg_max(tokens_per_s, (step, timestamp)) FILTER (WHERE isfinite(tokens_per_s))
+            AS tokens_per_s
+    FROM experiments GROUP BY experiment, run_id
+    ORDER BY last_logged DESC, experiment, run_id"""
+#: The losses of some runs, one row per run and step (the last finite value logged there).
+RUN_LOSSES_SQL = """SELECT experiment, run_id, step,
+        arg_max(train_loss, timestamp) FILTER (WHERE isfinite(train_loss)) AS train_loss,
+        arg_max(val_loss, timestamp) FILTER (WHERE isfinite(val_loss)) AS val_loss
+    FROM experiments WHERE list_contains(?, run_id)
+    GROUP BY experiment, run_id, step ORDER BY experiment, run_id, step"""
 
 
 def _rows(root: Path, sql: str, params: list) -> list[dict]:
@@ -54,6 +79,33 @@ def best_runs(root: Path, top: int) -> list[dict]:
 
 def recent_runs(root: Path, count: int) -> list[dict]:
     return _rows(root, RECENT_RUNS_SQL, [count])
+
+
+def run_summaries(root: Path) -> list[dict]:
+    """One row per run (RUN_SUMMARIES_SQL), newest first."""
+    return _rows(root, RUN_SUMMARIES_SQL, [])
+
+
+def run_losses(root: Path, run_ids: list[str]) -> dict[tuple[str, str], dict[str, list]]:
+    """(experiment, run id) -> {"steps", "train_loss", "val_loss"}: equal-length lists by
+    step, None where a step has no finite value of that loss."""
+    curves: dict[tuple[str, str], dict[str, list]] = {}
+    for row in _rows(root, RUN_LOSSES_SQL, [list(run_ids)]) if run_ids else []:
+        curve = curves.setdefault((row["experiment"], row["run_id"]),
+                                  {"steps": [], "train_loss": [], "val_loss": []})
+        for key, column in (("steps", "step"), ("train_loss", "train_loss"),
+                            ("val_loss", "val_loss")):
+            curve[key].append(row[column])
+    return curves
+
+
+def store_problem(e: Exception, root: Path) -> str:
+    """What went wrong reading the store, in a line: file names relative to it (a page
+    never shows the server's layout)."""
+    message = (str(e) or type(e).__name__).strip().splitlines()[0]
+    for prefix in {str(root.resolve()), str(root)}:
+        message = message.replace(prefix + "/", "")
+    return f"{type(e).__name__}: {message}"
 
 
 def loss_curves_png(root: Path, run_id: str) -> bytes | None:

@@ -1,10 +1,11 @@
-"""Install the front-end assets (htmx and its SSE extension) under static/vendor/.
+"""Install the front-end assets under static/vendor/: htmx and its SSE extension (the
+generate and infill pages), uPlot's script and stylesheet (the experiments page's charts).
 
     python scripts/vendor_assets.py
 
 The versions and their sha512 checksums are those pinned by package-lock.json; each
 package's tarball comes from the npm registry, is checked against the lock file, and only
-the one file the pages load is taken from it. Standard library only, so a machine with
+the files the pages load are taken from it. Standard library only, so a machine with
 nothing but Python (a fresh clone, the Docker build) can serve the pages without Node,
 and the pages never load anything from a CDN.
 """
@@ -23,10 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
-#: package -> (file in its tarball, where the pages load it from)
+#: package -> ((file in its tarball, where the pages load it from), ...)
 FILES = {
-    "htmx.org": ("package/dist/htmx.min.js", "static/vendor/htmx.min.js"),
-    "htmx-ext-sse": ("package/dist/sse.js", "static/vendor/sse.js"),
+    "htmx.org": (("package/dist/htmx.min.js", "static/vendor/htmx.min.js"),),
+    "htmx-ext-sse": (("package/dist/sse.js", "static/vendor/sse.js"),),
+    "uplot": (("package/dist/uPlot.iife.min.js", "static/vendor/uPlot.iife.min.js"),
+              ("package/dist/uPlot.min.css", "static/vendor/uPlot.min.css")),
 }
 
 
@@ -49,16 +52,17 @@ def fetch(name: str, version: str, integrity: str) -> bytes:
 
 
 def main() -> None:
-    for name, (member, target) in FILES.items():
+    for name, members in FILES.items():
         version, integrity = locked(name)
         with tarfile.open(fileobj=io.BytesIO(fetch(name, version, integrity))) as archive:
-            content = archive.extractfile(member).read()
-        path = ROOT / target
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(content)
-        tmp.replace(path)  # never a half-written file where the pages look
-        print(f"{target}: {name} {version}", file=sys.stderr)
+            contents = [(archive.extractfile(member).read(), target) for member, target in members]
+        for content, target in contents:
+            path = ROOT / target
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(content)
+            tmp.replace(path)  # never a half-written file where the pages look
+            print(f"{target}: {name} {version}", file=sys.stderr)
 
 
 if __name__ == "__main__":
