@@ -1,0 +1,297 @@
+"""What the page blueprints share (app.ui: generate and infill; app.compare): reading a
+form into a validated ``Job``, the job tokens that carry one to a stream, running a job
+to its end, and the server-sent event stream of one job. Not a blueprint: blueprints
+import it, never each other. Why the streams and tokens are as they are: docs/web-app.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import secrets
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import current_app, request
+from markupsafe import escape
+
+from . import ratelimit
+from .registry import get_registry
+from .schema import GenerationRequest, check_form, make_params, request_models, sampling_values
+from .service import GenerationStream, ServiceError
+from .settings import get_settings
+from .token_view import Token, stream_tokens
+from .web import open_stream, parse_json
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELDS = {"generate": ("prompt",), "infill": ("first", "last")}
+SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "seed",
+                   "repetition_penalty", "stop")
+#: Longest job token: "GET /infill/stream?job=<token> HTTP/1.1" stays under gunicorn's
+#: default limit_request_line (4094 bytes) and any proxy's.
+MAX_JOB_CHARS = 3800
+MAX_JOB_JSON_BYTES = 256 * 1024  # a token never inflates past this (zip-bomb guard)
+JOB_TTL_S = 600  # a stream's link works this long after the form was posted, then expires
+FLUSH_S = 0.04  # pieces decoded closer together than this share one event
+SEED_RANGE = 2 ** 31  # seeds picked for the user: short enough to read and retype
+VENDOR_FILES = ("htmx.min.js", "sse.js")
+DEFAULT_TEMPERATURE = "0.8"
+FALLBACK_PROMPT = "Once upon a time"  # the placeholder for a model whose card offers none
+#: Alternatives a streamed page generation asks for at each token (the token view's);
+#: measured cheap enough to ask always (docs/web-app.md, "The token view").
+TOKEN_VIEW_ALTERNATIVES = 5
+
+
+class FormErrors(Exception):
+    """Every problem of one submitted form: field name -> message (None: the whole form)."""
+
+    def __init__(self, errors: dict[str | None, str]) -> None:
+        super().__init__("; ".join(errors.values()))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated generation request from a page: what a job token carries."""
+    kind: str  # "generate" or "infill"
+    model: str
+    texts: dict[str, str]  # generate: prompt; infill: first, last
+    values: dict[str, Any] = field(default_factory=dict)  # SamplingParams kwargs, seed set
+
+    @property
+    def seed(self) -> int:
+        return self.values["seed"]
+
+    def to_token(self) -> str:
+        data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values,
+                           "issued": int(time.time())},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        return base64.urlsafe_b64encode(zlib.compress(data, 9)).rstrip(b"=").decode("ascii")
+
+    def open(self, logprobs: int | None = None) -> GenerationStream:
+        """Start generating, with each token's log-probability and ``logprobs``
+        alternatives when asked (they change nothing in the text); raises ServiceError:
+        busy, unknown model, cannot infill."""
+        values = self.values if logprobs is None else {**self.values, "logprobs": logprobs}
+        params = make_params(values, get_settings().limits)
+        if self.kind == "infill":
+            return open_stream(GenerationRequest(self.model, self.texts["first"],
+                                                 self.texts["last"], True, params))
+        return open_stream(GenerationRequest(self.model, self.texts["prompt"], None, True, params))
+
+
+# ---- reading forms and tokens ---------------------------------------------------------
+
+def _unescape_stop(text: str) -> str:
+    r"""A stop string as typed in a one-line box: ``\n`` is a line break, ``\t`` a tab,
+    ``\\`` a backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Job:
+    """A validated ``Job`` from form fields (strings) or a decoded token (typed values);
+    raises ``FormErrors`` with every problem found, each under its field's name."""
+    models = request_models(get_settings().limits)
+    values = {name: raw.get(name) for name in ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)}
+    if from_form:
+        for name in TEXT_FIELDS[kind]:
+            if isinstance(values[name], str):  # browsers send a textarea's lines as CRLF
+                values[name] = values[name].replace("\r\n", "\n")
+        if isinstance(values["stop"], str):
+            values["stop"] = _unescape_stop(values["stop"]) if values["stop"] else None
+    form, errors = check_form(models.infill_form if kind == "infill" else models.generate_form,
+                              values)
+    if "model" not in errors:
+        loaded = get_registry().get(values["model"])
+        if loaded is None:
+            errors["model"] = (f"'model' must be one of the loaded models; "
+                               f"{values['model']!r} is not loaded")
+        elif kind == "infill" and not loaded.facts.can_infill:
+            errors["model"] = (f"'model' must be a model that infills; {values['model']!r} "
+                               f"was not trained to")
+    if kind == "infill" and not errors.keys() & {"first", "last"}:
+        for name, label in (("first", "first sentence"), ("last", "last sentence")):
+            if not (values[name] or "").strip():
+                errors[name] = f"'{name}' is required: the story's {label}"
+    if errors:  # in the order the form shows the fields
+        order = ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)
+        raise FormErrors(dict(sorted(errors.items(), key=lambda item: _position(order, item[0]))))
+    texts = {name: getattr(form, name) or "" for name in TEXT_FIELDS[kind]}
+    values = sampling_values(form, dict(zip(SAMPLING_FIELDS, SAMPLING_FIELDS)))
+    values.setdefault("seed", secrets.randbelow(SEED_RANGE))  # shown, so a text can be redone
+    return Job(kind, form.model, texts, values)
+
+
+def _position(order: tuple[str, ...], field: str) -> int:
+    name = field.split("[")[0]
+    return order.index(name) if name in order else len(order)
+
+
+def job_from_token(kind: str, token: str) -> Job:
+    """The job a token describes, validated again from scratch (it came from a URL)."""
+    invalid = FormErrors({None: "this generation link is invalid; submit the form again"})
+    if not token or len(token) > MAX_JOB_CHARS * 2:
+        raise invalid
+    try:
+        blob = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        inflate = zlib.decompressobj()
+        data = inflate.decompress(blob, MAX_JOB_JSON_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ValueError("truncated or too large")
+        body = parse_json(data)
+    except (binascii.Error, zlib.error, ValueError):  # RequestError is a ValueError
+        raise invalid from None
+    if not isinstance(body, dict) or body.get("kind") != kind:
+        raise invalid
+    issued = body.get("issued")
+    if not isinstance(issued, int) or isinstance(issued, bool) or issued > time.time() + 60:
+        raise invalid
+    if time.time() - issued > JOB_TTL_S:
+        raise FormErrors({None: "this generation link has expired; submit the form again"})
+    return read_job(kind, body, from_form=False)
+
+
+# ---- results --------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """What a result panel shows: the texts given, the text generated so far, and either
+    the finish note or the URL of the stream that will write them."""
+    job: Job
+    text: str = ""
+    note: str | None = None
+    error: str | None = None
+    status: int = 200  # the HTTP status an error maps to
+    stream_url: str | None = None
+    stats: Any = None  # a comparison column's app.token_view.RunStats, once finished
+
+
+def finish_note(stream: GenerationStream, seed: int) -> str:
+    completion = stream.completion
+    if completion is None:
+        return f"Stopped · seed {seed}"
+    if stream.timed_out:
+        reason = "Stopped at the time limit"
+    elif completion.finish_reason == "length":
+        reason = "Reached the token limit"
+    else:
+        reason = "Finished"
+    seconds = ((stream.finished_ns or time.perf_counter_ns()) - stream.started_ns) / 1e9
+    tokens = completion.completion_tokens
+    plural = "" if tokens == 1 else "s"
+    return f"{reason} · {tokens:,} token{plural} in {seconds:.1f} s · seed {seed}"
+
+
+def collect(job: Job, stream: GenerationStream) -> Result:
+    """Run an open stream to its end (the no-JavaScript path)."""
+    try:
+        completion = stream.collect()
+    except Exception as e:
+        log.exception("generation with %s failed", job.model)
+        return Result(job, text=stream.text, error=f"generation failed ({type(e).__name__})",
+                      status=500)
+    return Result(job, text=completion.text, note=finish_note(stream, job.seed))
+
+
+def run_to_end(job: Job) -> Result:
+    """Generate the whole text now (the no-JavaScript path)."""
+    try:
+        stream = job.open()
+    except ServiceError as e:
+        return Result(job, error=e.message, status=e.status)
+    return collect(job, stream)
+
+
+def output_tokens(job: Job, stream: GenerationStream) -> list[Token] | None:
+    """The token view of a finished job's text (None: no log-probabilities, or the
+    model is gone)."""
+    loaded = get_registry().get(job.model)
+    return stream_tokens(stream, loaded and loaded.tokenizer, stripped=job.kind == "infill")
+
+
+def vendor_ready() -> bool:
+    """htmx and its SSE extension are installed in static/vendor/ (``make assets``)."""
+    folder = Path(current_app.static_folder or "static") / "vendor"
+    return all((folder / name).is_file() for name in VENDOR_FILES)
+
+
+# ---- server-sent events ---------------------------------------------------------------
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def sse_event(data: str, event: str | None = None, event_id: str | None = None) -> str:
+    """One event; each line of ``data`` is its own ``data:`` line (the browser joins them
+    with newlines), as SSE framing requires."""
+    head = ([f"id: {event_id}"] if event_id else []) + ([f"event: {event}"] if event else [])
+    return "\n".join(head + [f"data: {line}" for line in _LINE_BREAK.split(data)]) + "\n\n"
+
+
+def coalesce(pieces: Iterable[str], interval: float = FLUSH_S) -> Iterator[str]:
+    """The pieces, joined while they arrive less than ``interval`` seconds apart (the first
+    one goes out at once)."""
+    held: list[str] = []
+    last = -math.inf
+    for piece in pieces:
+        held.append(piece)
+        now = time.monotonic()
+        if now - last >= interval:
+            yield "".join(held)
+            held, last = [], now
+    if held:
+        yield "".join(held)
+
+
+def failed_event(message: str) -> str:
+    return sse_event(f'<p class="stream-error-text">{escape(message)}</p>', "failed")
+
+
+#: Renders a stream's last event from the finish note, and the job and its stream once
+#: one ran (None when it never started).
+DoneEvent = Callable[[str, "Job | None", "GenerationStream | None"], str]
+
+
+def job_events(kind: str, done: DoneEvent) -> Iterator[str]:
+    """The events of the job whose token is this request's ``?job=``: ``message`` (the
+    next text, HTML-escaped), ``failed`` (what went wrong) and always last ``done``,
+    rendered by ``done``. The job runs with the token view's log-probabilities."""
+    token = request.args.get("job", "")
+    resumed = request.headers.get("Last-Event-ID") is not None
+    yield ": fable\n\n"  # sends the headers now; EventSource ignores comments
+    if resumed:
+        yield failed_event("The connection was interrupted; generate again for a new text.")
+        yield done("Interrupted", None, None)
+        return
+    wait = ratelimit.wait_needed()  # the htmx path generates here: this is what counts
+    if wait:
+        yield failed_event(f"Not started: {ratelimit.message(wait)}.")
+        yield done("Not started", None, None)
+        return
+    try:
+        job = job_from_token(kind, token)
+        stream = job.open(TOKEN_VIEW_ALTERNATIVES)
+    except FormErrors as e:
+        yield failed_event(next(iter(e.errors.values())))
+        yield done("Not started", None, None)
+        return
+    except ServiceError as e:
+        yield failed_event(e.message)
+        yield done("Not started", None, None)
+        return
+    with stream:  # closed however this ends, the client going away included
+        try:
+            for number, text in enumerate(coalesce(stream), start=1):
+                yield sse_event(str(escape(text)), event_id=str(number))
+        except Exception as e:
+            log.exception("generation with %s failed mid-stream", job.model)
+            yield failed_event(f"Generation failed ({type(e).__name__}).")
+        yield done(finish_note(stream, job.seed), job, stream)
