@@ -84,12 +84,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from . import admin, api, openai_api, ui
+    from . import admin, api, model_pages, openai_api, ui
 
     app.register_blueprint(api.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ui.bp)  # the pages: / (generate) and /infill
     app.register_blueprint(admin.bp)  # /admin
+    from . import compare
+    app.register_blueprint(compare.bp)  # /compare: 2-4 models side by side
+    app.register_blueprint(model_pages.bp)  # /models, /models/<name>, its files
+    from . import experiments_page
+    app.register_blueprint(experiments_page.bp)  # /experiments: runs, filters, loss curves
 
 
 def _configure_logging(app: Flask) -> None:

@@ -429,7 +429,7 @@ def test_admin_lists_models_facts_and_load_errors(make_app, tmp_path):
     assert response.status_code == 200
     html = response.get_data(as_text=True)
     for name in MODELS:
-        assert f'<th scope="row">{name}' in html
+        assert f'<th scope="row"><a href="/models/{name}">{name}</a>' in html
     assert f"{SUMMARY['val_perplexity']:.2f}" in html and f"{SUMMARY['bits_per_char']:.3f}" in html
     assert "12.3K" in html  # tokens seen: SUMMARY's 12345
     assert "1.5 s" in html  # training time
@@ -453,7 +453,7 @@ def test_admin_shows_each_models_saved_health_report(make_app, tmp_path, checkpo
          "problems": ["layers.0: 98% of its gate values are <saturated>"]}))
     html = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client().get("/admin").get_data(
         as_text=True)
-    rows = {name: html.split(f'<th scope="row">{name}', 1)[1].split("</tr>", 1)[0]
+    rows = {name: html.split(f'<th scope="row"><a href="/models/{name}">{name}</a>', 1)[1].split("</tr>", 1)[0]
             for name in ("tiny-gpt", "tiny-lstm", "endless")}
     assert "healthy" in rows["tiny-gpt"] and "checked 2026-12-03" in rows["tiny-gpt"]
     assert "1 problem<" in rows["tiny-lstm"] and "98% of its gate values are &lt;saturated&gt;" \
@@ -573,3 +573,15 @@ def test_admin_needs_the_token_when_one_is_set(make_app, tmp_path, caplog):
     assert ADMIN_TOKEN not in caplog.text
     # the other pages stay open
     assert client.get("/").status_code == 200
+
+
+def test_a_link_chooses_the_model_and_fills_the_text_without_running(client):
+    """A model page's "try it" link: /?model=<name>&prompt=... opens the form that way."""
+    other = MODELS[-1]
+    html = client.get("/", query_string={"model": other, "prompt": "<b>Hi</b> there"}).get_data(as_text=True)
+    assert re.search(rf'value="{other}"[^>]*checked', html)
+    assert "&lt;b&gt;Hi&lt;/b&gt; there" in html and "<b>Hi</b>" not in html
+    assert "output-generated" not in html  # nothing was generated
+    default = client.get("/").get_data(as_text=True)
+    unknown = client.get("/", query_string={"model": "nope"}).get_data(as_text=True)
+    assert re.findall(r'value="([^"]+)"[^>]*checked', unknown) == re.findall(r'value="([^"]+)"[^>]*checked', default)
