@@ -31,9 +31,12 @@ ENV PORT=7860 \
 WORKDIR $HOME/app
 
 # CPU-only torch first, from PyTorch's CPU index, so requirements.txt's torch pin is
-# already satisfied and pip never pulls the multi-GB CUDA build.
+# already satisfied and pip never pulls the multi-GB CUDA build. TORCH_INDEX is a build
+# argument so that the image test (make docker-test) can give a local index of this
+# machine's wheel; torch's own dependencies then come with requirements.txt from PyPI.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY --chown=user requirements.txt .
-RUN pip install --user torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+RUN pip install --user --no-deps torch==2.13.0 --index-url "$TORCH_INDEX" \
  && pip install --user -r requirements.txt
 
 COPY --chown=user . .

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets serve test test-all bench load soak screenshots results clean
+.PHONY: install assets serve test test-all bench load soak screenshots results docker-test clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ load: $(STAMP) assets
 # five minutes at 32 clients (FABLE_SOAK_SECONDS to change it)
 soak: $(STAMP) assets
 	FABLE_SOAK_SECONDS=$${FABLE_SOAK_SECONDS:-300} $(PY) -m pytest tests/test_soak.py -m slow -o addopts="" -s
+
+# The Space image: built with buildah from the Dockerfile, run as a Space runs it, checked
+# (scripts/image_test.py; needs buildah and debootstrap, which .ci/run installs)
+docker-test:
+	$(PYTHON) scripts/image_test.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis static/vendor

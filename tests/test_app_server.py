@@ -1,7 +1,8 @@
 """A real gunicorn, started exactly as the Docker image starts it, spoken to by the
 official ``ollama`` and ``openai`` Python clients and by raw HTTP.
 
-No Docker engine runs here, so the server is started from the Dockerfile itself: its
+The image itself is built and run by ``make docker-test`` (scripts/image_test.py, with
+buildah); here, in the fast suite, the server is started from the Dockerfile itself: its
 final stage's ``CMD`` is the command line (run from the repository root, which the image
 copies to ``$HOME/app``) and its ``ENV`` lines are the environment, expanded as Docker
 expands them. ``/home/user`` becomes a temporary home whose ``.local/bin/gunicorn`` is
