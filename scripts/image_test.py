@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -253,7 +254,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seconds = build(args.wheels, torch_index(args.wheels, Path(tmp)))
     size = run("buildah", "images", "--format", "{{.Size}}", IMAGE).stdout.split("\n")[0]
-    print(f"built {IMAGE} in {seconds:.0f} s; image size {size}", flush=True)
+    # the largest process the build ran (pip installing torch, say): what a Space's builder
+    # must hold in memory at once
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"built {IMAGE} in {seconds:.0f} s; image size {size}; its largest build process "
+          f"peaked at {peak_mib:,.0f} MiB", flush=True)
 
     container = run("buildah", "from", IMAGE).stdout.strip()
     logs = Path(tempfile.mkdtemp(prefix="fable-image-logs-"))
