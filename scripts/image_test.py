@@ -85,6 +85,8 @@ def ensure_base() -> None:
         for name, target in (("python", "/usr/bin/python3"), ("pip", "/usr/bin/pip3")):
             (rootfs / "usr/local/bin" / name).symlink_to(target)
         shutil.rmtree(rootfs / "var/lib/apt/lists", ignore_errors=True)
+        for package in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+            package.unlink()
         container = run("buildah", "from", "scratch").stdout.strip()
         try:
             run("buildah", "copy", "--quiet", container, str(rootfs), "/")
