@@ -10,7 +10,6 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, render_template, request
 
@@ -41,14 +40,6 @@ def _require_admin():
 
 # ---- the page -------------------------------------------------------------------------
 
-def _store_problem(e: Exception, root: Path) -> str:
-    """The first line of what went wrong, with file names relative to the store."""
-    message = (str(e) or type(e).__name__).strip().splitlines()[0]
-    for prefix in {str(root.resolve()), str(root)}:
-        message = message.replace(prefix + "/", "")
-    return f"{type(e).__name__}: {message}"
-
-
 @bp.get("")
 def index(reloaded: dict | None = None):
     settings, registry, service = get_settings(), get_registry(), get_service()
@@ -59,7 +50,7 @@ def index(reloaded: dict | None = None):
         runs = experiment_reader.recent_runs(root, CURVE_RUNS)
     except Exception as e:  # a broken file must not take the page down
         log.warning("cannot read the experiment records in %s: %s", root, e)
-        store_error = _store_problem(e, root)
+        store_error = experiment_reader.store_problem(e, root)
     return render_template("admin.html", kind="admin", models=registry.facts(),
                            load_errors=registry.errors, device=registry.device,
                            stats=service.stats(), checkpoint_dir=registry.directory,

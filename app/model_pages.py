@@ -20,7 +20,7 @@ from typing import Any
 from flask import Blueprint, abort, render_template, send_from_directory, url_for
 
 from models_src.checkpoint import CONFIG_FILE
-from models_src.summary import layer_summary
+from models_src.summary import layer_rows, size_mb
 
 from . import experiment_reader
 from .cards import render_card
@@ -44,8 +44,6 @@ FILE_NOTES = {
     "README.md": "the model card",
     "health.json": "the training health report",
 }
-_LAYER_ROW = re.compile(r"^(\S+)\s+(\S+)\s+([\d,]+)  (.*)$")
-_LAYER_TOTAL = re.compile(r"^total: [\d,]+ parameters, ([\d.]+) MB$")
 
 
 # ---- what the page shows ----------------------------------------------------------------
@@ -80,19 +78,13 @@ def checkpoint_files(directory: Path) -> dict[str, int]:
     return files
 
 
-def layer_table(model) -> tuple[list[dict[str, Any]], float | None]:
-    """``models_src.summary.layer_summary`` as rows (layer, type, params, shapes) and the
-    size in memory (MB)."""
-    rows, size_mb = [], None
-    for line in layer_summary(model).splitlines()[1:]:
-        row, total = _LAYER_ROW.match(line), _LAYER_TOTAL.match(line)
-        if row:
-            shapes = re.sub(r"(?<=\d)x(?=\d)", "×", row.group(4))
-            rows.append({"layer": row.group(1), "type": row.group(2),
-                         "params": int(row.group(3).replace(",", "")), "shapes": shapes})
-        elif total:
-            size_mb = float(total.group(1))
-    return rows, size_mb
+def layer_table(model) -> tuple[list[dict[str, Any]], float]:
+    """``models_src.summary.layer_rows`` as rows (layer, type, params, shapes) and the size
+    in memory (MB)."""
+    rows = [{"layer": layer, "type": kind, "params": params,
+             "shapes": re.sub(r"(?<=\d)x(?=\d)", "×", shapes)}
+            for layer, kind, params, shapes in layer_rows(model)]
+    return rows, size_mb(model)
 
 
 def _stored_config(directory: Path) -> dict:
@@ -176,12 +168,12 @@ def model_page(name: str):
     directory = _directory(loaded)
     stored = _stored_config(directory)
     card = render_card(directory, loaded.name)
-    layers, size_mb = layer_table(loaded.model)
+    layers, memory_mb = layer_table(loaded.model)
     facts = loaded.facts
     try_args = {"model": facts.name} | ({"prompt": facts.prompt} if facts.prompt else {})
     html = render_template(
         "model.html", kind="models", vendor=False, m=facts, config=loaded.checkpoint.config,
-        card=card, layers=layers, size_mb=size_mb, evaluation=_evaluation(loaded, stored),
+        card=card, layers=layers, size_mb=memory_mb, evaluation=_evaluation(loaded, stored),
         samples=_samples(card.samples, stored, loaded), curves=_curve_runs(loaded),
         files=checkpoint_files(directory), file_notes=FILE_NOTES,
         generate_url=url_for("ui.generate_page", **try_args),

@@ -134,7 +134,7 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
         reason = _NO_TOKENIZER[tokenizer.kind]
         raise ValueError(f"llama.cpp cannot reproduce this tokenizer: {reason}")
     spec = json.loads(tokenizer.backend.to_str())
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    model = spec["model"]
     problems = []
     extras = ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix",
               "ignore_merges")
@@ -142,8 +142,7 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
         problems.append("its model is not plain BPE")
     if spec.get("normalizer") is not None:
         problems.append("it normalizes text first")
-    gpt2_split = pre.get("use_regex", True) and not pre.get("add_prefix_space")
-    if pre.get("type") != "ByteLevel" or not gpt2_split:
+    if not tokenizer.splits_like_gpt2():
         problems.append("its pre-tokenizer is not GPT-2's byte-level split")
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         problems.append("its decoder is not byte-level")

@@ -22,18 +22,6 @@ from .hf_import import ACTIVATIONS, CONFIG_FIELDS, LAYER_NORM_EPS, to_gpt2
 from .sampling import SamplingParams
 from .tokenization import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 
-#: What ``tokenizer_config.json`` records for a tokenizer that splits text as GPT-2 does
-#: (a GGUF converter calls this pre-tokenizer "gpt2"; others are not recorded).
-GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-
-
-def splits_like_gpt2(tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer pre-tokenizes with GPT-2's byte-level regex split (the "bpe"
-    and "gpt2" kinds, and borrowed tokenizers built that way)."""
-    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
-    return all(pre.get(k) == v for k, v in GPT2_PRE_TOKENIZER.items())
-
-
 def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` (float32), ``generation_config.json``
     and the tokenizer in HF's layout, and the model card (a checkpoint's ``README.md``)
@@ -103,7 +91,7 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # decode as Fable does: no clean-up of spaces before punctuation
     config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False)
-    if splits_like_gpt2(tokenizer):
+    if tokenizer.splits_like_gpt2():
         config["fable_pre_tokenizer"] = "gpt2"
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     config_path.write_text(text, encoding="utf-8")

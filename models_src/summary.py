@@ -16,9 +16,9 @@ def size_mb(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
-def layer_summary(model: nn.Module) -> str:
-    """A table of the modules that hold parameters, with counts and shapes; a tied
-    parameter is counted at its first owner and marked at the others."""
+def layer_rows(model: nn.Module) -> list[tuple[str, str, int, str]]:
+    """(layer, module type, parameters, shapes) for each module that holds parameters; a
+    tied parameter is counted at its first owner and marked at the others."""
     rows, owner = [], {}
     for name, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
@@ -30,6 +30,12 @@ def layer_summary(model: nn.Module) -> str:
         shapes = ", ".join("x".join(map(str, p.shape)) for _, p in own)
         rows.append((name or "(root)", type(module).__name__, sum(p.numel() for _, p in own),
                      ", ".join(filter(None, [shapes] + tied))))
+    return rows
+
+
+def layer_summary(model: nn.Module) -> str:
+    """``layer_rows`` as a text table, with the total and the size in memory."""
+    rows = layer_rows(model)
     width = max(len(r[0]) for r in rows)
     lines = [f"{'layer':<{width}}  {'type':<14} {'params':>10}  shapes"]
     lines += [f"{n:<{width}}  {t:<14} {c:>10,}  {s}" for n, t, c, s in rows]

@@ -317,6 +317,14 @@ class Tokenizer:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def splits_like_gpt2(self) -> bool:
+        """Whether text is pre-tokenized with GPT-2's byte-level regex split (the "bpe" and
+        "gpt2" kinds, and borrowed tokenizers built that way): what GPT-2's exporters and
+        llama.cpp's "gpt-2" pre-tokenizer assume."""
+        pre = json.loads(self.backend.to_str()).get("pre_tokenizer") or {}
+        return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                and not pre.get("add_prefix_space"))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
