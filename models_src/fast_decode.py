@@ -13,11 +13,9 @@ benchmarks/README.md.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ACTIVATIONS
-from .kernels import aten_kernels
 from .layers import KVCache
 
 
@@ -35,22 +33,21 @@ def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]
     else:
         ids = torch.cat([tokens.reshape(-1) for _, tokens, _ in groups])
         positions = torch.cat([p.reshape(-1) for p in positions])
-    with aten_kernels():  # oneDNN's per-call set-up would be most of GELU's cost here
-        x = (torch.embedding(modules["wte"]._parameters["weight"], ids)
-             + torch.embedding(modules["wpe"]._parameters["weight"], positions))
-        approximate = ACTIVATIONS[model.config.activation]  # the GELU the module path uses
-        for i, block in enumerate(modules["blocks"]._modules.values()):
-            x = _block(block, x, caches, i, approximate)
-        for cache in caches:
-            cache.end()
-        if rows is not None:
-            x = x[rows]
-        ln_f = modules["ln_f"]
-        # torch.layer_norm, not F.layer_norm: the same op without the Python wrapper
-        x = torch.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
-                             ln_f._parameters["bias"], ln_f.eps)
-        head, = decode_weights(model, [modules["lm_head"]._parameters["weight"]])
-        return torch.mm(x, head)
+    x = (torch.embedding(modules["wte"]._parameters["weight"], ids)
+         + torch.embedding(modules["wpe"]._parameters["weight"], positions))
+    approximate = ACTIVATIONS[model.config.activation]  # the GELU the module path uses
+    for i, block in enumerate(modules["blocks"]._modules.values()):
+        x = _block(block, x, caches, i, approximate)
+    for cache in caches:
+        cache.end()
+    if rows is not None:
+        x = x[rows]
+    ln_f = modules["ln_f"]
+    # torch.layer_norm, not F.layer_norm: the same op without the Python wrapper
+    x = torch.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
+                         ln_f._parameters["bias"], ln_f.eps)
+    head, = decode_weights(model, [modules["lm_head"]._parameters["weight"]])
+    return torch.mm(x, head)
 
 
 def _block(block, x, caches: list[KVCache], layer: int, approximate: str) -> torch.Tensor:
@@ -72,7 +69,7 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str) -> tor
         y = torch.cat([c.attend(layer, part, attn.n_head) for c, part in zip(caches, parts)])
     x = x + _affine(y, w_proj, proj["bias"])
     h = torch.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
-    h = F.gelu(_affine(h, w_fc, fc["bias"]), approximate=approximate)
+    h = _gelu_(_affine(h, w_fc, fc["bias"]), approximate)
     return x + _affine(h, w_mlp, mlp_proj["bias"])
 
 
@@ -89,6 +86,15 @@ def decode_weights(module: nn.Module, weights: list[torch.Tensor]) -> list[torch
             cached = (key, [w.detach().t().contiguous() for w in weights])
         module.__dict__["_decode_weights"] = cached
     return cached[1]
+
+
+def _gelu_(h: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``F.gelu(h, approximate=approximate)``, in place, by ATen's own kernel. oneDNN
+    (whose per-call set-up costs more than the arithmetic on a few rows) takes only
+    contiguous inputs, so the kernel is handed the same memory as a transposed view;
+    torch's process-wide oneDNN switch would change the kernels of every thread."""
+    torch._C._nn.gelu_(h.view(2, -1).t(), approximate=approximate)
+    return h
 
 
 def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

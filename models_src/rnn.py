@@ -16,7 +16,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .base import LanguageModel
 from .config import ModelConfig
-from .kernels import aten_kernels
 
 CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -145,5 +144,57 @@ class RecurrentLM(LanguageModel):
     def step(self, tokens, state, lengths=None):
         if self.training or tokens.size(1) > 1:  # windows, prompts: oneDNN's LSTM is faster
             return self._run(tokens, state, lengths)
-        with aten_kernels():  # one token: oneDNN's per-call set-up would be most of the step
-            return self._run(tokens, state, lengths)
+        return self._one_token(tokens, state)
+
+    def _one_token(self, tokens, state):
+        """``_run`` in eval mode for one token per row. Each layer is the cell ATen's own
+        CPU loop computes (the same operations in the same order, so the same numbers),
+        called directly: ``nn.LSTM`` would go to oneDNN, whose per-call set-up is most of
+        a one-token step, and avoiding it with torch's process-wide kernel switch would
+        change the kernels of every thread, a server's other decoding threads included."""
+        x = F.embedding(tokens[:, 0], self.embedding.weight)
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            h = None if state is None else state[i]
+            x, h = _CELL_STEPS[self.config.arch](layer, x, h)
+            new_state.append(h)
+        return self.decoder(x)[:, None], RecurrentState(new_state)
+
+
+# ---- one-token cells: ATen's CPU RNN loop (aten/src/ATen/native/RNN.cpp), step by step ----
+# x: (B, in); a layer's state is (1, B, hidden) like nn.RNN's; each returns (output, state).
+
+def _lstm_step(layer: nn.LSTM, x, state):
+    hx, cx = (None, None) if state is None else (state[0][0], state[1][0])
+    if hx is None:
+        hx = cx = x.new_zeros(x.size(0), layer.hidden_size)
+    gates = F.linear(hx, layer.weight_hh_l0, layer.bias_hh_l0).add_(
+        F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0))
+    ingate, forgetgate, cellgate, outgate = gates.unsafe_chunk(4, 1)
+    ingate, forgetgate = ingate.sigmoid_(), forgetgate.sigmoid_()
+    cellgate, outgate = cellgate.tanh_(), outgate.sigmoid_()
+    cy = (forgetgate * cx).add_(ingate * cellgate)
+    hy = outgate * cy.tanh()
+    return hy, (hy[None], cy[None])
+
+
+def _gru_step(layer: nn.GRU, x, state):
+    hx = x.new_zeros(x.size(0), layer.hidden_size) if state is None else state[0]
+    i_r, i_z, i_n = F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0).unsafe_chunk(3, 1)
+    h_r, h_z, h_n = F.linear(hx, layer.weight_hh_l0, layer.bias_hh_l0).unsafe_chunk(3, 1)
+    reset = h_r.add_(i_r).sigmoid_()
+    update = h_z.add_(i_z).sigmoid_()
+    new = i_n.add(h_n.mul_(reset)).tanh_()
+    hy = (hx - new).mul_(update).add_(new)
+    return hy, hy[None]
+
+
+def _rnn_step(layer: nn.RNN, x, state):
+    hx = x.new_zeros(x.size(0), layer.hidden_size) if state is None else state[0]
+    pre = F.linear(hx, layer.weight_hh_l0, layer.bias_hh_l0).add_(
+        F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0))
+    hy = pre.tanh_() if layer.nonlinearity == "tanh" else pre.relu_()
+    return hy, hy[None]
+
+
+_CELL_STEPS = {"lstm": _lstm_step, "gru": _gru_step, "rnn": _rnn_step}

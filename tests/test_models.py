@@ -255,3 +255,43 @@ def test_the_tanh_gelu_is_the_one_the_gpt_computes():
         assert not torch.equal(tanh(ids)[0], exact(ids)[0])
         torch.testing.assert_close(tanh.step(ids, tanh.init_state(1))[0], tanh(ids)[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_no_process_wide_kernel_switch_in_decoding():
+    """Decoding threads share the process: a one-token step gives the same numbers
+    whether oneDNN is on or off, and leaves the switch as it was (it touches none)."""
+    torch.manual_seed(0)
+    previous = torch._C._get_mkldnn_enabled()
+    for arch in ("gpt", "lstm", "gru", "rnn"):
+        model = build_model(ModelConfig(arch=arch, vocab_size=40, n_layer=2, n_embd=16,
+                                        n_head=2, n_hidden=32, block_size=32)).eval()
+        results = []
+        with torch.inference_mode():
+            for enabled in (True, False):
+                _, state = model.prefill([[1, 2, 3], [4, 5, 6]])  # under the usual kernels
+                torch._C._set_mkldnn_enabled(enabled)
+                try:
+                    logits, _ = model.step(torch.tensor([[7], [8]]), state)
+                    assert torch._C._get_mkldnn_enabled() == enabled
+                finally:
+                    torch._C._set_mkldnn_enabled(previous)
+                results.append(logits)
+        assert torch.equal(*results), arch
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_the_decoding_gelu_is_atens_own(approximate):
+    """fast_decode's in-place GELU (a transposed view, which oneDNN does not take) gives
+    ATen's kernel's numbers bit for bit, for any number of rows."""
+    from models_src.fast_decode import _gelu_
+
+    previous = torch._C._get_mkldnn_enabled()
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 64) * 3
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            expected = torch.nn.functional.gelu(x, approximate=approximate)
+        finally:
+            torch._C._set_mkldnn_enabled(previous)
+        got = _gelu_(x.clone(), approximate)
+        assert got.is_contiguous() and torch.equal(got, expected)
