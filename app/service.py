@@ -235,14 +235,14 @@ class GenerationService:
                  queue_timeout_s: float = _default("queue_timeout_s"),
                  request_timeout_s: float = _default("request_timeout_s"),
                  chat_template: str | None = None, log_prompts: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 decode_threads: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
         """``chat_template``: for models whose tokenizer has none (None: the transcript);
         raises ChatTemplateError when it does not work."""
         self.registry = registry
         self.chat_template = checked(chat_template or TRANSCRIPT_TEMPLATE)
         self.log_prompts = log_prompts
         self.scheduler = Scheduler(max_batch, max_queue, on_change=telemetry.rows)
-        self.engine = EngineLoop()
+        self.engine = EngineLoop(decode_threads)
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self._clock = clock
@@ -252,7 +252,8 @@ class GenerationService:
         return cls(registry, max_batch=settings.max_batch, max_queue=settings.max_queue,
                    queue_timeout_s=settings.queue_timeout_s,
                    request_timeout_s=settings.request_timeout_s,
-                   chat_template=settings.chat_template, log_prompts=settings.log_prompts)
+                   chat_template=settings.chat_template, log_prompts=settings.log_prompts,
+                   decode_threads=settings.decode_threads)
 
     # ---- the interface ------------------------------------------------------------
 

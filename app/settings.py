@@ -144,6 +144,14 @@ class Settings(BaseSettings):
         default_factory=lambda data: max(1, (available_cores() - 1) // data["workers"]),
         ge=1, description="torch.set_num_threads in each worker: (cores - 1) // workers, at "
                           "least 1")
+    # Different models decode at once on these threads (a comparison, or two models in
+    # use); one model's steps run one at a time. With torch's own threads they stay
+    # within the cores (benchmarks/README.md, "The compare page's cost").
+    decode_threads: Integer = Field(
+        default_factory=lambda data: max(
+            1, available_cores() // (data["workers"] * data["torch_threads"])),
+        ge=1, description="decoding threads in each worker, each stepping a different model: "
+                          "cores // (workers * torch threads), at least 1")
     queue_timeout_s: Number = Field(30.0, ge=0.0, description="how long a queued request waits "
                                                               "for a row (then 503)")
     read_timeout_s: Number = Field(10.0, gt=0.0, description="how long a client may take to "
