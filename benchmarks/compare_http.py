@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 
+import httpx
 from _common import ROOT, environment  # puts the repository on sys.path
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -34,6 +35,7 @@ from gunicorn_server import GunicornServer  # noqa: E402  (the path above)
 from app.pages_common import Job  # noqa: E402
 
 PROMPT = "Once upon a time"
+SEED = 7
 
 
 def read_column(port: int, token: str) -> float:
@@ -64,10 +66,18 @@ def together(port: int, tokens: list[str]) -> float:
     return max(ends) - start
 
 
-def measure(args, workers: int, tokens: list[str], models: int) -> list[float]:
+def measure(args, workers: int) -> list[float]:
     env = {"FABLE_WORKERS": str(workers), "FABLE_RATE_LIMIT": "0"}
     with GunicornServer(args.checkpoints, env=env) as server:
-        server.wait_for_workers(workers, models=models)
+        names = sorted(m["name"] for m in
+                       httpx.get(f"{server.url}/api/tags", timeout=30).json()["models"])[:4]
+        if len(names) < 2:
+            raise SystemExit(f"a comparison needs two models; loaded: {names}")
+        server.wait_for_workers(workers, models=len(names))
+        values = {"max_new_tokens": args.new_tokens, "temperature": 0.8, "seed": SEED}
+        tokens = [Job("generate", name, {"prompt": PROMPT}, values).to_token() for name in names]
+        if workers == args.workers[0]:
+            print(f"# {', '.join(names)}")
         port = server.port
         for token in tokens:  # warm-up
             read_column(port, token)
@@ -92,15 +102,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
 
-    names = sorted(p.name for p in ROOT.joinpath(args.checkpoints).iterdir()
-                   if (p / "config.json").is_file())[:4]
-    values = {"max_new_tokens": args.new_tokens, "temperature": 0.8, "seed": 7}
-    tokens = [Job("generate", name, {"prompt": PROMPT}, values).to_token() for name in names]
-    print(f"# compare over HTTP — {environment()}; {', '.join(names)}; up to "
-          f"{args.new_tokens} new tokens each, seed 7; {args.rounds} rounds after a warm-up")
+    print(f"# compare over HTTP — {environment()}; up to {args.new_tokens} new tokens "
+          f"each, seed {SEED}; {args.rounds} rounds after a warm-up")
     summary = {}
     for workers in args.workers:
-        ratios = measure(args, workers, tokens, len(names))
+        ratios = measure(args, workers)
         summary[workers] = (f"median {statistics.median(ratios):.2f} "
                             f"({min(ratios):.2f}–{max(ratios):.2f})")
     print("all at once / slowest alone (target <= 1.5):")
