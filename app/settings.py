@@ -138,8 +138,8 @@ class Settings(BaseSettings):
                                                      "worker (continuous batching); more wait")
     max_queue: Integer = Field(48, ge=0, description="requests waiting for a row; beyond it a "
                                                      "request gets 503 + Retry-After at once")
-    # One scheduler thread per worker runs the model on torch's threads; one core stays with
-    # the request threads (benchmarks/README.md, "Serving": why).
+    # The decoding threads run the model on torch's threads; one core stays with the
+    # request threads (benchmarks/README.md, "Serving": why).
     torch_threads: Integer = Field(
         default_factory=lambda data: max(1, (available_cores() - 1) // data["workers"]),
         ge=1, description="torch.set_num_threads in each worker: (cores - 1) // workers, at "
