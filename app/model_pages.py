@@ -39,6 +39,7 @@ SAMPLE_CHARS = 300  # a sample is cut near here on the page (the card has it who
 FILE_NOTES = {
     "config.json": "architecture, tokenizer kind, training summary and evaluation",
     "model.safetensors": "the weights",
+    "model.safetensors.index.json": "which shard holds each weight",
     "tokenizer.json": "the vocabulary",
     "tokenizer_config.json": "tokenizer settings (special tokens, chat template)",
     "README.md": "the model card",
@@ -58,6 +59,17 @@ def _loaded(name: str) -> LoadedModel:
 def _directory(loaded: LoadedModel) -> Path:
     """Absolute: Flask reads a relative folder as relative to the app's package."""
     return Path(loaded.checkpoint.path or get_registry().directory / loaded.name).absolute()
+
+
+def file_note(filename: str) -> str | None:
+    """What a checkpoint file holds (a shard of the weights too), or None."""
+    shard = SHARD_NAME.fullmatch(filename)
+    if shard:
+        return f"the weights, part {int(shard[1])} of {int(shard[2])}"
+    return FILE_NOTES.get(filename)
+
+
+SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 
 
 def checkpoint_files(directory: Path) -> dict[str, int]:
@@ -175,7 +187,7 @@ def model_page(name: str):
         "model.html", kind="models", vendor=False, m=facts, config=loaded.checkpoint.config,
         card=card, layers=layers, size_mb=memory_mb, evaluation=_evaluation(loaded, stored),
         samples=_samples(card.samples, stored, loaded), curves=_curve_runs(loaded),
-        files=checkpoint_files(directory), file_notes=FILE_NOTES,
+        files=checkpoint_files(directory), file_note=file_note,
         generate_url=url_for("ui.generate_page", **try_args),
         infill_url=url_for("ui.infill_page", model=facts.name) if facts.can_infill else None)
     return html, 200, {"Vary": "Authorization"}  # the curves are there for admins only

@@ -1,7 +1,9 @@
 """The checkpoint format: one directory per model, no pickles.
 
     <dir>/config.json         format version, model config, tokenizer kind, training summary
-    <dir>/model.safetensors   the weights (tied weights stored once)
+    <dir>/model.safetensors   the weights (tied weights stored once); over MAX_SHARD_BYTES,
+                              model-0000k-of-0000n.safetensors and their index
+                              model.safetensors.index.json (Hugging Face's sharded layout)
     <dir>/tokenizer.json      the tokenizer, self-contained (+ tokenizer_config.json)
 
 A GPT-2-format Hugging Face directory (config.json with ``"model_type": "gpt2"``, trained
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,6 +41,10 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"  # the model card, in the Hugging Face layout (YAML front matter)
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+#: Weights larger than this are written in shards: the Hub takes a file over 10 MB only
+#: through Git LFS, and a Space is pushed with the bundled checkpoints in it.
+MAX_SHARD_BYTES = 9_000_000
 LEGACY_WEIGHTS = ("model.pt", "pytorch_model.bin")
 
 
@@ -102,7 +109,7 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        _write_weights(tensors, tmp)
         tokenizer.save(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if write_extra is not None:
@@ -119,6 +126,16 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """``model.safetensors``, or shards of at most MAX_SHARD_BYTES and their index."""
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_BYTES)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, directory / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -203,15 +220,44 @@ def suggested_prompt(directory) -> str | None:
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_FILE
     if path.is_file():
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: weights are corrupt or truncated ({e})") from None
+        return _read_safetensors(path)
+    if (directory / WEIGHTS_INDEX).is_file():
+        return _read_shards(directory / WEIGHTS_INDEX)
     for name in LEGACY_WEIGHTS:
         legacy = directory / name
         if legacy.is_file():
             return _read_legacy(legacy)
     raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: weights are corrupt or truncated ({e})") from None
+
+
+def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint, each from the shard its index names (a plain
+    file name beside the index: an index cannot point elsewhere)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a weights index ({e})") from None
+    bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s
+           or not s.endswith(".safetensors")]
+    if bad:
+        raise CheckpointError(f"{index_path}: names {bad[0]!r}, not a .safetensors file beside it")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = index_path.parent / shard
+        if not path.is_file():
+            raise CheckpointError(f"{index_path}: names {shard}, which is missing")
+        part = _read_safetensors(path)
+        tensors.update((name, part[name]) for name, file in weight_map.items()
+                       if file == shard and name in part)
+    return tensors
 
 
 def _read_legacy(path: Path) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")  # a registry proxy's CA, w
 CACHES = ("$HOME", "$HF_HOME", "$XDG_CACHE_HOME", "$MPLCONFIGDIR", "$TORCHINDUCTOR_CACHE_DIR")
 NEEDED = ("app/__init__.py", "models_src/gpt.py", "training/config.py", "templates/base.html",
           "static/vendor/htmx.min.js", "static/vendor/uPlot.iife.min.js", "gunicorn.conf.py",
-          "checkpoints/tinystories-gpt/model.safetensors")
+          "checkpoints/tinystories-gpt/model.safetensors.index.json")
 LEFT_OUT = (".git", ".venv", "tests", "runs", "experiments", "benchmarks", ".pytest_cache")
 
 failures: list[str] = []

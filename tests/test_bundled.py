@@ -24,7 +24,8 @@ def test_the_bundled_models_together_stay_small():
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
 def test_bundled_checkpoint_loads_and_generates(path):
     ckpt = load_checkpoint(path)
-    assert (path / "model.safetensors").stat().st_size <= 12_000_000  # a Space needs no LFS
+    # the Hub takes files over 10 MB only through Git LFS: larger weights are sharded
+    assert all(f.stat().st_size <= 10_000_000 for f in path.iterdir())
     assert ckpt.summary.get("val_perplexity"), "the admin page lists every model's perplexity"
     out = generate(ckpt.model, ckpt.tokenizer, "The ", SamplingParams(max_new_tokens=20, seed=0))[0]
     assert out.completion_tokens > 0 and out.text

@@ -354,3 +354,20 @@ def test_a_card_too_big_or_not_utf8_is_not_rendered(tmp_path):
     (tmp_path / "README.md").write_text("---\nkey: [unclosed\n---\n\nBody *text*.\n")
     card = render_card(tmp_path, "x")  # front matter that is not YAML: still never shown
     assert card.problem is None and "unclosed" not in card.html and "<em>text</em>" in card.html
+
+
+
+def test_a_sharded_checkpoint_lists_its_shards_and_index(make_app, checkpoint_dir, tmp_path,
+                                                         monkeypatch):
+    import models_src.checkpoint as checkpoint
+
+    loaded = checkpoint.load_checkpoint(checkpoint_dir / "tiny-gpt")
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 8000)
+    checkpoint.save_checkpoint(tmp_path / "sharded", loaded.model, loaded.tokenizer, SUMMARY)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    html = make_app(FABLE_CHECKPOINT_DIR=str(tmp_path)).test_client().get(
+        page_url("sharded")).get_data(as_text=True)
+    assert len(shards) >= 2
+    for part, shard in enumerate(shards, 1):
+        assert f"{shard}</a>" in html and f"the weights, part {part} of {len(shards)}" in html
+    assert "which shard holds each weight" in html
