@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import statistics
 import sys
 import threading
 import time
@@ -32,10 +31,9 @@ from _common import ROOT, environment  # puts the repository on sys.path
 sys.path.insert(0, str(ROOT / "tests"))
 from gunicorn_server import GunicornServer  # noqa: E402  (the path above)
 
-from app.pages_common import Job  # noqa: E402
+from compare import PROMPT, SEED, TEMPERATURE, span  # noqa: E402  (the in-process one's)
 
-PROMPT = "Once upon a time"
-SEED = 7
+from app.pages_common import Job  # noqa: E402
 
 
 def read_column(port: int, token: str) -> float:
@@ -74,7 +72,7 @@ def measure(args, workers: int) -> list[float]:
         if len(names) < 2:
             raise SystemExit(f"a comparison needs two models; loaded: {names}")
         server.wait_for_workers(workers, models=len(names))
-        values = {"max_new_tokens": args.new_tokens, "temperature": 0.8, "seed": SEED}
+        values = {"max_new_tokens": args.new_tokens, "temperature": TEMPERATURE, "seed": SEED}
         tokens = [Job("generate", name, {"prompt": PROMPT}, values).to_token() for name in names]
         if workers == args.workers[0]:
             print(f"# {', '.join(names)}")
@@ -107,8 +105,7 @@ def main() -> None:
     summary = {}
     for workers in args.workers:
         ratios = measure(args, workers)
-        summary[workers] = (f"median {statistics.median(ratios):.2f} "
-                            f"({min(ratios):.2f}–{max(ratios):.2f})")
+        summary[workers] = "median " + span(ratios, "x")
     print("all at once / slowest alone (target <= 1.5):")
     for workers, line in summary.items():
         print(f"  {workers} worker{'s' if workers > 1 else ''}: {line}")
