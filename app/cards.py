@@ -17,13 +17,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 # markdown-it-py: a CommonMark parser whose raw-HTML switch and link validator make an
 # untrusted card safe without a separate HTML sanitiser (python-markdown passes HTML through)
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 
-from models_src.checkpoint import CARD_FILE, read_card
+from models_src.checkpoint import CARD_FILE, split_card
 
 MAX_CARD_BYTES = 512 * 1024  # a card is a few kB; a bigger file is not rendered
 LINK_SCHEMES = ("http", "https")
@@ -119,12 +118,11 @@ def _samples(tokens: list) -> tuple[str | None, list[str]]:
 def card_body(path: Path) -> str:
     """The card's Markdown without its YAML front matter (even a front matter that is not
     valid YAML is never shown)."""
+    text = path.read_text(encoding="utf-8")
     try:
-        _, body = read_card(path)
-    except (yaml.YAMLError, ValueError):
-        parts = path.read_text(encoding="utf-8").split("---\n", 2)
-        body = parts[2] if len(parts) == 3 else ""
-    return body
+        return split_card(text)[1]
+    except ValueError:  # a front matter that never ends: all of it is front matter
+        return ""
 
 
 def render_card(directory: Path, title: str) -> Card:

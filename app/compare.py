@@ -161,7 +161,7 @@ def render_page(form: MultiDict, *, errors=None, results: list[Result] | None = 
 
 def _done(note: str, job: Job | None, stream: GenerationStream | None) -> str:
     """A column's last event: its finish note, figures and token view."""
-    tokens = output_tokens(job, stream) if job is not None and stream is not None else None
+    tokens = output_tokens(job, stream)
     stats = run_stats(stream, tokens) if stream is not None else None
     return sse_event(render_template("partials/finished_status.html", note=note, stats=stats,
                                      token_data=token_data(tokens)), "done")

@@ -211,9 +211,11 @@ def run_to_end(job: Job) -> Result:
     return collect(job, stream)
 
 
-def output_tokens(job: Job, stream: GenerationStream) -> list[Token] | None:
-    """The token view of a finished job's text (None: no log-probabilities, or the
-    model is gone)."""
+def output_tokens(job: Job | None, stream: GenerationStream | None) -> list[Token] | None:
+    """The token view of a finished job's text (None: no job or stream, no
+    log-probabilities, or the model is gone)."""
+    if job is None or stream is None:
+        return None
     loaded = get_registry().get(job.model)
     return stream_tokens(stream, loaded and loaded.tokenizer, stripped=job.kind == "infill")
 

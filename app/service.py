@@ -104,7 +104,7 @@ class GenerationStream:
         self._strip = strip
         self._logprobs = ticket.logprobs  # grows as the loop decodes (None: not asked for)
         # the prompt's last id: the left context a token's text is decoded with
-        self.prompt_tail: list[int] = list(getattr(ticket, "prompt_ids", ())[-1:])
+        self.prompt_tail: list[int] = list(ticket.prompt_ids[-1:])
         self._logprobs_taken = 0
         self._held = ""  # whitespace not yet handed out (strip mode)
         self._pieces: list[str] = []

@@ -121,7 +121,7 @@ def _done(kind: str, note: str, job: Job | None = None,
           stream: GenerationStream | None = None) -> str:
     """The last event: the finish note, the token view's data (once a text was written)
     and the form's button enabled again (out of band)."""
-    tokens = output_tokens(job, stream) if job is not None and stream is not None else None
+    tokens = output_tokens(job, stream)
     html = (render_template("partials/finished_status.html", note=note, stats=None,
                             token_data=token_data(tokens))
             + render_template("partials/submit_button.html", kind=kind, busy=False,

@@ -198,12 +198,20 @@ def read_config(directory) -> dict:
 
 def read_card(path) -> tuple[dict, str]:
     """A model card's YAML front matter and its body (({}, text) without front matter)."""
-    text = Path(path).read_text(encoding="utf-8")
-    if not text.startswith("---\n"):
-        return {}, text
-    _, meta, body = text.split("---\n", 2)
-    meta = yaml.safe_load(meta)
+    front, body = split_card(Path(path).read_text(encoding="utf-8"))
+    meta = yaml.safe_load(front) if front is not None else {}
     return (meta if isinstance(meta, dict) else {}), body
+
+
+def split_card(text: str) -> tuple[str | None, str]:
+    """A card's front matter text (None without one) and its body; ValueError when the
+    front matter never ends."""
+    if not text.startswith("---\n"):
+        return None, text
+    parts = text.split("---\n", 2)
+    if len(parts) != 3:
+        raise ValueError("the card's front matter has no closing ---")
+    return parts[1], parts[2]
 
 
 def suggested_prompt(directory) -> str | None:

@@ -12,6 +12,8 @@
   var BANDS = [0.9, 0.6, 0.3, 0.1];  // band 1: p >= 90 %, ..., band 5: p < 10 %
   var BAND_LABELS = ["90 % or more", "60–90 %", "30–60 %", "10–30 %", "under 10 %"];
   var views = 0;
+  var resizer = null;  /* repositions the tooltip shown now (one listener for every view) */
+  window.addEventListener("resize", function () { if (resizer) { resizer(); } });
   /* the classes of the text's parts, and their names in its token view */
   var RENAMED = {"output-generated": "token-generated", "story-middle": "token-generated",
                  "output-prompt": "token-prompt", "story-first": "token-context",
@@ -165,6 +167,7 @@
       tip.hidden = false;
       token.setAttribute("aria-describedby", tip.id);
       shown = token;
+      resizer = reposition;
       place(token);
     }
 
@@ -172,7 +175,10 @@
       if (shown) { shown.removeAttribute("aria-describedby"); }
       shown = null;
       tip.hidden = true;
+      if (resizer === reposition) { resizer = null; }
     }
+
+    function reposition() { if (shown) { place(shown); } }
 
     function place(token) {
       var box = token.getClientRects()[0] || token.getBoundingClientRect();
@@ -231,8 +237,7 @@
       var focused = list.contains(document.activeElement) ? document.activeElement : null;
       if (focused) { show(focused); } else { hide(); }
     });
-    view.addEventListener("scroll", function () { if (shown) { place(shown); } });
-    window.addEventListener("resize", function () { if (shown) { place(shown); } });
+    view.addEventListener("scroll", reposition);
   }
 
   /* Every finished result under `root` whose data has come and has no view yet. */

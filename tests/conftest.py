@@ -134,6 +134,7 @@ class ScriptedTicket:
 
     first_piece_ns = None
     logprobs = None
+    prompt_ids = ()
 
     def __init__(self, pieces, delay=0.0, error=None, reason="stop"):
         from app.engine_loop import Failed, Finished
