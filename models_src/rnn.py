@@ -147,9 +147,8 @@ class RecurrentLM(LanguageModel):
         return self._one_token(tokens, state)
 
     def _one_token(self, tokens, state):
-        """``_run`` in eval mode for one token per row. Each layer is the cell ATen's own
-        CPU loop computes (the same operations in the same order, so the same numbers),
-        called directly: ``nn.LSTM`` would go to oneDNN, whose per-call set-up is most of
+        """``_run`` in eval mode for one token per row. Each layer is ATen's own cell op,
+        the one its CPU loop runs (so the same numbers), called directly: ``nn.LSTM`` would go to oneDNN, whose per-call set-up is most of
         a one-token step, and avoiding it with torch's process-wide kernel switch would
         change the kernels of every thread, a server's other decoding threads included."""
         x = F.embedding(tokens[:, 0], self.embedding.weight)
@@ -161,39 +160,29 @@ class RecurrentLM(LanguageModel):
         return self.decoder(x)[:, None], RecurrentState(new_state)
 
 
-# ---- one-token cells: ATen's CPU RNN loop (aten/src/ATen/native/RNN.cpp), step by step ----
+# ---- one-token cells: ATen's own cell ops, which its CPU RNN loop runs (RNN.cpp) ----
 # x: (B, in); a layer's state is (1, B, hidden) like nn.RNN's; each returns (output, state).
 
 def _lstm_step(layer: nn.LSTM, x, state):
-    hx, cx = (None, None) if state is None else (state[0][0], state[1][0])
-    if hx is None:
-        hx = cx = x.new_zeros(x.size(0), layer.hidden_size)
-    gates = F.linear(hx, layer.weight_hh_l0, layer.bias_hh_l0).add_(
-        F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0))
-    ingate, forgetgate, cellgate, outgate = gates.unsafe_chunk(4, 1)
-    ingate, forgetgate = ingate.sigmoid_(), forgetgate.sigmoid_()
-    cellgate, outgate = cellgate.tanh_(), outgate.sigmoid_()
-    cy = (forgetgate * cx).add_(ingate * cellgate)
-    hy = outgate * cy.tanh()
+    if state is None:
+        state = (x.new_zeros(1, x.size(0), layer.hidden_size),) * 2
+    hy, cy = torch.lstm_cell(x, (state[0][0], state[1][0]), layer.weight_ih_l0,
+                             layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
     return hy, (hy[None], cy[None])
 
 
 def _gru_step(layer: nn.GRU, x, state):
-    hx = x.new_zeros(x.size(0), layer.hidden_size) if state is None else state[0]
-    i_r, i_z, i_n = F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0).unsafe_chunk(3, 1)
-    h_r, h_z, h_n = F.linear(hx, layer.weight_hh_l0, layer.bias_hh_l0).unsafe_chunk(3, 1)
-    reset = h_r.add_(i_r).sigmoid_()
-    update = h_z.add_(i_z).sigmoid_()
-    new = i_n.add(h_n.mul_(reset)).tanh_()
-    hy = (hx - new).mul_(update).add_(new)
-    return hy, hy[None]
+    return _simple_step(torch.gru_cell, layer, x, state)
 
 
 def _rnn_step(layer: nn.RNN, x, state):
+    cell = torch.rnn_tanh_cell if layer.nonlinearity == "tanh" else torch.rnn_relu_cell
+    return _simple_step(cell, layer, x, state)
+
+
+def _simple_step(cell, layer, x, state):
     hx = x.new_zeros(x.size(0), layer.hidden_size) if state is None else state[0]
-    pre = F.linear(hx, layer.weight_hh_l0, layer.bias_hh_l0).add_(
-        F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0))
-    hy = pre.tanh_() if layer.nonlinearity == "tanh" else pre.relu_()
+    hy = cell(x, hx, layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
     return hy, hy[None]
 
 
