@@ -92,10 +92,12 @@ def probe(model: nn.Module, ids: torch.Tensor) -> list[Record]:
     records: list[Record] = []
     hooks = []
     names = {module: name for name, module in model.named_modules()}
+    outputs: dict[nn.Module, torch.Tensor] = {}  # each Linear's output, for the hooks after it
 
     def activations(module, inputs, output):
         out = output[0] if isinstance(output, tuple) else output
         if isinstance(out, torch.Tensor) and out.is_floating_point():
+            outputs[module] = out
             out = out.float()
             records.extend([(names[module], "activation_mean", out.mean().item()),
                             (names[module], "activation_std", out.std().item())])
@@ -110,13 +112,13 @@ def probe(model: nn.Module, ids: torch.Tensor) -> list[Record]:
             records.append((names[module], "saturated_gates", _lstm_saturation(module, inputs[0], out)))
 
     def gelu_units(module, inputs, output):
-        hidden = F.gelu(module.c_fc(inputs[0])).flatten(0, -2)
+        hidden = F.gelu(outputs[module.c_fc]).flatten(0, -2)
         dead = (hidden.amax(0) <= DEAD_LEVEL).float().mean().item()
         records.append((names[module], "dead_units", dead))
 
     def attention(module, inputs, output):
         records.extend((f"{names[module]}.head{h}", "attention_entropy_bits", bits)
-                       for h, bits in enumerate(_head_entropy(module, inputs[0])))
+                       for h, bits in enumerate(_head_entropy(module, outputs[module.c_attn])))
 
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RNNBase)):
@@ -150,10 +152,11 @@ def _lstm_saturation(lstm: nn.LSTM, x: torch.Tensor, out: torch.Tensor) -> float
     return ((sigmoid < GATE_LOW) | (sigmoid > GATE_HIGH)).float().mean().item()
 
 
-def _head_entropy(attention: SelfAttention, x: torch.Tensor) -> list[float]:
-    """Mean entropy (bits) of each head's attention over the positions it may see."""
-    B, T, C = x.shape
-    q, k, _ = attention.c_attn(x).view(B, T, 3, attention.n_head, C // attention.n_head) \
+def _head_entropy(attention: SelfAttention, qkv: torch.Tensor) -> list[float]:
+    """Mean entropy (bits) of each head's attention over the positions it may see, from
+    the layer's query/key/value projection (B, T, 3C)."""
+    B, T, C3 = qkv.shape
+    q, k, _ = qkv.view(B, T, 3, attention.n_head, C3 // 3 // attention.n_head) \
         .permute(2, 0, 3, 1, 4)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
     if attention.causal:
