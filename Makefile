@@ -22,7 +22,7 @@ VENDORED = static/vendor/htmx.min.js static/vendor/sse.js static/vendor/uPlot.ii
 
 assets: $(VENDORED)
 
-$(VENDORED): package-lock.json scripts/vendor_assets.py
+$(VENDORED) &: package-lock.json scripts/vendor_assets.py
 	$(PYTHON) scripts/vendor_assets.py
 
 # The web app on the bundled models: http://localhost:7860
@@ -57,7 +57,7 @@ soak: $(STAMP) assets
 
 # The Space image: built with buildah from the Dockerfile, run as a Space runs it, checked
 # (scripts/image_test.py; needs buildah and debootstrap, which .ci/run installs)
-docker-test:
+docker-test: assets
 	$(PYTHON) scripts/image_test.py
 
 clean:

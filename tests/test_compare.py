@@ -8,19 +8,16 @@ tests/test_browser_compare.py.
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import re
 from html import unescape
-from pathlib import Path
 
 import pytest
 
 from conftest import ENDLESS_CHAR, TEXT
 from test_app_pages import FORM, INFILL, parse_sse, stream_url, texts, token_of
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN = {"models": ["endless", "tiny-gpt"], "prompt": "Once", "temperature": "0",
        "max_new_tokens": "6", "seed": "3"}
 
@@ -392,13 +389,3 @@ def test_generated_markup_stays_text_in_columns(client, script):
     events = parse_sse(client.get(unescape(re.findall(r'sse-connect="([^"]+)"', body)[0]))
                        .get_data(as_text=True))
     assert "<img" not in "".join(texts(events))
-
-
-def test_compare_imports_no_other_blueprint():
-    blueprints = {"api", "openai_api", "ui", "admin", "compare"}
-    tree = ast.parse((ROOT / "app" / "compare.py").read_text())
-    imported = {node.module for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
-    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 and node.level == 1 and not node.module for a in node.names}
-    assert not imported & (blueprints - {"compare"}), imported

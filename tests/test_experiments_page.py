@@ -7,18 +7,15 @@ The chart itself, in a browser, is tests/test_browser_experiments.py.
 
 from __future__ import annotations
 
-import ast
 import base64
 import math
 import re
 from html import unescape
-from pathlib import Path
 
 import pytest
 
 from app import security
 
-ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
@@ -295,11 +292,3 @@ def test_hostile_names_are_escaped(make_app, tmp_path):
     assert rows(page(client, architecture=HOSTILE))[0]["run"] == run_id
     runs = client.get("/experiments/data").get_json()["runs"]
     assert runs[0]["model"] == HOSTILE  # data for textContent, never markup
-
-
-def test_the_blueprint_imports_no_other_blueprint():
-    tree = ast.parse((ROOT / "app" / "experiments_page.py").read_text())
-    imported = {node.module or alias.name for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.level == 1
-                for alias in node.names}
-    assert not imported & {"admin", "api", "openai_api", "ui"}, imported

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tokenizers import decoders, pre_tokenizers
 
+from conftest import TEXT
 from models_src import ModelConfig, build_model
 from models_src.checkpoint import load_checkpoint
 from models_src.generation import generate
@@ -17,8 +18,6 @@ from models_src.gguf_export import export_to_gguf
 from models_src.sampling import SamplingParams
 from models_src.tokenization import SPECIAL_TOKENS, Tokenizer
 
-TEXT = ("Once upon a time, there was a little girl named Lily. She liked to play outside.\n"
-        "One day, she saw a big red ball! \"Can I play?\" she asked. The end.\n")
 CARD = "---\nmodel-index:\n- name: tiny-story\n---\n# tiny-story\nA test card.\n"
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tinystories-gpt"
 PAD = 3  # extra model rows past the tokenizer's ids, as a vocabulary padded for speed

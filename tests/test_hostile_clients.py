@@ -188,9 +188,7 @@ def test_80_concurrent_streams_past_rows_and_queue_get_503_at_once(checkpoint_di
                 started = time.monotonic()
                 with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=5) as probe:
                     probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    answer = b""
-                    while chunk := probe.recv(65536):
-                        answer += chunk
+                    answer = read_answer(probe, 5)
                 health.append(time.monotonic() - started)
                 status, _, reply = head_and_json(answer)
                 full.append(status.startswith("HTTP/1.1 200") and reply["full"])
