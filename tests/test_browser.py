@@ -60,6 +60,50 @@ def serve(app):
         thread.join(timeout=10)
 
 
+@contextmanager
+def served(app_config: dict, **settings):
+    """An app on ``app_config`` with ``settings`` over it, served on localhost: (app, url).
+    torch's thread count, which create_app sets, is put back afterwards."""
+    from app import create_app
+
+    threads = torch.get_num_threads()
+    try:
+        app = create_app({**app_config, **settings})
+        with serve(app) as url:
+            yield app, url
+    finally:
+        torch.set_num_threads(threads)
+
+
+def watch_csp(page) -> list[str]:
+    """The violations of the app's CSP (served with every page: app/security.py) that
+    ``page`` reports from now on."""
+    violations: list[str] = []
+    page.on("console", lambda message: "Content Security Policy" in message.text
+            and violations.append(message.text))
+    return violations
+
+
+@pytest.fixture
+def screenshots() -> Path:
+    """docs/screenshots/, when ``FABLE_SCREENSHOTS=1`` asks for them (else the test skips)."""
+    if os.environ.get("FABLE_SCREENSHOTS") != "1":
+        pytest.skip("set FABLE_SCREENSHOTS=1 to write docs/screenshots/")
+    (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
+    return ROOT / "docs" / "screenshots"
+
+
+@contextmanager
+def screenshot_page(browser):
+    """A desktop-sized page (1280 x 900) with a patient timeout, for the docs."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(60_000)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory) -> Path:
     from training.experiments import ExperimentLog
@@ -75,13 +119,8 @@ def experiments(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(app_config, experiments):
-    from app import create_app
-
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(experiments)})
-    with serve(app) as url:
+    with served(app_config, FABLE_EXPERIMENTS_DIR=str(experiments)) as (_, url):
         yield url
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -215,43 +254,30 @@ def test_forms_work_without_javascript(browser, base_url):
         context.close()
 
 
-def test_pages_run_under_the_apps_content_security_policy(browser, app_config, experiments):
+def test_pages_run_under_the_apps_content_security_policy(page, base_url):
     """No inline script, style or eval anywhere: the pages work under the app's own strict
     CSP (app/security.py) and the browser reports no violation."""
-    from app import create_app, security
+    from app import security
 
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(experiments)})
-
-    context = browser.new_context()
-    context.set_default_timeout(TIMEOUT_MS)
-    violations: list[str] = []
-    try:
-        with serve(app) as url:
-            page = context.new_page()
-            page.on("console", lambda message: "Content Security Policy" in message.text
-                    and violations.append(message.text))
-            page.on("pageerror", lambda error: violations.append(str(error)))
-            for path, kind, fields in (
-                    ("/", "generate", {"prompt": "Once"}),
-                    ("/infill", "infill", {"first": "Lily ran.", "last": "The end."})):
-                served = page.goto(url + path).headers["content-security-policy"]
-                assert served == security.CONTENT_SECURITY_POLICY
-                fill_form(page, {"model": "endless", **fields, "max_new_tokens": "5"})
-                page.click(f"#{kind}-submit")
-                page.wait_for_selector(".status-text:not(.is-streaming)")
-                assert page.locator(f"#{kind}-submit").is_enabled()
-            page.goto(url + "/admin")
-            curve = page.locator(".curve img").first
-            curve.scroll_into_view_if_needed()
-            # (a function, not an expression: Playwright evaluates those without eval)
-            deadline = time.monotonic() + TIMEOUT_MS / 1000
-            while not curve.evaluate("image => image.complete && image.naturalWidth > 0"):
-                assert time.monotonic() < deadline, "the curve image never loaded"
-                time.sleep(0.05)
-    finally:
-        context.close()
-        torch.set_num_threads(threads)
+    violations = watch_csp(page)
+    page.on("pageerror", lambda error: violations.append(str(error)))
+    for path, kind, fields in (
+            ("/", "generate", {"prompt": "Once"}),
+            ("/infill", "infill", {"first": "Lily ran.", "last": "The end."})):
+        policy = page.goto(base_url + path).headers["content-security-policy"]
+        assert policy == security.CONTENT_SECURITY_POLICY
+        fill_form(page, {"model": "endless", **fields, "max_new_tokens": "5"})
+        page.click(f"#{kind}-submit")
+        page.wait_for_selector(".status-text:not(.is-streaming)")
+        assert page.locator(f"#{kind}-submit").is_enabled()
+    page.goto(base_url + "/admin")
+    curve = page.locator(".curve img").first
+    curve.scroll_into_view_if_needed()
+    # (a function, not an expression: Playwright evaluates those without eval)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not curve.evaluate("image => image.complete && image.naturalWidth > 0"):
+        assert time.monotonic() < deadline, "the curve image never loaded"
+        time.sleep(0.05)
     assert not violations, violations
 
 
@@ -309,13 +335,8 @@ def test_copy_button_copies_the_story(browser, base_url):
 
 # ---- screenshots for the docs -------------------------------------------------------------
 
-@pytest.mark.skipif(os.environ.get("FABLE_SCREENSHOTS") != "1",
-                    reason="set FABLE_SCREENSHOTS=1 to write docs/screenshots/")
-def test_screenshots(browser, app_config, checkpoint_dir):
-    from app import create_app
-
-    out = ROOT / "docs" / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
+def test_screenshots(screenshots, browser, app_config, checkpoint_dir):
+    out = screenshots
     checkpoints = os.environ.get("FABLE_SCREENSHOTS_CHECKPOINTS", str(checkpoint_dir))
     experiments = os.environ.get("FABLE_SCREENSHOTS_EXPERIMENTS", str(ROOT / "experiments"))
     model = os.environ.get("FABLE_SCREENSHOTS_MODEL")
@@ -323,36 +344,27 @@ def test_screenshots(browser, app_config, checkpoint_dir):
     first = os.environ.get("FABLE_SCREENSHOTS_FIRST", "Lily wanted to fly a kite.")
     last = os.environ.get("FABLE_SCREENSHOTS_LAST", "From then on, the kite hung in her room.")
     seed = os.environ.get("FABLE_SCREENSHOTS_SEED", "7")
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_CHECKPOINT_DIR": checkpoints,
-                      "FABLE_EXPERIMENTS_DIR": experiments, "FABLE_DEFAULT_NEW_TOKENS": 200,
-                      "FABLE_REQUEST_TIMEOUT_S": 60})
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(60_000)
-    try:
-        with serve(app) as url:
-            page = context.new_page()
-            for kind, fields in (("generate", {"prompt": prompt}),
-                                 ("infill", {"first": first, "last": last})):
-                page.goto(url + ("/" if kind == "generate" else "/infill"))
-                if model:
-                    fields["model"] = model
-                fill_form(page, {**fields, "temperature": "0.8", "seed": seed,
-                                 "max_new_tokens": "200" if kind == "generate" else "80"})
-                page.click(f"#{kind}-submit")
-                page.wait_for_selector(".status-text:not(.is-streaming)")
-                page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
-                page.mouse.move(1, 1)
-                page.screenshot(path=str(out / f"{kind}.png"), full_page=True)
-            page.goto(url + "/admin")
-            for image in page.locator(".curve img").all():
-                image.scroll_into_view_if_needed()
-            page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(out / "admin.png"), full_page=True)
-    finally:
-        context.close()
-        torch.set_num_threads(threads)
+    with served(app_config, FABLE_CHECKPOINT_DIR=checkpoints, FABLE_EXPERIMENTS_DIR=experiments,
+                FABLE_DEFAULT_NEW_TOKENS=200, FABLE_REQUEST_TIMEOUT_S=60) as (_, url), \
+            screenshot_page(browser) as page:
+        for kind, fields in (("generate", {"prompt": prompt}),
+                             ("infill", {"first": first, "last": last})):
+            page.goto(url + ("/" if kind == "generate" else "/infill"))
+            if model:
+                fields["model"] = model
+            fill_form(page, {**fields, "temperature": "0.8", "seed": seed,
+                             "max_new_tokens": "200" if kind == "generate" else "80"})
+            page.click(f"#{kind}-submit")
+            page.wait_for_selector(".status-text:not(.is-streaming)")
+            page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+            page.mouse.move(1, 1)
+            page.screenshot(path=str(out / f"{kind}.png"), full_page=True)
+        page.goto(url + "/admin")
+        for image in page.locator(".curve img").all():
+            image.scroll_into_view_if_needed()
+        page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(out / "admin.png"), full_page=True)
     assert all((out / f"{name}.png").stat().st_size > 10_000
                for name in ("generate", "infill", "admin"))
 

@@ -15,13 +15,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ENDLESS_CHAR
 # test_browser's module-level skips apply here too, through this import: no Chromium, no
 # htmx in static/vendor/ or no Playwright skips this module as it skips that one
 from test_browser import (TIMEOUT_MS, base_url, browser, experiments, fill_form,  # noqa: F401
-                          page, serve, sync_api)
+                          page, screenshot_page, screenshots, served, sync_api, watch_csp)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -52,9 +51,7 @@ def tick_models(page, names) -> None:
 
 def test_two_columns_stream_side_by_side_and_finish(page, base_url, script):
     script([ENDLESS_CHAR] * 30, delay=0.03, reason="length")  # slow enough to watch
-    violations: list[str] = []  # of the app's CSP (served with every page: app/security.py)
-    page.on("console", lambda message: "Content Security Policy" in message.text
-            and violations.append(message.text))
+    violations = watch_csp(page)
     page.add_init_script(RECORD_COLUMNS)
     page.goto(base_url + "/compare")
     tick_models(page, {"endless", "tiny-gpt"})
@@ -102,9 +99,7 @@ def test_two_columns_stream_side_by_side_and_finish(page, base_url, script):
 
 
 def test_token_view_shows_alternatives_by_keyboard(page, base_url):
-    violations: list[str] = []
-    page.on("console", lambda message: "Content Security Policy" in message.text
-            and violations.append(message.text))
+    violations = watch_csp(page)
     page.goto(base_url + "/")
     fill_form(page, {"model": "tiny-gpt", "prompt": "Once", "temperature": "1",
                      "max_new_tokens": "12", "seed": "5"})
@@ -215,50 +210,30 @@ def test_compare_without_javascript_shows_the_finished_columns(browser, base_url
 
 # ---- screenshots for the docs -------------------------------------------------------------
 
-@pytest.fixture
-def screenshots() -> Path:
-    """docs/screenshots/, when ``FABLE_SCREENSHOTS=1`` asks for them (else the test skips)."""
-    if os.environ.get("FABLE_SCREENSHOTS") != "1":
-        pytest.skip("set FABLE_SCREENSHOTS=1 to write docs/screenshots/")
-    (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
-    return ROOT / "docs" / "screenshots"
-
-
-def test_screenshots(screenshots, browser, app_config, checkpoint_dir):
-    from app import create_app
-
+def test_screenshots(screenshots, browser, app_config, checkpoint_dir):  # noqa: F811
     env = {"checkpoints": str(checkpoint_dir), "prompt": "Once upon a time", "seed": "7"}
     env = {key: os.environ.get(f"FABLE_SCREENSHOTS_{key.upper()}", value)
            for key, value in env.items()}
     prompt, seed, out = env["prompt"], env["seed"], screenshots
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_CHECKPOINT_DIR": env["checkpoints"],
-                      "FABLE_REQUEST_TIMEOUT_S": 60})
-    names = app.extensions["fable.registry"].names()[:4]
-    model = app.extensions["fable.registry"].default().name
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(60_000)
-    try:
-        with serve(app) as url:
-            page = context.new_page()
-            query = "&".join(f"models={name}" for name in names)
-            page.goto(f"{url}/compare?{query}&prompt={prompt}&temperature=0.8&seed={seed}"
-                      f"&max_new_tokens=120")
-            page.wait_for_function(ALL_DONE)
-            page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
-            page.mouse.move(1, 1)
-            page.screenshot(path=str(out / "compare.png"), full_page=True)
+    with served(app_config, FABLE_CHECKPOINT_DIR=env["checkpoints"],
+                FABLE_REQUEST_TIMEOUT_S=60) as (app, url), screenshot_page(browser) as page:
+        names = app.extensions["fable.registry"].names()[:4]
+        model = app.extensions["fable.registry"].default().name
+        query = "&".join(f"models={name}" for name in names)
+        page.goto(f"{url}/compare?{query}&prompt={prompt}&temperature=0.8&seed={seed}"
+                  f"&max_new_tokens=120")
+        page.wait_for_function(ALL_DONE)
+        page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+        page.mouse.move(1, 1)
+        page.screenshot(path=str(out / "compare.png"), full_page=True)
 
-            page.goto(url + "/")
-            fill_form(page, {"model": model, "prompt": prompt, "temperature": "0.8",
-                             "seed": seed, "max_new_tokens": "60"})
-            page.click("#generate-submit")
-            page.wait_for_selector(".status-text:not(.is-streaming)")
-            page.click(".token-toggle")
-            page.locator(".token").nth(8).focus()
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(out / "tokens.png"), full_page=True)
-    finally:
-        context.close()
-        torch.set_num_threads(threads)
+        page.goto(url + "/")
+        fill_form(page, {"model": model, "prompt": prompt, "temperature": "0.8",
+                         "seed": seed, "max_new_tokens": "60"})
+        page.click("#generate-submit")
+        page.wait_for_selector(".status-text:not(.is-streaming)")
+        page.click(".token-toggle")
+        page.locator(".token").nth(8).focus()
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(out / "tokens.png"), full_page=True)
     assert all((out / f"{name}.png").stat().st_size > 10_000 for name in ("compare", "tokens"))

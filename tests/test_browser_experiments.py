@@ -15,13 +15,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 # test_browser's module-level skips (no Chromium, no Playwright, no htmx) apply here too
-import test_browser
-from test_browser import TIMEOUT_MS, serve
-
-browser, page = test_browser.browser, test_browser.page  # its fixtures, for these tests
+from test_browser import (TIMEOUT_MS, browser, page, screenshot_page,  # noqa: F401 (fixtures)
+                          screenshots, served, watch_csp)
 
 ROOT = Path(__file__).resolve().parent.parent
 UPLOT = [ROOT / "static" / "vendor" / name for name in ("uPlot.iife.min.js", "uPlot.min.css")]
@@ -64,20 +61,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(app_config, store):
-    from app import create_app
-
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(store[0])})
-    with serve(app) as url:
+    with served(app_config, FABLE_EXPERIMENTS_DIR=str(store[0])) as (_, url):
         yield url
-    torch.set_num_threads(threads)
-
-
-def watch_csp(page) -> list[str]:
-    violations: list[str] = []
-    page.on("console", lambda message: "Content Security Policy" in message.text
-            and violations.append(message.text))
-    return violations
 
 
 def wait_for_chart(page, series: int) -> None:
@@ -188,29 +173,16 @@ def test_without_javascript_the_table_and_plots_remain(browser, base_url, store)
 
 # ---- the screenshot for the docs ----------------------------------------------------------
 
-@pytest.mark.skipif(os.environ.get("FABLE_SCREENSHOTS") != "1",
-                    reason="set FABLE_SCREENSHOTS=1 to write docs/screenshots/")
-def test_screenshot(browser, app_config, tmp_path):
-    from app import create_app
-
-    out = ROOT / "docs" / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
+def test_screenshot(screenshots, browser, app_config):  # noqa: F811
+    out = screenshots
     records = Path(os.environ.get("FABLE_SCREENSHOTS_EXPERIMENTS", ROOT / "experiments"))
     if not any(records.glob("*/*.parquet")):
         pytest.skip(f"no experiment records in {records}: train something first, or set "
                     "FABLE_SCREENSHOTS_EXPERIMENTS")
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_EXPERIMENTS_DIR": str(records)})
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(60_000)
-    try:
-        with serve(app) as url:
-            page = context.new_page()
-            page.goto(url + "/experiments")
-            page.wait_for_selector("#experiment-chart canvas")
-            page.mouse.move(1, 1)
-            page.screenshot(path=str(out / "experiments.png"), full_page=True)
-    finally:
-        context.close()
-        torch.set_num_threads(threads)
+    with served(app_config, FABLE_EXPERIMENTS_DIR=str(records)) as (_, url), \
+            screenshot_page(browser) as page:
+        page.goto(url + "/experiments")
+        page.wait_for_selector("#experiment-chart canvas")
+        page.mouse.move(1, 1)
+        page.screenshot(path=str(out / "experiments.png"), full_page=True)
     assert (out / "experiments.png").stat().st_size > 10_000

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 # the module-level skips (no Chromium, Playwright or htmx) come with this import
-from test_browser import ROOT, TIMEOUT_MS, browser, serve  # noqa: F401 (fixture)
+from test_browser import (ROOT, TIMEOUT_MS, browser, screenshot_page,  # noqa: F401 (fixtures)
+                          screenshots, served)
 from test_model_pages import HOSTILE, pages_dir  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -24,13 +24,8 @@ PHONE = {"width": 375, "height": 740}
 
 @pytest.fixture(scope="module")
 def model_url(app_config, pages_dir):  # noqa: F811 (the imported fixture)
-    from app import create_app
-
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_CHECKPOINT_DIR": str(pages_dir)})
-    with serve(app) as url:
+    with served(app_config, FABLE_CHECKPOINT_DIR=str(pages_dir)) as (_, url):
         yield url
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -105,35 +100,20 @@ def test_model_page_without_javascript(watched, model_url):
 
 # ---- the screenshot for the docs ------------------------------------------------------------
 
-@pytest.mark.skipif(os.environ.get("FABLE_SCREENSHOTS") != "1",
-                    reason="set FABLE_SCREENSHOTS=1 to write docs/screenshots/")
-def test_screenshot_model_page(browser, app_config, checkpoint_dir):  # noqa: F811
-    from app import create_app
-
-    out = ROOT / "docs" / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
+def test_screenshot_model_page(screenshots, browser, app_config, checkpoint_dir):  # noqa: F811
+    out = screenshots
     checkpoints = os.environ.get("FABLE_SCREENSHOTS_CHECKPOINTS", str(checkpoint_dir))
     experiments = os.environ.get("FABLE_SCREENSHOTS_EXPERIMENTS", str(ROOT / "experiments"))
-    threads = torch.get_num_threads()
-    app = create_app({**app_config, "FABLE_CHECKPOINT_DIR": checkpoints,
-                      "FABLE_EXPERIMENTS_DIR": experiments})
-    with app.app_context():
-        from app.registry import get_registry
-        names = get_registry().names()
-    assert names, f"no model loads from {checkpoints}"
-    name = "tinystories-gpt" if "tinystories-gpt" in names else names[0]
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(60_000)
-    try:
-        with serve(app) as url:
-            page = context.new_page()
-            page.goto(f"{url}/models/{name}")
-            # the curves (admin records) load lazily: fetch and decode them all first
-            page.locator(".curve img").evaluate_all(
-                "images => Promise.all(images.map(image => {"
-                " image.loading = 'eager'; return image.decode().catch(() => null); }))")
-            page.screenshot(path=str(out / "model.png"), full_page=True)
-    finally:
-        context.close()
-        torch.set_num_threads(threads)
+    with served(app_config, FABLE_CHECKPOINT_DIR=checkpoints,
+                FABLE_EXPERIMENTS_DIR=experiments) as (app, url), \
+            screenshot_page(browser) as page:
+        names = app.extensions["fable.registry"].names()
+        assert names, f"no model loads from {checkpoints}"
+        name = "tinystories-gpt" if "tinystories-gpt" in names else names[0]
+        page.goto(f"{url}/models/{name}")
+        # the curves (admin records) load lazily: fetch and decode them all first
+        page.locator(".curve img").evaluate_all(
+            "images => Promise.all(images.map(image => {"
+            " image.loading = 'eager'; return image.decode().catch(() => null); }))")
+        page.screenshot(path=str(out / "model.png"), full_page=True)
     assert (out / "model.png").stat().st_size > 10_000
