@@ -18,7 +18,7 @@ from .registry import get_registry
 from .reload import get_reloader
 from .service import get_service
 from .settings import get_settings
-from .web import has_admin_token
+from .web import ADMIN_CHALLENGE, has_admin_token
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also safe inside a
 def _require_admin():
     if not has_admin_token(basic=True):
         html = render_template("admin_denied.html", kind="admin")
-        return html, 401, {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-8"',
-                           "Cache-Control": "no-store"}
+        return html, 401, ADMIN_CHALLENGE
     return None
 
 

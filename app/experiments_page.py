@@ -16,12 +16,13 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flask import Blueprint, current_app, jsonify, render_template, request, url_for
+from flask import Blueprint, jsonify, render_template, request, url_for
 from werkzeug.datastructures import MultiDict
 
 from . import experiment_reader
+from .pages_common import vendor_ready
 from .settings import get_settings
-from .web import has_admin_token, json_error
+from .web import ADMIN_CHALLENGE, has_admin_token, json_error
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,11 @@ UPLOT_FILES = ("uPlot.iife.min.js", "uPlot.min.css")
 def _require_admin():
     if has_admin_token(basic=True):
         return None
-    headers = {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-8"',
-               "Cache-Control": "no-store"}
     if request.endpoint == "experiments.data":
         response = json_error(401, "the experiment records need the admin token")
-        response.headers.update(headers)
+        response.headers.update(ADMIN_CHALLENGE)
         return response
-    return render_template("experiments.html", kind="experiments", denied=True), 401, headers
+    return render_template("experiments.html", kind="experiments", denied=True), 401, ADMIN_CHALLENGE
 
 
 @bp.after_request
@@ -142,8 +141,7 @@ def build_view(root: Path, selection: Selection, curves: bool = False) -> View:
 
 def uplot_ready() -> bool:
     """uPlot is installed in static/vendor/ (``make assets``)."""
-    folder = Path(current_app.static_folder or "static") / "vendor"
-    return all((folder / name).is_file() for name in UPLOT_FILES)
+    return vendor_ready(UPLOT_FILES)
 
 
 def _read(selection: Selection, curves: bool = False) -> tuple[View | None, str | None]:

@@ -220,10 +220,11 @@ def output_tokens(job: Job | None, stream: GenerationStream | None) -> list[Toke
     return stream_tokens(stream, loaded and loaded.tokenizer, stripped=job.kind == "infill")
 
 
-def vendor_ready() -> bool:
-    """htmx and its SSE extension are installed in static/vendor/ (``make assets``)."""
+def vendor_ready(files: tuple[str, ...] = VENDOR_FILES) -> bool:
+    """The vendored ``files`` (by default htmx and its SSE extension) are installed in
+    static/vendor/ (``make assets``)."""
     folder = Path(current_app.static_folder or "static") / "vendor"
-    return all((folder / name).is_file() for name in VENDOR_FILES)
+    return all((folder / name).is_file() for name in files)
 
 
 # ---- server-sent events ---------------------------------------------------------------

@@ -141,6 +141,12 @@ def _refuse_constant(name: str):
     raise ValueError(f"request body is not valid JSON: {name} is not a JSON number")
 
 
+#: What an admin page answers a browser without the token: ask for it (HTTP Basic), and
+#: keep the refusal out of caches.
+ADMIN_CHALLENGE = {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-8"',
+                   "Cache-Control": "no-store"}
+
+
 def has_admin_token(*, basic: bool = False) -> bool:
     """True when no admin token is configured or the request carries it, as a Bearer token
     or, with ``basic`` (the admin page, which browsers sign in to), as a Basic password."""
