@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import split_card, unwrap
+from .checkpoint import CARD_FILE, load_checkpoint, split_card, unwrap
 from .tokenization import Tokenizer
 
 ARCH = "gpt2"
@@ -71,6 +71,14 @@ _BLOCK_NAMES = {
     "mlp.c_fc": "ffn_up",
     "mlp.c_proj": "ffn_down",
 }
+
+
+def export_checkpoint(directory, path, dtype: str = "f32") -> Path:
+    """Export a checkpoint directory, its model card included (as general.description)."""
+    checkpoint = load_checkpoint(directory)
+    card = Path(directory) / CARD_FILE
+    return export_to_gguf(checkpoint.model, checkpoint.tokenizer, path,
+                          card=card if card.is_file() else None, dtype=dtype)
 
 
 def export_to_gguf(model, tokenizer: Tokenizer, path, *, card: str | Path | None = None,

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from models_src.checkpoint import CARD_FILE, CheckpointError, load_checkpoint
+from models_src.checkpoint import CheckpointError
 
 
 def export_hf(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
@@ -29,12 +29,9 @@ def export_hf(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
 
 
 def export_gguf(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
-    from models_src.gguf_export import export_to_gguf  # only when asked
+    from models_src.gguf_export import export_checkpoint  # imports gguf: only when asked
 
-    checkpoint = load_checkpoint(checkpoint_dir)
-    card = checkpoint_dir / CARD_FILE
-    return export_to_gguf(checkpoint.model, checkpoint.tokenizer, out,
-                          card=card if card.is_file() else None, dtype=dtype)
+    return export_checkpoint(checkpoint_dir, out, dtype)
 
 
 EXPORTERS = {"hf": export_hf, "gguf": export_gguf}
