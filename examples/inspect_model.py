@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the library is imported from the checkout, not installed
 os.chdir(ROOT)  # a checkpoint names its corpus relative to the repository (../shared/...)
 
-from models_src import health  # noqa: E402
 from models_src.checkpoint import load_checkpoint  # noqa: E402
-from training.inspect import inspect, probe_batch, probe_text, render  # noqa: E402
+from training.inspect import measure, render, report  # noqa: E402
 
 
 def main() -> None:
@@ -31,15 +30,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoints/char-gpt-shakespeare")
     args = parser.parse_args()
 
-    report = inspect(args.checkpoint)
-    print(render(Path(args.checkpoint).name, report["layers"], report["problems"],
-                 report["measured_on"]))
-
     checkpoint = load_checkpoint(args.checkpoint)
+    records, measured = measure(checkpoint)
+    found = report(args.checkpoint, records, measured)
+    print(render(Path(args.checkpoint).name, found["layers"], found["problems"],
+                 found["measured_on"]))
+
     if checkpoint.model.max_context is None:
         return  # an RNN: no attention heads (its gates are in the table above)
-    docs, _ = probe_text(checkpoint, None)
-    records = health.probe(checkpoint.model, probe_batch(checkpoint, docs)[:, :-1])
     print("\nattention entropy per head, in bits (0: one position; higher: spread out)")
     layers: dict[str, list[float]] = {}
     for name, metric, bits in records:

@@ -151,15 +151,24 @@ def _cell(metric: str, value: float | None) -> str:
 def inspect(path: str | Path, data: str | None = None) -> dict:
     """The report on the checkpoint at ``path``: its layer table, its problems and what
     they were measured on."""
-    checkpoint = load_checkpoint(path)
+    return report(path, *measure(load_checkpoint(path), data))
+
+
+def measure(checkpoint: Checkpoint, data: str | None = None) -> tuple[list[health.Record], str]:
+    """A checkup's records on the checkpoint's probe text, with the update sizes its
+    training recorded, and what they were measured on."""
     docs, source = probe_text(checkpoint, data)
     batch = probe_batch(checkpoint, docs)
     records = checkup(checkpoint.model, batch)
     step, trained = recorded(checkpoint)
-    records += trained
     measured = f"{batch.size(0)} x {batch.size(1) - 1} tokens of {source}"
     if step is not None:
         measured += f"; update sizes from training step {step}"
+    return records + trained, measured
+
+
+def report(path: str | Path, records: list[health.Record], measured: str) -> dict:
+    """``inspect``'s report from ``measure``'s records."""
     problems = health.diagnose(records)
     return {"checkpoint": str(path), "checked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "measured_on": measured, "layers": layer_table(records),
