@@ -24,7 +24,7 @@ from werkzeug.datastructures import MultiDict
 from . import ratelimit
 from .pages_common import (DEFAULT_TEMPERATURE, FALLBACK_PROMPT, MAX_JOB_CHARS, SAMPLING_FIELDS,
                            SEED_RANGE, TEXT_FIELDS, FormErrors, Job, Result, collect, job_events,
-                           output_tokens, read_job, sse_event, vendor_ready)
+                           in_form_order, output_tokens, read_job, sse_event, vendor_ready)
 from .registry import get_registry
 from .service import GenerationStream, ServiceError
 from .settings import get_settings
@@ -93,13 +93,8 @@ def read_comparison(args: MultiDict) -> Comparison:
                 if field != "model":
                     errors.setdefault(field, message)
     if errors:
-        raise FormErrors(dict(sorted(errors.items(), key=lambda item: _position(item[0]))))
+        raise FormErrors(in_form_order(errors, FIELD_ORDER))
     return Comparison(kind, jobs)
-
-
-def _position(field: str | None) -> int:
-    name = (field or "").split("[")[0]
-    return FIELD_ORDER.index(name) if name in FIELD_ORDER else len(FIELD_ORDER)
 
 
 # ---- running -------------------------------------------------------------------------------

@@ -124,16 +124,19 @@ def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Jo
                 errors[name] = f"'{name}' is required: the story's {label}"
     if errors:  # in the order the form shows the fields
         order = ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)
-        raise FormErrors(dict(sorted(errors.items(), key=lambda item: _position(order, item[0]))))
+        raise FormErrors(in_form_order(errors, order))
     texts = {name: getattr(form, name) or "" for name in TEXT_FIELDS[kind]}
     values = sampling_values(form, dict(zip(SAMPLING_FIELDS, SAMPLING_FIELDS)))
     values.setdefault("seed", secrets.randbelow(SEED_RANGE))  # shown, so a text can be redone
     return Job(kind, form.model, texts, values)
 
 
-def _position(order: tuple[str, ...], field: str) -> int:
-    name = field.split("[")[0]
-    return order.index(name) if name in order else len(order)
+def in_form_order(errors: dict[str | None, str], order: tuple[str, ...]) -> dict[str | None, str]:
+    """``errors`` by field, in the order the form shows the fields (others last)."""
+    def position(item) -> int:
+        name = (item[0] or "").split("[")[0]
+        return order.index(name) if name in order else len(order)
+    return dict(sorted(errors.items(), key=position))
 
 
 def job_from_token(kind: str, token: str) -> Job:
