@@ -128,7 +128,7 @@ def test_a_learning_rate_100_times_too_high_is_named(tmp_path, arch, named, caps
 
 
 @pytest.mark.parametrize("name", BUNDLED)
-def test_the_bundled_models_are_healthy(name, tmp_path, monkeypatch):
+def test_the_bundled_models_are_healthy(name, monkeypatch):
     """Probed on their validation text where ../shared has it, else on text they write."""
     monkeypatch.chdir(ROOT)
     report = inspect_cli.inspect(ROOT / "checkpoints" / name)

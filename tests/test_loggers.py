@@ -20,7 +20,6 @@ from training.report import RunReport
 from training.train import Trainer
 from training_runs import make_corpus, raw_config, write_config
 
-pytestmark = pytest.mark.train  # the first test runs the trainer
 
 VALIDATION = {"loss": "val_loss", "perplexity": "val_perplexity",
               "token_accuracy": "token_accuracy", "bits_per_char": "bits_per_char"}
@@ -86,6 +85,7 @@ def wandb_items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+@pytest.mark.train
 def test_a_run_logs_its_rows_to_tensorboard_and_offline_wandb(tmp_path, offline_wandb):
     raw = raw_config(tmp_path, max_steps=6, eval_every=3)
     raw["output"]["loggers"] = ["tensorboard", "wandb"]
@@ -134,6 +134,7 @@ def test_a_run_logs_its_rows_to_tensorboard_and_offline_wandb(tmp_path, offline_
     assert not list((tmp_path / "home").rglob("*wandb*"))
 
 
+@pytest.mark.train
 def test_tensorboard_shows_a_rerun_once_and_a_resumed_run_whole(tmp_path):
     make_corpus(tmp_path / "corpus.txt", sentences=500)  # three short runs
     raw = raw_config(tmp_path, max_steps=3, eval_every=3)

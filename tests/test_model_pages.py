@@ -15,6 +15,7 @@ from urllib.parse import quote
 import pytest
 
 from conftest import MODELS, SUMMARY
+from test_app_pages import log_run
 
 HOSTILE = "hostile"
 ODD = "a<i>b&c"  # a directory name with markup in it: a model name like any other
@@ -286,16 +287,9 @@ def test_unknown_models_and_files_are_404_in_the_apps_shape(client):
 
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory) -> Path:
-    from training.experiments import ExperimentLog
-
     root = tmp_path_factory.mktemp("experiments")
     for model in ("tiny-gpt", "tiny-lstm"):
-        log = ExperimentLog(root, f"exp-{model}", config={})
-        for step, loss in ((10, 3.2), (20, 2.6)):
-            log.log(model=model, architecture="gpt", parameters=16064, step=step,
-                    epoch=step / 20, train_loss=loss, val_loss=loss + 0.1,
-                    val_perplexity=2.718 ** (loss + 0.1), wall_time_s=float(step),
-                    kind="train_eval", split="validation")
+        log_run(root, f"exp-{model}", model=model, losses=((10, 3.2, 3.3), (20, 2.6, 2.7)))
     return root
 
 
