@@ -59,6 +59,15 @@ def save_endless(path: Path, char: str, tokenizer: Tokenizer | None = None) -> P
     return save_checkpoint(path, endless, tokenizer, {"note": f"always writes {char!r}", "infill": True})
 
 
+def hold_row(service, model: str = "endless"):
+    """A generation that holds its row until it is closed: the endless model asked for
+    more tokens than any test waits for (one of the default length can end, and give
+    its row back, before the request that should find the server full)."""
+    from models_src.sampling import SamplingParams
+
+    return service.stream(model, "x", SamplingParams(max_new_tokens=10**6))
+
+
 def build_checkpoints(directory: Path) -> Path:
     """Write the test checkpoints described above into ``directory``."""
     tokenizer = Tokenizer.train_char([TEXT])

@@ -18,7 +18,7 @@ from app.schema import check_form, make_params, request_models, sampling_values
 from app.service import GenerationService, ServerBusy, UnknownModel
 from app.settings import Limits, Settings, SettingsError
 from models_src.generation import Batch
-from conftest import ENDLESS_CHAR, MODELS, SUMMARY
+from conftest import ENDLESS_CHAR, MODELS, SUMMARY, hold_row
 
 GEN = "/api/generate"
 CMPL = "/v1/completions"
@@ -782,12 +782,12 @@ def test_service_deadline_with_a_fake_clock(app):
 def test_service_slots_are_bounded(app):
     service = GenerationService(app.extensions["fable.registry"], max_batch=2, max_queue=0,
                                 queue_timeout_s=0)
-    first, second = service.stream("endless", "x"), service.stream("endless", "x")
+    first, second = hold_row(service), hold_row(service)
     with pytest.raises(ServerBusy):
         service.stream("endless", "x")
     first.close()
     first.close()  # idempotent
-    third = service.stream("endless", "x")
+    third = hold_row(service)
     assert service.active == 2
     del second, third  # garbage-collected streams give their slots back too
     assert service.active == 0

@@ -19,7 +19,7 @@ from html import unescape
 from pathlib import Path
 
 from app import ui
-from conftest import ENDLESS_CHAR, MODELS, SUMMARY
+from conftest import ENDLESS_CHAR, MODELS, SUMMARY, hold_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ def test_no_js_post_with_invalid_fields_shows_each_error_inline(client):
 
 def test_no_js_post_when_busy_is_a_503_page(make_app):
     app = make_app(FABLE_MAX_BATCH=1, FABLE_QUEUE_TIMEOUT_S=0)
-    held = app.extensions["fable.service"].stream("endless", "x")
+    held = hold_row(app.extensions["fable.service"])
     try:
         response = app.test_client().post("/", data=FORM)
     finally:
@@ -291,7 +291,7 @@ def test_stream_when_busy_reports_it_and_frees_nothing(make_app):
     client = app.test_client()
     url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
     service = app.extensions["fable.service"]
-    held = service.stream("endless", "x")
+    held = hold_row(service)
     try:
         events = parse_sse(client.get(url).get_data(as_text=True))
     finally:
