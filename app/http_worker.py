@@ -9,9 +9,14 @@ once its head and body have arrived; a waiting connection costs a buffer, not a 
 
 - A request must arrive whole within ``FABLE_READ_TIMEOUT_S`` of the connection (or of the
   first byte after a kept-alive one); then 408 and the connection closes.
-- A head over ``MAX_HEAD_BYTES`` gets 431. A body over ``FABLE_MAX_BODY_BYTES`` goes to
-  the app, which refuses it (413, in each API's error shape) from what is already held,
-  and the connection then closes: nothing is ever read from a slow client in a thread.
+- The framing is read by h11 (``Pending``), never by hand: a malformed request (a signed or
+  prefixed chunk size, a bad field, both Content-Length and Transfer-Encoding) gets 400
+  from the main loop and never reaches gunicorn's parser or a thread.
+- A head, chunk-size line or trailer over ``MAX_HEAD_BYTES`` gets 431 (400 after the
+  head). A body over ``FABLE_MAX_BODY_BYTES`` goes to the app, which refuses it (413, in
+  each API's error shape) from what is already held, and the connection then closes:
+  nothing is ever read from a slow client in a thread. Chunked framing counts toward the
+  limit; a body that passes it by framing alone gets 413 from the main loop.
 - Closing lingers in the main loop too (the kernel would otherwise answer a client still
   sending with a reset, which can cut the answer off); gunicorn lingers in its main thread,
   where one silent client stalled every connection of the worker for 2 s.
@@ -31,6 +36,7 @@ import socket
 import time
 from functools import partial
 
+import h11
 from gunicorn.http import get_parser
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker, TConn
@@ -40,6 +46,8 @@ from .settings import Settings
 #: Largest request head (request line and header fields), as nginx's default buffers.
 MAX_HEAD_BYTES = 32 * 1024
 #: How long a closed connection is drained, and how much of it at most.
+HEAD_TOO_LARGE = (431, "Request Header Fields Too Large",
+                  f"the request head is over {MAX_HEAD_BYTES} bytes")
 LINGER_S = 2.0
 LINGER_BYTES = 1024 * 1024
 _RECEIVE = 64 * 1024
@@ -60,8 +68,11 @@ def error_response(status: int, reason: str, message: str) -> bytes:
 class Pending:
     """What a waiting connection has sent so far, and whether it makes a whole request.
 
-    Read incrementally: each call scans only what arrived since the last one, so a client
-    that sends a byte at a time costs the main loop no more than one that sends it all."""
+    The framing (request line, fields, Content-Length or chunks, trailers) is read by h11,
+    a maintained HTTP/1.1 parser, fed each piece as it arrives: a client that sends a byte
+    at a time costs the main loop no more than one that sends it all, and no line is
+    buffered past ``MAX_HEAD_BYTES``. gunicorn's parser later reads the same bytes; only a
+    request h11 found well framed (or over the body limit) ever reaches it."""
 
     def __init__(self, data: bytes, deadline: float) -> None:
         self.data = bytearray(data)
@@ -69,71 +80,78 @@ class Pending:
         self.sent_continue = False  # answered "Expect: 100-continue" ourselves
         self.whole = False
         self.expects_continue = False
-        self._scanned = 0  # where the search for the head's end goes on
-        self._body_start: int | None = None
-        self._length: int | None = None  # Content-Length; None: chunked
-        self._chunk = 0  # chunked: where the next chunk's size line starts
-        self._content = 0  # chunked: bytes of content in the whole chunks before it
+        self.refusal: tuple[int, str, str] | None = None  # status, reason, message
+        self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._started = False  # a byte other than an empty line has come
+        self._fed = 0  # bytes of data handed to the parser (or skipped)
+        self._body_start: int | None = None  # where the head ended
+        self._content = 0  # body content (chunked: without its framing) read so far
 
     def state(self, max_body: int) -> str:
         """"more" (wait), "ready" (submit: whole, or the app can refuse it from what is
-        here, or it is malformed and gunicorn's parser answers 400) or "head too large"."""
-        if self._body_start is None:
-            verdict = self._read_head()
-            if verdict:
-                return verdict
-        if self._length is not None:
-            self.whole = len(self.data) - self._body_start >= self._length
-            return "ready" if self.whole or self._length > max_body else "more"
-        end, content = self._read_chunks()
-        self.whole = end is not None
-        return "ready" if self.whole or content > max_body else "more"
+        here) or "refused" (``refusal`` says how to answer: malformed framing, a head or
+        a chunk line too long, a body whose framing passes the limit)."""
+        if self.refusal:
+            return "refused"
+        if not self._started:  # empty lines before a request are ignored (RFC 9112, 2.2)
+            self._fed = len(self.data) - len(self.data.lstrip(b"\r\n"))
+            if self._fed == len(self.data):
+                return "more" if self._fed <= MAX_HEAD_BYTES else self._refuse(*HEAD_TOO_LARGE)
+            self._started = True
+        if self._fed < len(self.data):
+            self._parser.receive_data(bytes(self.data[self._fed:]))
+            self._fed = len(self.data)
+        try:
+            verdict = self._read_events(max_body)
+        except h11.RemoteProtocolError as e:
+            return self._refuse(*self._explain(e))
+        if verdict or self._body_start is None:
+            return verdict or "more"
+        body = len(self.data) - self._body_start  # framing bytes count too
+        if self._content > max_body:
+            return "ready"  # the app refuses it from what is here (413, in its API's shape)
+        if body > max_body:
+            return self._refuse(413, "Content Too Large",
+                                f"request body (with its chunked framing) over {max_body} bytes")
+        return "more"
 
-    def _read_head(self) -> str | None:
-        data = self.data
-        start = len(data) - len(data.lstrip(b"\r\n"))  # empty lines before a request
-        head_end = data.find(b"\r\n\r\n", max(start, self._scanned - 3))
-        if head_end < 0:
-            self._scanned = len(data)
-            return "head too large" if len(data) > MAX_HEAD_BYTES else "more"
-        request_line, *lines = bytes(data[start:head_end]).split(b"\r\n")
-        fields: dict[bytes, list[bytes]] = {}
-        for line in lines:
-            name, _, value = line.partition(b":")
-            fields.setdefault(name.strip().lower(), []).append(value.strip().lower())
-        self._body_start = self._chunk = head_end + 4
-        self.expects_continue = (fields.get(b"expect") == [b"100-continue"]
-                                 and request_line.endswith(b" HTTP/1.1"))  # 1.0 ignores it
-        if b"transfer-encoding" in fields:
-            if not fields[b"transfer-encoding"][-1].endswith(b"chunked"):
-                return "ready"  # gunicorn refuses it (501)
-            return None
-        lengths = fields.get(b"content-length", [b"0"])
-        if len(lengths) != 1 or not lengths[0].isdigit():
-            return "ready"  # gunicorn answers 400
-        self._length = int(lengths[0])
-        return None
-
-    def _read_chunks(self) -> tuple[int | None, int]:
-        """Where the chunked body ends (None while incomplete; a malformed one counts as
-        ended, and gunicorn's parser answers 400), and how much content has arrived."""
-        data = self.data
+    def _read_events(self, max_body: int) -> str | None:
         while True:
-            line_end = data.find(b"\r\n", self._chunk)
-            if line_end < 0:
-                return None, self._content
-            size = bytes(data[self._chunk:line_end]).split(b";", 1)[0].strip()
-            try:
-                length = int(size, 16)
-            except ValueError:
-                return len(data), self._content
-            if length == 0:  # then trailer fields, if any, up to an empty line
-                end = data.find(b"\r\n\r\n", line_end)
-                return (None if end < 0 else end + 4), self._content
-            following = line_end + 2 + length + 2
-            if following > len(data):
-                return None, self._content + len(data) - line_end - 2
-            self._chunk, self._content = following, self._content + length
+            event = self._parser.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.Request):
+                self._body_start = self._fed - len(self._parser.trailing_data[0])
+                self.expects_continue = self._parser.they_are_waiting_for_100_continue
+                fields = {name for name, _ in event.headers}
+                if b"content-length" in fields and b"transfer-encoding" in fields:
+                    return self._refuse(400, "Bad Request", "a request may not have both "
+                                        "Content-Length and Transfer-Encoding")
+                length = dict(event.headers).get(b"content-length")
+                if length is not None and int(length) > max_body:
+                    return "ready"  # refused from its Content-Length alone
+            elif isinstance(event, h11.Data):
+                self._content += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.whole = True
+                return "ready"
+
+    def _explain(self, error: h11.RemoteProtocolError) -> tuple[int, str, str]:
+        if self._body_start is None:
+            if error.error_status_hint == 431:
+                return HEAD_TOO_LARGE
+            if error.error_status_hint == 501:
+                return 501, "Not Implemented", str(error)
+        elif error.error_status_hint == 431:  # an endless chunk-size line or trailer
+            return 400, "Bad Request", \
+                f"a chunk-size line or trailer field is over {MAX_HEAD_BYTES} bytes"
+        detail = str(error)  # h11's words quote the client's bytes: a short piece of them
+        return 400, "Bad Request", "malformed request: " + (
+            detail if len(detail) <= 120 else detail[:120] + "...")
+
+    def _refuse(self, status: int, reason: str, message: str) -> str:
+        self.refusal = (status, reason, message)
+        return "refused"
 
 
 class Connection(TConn):
@@ -210,9 +228,8 @@ class BufferingThreadWorker(ThreadWorker):
                 pending.sent_continue = _send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         self._forget(conn)
-        if state == "head too large":
-            return self._refuse(conn, 431, "Request Header Fields Too Large",
-                                f"the request head is over {MAX_HEAD_BYTES} bytes")
+        if state == "refused":
+            return self._refuse(conn, *pending.refusal)
         if conn.parser is None:
             conn.parser = get_parser(self.cfg, conn.sock, conn.client)
         conn.parser.unreader.unread(bytes(pending.data))
@@ -225,7 +242,8 @@ class BufferingThreadWorker(ThreadWorker):
         self.poller.unregister(conn.sock)
 
     def _refuse(self, conn: TConn, status: int, reason: str, message: str) -> None:
-        self.log.warning("Refused request from ip=%s: %s", conn.client[0], message)
+        # the status only: a message may quote what the client sent
+        self.log.warning("Refused request from ip=%s: %d %s", conn.client[0], status, reason)
         _send(conn.sock, error_response(status, reason, message))
         self.nr_conns -= 1
         self._linger(conn.sock)

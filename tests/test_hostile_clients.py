@@ -139,6 +139,38 @@ def test_gunicorns_own_refusals_are_json_with_the_security_headers(server, reque
     assert all(name in headers for name in SECURITY_HEADERS)
 
 
+@pytest.mark.parametrize("size_line", [b"-6", b"-07", b"-8;a", b"-0x8", b"+5", b"0x5", b"5_0"])
+def test_a_signed_or_prefixed_chunk_size_gets_400_and_the_worker_goes_on(server, size_line):
+    """A negative chunk size once sent the worker's reading loop round for ever (one
+    102-byte request, before any key was checked): now the framing is h11's."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + size_line + b"\r\n")
+        answer = read_answer(sock, timeout=5)
+    status, headers, body = head_and_json(answer)
+    assert status == "HTTP/1.1 400 Bad Request" and "illegal chunk header" in body["error"]
+    assert headers["connection"] == "close"
+    assert timed_health(server.url) < 1.0
+
+
+def test_an_endless_chunk_size_line_is_cut_at_the_head_limit(server):
+    """``1;aaaa...`` without a line end was buffered until the read timeout (20-66 MB a
+    connection); now it gets 400 once the line passes 32 KiB."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;")
+        sent = 0
+        try:
+            while sent < 1024 * 1024:
+                sock.sendall(b"a" * 8192)
+                sent += 8192
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        answer = read_answer(sock, timeout=5)
+    status, _, body = head_and_json(answer)
+    assert status == "HTTP/1.1 400 Bad Request" and "chunk-size line" in body["error"]
+    assert timed_health(server.url) < 1.0
+
+
 def test_a_body_over_the_limit_is_refused_and_its_connection_closed(server):
     """A 413 comes from the Content-Length alone, before any of the body; the connection
     then closes (the rest is never read in a thread) and the client reads the whole
