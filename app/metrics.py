@@ -20,6 +20,10 @@ from .web import has_admin_token, json_error
 
 bp = Blueprint("metrics", __name__)
 
+#: The methods counted under their own name; any other a client makes up counts as "other"
+#: (one label each would let a client grow the scrape without bound).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
@@ -28,7 +32,8 @@ def init_app(app: Flask) -> None:
 
 def _count(response: Response) -> Response:
     rule = request.url_rule
-    telemetry.REQUESTS.labels(rule.rule if rule is not None else "unmatched", request.method,
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    telemetry.REQUESTS.labels(rule.rule if rule is not None else "unmatched", method,
                               str(response.status_code)).inc()
     return response
 
