@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import html
 import json
+import logging
 import selectors
 import socket
 import time
@@ -154,6 +155,25 @@ class Pending:
         return "refused"
 
 
+class RequestBytesFilter(logging.Filter):
+    """Keeps what a client sent out of gunicorn's error log: its warning about an invalid
+    request quotes the request line or field (a URL can carry a token or a prompt), and
+    its error for a failed request logs the query string. The kind of error stays."""
+
+    PREFIX = "Invalid request from ip="
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            ip, _, error = message[len(self.PREFIX):].partition(": ")
+            kind = error.split("'", 1)[0].split(": ", 1)[0].rstrip()
+            record.msg, record.args = f"{self.PREFIX}{ip}: {kind}", None
+        elif record.msg == "Error handling request %s %s" and isinstance(record.args, tuple):
+            method, uri = record.args
+            record.args = (str(method)[:20], str(uri).partition("?")[0][:200])
+        return True
+
+
 class Connection(TConn):
     """gthread's connection, whose graceful close lingers in the worker's main loop."""
 
@@ -178,6 +198,7 @@ class BufferingThreadWorker(ThreadWorker):
         self.read_timeout = settings.read_timeout_s
         self.waiting: dict[TConn, Pending] = {}
         self.lingering: dict[socket.socket, tuple[float, int]] = {}  # deadline, bytes read
+        self.log.error_log.addFilter(RequestBytesFilter())
         super().init_process()
 
     def _buffers(self, conn: TConn) -> bool:

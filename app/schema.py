@@ -291,6 +291,11 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
+class _OpenAIMessage(_Body):
+    # OpenAI refuses a key it does not know inside a message too
+    model_config = ConfigDict(extra="forbid")
+
+
 class _CompletionBody(_Body):
     # As OpenAI's: an argument it does not know is refused, and stream_options (when not
     # null) is refused unless stream is true.
@@ -399,13 +404,19 @@ def request_models(limits: Limits) -> RequestModels:
         images=(Neutral(([],), "'images' is not supported by this server"), None),
         tool_calls=(Neutral(([],), "'tool_calls' is not supported by this server"), None))
     openai_message = create_model(
-        "ChatCompletionMessage", __base__=_Body,
-        __doc__="One message (developer is read as system); name is ignored",
+        "ChatCompletionMessage", __base__=_OpenAIMessage,
+        __doc__="One message (developer is read as system); name, refusal and annotations "
+                "(which a client sends back with an earlier reply) are ignored",
         role=(Annotated[role, BeforeValidator(lambda v: "system" if v == "developer" else v,
                                               json_schema_input_type=Literal[(*ROLES, "developer")])], ...),
         content=(Annotated[text | None, BeforeValidator(_text_parts, json_schema_input_type=(
             text | list[dict[str, Any]] | None))], None),
-        name=(Any, Field(None, description="Ignored")))
+        name=(Any, Field(None, description="Ignored")),
+        refusal=(Any, Field(None, description="Ignored")),
+        annotations=(Any, Field(None, description="Ignored")),
+        audio=(Neutral((), "'audio' is not supported by this server"), None),
+        tool_calls=(Neutral(([],), "'tool_calls' are not supported by this server"), None),
+        function_call=(Neutral((), "'function_call' is not supported by this server"), None))
     messages = Annotated[list[ollama_message], Field(min_length=1, max_length=MAX_MESSAGES),
                          _messages_within(chars)]
     chat = create_model(

@@ -258,6 +258,14 @@ def test_openai_client_chat(server):
             client.chat.completions.create(model="tiny-lstm", messages=messages,
                                            extra_body={"min_p": 0.1})
         assert error.value.param == "min_p" and "Unrecognized request argument" in str(error.value)
+        with pytest.raises(openai.BadRequestError) as error:  # nor inside a message
+            client.chat.completions.create(
+                model="tiny-lstm", messages=[{"role": "user", "content": "Hi", "colour": "red"}])
+        assert "Unrecognized request argument supplied: messages[0].colour" in str(error.value)
+        follow_up = [*messages, choice.message, {"role": "user", "content": "And then?"}]
+        again = client.chat.completions.create(model="tiny-lstm", messages=follow_up,
+                                               max_completion_tokens=5)
+        assert again.choices[0].finish_reason in ("stop", "length")  # a reply sent back passes
 
 
 def test_raw_http_errors(server):

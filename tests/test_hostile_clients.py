@@ -279,3 +279,22 @@ def test_made_up_methods_share_one_metrics_label(server):
     found = series()
     assert len(found) <= before + 2, found[-5:]
     assert any('method="other"' in line and 'status="405"' in line for line in found)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /x?token=SECRET-1\r\nHost: x\r\n\r\n",  # no version
+    b"GET\t/x?token=SECRET-2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /x?token=SECRET-3\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET  /x?token=SECRET-4 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET x?token=SECRET-5 HTTP/1.1\r\nHost: x\r\n\r\n",  # h11 lets it by; gunicorn refuses it
+    b"GET /x?token=SECRET-6 HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Key\x01: SECRET-7\r\n\r\n",
+])
+def test_a_refused_request_line_or_field_stays_out_of_the_log(server, request_bytes):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = read_answer(sock, timeout=5)
+    assert answer.split(b" ", 2)[1][:1] == b"4", answer[:100]
+    time.sleep(0.2)  # the log line is written after the answer
+    secret = request_bytes[request_bytes.index(b"SECRET"):][:8]
+    assert secret not in server.log_path.read_bytes()
