@@ -6,6 +6,7 @@ so every value can be changed from the environment.
 """
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -75,6 +76,12 @@ _OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_RUNTIME, "metrics")
 os.environ["FABLE_RELOAD_STAMP"] = os.path.join(_RUNTIME, "reload")
+
+# The key that signs the pages' job tokens (app/pages_common.py), made here when it is
+# not set, so that every worker accepts the others' tokens; a restart makes a new one.
+# Never logged.
+if not os.environ.get("FABLE_SECRET_KEY", "").strip():
+    os.environ["FABLE_SECRET_KEY"] = secrets.token_urlsafe(32)
 
 
 def on_starting(server):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from models_src.chat import ChatTemplateError
 
     from . import filters, metrics, security, telemetry
+    from .pages_common import job_token_signer
     from .registry import ModelRegistry
     from .reload import Reloader, environment_stamp, read_stamp
     from .service import GenerationService
@@ -61,6 +63,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("no model loaded from %s (%d failed)", settings.checkpoint_dir,
                     len(registry.errors))
     app.extensions["fable.settings"] = settings
+    # Signs the pages' job tokens. Under gunicorn the key is set (FABLE_SECRET_KEY, or the
+    # master's own for its workers: gunicorn.conf.py); a lone process makes its own.
+    app.extensions["fable.job_tokens"] = job_token_signer(settings.secret_key
+                                                          or secrets.token_urlsafe(32))
     if settings.default_model and settings.default_model not in registry:
         log.warning("FABLE_DEFAULT_MODEL=%s is not loaded: the pages start on %s",
                     settings.default_model, getattr(registry.default(), "name", "no model"))

@@ -1,26 +1,24 @@
 """What the page blueprints share (app.ui: generate and infill; app.compare): reading a
-form into a validated ``Job``, the job tokens that carry one to a stream, running a job
-to its end, and the server-sent event stream of one job. Not a blueprint: blueprints
+form into a validated ``Job``, the signed job tokens that carry one to a stream, running
+a job to its end, and the server-sent event stream of one job. Not a blueprint: blueprints
 import it, never each other. Why the streams and tokens are as they are: docs/web-app.md.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+import hashlib
 import logging
 import math
 import re
 import secrets
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flask import current_app, request
+from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
 from markupsafe import escape
 
 from . import ratelimit
@@ -29,7 +27,7 @@ from .schema import GenerationRequest, check_form, make_params, request_models, 
 from .service import GenerationStream, ServiceError
 from .settings import get_settings
 from .token_view import Token, stream_tokens
-from .web import open_stream, parse_json
+from .web import open_stream
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +37,9 @@ SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "seed",
 #: Longest job token: "GET /infill/stream?job=<token> HTTP/1.1" stays under gunicorn's
 #: default limit_request_line (4094 bytes) and any proxy's.
 MAX_JOB_CHARS = 3800
-MAX_JOB_JSON_BYTES = 256 * 1024  # a token never inflates past this (zip-bomb guard)
 JOB_TTL_S = 600  # a stream's link works this long after the form was posted, then expires
+#: Keeps a job token's signature apart from anything else the same key might sign.
+JOB_TOKEN_SALT = "fable.job-token"
 FLUSH_S = 0.04  # pieces decoded closer together than this share one event
 SEED_RANGE = 2 ** 31  # seeds picked for the user: short enough to read and retype
 VENDOR_FILES = ("htmx.min.js", "sse.js")
@@ -72,10 +71,10 @@ class Job:
         return self.values["seed"]
 
     def to_token(self) -> str:
-        data = json.dumps({"kind": self.kind, "model": self.model, **self.texts, **self.values,
-                           "issued": int(time.time())},
-                          separators=(",", ":"), ensure_ascii=False).encode()
-        return base64.urlsafe_b64encode(zlib.compress(data, 9)).rstrip(b"=").decode("ascii")
+        """The job, compressed, timestamped and signed with this server's key: the link
+        to its stream, which no one else can write or alter (``job_from_token``)."""
+        return _job_signer().dumps({"kind": self.kind, "model": self.model, **self.texts,
+                                    **self.values})
 
     def open(self, logprobs: int | None = None) -> GenerationStream:
         """Start generating, with each token's log-probability and ``logprobs``
@@ -139,27 +138,33 @@ def in_form_order(errors: dict[str | None, str], order: tuple[str, ...]) -> dict
     return dict(sorted(errors.items(), key=position))
 
 
+def job_token_signer(key: str) -> URLSafeTimedSerializer:
+    """What signs and reads job tokens with ``key`` (create_app keeps one per app): JSON,
+    zlib-compressed when that is shorter, with a signed timestamp for the expiry."""
+    return URLSafeTimedSerializer(key, salt=JOB_TOKEN_SALT,
+                                  signer_kwargs={"digest_method": hashlib.sha256})
+
+
+def _job_signer() -> URLSafeTimedSerializer:
+    return current_app.extensions["fable.job_tokens"]
+
+
 def job_from_token(kind: str, token: str) -> Job:
-    """The job a token describes, validated again from scratch (it came from a URL)."""
+    """The job a token describes: its signature and age checked before anything of it is
+    read (nothing unsigned is even inflated), then validated again from scratch (the
+    models or limits may have changed since)."""
     invalid = FormErrors({None: "this generation link is invalid; submit the form again"})
     if not token or len(token) > MAX_JOB_CHARS * 2:
         raise invalid
     try:
-        blob = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        inflate = zlib.decompressobj()
-        data = inflate.decompress(blob, MAX_JOB_JSON_BYTES)
-        if inflate.unconsumed_tail or not inflate.eof:
-            raise ValueError("truncated or too large")
-        body = parse_json(data)
-    except (binascii.Error, zlib.error, ValueError):  # RequestError is a ValueError
+        body = _job_signer().loads(token, max_age=JOB_TTL_S)
+    except SignatureExpired:  # signed here, but too long ago
+        raise FormErrors({None: "this generation link has expired; submit the form again"}) \
+            from None
+    except BadData:  # another key (a restart without FABLE_SECRET_KEY), altered, not a token
         raise invalid from None
     if not isinstance(body, dict) or body.get("kind") != kind:
         raise invalid
-    issued = body.get("issued")
-    if not isinstance(issued, int) or isinstance(issued, bool) or issued > time.time() + 60:
-        raise invalid
-    if time.time() - issued > JOB_TTL_S:
-        raise FormErrors({None: "this generation link has expired; submit the form again"})
     return read_job(kind, body, from_form=False)
 
 

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         None, min_length=16, repr=False,  # never shown in logs or tracebacks
         description="when set, /api/models needs 'Authorization: Bearer <token>'; the /admin "
                     "page also takes it as a Basic password")
+    secret_key: Text | None = Field(
+        None, min_length=32, repr=False, exclude=True,  # never shown in logs or tracebacks
+        description="signs the pages' job tokens; unset: gunicorn.conf.py makes one per server "
+                    "(its workers share it) and a lone process its own, so a restart "
+                    "invalidates the links already handed out")
     workers: Integer = Field(1, ge=1, validation_alias=AliasChoices("FABLE_WORKERS",
                                                                     "WEB_CONCURRENCY"),
                              description="gunicorn workers (gunicorn.conf.py reads it too); "

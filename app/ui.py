@@ -1,7 +1,7 @@
 """The HTML pages: write a story (``/``) and fill in a story's middle (``/infill``).
 
 A form posted through htmx gets a fragment that opens a server-sent event stream for its
-job token (the validated request itself, so any worker can serve it); without
+job token (the validated request itself, signed, so any worker can serve it); without
 JavaScript the same form is a plain POST answered with the finished text. The jobs, their
 tokens and streams are app.pages_common's (app.compare shares them); the stream's events
 and why they are what they are: docs/web-app.md.

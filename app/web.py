@@ -90,7 +90,7 @@ MAX_JSON_DEPTH = 32  # no request body nests deeper; Python's parser would recur
 
 
 def parse_json(raw: bytes, charset: str = "utf-8"):
-    """A request's JSON (a body, or a decoded job token), or ``RequestError`` saying why
+    """A request's JSON body, or ``RequestError`` saying why
     not: invalid UTF-8 or JSON, NaN or Infinity, nesting deeper than MAX_JSON_DEPTH, or a
     number too long to read."""
     try:

@@ -17,8 +17,12 @@ import time
 import zlib
 from html import unescape
 from pathlib import Path
+from unittest import mock
+
+from itsdangerous import TimestampSigner
 
 from app import ui
+from app.pages_common import JOB_TTL_S
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY, hold_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,13 +63,21 @@ def stream_url(html: str) -> str:
     return unescape(match.group(1))
 
 
-def token_of(url: str) -> dict:
-    token = url.split("job=", 1)[1]
-    return json.loads(zlib.decompress(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))))
+def token_of(client, url: str) -> dict:
+    """What the job token in ``url`` carries, its signature checked with the app's key."""
+    return client.application.extensions["fable.job_tokens"].loads(url.split("job=", 1)[1])
 
 
-def make_token(body: dict) -> str:
-    """A job token as the server writes them (issued now, unless ``body`` says)."""
+def make_token(client, body: dict, age_s: int = 0) -> str:
+    """A job token signed with the app's key, as the server writes them, ``age_s`` old."""
+    signer = client.application.extensions["fable.job_tokens"]
+    with mock.patch.object(TimestampSigner, "get_timestamp",
+                           lambda self: int(time.time()) - age_s):
+        return signer.dumps(body)
+
+
+def unsigned_token(body: dict) -> str:
+    """A job token in the unsigned form the server once wrote (and anyone could)."""
     data = zlib.compress(json.dumps({"issued": int(time.time()), **body}).encode())
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -176,7 +188,7 @@ def test_prompt_markup_is_escaped_in_pages_and_fragments(client):
 def test_stop_box_understands_backslash_n(client):
     html = client.post("/generate/start", data={**FORM, "stop": r"The end.\n"}).get_data(
         as_text=True)
-    assert token_of(stream_url(html))["stop"] == ["The end.\n"]
+    assert token_of(client, stream_url(html))["stop"] == ["The end.\n"]
 
 
 # ---- htmx: start, then stream -----------------------------------------------------------
@@ -193,8 +205,9 @@ def test_htmx_start_returns_a_fragment_that_opens_the_stream(client):
     url = stream_url(html)
     assert url.startswith("/generate/stream?job=")
     assert len(url) < 4000  # fits gunicorn's default request line (4094 bytes)
-    job = token_of(url)
-    assert abs(job.pop("issued") - time.time()) < 60  # it expires (app.ui.JOB_TTL_S)
+    job, issued = client.application.extensions["fable.job_tokens"].loads(
+        url.split("job=", 1)[1], return_timestamp=True)  # signed by this app's key
+    assert abs(issued.timestamp() - time.time()) < 60  # it expires (JOB_TTL_S)
     assert job == {"kind": "generate", "model": "endless", "prompt": "Once", "temperature": 0.0,
                    "max_new_tokens": 6, "seed": 42}
     # the form comes back out of band: errors cleared, its button disabled while streaming
@@ -218,7 +231,7 @@ def test_seed_is_picked_when_empty_and_shown(client):
     html = client.post("/", data=FORM).get_data(as_text=True)
     assert re.search(r"seed \d+", html)
     url = stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True))
-    assert isinstance(token_of(url)["seed"], int)
+    assert isinstance(token_of(client, url)["seed"], int)
 
 
 def test_stream_headers_framing_and_done_event(client):
@@ -259,18 +272,20 @@ def test_stream_escapes_generated_markup_and_frames_each_line(client, script):
 
 
 def test_stream_of_a_forged_or_damaged_token_reports_an_error_event(client):
-    forged = make_token({"kind": "generate", "model": "endless", "prompt": "x",
-                         "max_new_tokens": 100000, "seed": 1})
-    wrong_kind = make_token({"kind": "infill", "model": "endless", "first": "a", "last": "b"})
+    # signed here, yet checked again: the limits may have changed since it was written
+    over_limit = make_token(client, {"kind": "generate", "model": "endless", "prompt": "x",
+                                     "max_new_tokens": 100000, "seed": 1})
+    wrong_kind = make_token(client, {"kind": "infill", "model": "endless", "first": "a",
+                                     "last": "b"})
     bomb = base64.urlsafe_b64encode(zlib.compress(b" " * 10_000_000)).decode().rstrip("=")
-    stale = make_token({"kind": "generate", "model": "endless", "prompt": "x",
-                        "issued": int(time.time()) - 601})
-    unstamped = make_token({"kind": "generate", "model": "endless", "prompt": "x", "issued": None})
-    cases = {forged: "&#39;max_new_tokens&#39; must be between 1 and 512",
+    stale = make_token(client, {"kind": "generate", "model": "endless", "prompt": "x"},
+                       age_s=JOB_TTL_S + 1)
+    unsigned = unsigned_token({"kind": "generate", "model": "endless", "prompt": "x"})
+    cases = {over_limit: "&#39;max_new_tokens&#39; must be between 1 and 512",
              "not*base64": "link is invalid", wrong_kind: "link is invalid",
              bomb: "link is invalid", "": "link is invalid",
              stale: "this generation link has expired; submit the form again",
-             unstamped: "link is invalid"}
+             unsigned: "link is invalid"}
     for token, message in cases.items():
         response = client.get(f"/generate/stream?job={token}")
         assert response.status_code == 200  # an EventSource would retry any other status
@@ -326,8 +341,9 @@ def test_stream_error_mid_generation_is_an_event(client, script):
 def test_huge_incompressible_prompt_is_answered_without_streaming(client):
     rng = random.Random(0)
     prompt = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(4000))
-    assert len(ui.Job("generate", "endless", {"prompt": prompt}, {"seed": 1}).to_token()) \
-        > ui.MAX_JOB_CHARS
+    with client.application.app_context():  # the app's key signs it
+        token = ui.Job("generate", "endless", {"prompt": prompt}, {"seed": 1}).to_token()
+    assert len(token) > ui.MAX_JOB_CHARS
     response = client.post("/generate/start", data={**FORM, "prompt": prompt,
                                                     "max_new_tokens": "3"})
     html = response.get_data(as_text=True)
@@ -400,7 +416,7 @@ def test_infill_streams_the_middle(client):
     assert '<span class="story-first">Lily saw a ball.</span>' in html
     url = stream_url(html)
     assert url.startswith("/infill/stream?job=")
-    assert token_of(url)["kind"] == "infill"
+    assert token_of(client, url)["kind"] == "infill"
     events = parse_sse(client.get(url).get_data(as_text=True))
     assert "".join(texts(events)) == ENDLESS_CHAR * 5
     assert 'id="infill-submit"' in texts(events, "done")[0]

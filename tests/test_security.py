@@ -668,16 +668,24 @@ def test_an_integer_of_thousands_of_digits_gets_a_plain_message(client):
                                                  "numbers here have at most 100")
 
 
-def test_a_job_token_that_nests_deeply_is_an_invalid_link(app):
-    import base64
+def test_a_hostile_unsigned_token_is_refused_before_it_is_read(app, monkeypatch):
+    """Deep nesting or a zip bomb would cost whoever reads them: an unsigned token is
+    never even inflated (the signature is checked first)."""
     import zlib
 
     from app.ui import FormErrors, job_from_token
 
-    data = zlib.compress(b'{"kind": "generate", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 9)
-    token = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    with app.test_request_context(), pytest.raises(FormErrors, match="invalid"):
-        job_from_token("generate", token)
+    deep = zlib.compress(b'{"kind": "generate", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 9)
+    bomb = zlib.compress(b" " * 10_000_000, 9)
+    inflated = []
+    monkeypatch.setattr(zlib, "decompress", lambda *a, **k: inflated.append(a))
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a, **k: inflated.append(a))
+    for data in (deep, bomb):
+        for token in (base64.urlsafe_b64encode(data).rstrip(b"=").decode(),
+                      "." + base64.urlsafe_b64encode(data).rstrip(b"=").decode() + ".AAAA.AAAA"):
+            with app.test_request_context(), pytest.raises(FormErrors, match="invalid"):
+                job_from_token("generate", token)
+    assert inflated == []
 
 
 def test_prompts_reach_the_log_only_when_asked(make_app, caplog):
