@@ -29,7 +29,7 @@ from .registry import get_registry
 from .service import GenerationStream, ServiceError
 from .settings import get_settings
 from .token_view import run_stats, token_data
-from .web import STREAM_HEADERS
+from .web import STREAM_HEADERS, generates
 
 bp = Blueprint("compare", __name__)
 
@@ -165,6 +165,7 @@ def _done(note: str, job: Job | None, stream: GenerationStream | None) -> str:
 # ---- routes ------------------------------------------------------------------------------
 
 @bp.get("/compare")
+@generates(when=lambda: bool(request.args.get("run")))  # the form alone generates nothing
 def page():
     """The form (filled in from the URL's query), or without JavaScript (``run``) the
     finished comparison."""
@@ -189,6 +190,7 @@ def page():
 
 
 @bp.get("/compare/start")
+@generates()
 def start():
     """The form through htmx: a column per model, each opening its stream; or the form
     again with its errors, in place."""
@@ -215,6 +217,7 @@ def start():
 
 
 @bp.get("/compare/<any(generate, infill):kind>/stream")
+@generates()
 def stream(kind: str):
     """One column's ``text/event-stream``: the generate page's events, its figures and
     token view in the last one."""

@@ -24,7 +24,7 @@ from .registry import get_registry
 from .service import GenerationStream
 from .settings import get_settings
 from .token_view import token_data
-from .web import STREAM_HEADERS
+from .web import STREAM_HEADERS, generates
 
 bp = Blueprint("ui", __name__)
 
@@ -144,16 +144,19 @@ def generate_page():
 
 
 @bp.post("/")
+@generates()
 def generate_submit():
     return _page_post("generate")
 
 
 @bp.post("/generate/start")
+@generates()
 def generate_start():
     return _start("generate")
 
 
 @bp.get("/generate/stream")
+@generates()
 def generate_stream():
     return event_stream("generate")
 
@@ -164,15 +167,18 @@ def infill_page():
 
 
 @bp.post("/infill")
+@generates()
 def infill_submit():
     return _page_post("infill")
 
 
 @bp.post("/infill/start")
+@generates()
 def infill_start():
     return _start("infill")
 
 
 @bp.get("/infill/stream")
+@generates()
 def infill_stream():
     return event_stream("infill")

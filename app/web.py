@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from flask import Request, Response, jsonify, request
+from flask import Request, Response, current_app, jsonify, request
 
 from .schema import GenerationRequest, RequestError, json_type
 from .service import GenerationStream, ServiceError, get_service
@@ -161,6 +161,27 @@ def has_admin_token(*, basic: bool = False) -> bool:
     else:
         return False
     return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+
+# ---- page routes that generate ------------------------------------------------------------
+
+def generates(when: Callable[[], bool] | None = None):
+    """Marks a page view that starts generating, whatever its method (``when``: only for
+    the requests it accepts, e.g. ``/compare?run=1``): the checks before every request
+    refuse it cross-site (app.csrf) and, with FABLE_PROTECT_PAGES, without a key
+    (app.api_access)."""
+    def mark(view):
+        view.fable_generates = when or (lambda: True)
+        return view
+    return mark
+
+
+def request_generates() -> bool:
+    """This request is for a view marked with ``generates``, which would start work."""
+    if request.routing_exception is not None or request.endpoint is None:
+        return False
+    test = getattr(current_app.view_functions.get(request.endpoint), "fable_generates", None)
+    return test is not None and bool(test())
 
 
 # ---- generation ---------------------------------------------------------------------------

@@ -258,6 +258,100 @@ def test_every_form_route_is_protected(app):
         assert response.status_code == 403, path
 
 
+# ---- a GET that generates is refused cross-site, as a form is -------------------------------
+
+CROSS_SITE = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+              {"Origin": "https://evil.example"}, {"Origin": "null"},
+              {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}]
+SAME_SITE = [{"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"},  # typed, bookmarked
+             {"Origin": SAME_ORIGIN}, {}]  # no header: curl, not a browser
+COMPARE_RUN = {"models": ["endless", "tiny-gpt", "tiny-lstm"], "prompt": "Once",
+               "temperature": "0", "max_new_tokens": "3", "run": "1"}
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[str]:
+    """The model of every generation started from now on."""
+    from app.service import GenerationService
+
+    calls: list[str] = []
+    real = GenerationService._start
+
+    def counting(self, loaded, *args, **kwargs):
+        calls.append(loaded.name)
+        return real(self, loaded, *args, **kwargs)
+    monkeypatch.setattr(GenerationService, "_start", counting)
+    return calls
+
+
+def _generating_gets(client) -> list[tuple[str, dict | None]]:
+    """Every GET that starts work: the no-JS comparison, its htmx start, each stream."""
+    compare = {k: v for k, v in COMPARE_RUN.items() if k != "run"}
+    columns = client.get("/compare/start", query_string=compare).get_data(as_text=True)
+    return [("/compare", COMPARE_RUN), ("/compare/start", compare),
+            (stream_url(client.post("/generate/start", data=FORM).get_data(as_text=True)), None),
+            (stream_url(client.post("/infill/start", data=INFILL).get_data(as_text=True)), None),
+            *((unescape(url), None) for url in re.findall(r'sse-connect="([^"]+)"', columns))]
+
+
+def test_a_get_that_generates_is_refused_from_another_site(client, started):
+    gets = _generating_gets(client)
+    assert {path.split("?")[0] for path, _ in gets} == {
+        "/compare", "/compare/start", "/generate/stream", "/infill/stream",
+        "/compare/generate/stream"}
+    for path, query in gets:
+        for headers in CROSS_SITE:
+            assert client.head(path, query_string=query, headers=headers).status_code == 403
+            response = client.get(path, query_string=query, headers=headers)
+            assert response.status_code == 403, (path, headers)
+            text = response.get_data(as_text=True)
+            assert "this generation was asked for from another site" in text
+            assert "open the page on this site and start it there" in text
+    assert started == []  # not one generation ran
+
+
+def test_a_get_that_generates_from_this_site_or_no_browser_works(client, started):
+    for headers in SAME_SITE:
+        for path, query in _generating_gets(client):
+            response = client.get(path, query_string=query, headers=headers)
+            assert response.status_code == 200, (path, headers)
+            assert "another site" not in response.get_data(as_text=True)  # reading runs a stream
+    # each header set: three no-JS columns, a generation, an infill, and the three columns
+    # /compare/start handed out (it only hands them out)
+    assert len(started) == len(SAME_SITE) * (3 + 1 + 1 + 3)
+
+
+def test_the_comparison_refusal_is_json_for_json_clients(client):
+    response = client.get("/compare", query_string=COMPARE_RUN,
+                          headers={"Origin": "https://evil.example", "Accept": "application/json"})
+    assert response.status_code == 403
+    assert response.json["error"].startswith("this generation was asked for from another site "
+                                             "(Origin https://evil.example)")
+
+
+def test_pages_that_generate_nothing_load_from_anywhere(client, started):
+    compare = {k: v for k, v in COMPARE_RUN.items() if k != "run"}  # a shared comparison
+    for path, query in (("/", {}), ("/infill", {}), ("/compare", {}), ("/compare", compare),
+                        ("/", {"model": "endless", "prompt": "Once"})):
+        for headers in CROSS_SITE:
+            assert client.get(path, query_string=query, headers=headers).status_code == 200
+    assert started == []
+
+
+def test_every_route_that_generates_is_marked(app):
+    """The checks find the routes by their mark (web.generates): every page POST (but the
+    admin page's) and every start or stream GET has it, one added later too."""
+    def marked(rule) -> bool:
+        return hasattr(app.view_functions[rule.endpoint], "fable_generates")
+    rules = [rule for rule in app.url_map.iter_rules() if not csrf.exempt(rule.rule)]
+    posts = [r for r in rules if "POST" in r.methods and not r.rule.startswith("/admin")]
+    gets = [r for r in rules if "GET" in r.methods and r.rule.endswith(("/start", "/stream"))]
+    assert len(posts) == 4 and len(gets) == 4
+    assert all(marked(rule) for rule in posts + gets), [r.rule for r in posts + gets
+                                                         if not marked(r)]
+    assert marked(next(r for r in rules if r.rule == "/compare"))  # with run=1 only
+
+
 @pytest.mark.parametrize("scheme, netloc, expected", [
     ("https", "Example.COM:443", "https://example.com"),
     ("http", "example.com:80", "http://example.com"),
