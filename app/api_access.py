@@ -2,9 +2,13 @@
 
 ``FABLE_API_KEYS``: the generation APIs (``/api/*``, ``/v1/*``) need ``Authorization:
 Bearer <key>``; a missing or wrong key is a 401 in the API's own error shape. The pages
-never need one (they post to their own routes), nor do ``/healthz`` (probes) and
-``/openapi.json``; ``/api/models`` keeps its admin token. Keys are compared in constant
-time, against every key, so the time taken says nothing about which one nearly matched.
+stay public (a Space's visitors use them) unless ``FABLE_PROTECT_PAGES`` is on: then
+every page route that generates (a view marked ``web.generates``) needs one of the keys
+too, as a Basic password (a browser asks for it once and sends it with every form,
+htmx request and event stream after) or a Bearer token; reading a page never does.
+``/healthz`` (probes) and ``/openapi.json`` need none; ``/api/models`` keeps its admin
+token. Keys are compared in constant time, against every key, so the time taken says
+nothing about which one nearly matched.
 
 ``FABLE_CORS_ORIGINS``: browsers on those origins may call the JSON APIs (preflights
 answered, ``Access-Control-Allow-Origin`` on the answers). Unset, no CORS header is ever
@@ -19,11 +23,11 @@ from __future__ import annotations
 import hmac
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, request
+from flask import Flask, Response, render_template, request
 
 from .csrf import SAFE_METHODS, normalise, own_origin
 from .settings import get_settings
-from .web import json_error
+from .web import PAGE_KEY_CHALLENGE, json_error, request_generates, wants_json
 
 API_PREFIXES = ("/api", "/v1")
 CORS_PATHS = (*API_PREFIXES, "/healthz", "/openapi.json")
@@ -33,6 +37,7 @@ PREFLIGHT_MAX_AGE_S = 600
 
 def init_app(app: Flask) -> None:
     app.before_request(_preflight_or_key)
+    app.before_request(_page_key)
     app.after_request(_allow_origin)
 
 
@@ -72,11 +77,17 @@ def cross_site_refusal() -> str | None:
             f"lists the sites that may call it in FABLE_CORS_ORIGINS")
 
 
-def key_accepted(keys: tuple[str, ...], authorization: str) -> bool:
+def key_accepted(keys: tuple[str, ...], authorization: str, *, basic: bool = False) -> bool:
+    """The ``Authorization`` header carries one of ``keys``: as a Bearer token or, with
+    ``basic`` (the pages, which browsers sign in to), as a Basic password."""
     scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer":
+    if scheme.lower() == "bearer":
+        given = given.strip()
+    elif scheme.lower() == "basic" and basic and request.authorization is not None:
+        given = request.authorization.password or ""
+    else:
         return False
-    given_bytes = given.strip().encode("utf-8")
+    given_bytes = given.encode("utf-8")
     matches = [hmac.compare_digest(given_bytes, key.encode("utf-8")) for key in keys]
     return any(matches)
 
@@ -101,6 +112,23 @@ def _preflight_or_key() -> Response | None:
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
     return None
+
+
+def _page_key() -> Response | tuple | None:
+    """``before_request``: with FABLE_PROTECT_PAGES, a page route that generates needs a
+    key (401 and a Basic challenge without one)."""
+    settings = get_settings()
+    if not settings.protect_pages or not request_generates():
+        return None
+    if key_accepted(settings.api_key_list, request.headers.get("Authorization", ""), basic=True):
+        return None
+    message = ("generating here needs a key: sign in with any user name and the key as the "
+               "password, or send 'Authorization: Bearer <key>'")
+    if wants_json():
+        response = json_error(401, message)
+        response.headers.update(PAGE_KEY_CHALLENGE)
+        return response
+    return render_template("key_required.html"), 401, PAGE_KEY_CHALLENGE
 
 
 def _allow_origin(response: Response) -> Response:

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         None, min_length=16, repr=False,  # never shown in logs or tracebacks
         description="when set, /api/models needs 'Authorization: Bearer <token>'; the /admin "
                     "page also takes it as a Basic password")
+    protect_pages: bool = Field(
+        False, description="with FABLE_API_KEYS set, the page routes that generate (POST / and "
+        "/infill, their /start and /stream routes, /compare?run=1, /compare/start and its "
+        "streams) need a key too: a Basic password (browsers ask for it) or 'Authorization: "
+        "Bearer <key>'; off: the pages stay public")
     secret_key: Text | None = Field(
         None, min_length=32, repr=False, exclude=True,  # never shown in logs or tracebacks
         description="signs the pages' job tokens; unset: gunicorn.conf.py makes one per server "
@@ -207,6 +212,13 @@ class Settings(BaseSettings):
         return _listed(self.cors_origins or "")
 
     @model_validator(mode="after")
+    def _pages_protected_by_keys(self) -> Settings:
+        if self.protect_pages and not self.api_key_list:
+            raise _Refused(f"{PREFIX}PROTECT_PAGES needs {PREFIX}API_KEYS: the pages would "
+                           f"take no key")
+        return self
+
+    @model_validator(mode="after")
     def _default_within_maximum(self) -> Settings:
         if self.default_new_tokens > self.max_new_tokens:
             raise _Refused(f"{PREFIX}DEFAULT_NEW_TOKENS ({self.default_new_tokens}) is above "
@@ -250,6 +262,8 @@ def _explain(error: Any, values: Mapping[str, Any]) -> str:
         return f"{name} {ctx['error']}"
     if error["type"] in ("too_short", "string_too_short"):
         return f"{name} must be at least {ctx['min_length']} characters"
+    if error["type"] == "bool_parsing":  # FABLE_LOG_PROMPTS, FABLE_PROTECT_PAGES
+        return f"{name} must be true or false, got {values[name]!r}"
     minimum = next(m.ge for m in field.metadata if hasattr(m, "ge"))
     if isinstance(minimum, float):
         return f"{name} must be a finite number >= {minimum}, got {values[name]!r}"

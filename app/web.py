@@ -163,6 +163,12 @@ def has_admin_token(*, basic: bool = False) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
 
 
+#: What a page route that generates answers a browser without the key (FABLE_PROTECT_PAGES):
+#: ask for it (HTTP Basic, the key as the password), and keep the refusal out of caches.
+PAGE_KEY_CHALLENGE = {"WWW-Authenticate": 'Basic realm="Fable", charset="UTF-8"',
+                      "Cache-Control": "no-store"}
+
+
 # ---- page routes that generate ------------------------------------------------------------
 
 def generates(when: Callable[[], bool] | None = None):

@@ -1,8 +1,14 @@
-"""API keys and CORS for the JSON APIs (app/api_access.py)."""
+"""API keys and CORS for the JSON APIs, and keys for the pages that generate when
+FABLE_PROTECT_PAGES asks (app/api_access.py)."""
 
 from __future__ import annotations
 
+import base64
+import re
+from html import unescape
+
 import pytest
+
 
 KEY, OTHER = "k" * 16 + "-first", "second-key-0123456789"
 BODIES = {"/api/generate": {"model": "endless", "prompt": "Once", "stream": False,
@@ -39,6 +45,115 @@ def test_the_pages_health_and_spec_need_no_key(keyed):
         assert keyed.get(path).status_code == 200, path
     for path in ("/api/tags", "/v1/models", "/api/chat"):
         assert keyed.get(path).status_code in (401,), path
+
+
+# ---- the pages under FABLE_API_KEYS --------------------------------------------------------
+
+FORM = {"model": "endless", "prompt": "Once", "temperature": "0", "max_new_tokens": "3"}
+INFILL = {"model": "endless", "first": "Lily ran.", "last": "The end.", "temperature": "0",
+          "max_new_tokens": "3"}
+COMPARE = {"models": ["endless", "tiny-gpt"], "prompt": "Once", "temperature": "0",
+           "max_new_tokens": "3"}
+
+
+def basic(password: str, user: str = "me") -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[str]:
+    """The model of every generation started from now on."""
+    from app.service import GenerationService
+
+    calls: list[str] = []
+    real = GenerationService._start
+
+    def counting(self, loaded, *args, **kwargs):
+        calls.append(loaded.name)
+        return real(self, loaded, *args, **kwargs)
+    monkeypatch.setattr(GenerationService, "_start", counting)
+    return calls
+
+
+def _streams(html: str) -> list[str]:
+    return [unescape(url) for url in re.findall(r'sse-connect="([^"]+)"', html)]
+
+
+def _generating_requests(client, headers: dict) -> list[tuple[str, str, dict]]:
+    """(method, path, arguments) of every page request that generates; the stream links
+    are asked for with ``headers``."""
+    ask = {"headers": headers}
+    links = [*_streams(client.post("/generate/start", data=FORM, **ask).get_data(as_text=True)),
+             *_streams(client.post("/infill/start", data=INFILL, **ask).get_data(as_text=True)),
+             *_streams(client.get("/compare/start", query_string=COMPARE, **ask)
+                       .get_data(as_text=True))]
+    assert len(links) == 4, "the stream links must be handed out"
+    return [("POST", "/", {"data": FORM}), ("POST", "/infill", {"data": INFILL}),
+            ("POST", "/generate/start", {"data": FORM}),
+            ("POST", "/infill/start", {"data": INFILL}),
+            ("GET", "/compare", {"query_string": {**COMPARE, "run": "1"}}),
+            ("GET", "/compare/start", {"query_string": COMPARE}),
+            *(("GET", link, {}) for link in links)]
+
+
+def test_with_keys_set_the_pages_stay_public_by_default(keyed, started):
+    for method, path, kwargs in _generating_requests(keyed, {}):
+        response = keyed.open(path, method=method, **kwargs)
+        assert response.status_code == 200, path
+        assert "another site" not in response.get_data(as_text=True)  # reading runs a stream
+    # POST / and /infill: a text each; /compare?run=1: two columns; the four streams
+    assert len(started) == 1 + 1 + 2 + 4
+    assert keyed.post("/api/generate", json=BODY).status_code == 401  # the APIs still need one
+
+
+@pytest.fixture
+def protected(make_app):
+    return make_app(FABLE_API_KEYS=f"{KEY}, {OTHER}", FABLE_PROTECT_PAGES=True).test_client()
+
+
+def test_protected_pages_refuse_every_generation_without_a_key(protected, started):
+    for method, path, kwargs in _generating_requests(protected, basic(KEY)):
+        for headers in ({}, basic(KEY + "x"), basic("wrong-key-0123456789"),
+                        {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": f"Token {KEY}"}):
+            response = protected.open(path, method=method, headers=headers, **kwargs)
+            assert response.status_code == 401, (path, headers)
+            assert response.headers["WWW-Authenticate"] == 'Basic realm="Fable", charset="UTF-8"'
+            assert response.headers["Cache-Control"] == "no-store"
+            assert "Sign in with any user name and your key" in response.get_data(as_text=True)
+    assert started == []
+
+
+def test_protected_pages_generate_with_a_key_as_password_or_bearer(protected, started):
+    for headers in (basic(KEY), basic(OTHER, user=""), {"Authorization": f"Bearer {OTHER}"}):
+        for method, path, kwargs in _generating_requests(protected, headers):
+            response = protected.open(path, method=method, headers=headers, **kwargs)
+            assert response.status_code == 200, (path, headers)
+            body = response.get_data(as_text=True)
+            assert "Reached the token limit · 3 tokens" in body or "sse-connect" in body, path
+    assert len(started) == 3 * (1 + 1 + 2 + 4)
+
+
+def test_protected_pages_still_load_without_a_key(protected, started):
+    for path in ("/", "/infill", "/compare", "/models", "/healthz"):
+        assert protected.get(path).status_code == 200, path
+    assert protected.get("/compare", query_string=COMPARE).status_code == 200  # a shared link
+    assert started == []
+
+
+def test_a_protected_page_refusal_is_json_for_json_clients(protected):
+    response = protected.post("/", data=FORM, headers={"Accept": "application/json"})
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Basic")
+    assert response.json["error"].startswith("generating here needs a key")
+
+
+def test_protecting_the_pages_needs_keys(make_app):
+    from app.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="FABLE_PROTECT_PAGES needs FABLE_API_KEYS"):
+        make_app(FABLE_PROTECT_PAGES=True)
+    with pytest.raises(SettingsError, match="FABLE_PROTECT_PAGES must be true or false"):
+        make_app(FABLE_API_KEYS=KEY, FABLE_PROTECT_PAGES="maybe")
 
 
 def test_weak_keys_are_refused_at_start(make_app):
