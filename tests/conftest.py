@@ -107,6 +107,8 @@ def app_config(checkpoint_dir) -> dict:
         "FABLE_DEFAULT_MODEL": "",
         "FABLE_LOG_PROMPTS": False,
         "FABLE_API_KEYS": "",
+        "FABLE_PROTECT_PAGES": False,
+        "FABLE_SECRET_KEY": "",
         "FABLE_CORS_ORIGINS": "",
         "FABLE_MAX_BATCH": 4,
         "FABLE_QUEUE_TIMEOUT_S": 5,
