@@ -6,6 +6,7 @@ so every value can be changed from the environment.
 """
 
 import os
+import resource
 import secrets
 import shutil
 import sys
@@ -41,6 +42,13 @@ workers = settings.workers
 SPARE_THREADS = 16
 threads = _int("FABLE_THREADS", settings.max_batch + settings.max_queue + SPARE_THREADS)
 preload_app = False
+# Connections a worker holds at once, requests in flight and waiting ones together: a
+# waiting connection costs a buffer in the main loop, not a thread, and a full table sheds
+# the oldest that have not sent a whole request (app/http_worker.py). gunicorn's 1,000,
+# kept under the open-file limit (each connection is a file descriptor; the worker needs
+# some for itself), so the table fills before accept() fails.
+worker_connections = _int("GUNICORN_WORKER_CONNECTIONS",
+                          max(64, min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 128)))
 
 # For gthread workers ``timeout`` is a heartbeat, not a request limit (generation has its
 # own deadline, FABLE_REQUEST_TIMEOUT_S); it must cover a worker's start-up, which loads

@@ -17,6 +17,8 @@ once its head and body have arrived; a waiting connection costs a buffer, not a 
   each API's error shape) from what is already held, and the connection then closes:
   nothing is ever read from a slow client in a thread. Chunked framing counts toward the
   limit; a body that passes it by framing alone gets 413 from the main loop.
+- An answer's writes have a deadline, ``FABLE_WRITE_TIMEOUT_S``: a client that stops
+  reading is dropped, and its generation cancelled.
 - Closing lingers in the main loop too (the kernel would otherwise answer a client still
   sending with a reset, which can cut the answer off); gunicorn lingers in its main thread,
   where one silent client stalled every connection of the worker for 2 s.
@@ -52,6 +54,10 @@ HEAD_TOO_LARGE = (431, "Request Header Fields Too Large",
 LINGER_S = 2.0
 LINGER_BYTES = 1024 * 1024
 _RECEIVE = 64 * 1024
+#: Each connection's kernel send buffer (Linux doubles it). Autotuned, it grows to 4 MB,
+#: which a client that never reads fills for a minute before a write even waits; bounded,
+#: the write deadline drops it within seconds (256 KB in flight is 20 ms at 100 Mbit/s).
+SEND_BUFFER_BYTES = 128 * 1024
 
 
 def error_response(status: int, reason: str, message: str) -> bytes:
@@ -196,6 +202,7 @@ class BufferingThreadWorker(ThreadWorker):
         settings = Settings.load()
         self.max_body = settings.max_body_bytes
         self.read_timeout = settings.read_timeout_s
+        self.write_timeout = settings.write_timeout_s
         self.waiting: dict[TConn, Pending] = {}
         self.lingering: dict[socket.socket, tuple[float, int]] = {}  # deadline, bytes read
         self.log.error_log.addFilter(RequestBytesFilter())
@@ -214,6 +221,10 @@ class BufferingThreadWorker(ThreadWorker):
                 return
             raise
         self.nr_conns += 1
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        except OSError:  # not a TCP socket (a Unix one): its own default
+            pass
         self.enqueue_req(Connection(self.cfg, sock, client, listener.getsockname(), self._linger))
 
     def enqueue_req(self, conn: TConn) -> None:
@@ -270,15 +281,57 @@ class BufferingThreadWorker(ThreadWorker):
         self._linger(conn.sock)
 
     def handle_request(self, req, conn):
-        """A request that arrived incomplete (a body over the limit) closes its connection
-        after the answer: the rest of its body is never read in a thread."""
+        """Writes have a deadline: a client that stops reading for ``FABLE_WRITE_TIMEOUT_S``
+        is dropped (the answer's iterator is closed, which cancels its generation), so it
+        holds a thread no longer than that. A request that arrived incomplete (a body over
+        the limit) closes its connection after the answer: the rest of its body is never
+        read in a thread."""
         pending = conn.pending
         if pending is not None:
             if not pending.whole:
                 req.must_close = True
             if pending.sent_continue:
                 req._expected_100_continue = False  # the 100 went out already
-        return super().handle_request(req, conn)
+        if self._buffers(conn):
+            conn.sock.settimeout(self.write_timeout)  # each send, and each sendfile chunk
+        try:
+            return super().handle_request(req, conn)
+        except TimeoutError:
+            self.log.info("Dropped ip=%s: it read nothing for %g s", conn.client[0],
+                          self.write_timeout)
+            return False
+
+    # ---- a full connection table -------------------------------------------------------
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread stops accepting once ``worker_connections`` are open, and then a client
+        that sent half a request a thousand times shuts everyone out (/healthz waited 9.6 s).
+        Here the table sheds instead: connections that have not sent a whole request,
+        oldest first, then idle kept-alive ones, until 1/16 of the table is free again."""
+        if not enabled and self.alive and self._shed(self.worker_connections * 15 // 16):
+            return  # room made: go on accepting
+        super().set_accept_enabled(enabled)
+
+    def _shed(self, target: int) -> bool:
+        for conn, pending in list(self.waiting.items()):  # in the order they began waiting
+            if self.nr_conns <= target:
+                break
+            self._forget(conn)
+            if pending.data:
+                self._refuse(conn, 503, "Service Unavailable",
+                             "too many connections are waiting for their requests; retry")
+            else:
+                self.nr_conns -= 1
+                conn.close()
+        while self.nr_conns > target and self.keepalived_conns:
+            conn = self.keepalived_conns.popleft()
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass
+            self.nr_conns -= 1
+            conn.close()
+        return self.nr_conns < self.worker_connections
 
     # ---- closing ------------------------------------------------------------------------
 

@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     read_timeout_s: Number = Field(10.0, gt=0.0, description="how long a client may take to "
                                    "send a whole request, head and body (then 408): waiting "
                                    "connections are held by the worker's main loop, not a thread")
+    write_timeout_s: Number = Field(30.0, gt=0.0, description="how long an answer's write may "
+                                    "wait for a client that stopped reading (then the "
+                                    "connection is dropped and its generation cancelled)")
+    max_downloads: Integer = Field(4, ge=1, description="checkpoint file downloads one worker "
+                                   "sends at once; more get 503 + Retry-After")
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
     log_prompts: bool = Field(False, description="log each generation's model and prompt "

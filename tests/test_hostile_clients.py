@@ -298,3 +298,110 @@ def test_a_refused_request_line_or_field_stays_out_of_the_log(server, request_by
     time.sleep(0.2)  # the log line is written after the answer
     secret = request_bytes[request_bytes.index(b"SECRET"):][:8]
     assert secret not in server.log_path.read_bytes()
+
+
+def non_reading_clients(port: int, request: bytes, count: int) -> list[socket.socket]:
+    """``count`` connections with a 4 KB receive window that send ``request`` and never
+    read."""
+    clients = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(request)
+        clients.append(sock)
+    return clients
+
+
+def answer_waiting(sock: socket.socket) -> bool:
+    """Whether an answer has arrived on ``sock`` (left unread)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def health_until(url: str, done, seconds: float) -> tuple[list[float], dict]:
+    """/healthz's answer times, polled until ``done(answer)`` (or ``seconds``), and its
+    last answer."""
+    port, times, started = int(url.rsplit(":", 1)[1]), [], time.monotonic()
+    while True:
+        began = time.monotonic()  # a bare socket: an httpx client costs this process ~50 ms
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            _, _, state = head_and_json(read_answer(probe, 5))
+        times.append(time.monotonic() - began)
+        if done(state) or time.monotonic() - started > seconds:
+            return times, state
+        time.sleep(0.1)
+
+
+def test_clients_that_never_read_are_dropped_within_the_write_timeout(checkpoint_dir, tmp_path):
+    """200 clients ask for the largest file, then 200 for a stream, and none reads: each
+    once held a thread for ever (80 were enough to stop /healthz for 90 s). Now downloads
+    are bounded (the rest get 503 at once), a write that waits FABLE_WRITE_TIMEOUT_S drops
+    its client and cancels its generation, and /healthz stays quick throughout."""
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint_dir, folder)
+    (folder / "endless" / "archive.bin").write_bytes(b"\0" * 32 * 1024 * 1024)
+    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_WRITE_TIMEOUT_S": "2",
+           "FABLE_QUEUE_TIMEOUT_S": "1", "FABLE_MAX_NEW_TOKENS": "100000",
+           "GUNICORN_GRACEFUL_TIMEOUT": "3"}
+    download = (b"GET /models/endless/files/archive.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = json.dumps({"model": "endless", "stream": True, "max_tokens": 100000,
+                       "messages": [{"role": "user", "content": "x"}]}).encode()
+    stream = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    with GunicornServer(folder, env=env, log_path=tmp_path / "server.log") as gunicorn:
+        dropped = 0
+        for request, held in ((download, 4), (stream, 16)):  # FABLE_MAX_DOWNLOADS, rows
+            clients = non_reading_clients(gunicorn.port, request, 200)
+            try:
+                # the burst first: the 136 or more that get 503 at once are answered
+                answered = lambda: sum(answer_waiting(sock) for sock in clients)  # noqa: E731
+                deadline = time.monotonic() + 10
+                while answered() < 200 - held - 48 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                # the send buffers fill, then each write waits its 2 s
+                def done(state):
+                    drops = gunicorn.log_text().count("read nothing for 2 s") - dropped
+                    return drops >= held and state["active"] == 0 and state["queued"] == 0
+                health, state = health_until(gunicorn.url, done, 30)
+                assert max(health) < 1.0, health
+                assert done(state), (state, gunicorn.log_text()[-2000:])
+                dropped += held
+                refused = sum(read_answer(sock, 0.01).startswith(b"HTTP/1.1 503")
+                              for sock in clients)
+                assert refused >= 200 - held - (48 if request is stream else 0)
+            finally:
+                for sock in clients:
+                    sock.close()
+        assert timed_health(gunicorn.url) < 1.0
+
+
+def test_2000_half_sent_requests_shed_the_oldest_and_not_the_healthy(checkpoint_dir, tmp_path):
+    """gunicorn holds 1,000 connections a worker; at 1,000 half-sent requests it stopped
+    accepting and /healthz waited 9.6 s. Now the table sheds the oldest of those that
+    have not sent a whole request (503 to those that began one) and goes on accepting.
+    (A long read timeout: none of them is closed for being slow.)"""
+    env = {"FABLE_WORKERS": "1", "FABLE_TORCH_THREADS": "1", "FABLE_READ_TIMEOUT_S": "60",
+           "GUNICORN_GRACEFUL_TIMEOUT": "1"}
+    sockets = []
+    with GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log") as server:
+        try:
+            for _ in range(2000):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                sockets.append(sock)
+            health = [timed_health(server.url) for _ in range(10)]
+            assert max(health) < 1.0, health
+            shed = [read_answer(sock, 0.05) for sock in sockets[:500]]  # the oldest
+            refused = [answer for answer in shed if answer.startswith(b"HTTP/1.1 503")]
+            assert len(refused) >= 400 and b"too many connections" in refused[0], shed[:3]
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert timed_health(server.url) < 1.0
