@@ -1,4 +1,4 @@
-"""Chat templates run under a budget (models_src.chat): a template from a checkpoint that
+"""Chat templates run under a budget (models_src.template_budget): a template from a checkpoint that
 loops for ever or builds gigabytes is refused, fast and before the bomb is built, with a
 message naming the model; normal templates render exactly as Jinja's sandbox renders them.
 """
@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from models_src.chat import (MAX_BUILT, MAX_CHARS, MAX_STEPS, SPECIAL_TEXT, TRANSCRIPT_TEMPLATE,
-                             ChatTemplateError, ChatTemplateOverBudget, Message, checked)
+from models_src.chat import (SPECIAL_TEXT, TRANSCRIPT_TEMPLATE, ChatTemplateError,
+                             ChatTemplateOverBudget, Message, checked)
+from models_src.template_budget import MAX_BUILT, MAX_CHARS, MAX_STEPS
 
 TURNS = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"  # passes the check
 CONVERSATION = (Message("system", "You tell short stories."), Message("user", "A cat?"),
@@ -216,7 +217,7 @@ def test_renders_in_many_threads_each_keep_their_own_budget_and_leave_nothing_be
         results = list(pool.map(render, range(8)))
     assert results == [expected * 3, expected * 3, expected * 3, expected] * 2
     assert sys.gettrace() is tracer  # no trace function: the checks are in the compiled code
-    from models_src.chat import _current
+    from models_src.template_budget import _current
     assert _current.get(None) is None  # no budget left set in this thread
 
 
