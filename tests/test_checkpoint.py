@@ -134,6 +134,38 @@ def test_shape_mismatch_names_the_tensor(tmp_path, tokenizer):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("overrides", [
+    *({"arch": arch} for arch in ARCHITECTURES),
+    {"tie_weights": False, "bias": False}, {"activation": "gelu_tanh"},
+    {"arch": "seq2seq", "n_decoder_layer": 3}, {"arch": "lstm", "tie_weights": False}])
+def test_the_shapes_checked_before_building_are_those_of_the_built_model(tokenizer, overrides):
+    """load_checkpoint compares config.json with the weights on a meta-device model built
+    without its initialisers (no memory, no time): it must have the real model's tensors."""
+    from models_src.checkpoint import _expected_state, _unique_state
+
+    model = small_model(tokenizer, **overrides)
+    expected = _expected_state(model.config)
+    assert {k: v.shape for k, v in expected.items()} == \
+        {k: v.shape for k, v in _unique_state(model).items()}
+    assert all(v.device.type == "meta" for v in expected.values())
+
+
+def test_loading_never_imports_torch_dynamo(tmp_path, tokenizer):
+    """A random initialiser on the meta device imports torch._dynamo (a second of every
+    worker's start-up): the shape check must not run one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = save_checkpoint(tmp_path / "m", small_model(tokenizer), tokenizer)
+    code = ("import sys; from models_src.checkpoint import load_checkpoint; "
+            f"load_checkpoint({str(path)!r}); print('torch._dynamo' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_legacy_pickles_are_never_unpickled(tmp_path, tokenizer):
     model = small_model(tokenizer)
     path = save_checkpoint(tmp_path / "m", model, tokenizer)
