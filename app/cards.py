@@ -8,11 +8,14 @@ to http(s) or relative addresses (``javascript:``, ``data:`` and any other schem
 text); images dropped for their alt text (the CSP would block other origins anyway, and
 a card has no same-origin image to show); table alignment as classes, not ``style``
 attributes (the CSP forbids inline style). Headings move down to fit under the page's
-own (the card's ``# <name>`` title, which the page already shows, is dropped).
+own (the card's ``# <name>`` title, which the page already shows, is dropped). The file
+itself is read only if it is a regular file inside the checkpoint's folder (a card that
+links to ``/proc/self/environ`` is never opened), within MAX_CARD_BYTES.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +25,10 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 
+from models_src import safe_files
 from models_src.checkpoint import CARD_FILE, split_card
+from models_src.safe_files import MAX_CARD_BYTES
 
-MAX_CARD_BYTES = 512 * 1024  # a card is a few kB; a bigger file is not rendered
 LINK_SCHEMES = ("http", "https")
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 _ALIGN = re.compile(r"^text-align:(left|right|center)$")
@@ -115,29 +119,38 @@ def _samples(tokens: list) -> tuple[str | None, list[str]]:
     return heading, [s.strip() for s in samples if s.strip()]
 
 
-def card_body(path: Path) -> str:
+def card_body(text: str) -> str:
     """The card's Markdown without its YAML front matter (even a front matter that is not
     valid YAML is never shown)."""
-    text = path.read_text(encoding="utf-8")
     try:
         return split_card(text)[1]
     except ValueError:  # a front matter that never ends: all of it is front matter
         return ""
 
 
-def render_card(directory: Path, title: str) -> Card:
-    """The card of the checkpoint in ``directory``, titled ``title`` (the model's name)."""
-    path = directory / CARD_FILE
+def _read_card(directory: Path) -> str | Card:
+    """The card's text, or a Card that says why it is not shown."""
     try:
-        if path.stat().st_size > MAX_CARD_BYTES:
-            return Card(problem=f"The model card is over {MAX_CARD_BYTES // 1024} kB: "
-                                "download it below to read it.")
-        body = card_body(path)
+        with safe_files.open_file(directory, CARD_FILE, cap=None) as f:
+            if os.fstat(f.fileno()).st_size > MAX_CARD_BYTES:
+                return Card(problem=f"The model card is over {MAX_CARD_BYTES // 1024} kB: "
+                                    "download it below to read it.")
+            return f.read(MAX_CARD_BYTES).decode("utf-8")
     except FileNotFoundError:
         return Card(problem="This checkpoint has no model card (README.md).")
+    except safe_files.UnsafeFile:
+        return Card(problem="The model card is not shown: its README.md is not a regular "
+                            "file in the checkpoint's folder.")
     except (OSError, UnicodeDecodeError):
         return Card(problem="The model card cannot be read (it is not UTF-8 text).")
-    tokens = _MD.parse(body)
+
+
+def render_card(directory: Path, title: str) -> Card:
+    """The card of the checkpoint in ``directory``, titled ``title`` (the model's name)."""
+    text = _read_card(directory)
+    if isinstance(text, Card):
+        return text
+    tokens = _MD.parse(card_body(text))
     heading, samples = _samples(tokens)
     html = _MD.renderer.render(_retouch(tokens, title), _MD.options, {})
     return Card(html=html, samples=samples, samples_heading=heading)

@@ -4,21 +4,23 @@ its training curves), ``/models/<name>/files/<filename>`` downloads a file of it
 checkpoint.
 
 Only loaded models have pages, looked up by exact name (``ModelRegistry.get``), and only
-the plain files directly in that model's checkpoint directory can be downloaded, looked
-up by exact name among them: a name in a URL never becomes a path. Nothing here
-generates text (the page links to the generate page instead).
+the regular files directly in that model's checkpoint directory can be downloaded, looked
+up by exact name among them: a name in a URL never becomes a path. Every file is read
+through ``models_src.safe_files``, so a link or a special file is never followed or
+served. Nothing here generates text (the page links to the generate page instead).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, render_template, send_from_directory, url_for
+from flask import Blueprint, abort, render_template, request, send_file, url_for
 
+from models_src import safe_files
 from models_src.checkpoint import CONFIG_FILE
 from models_src.summary import layer_rows, size_mb
 
@@ -73,21 +75,14 @@ SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 
 
 def checkpoint_files(directory: Path) -> dict[str, int]:
-    """The downloadable files (name -> size): plain, non-hidden files directly in the
-    checkpoint directory; a link to anything outside it is left out."""
-    root, files = directory.resolve(), {}
+    """The downloadable files (name -> size): regular, non-hidden files directly in the
+    checkpoint directory; links (even to a file beside them), FIFOs, devices and folders
+    are left out."""
     try:
-        entries = sorted(directory.iterdir())
-    except OSError:
+        files = safe_files.regular_files(directory, recursive=False)
+    except (OSError, safe_files.UnsafeFile):
         return {}
-    for path in entries:
-        try:
-            if (not path.name.startswith(".") and path.is_file()
-                    and path.resolve().parent == root):
-                files[path.name] = path.stat().st_size
-        except OSError:
-            continue
-    return files
+    return {name: status.st_size for name, status in files.items() if not name.startswith(".")}
 
 
 def layer_table(model) -> tuple[list[dict[str, Any]], float]:
@@ -101,8 +96,8 @@ def layer_table(model) -> tuple[list[dict[str, Any]], float]:
 
 def _stored_config(directory: Path) -> dict:
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = safe_files.read_json(directory, CONFIG_FILE)
+    except (OSError, ValueError):  # UnsafeFile is a ValueError
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -198,4 +193,24 @@ def download(name: str, filename: str):
     directory = _directory(_loaded(name))
     if filename not in checkpoint_files(directory):
         abort(404)
-    return send_from_directory(directory, filename, as_attachment=True)
+    return _send_file(directory, filename)
+
+
+def _send_file(directory: Path, filename: str):
+    """The file as an attachment, opened safely: the name listed a moment ago may have
+    been swapped for a link since."""
+    try:
+        handle = safe_files.open_file(directory, filename, cap=None)
+    except (OSError, safe_files.UnsafeFile):
+        abort(404)
+    try:
+        status = os.fstat(handle.fileno())
+        response = send_file(handle, as_attachment=True, download_name=filename,
+                             conditional=False, last_modified=status.st_mtime,
+                             etag=f"{status.st_ino:x}-{status.st_mtime_ns:x}-{status.st_size:x}")
+        response.content_length = status.st_size
+        return response.make_conditional(request, accept_ranges=True,
+                                         complete_length=status.st_size)
+    except BaseException:
+        handle.close()
+        raise

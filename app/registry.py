@@ -4,19 +4,24 @@ Loaded when the app is created (inside each gunicorn worker), and again on ``ref
 (app/reload.py): a new directory is loaded, a changed one reloaded, a removed one
 unloaded. A directory that fails to load is skipped, and why is kept in
 ``registry.errors`` for the admin page; a model that was serving stays when its changed
-files fail to load. The app starts even with no model at all. Models are looked up by
-exact name among the loaded ones only, so a name in a request can never become a path.
+files fail to load. A directory that failed is not tried again until its files change,
+and no load may take longer than FABLE_LOAD_TIMEOUT_S: a folder of hostile files costs
+one attempt, not one per reload. The app starts even with no model at all. Models are
+looked up by exact name among the loaded ones only, so a name in a request can never
+become a path.
 A refresh swaps in new dictionaries at once: a request sees the models before or after,
 and a generation keeps the ``LoadedModel`` it started with until it ends.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import json
 import logging
 import math
+import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -25,7 +30,9 @@ from typing import Any
 
 from flask import current_app
 
-from models_src.checkpoint import Checkpoint, load_checkpoint, read_config, suggested_prompt
+from models_src import safe_files
+from models_src.checkpoint import (HEALTH_FILE, Checkpoint, CheckpointError, load_checkpoint,
+                                   read_config, suggested_prompt)
 from models_src.infill import trained_to_infill
 from models_src.summary import count_parameters
 
@@ -91,21 +98,29 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    """Loaded models by name, plus the directories that failed (``errors``: name -> why)."""
+    """Loaded models by name, plus the directories that failed (``errors``: name -> why).
+
+    ``load_timeout_s``: how long one checkpoint may take to load; None: FABLE_LOAD_TIMEOUT_S
+    as the environment sets it."""
 
     def __init__(self, directory: Path, device: str,
                  models: dict[str, LoadedModel] | None = None,
-                 errors: dict[str, str] | None = None) -> None:
+                 errors: dict[str, str] | None = None,
+                 load_timeout_s: float | None = None) -> None:
         self.directory = Path(directory)
         self.device = device
         self._models = dict(sorted((models or {}).items()))
         self.errors = dict(sorted((errors or {}).items()))
+        self.load_timeout_s = (_configured_load_timeout() if load_timeout_s is None
+                               else load_timeout_s)
+        self._failures: dict[str, tuple] = {}  # name -> the fingerprint of the files that failed
         self._refreshing = threading.Lock()
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> ModelRegistry:
+    def load(cls, directory: str | Path, device: str = "cpu",
+             load_timeout_s: float | None = None) -> ModelRegistry:
         """Load every non-hidden directory under ``directory``; never raises for a bad one."""
-        registry = cls(directory, device)
+        registry = cls(directory, device, load_timeout_s=load_timeout_s)
         if not registry.directory.is_dir():
             log.warning("checkpoint directory %s does not exist: serving no models", directory)
             return registry
@@ -120,7 +135,7 @@ class ModelRegistry:
             report: dict[str, list[str]] = {k: [] for k in
                                             ("added", "reloaded", "removed", "failed", "unchanged")}
             found = _checkpoint_dirs(self.directory)
-            models, errors = dict(self._models), {}
+            models, errors, failures = dict(self._models), {}, {}
             for name in [n for n in models if n not in found]:
                 del models[name]
                 report["removed"].append(name)
@@ -131,22 +146,57 @@ class ModelRegistry:
                 if old is not None and old.fingerprint == fingerprint:
                     report["unchanged"].append(name)
                     continue
+                if fingerprint and self._failures.get(name) == fingerprint:
+                    # the same files failed before: the same reason, without trying again
+                    failures[name], errors[name] = fingerprint, self.errors[name]
+                    report["failed"].append(name)
+                    continue
                 try:
-                    models[name] = self._load(path, fingerprint)
+                    models[name] = self._load_in_time(path, fingerprint)
                 except Exception as e:  # one broken checkpoint must not stop the others
                     errors[name] = reason = self._reason(e)
+                    failures[name] = fingerprint
                     report["failed"].append(name)
                     log.warning("skipping checkpoint %s: %s%s", name, reason,
                                 " (the loaded version stays)" if old is not None else "")
                 else:
                     report["reloaded" if old is not None else "added"].append(name)
             self._models, self.errors = dict(sorted(models.items())), dict(sorted(errors.items()))
+            self._failures = failures
+            if report["failed"]:
+                # A failed load's tensors may hang on in reference cycles (an exception's
+                # traceback holds its frames): give their memory back now.
+                gc.collect()
             return report
 
-    def _load(self, path: Path, fingerprint: tuple) -> LoadedModel:
-        checkpoint = load_checkpoint(path, device=self.device)
-        loaded = LoadedModel(path.name, checkpoint, _facts(path, checkpoint, self.device),
-                             fingerprint)
+    def _load_in_time(self, path: Path, fingerprint: tuple) -> LoadedModel:
+        """``_load`` in a thread of its own, waited for load_timeout_s at most: a load
+        stuck past it is reported and left behind (its deadline stops it at its next
+        step), and the worker goes on serving the other models."""
+        deadline = time.monotonic() + self.load_timeout_s
+        outcome: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                outcome["loaded"] = self._load(path, fingerprint, deadline)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=load, name=f"fable-load-{path.name}", daemon=True)
+        thread.start()
+        thread.join(self.load_timeout_s)
+        if thread.is_alive():
+            raise CheckpointError(f"{path}: not loaded within {self.load_timeout_s:g} s "
+                                  f"(FABLE_LOAD_TIMEOUT_S); not tried again until its files "
+                                  f"change")
+        if "error" in outcome:
+            raise outcome.pop("error")
+        return outcome.pop("loaded")
+
+    def _load(self, path: Path, fingerprint: tuple, deadline: float | None = None) -> LoadedModel:
+        checkpoint = load_checkpoint(path, device=self.device, deadline=deadline)
+        loaded = LoadedModel(path.name, checkpoint,
+                             _facts(path, checkpoint, self.device, deadline), fingerprint)
         log.info("loaded %s (%s, %s parameters) on %s", path.name, checkpoint.config.arch,
                  f"{loaded.facts.parameters:,}", self.device)
         return loaded
@@ -196,15 +246,27 @@ def _checkpoint_dirs(directory: Path) -> dict[str, Path]:
             if not p.name.startswith(".") and p.is_dir()}
 
 
+def _configured_load_timeout() -> float:
+    from .settings import Settings
+
+    return Settings.load().load_timeout_s
+
+
 def _fingerprint(path: Path) -> tuple:
-    """What changes when a checkpoint is rewritten: each file's name, size and mtime
-    (save_checkpoint swaps in a new directory, so its inode changes too)."""
+    """What changes when a checkpoint is rewritten: each entry's name, kind, size and mtime,
+    links and special files included, none followed (save_checkpoint swaps in a new
+    directory, so its inode changes too). A folder that is a link, or cannot be listed,
+    is its own inode and kind alone; () when it is gone."""
     try:
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        stats = [(f.relative_to(path).as_posix(), f.stat()) for f in files]
-        return (path.stat().st_ino, *((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+        status = os.lstat(path)
     except OSError:
         return ()
+    try:
+        found = safe_files.entries(path)
+    except (OSError, safe_files.UnsafeFile):
+        found = []
+    return (status.st_ino, status.st_mode,
+            *((name, st.st_mode, st.st_size, st.st_mtime_ns) for name, st in found))
 
 
 def _relative(message: str, directory: Path) -> str:
@@ -229,16 +291,24 @@ def _number(value: Any) -> Any:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _facts(path: Path, checkpoint: Checkpoint, device: str) -> ModelFacts:
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+def _digest(path: Path, files: list[str], deadline: float | None) -> str:
+    """sha256 over the files' names and contents (regular files only, read safely)."""
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
+    for name in files:
+        digest.update(name.encode() + b"\0")
+        with safe_files.open_file(path, name, cap=None) as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-    stats = [f.stat() for f in files]
-    newest = max((s.st_mtime for s in stats), default=path.stat().st_mtime)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise CheckpointError(f"{path}: loading took too long, stopped")
+    return digest.hexdigest()
+
+
+def _facts(path: Path, checkpoint: Checkpoint, device: str,
+           deadline: float | None = None) -> ModelFacts:
+    files = safe_files.regular_files(path)
+    stats = list(files.values())
+    newest = max((s.st_mtime for s in stats), default=os.lstat(path).st_mtime)
     config, tok = checkpoint.config, checkpoint.tokenizer
     summary = _json_safe(checkpoint.summary if isinstance(checkpoint.summary, dict) else {})
     stored = read_config(path)
@@ -259,7 +329,7 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str) -> ModelFacts:
         device=device,
         size_bytes=sum(s.st_size for s in stats),
         modified_at=datetime.fromtimestamp(newest, timezone.utc).isoformat().replace("+00:00", "Z"),
-        digest=digest.hexdigest(),
+        digest=_digest(path, list(files), deadline),
         can_infill=trained_to_infill(summary, tok),
         prompt=suggested_prompt(path),
         health=_health(path),
@@ -273,7 +343,9 @@ def _health(path: Path) -> dict | None:
     """The checkpoint's saved health report (``health.json``): its problems, when and on
     what it was measured; None without one (or with one that is not a report)."""
     try:
-        report = json.loads((path / "health.json").read_text())
+        report = safe_files.read_json(path, HEALTH_FILE)
+    except safe_files.UnsafeFile:
+        raise  # a link, FIFO or device, or over the cap: the checkpoint is refused
     except (OSError, ValueError):
         return None
     if not isinstance(report, dict) or not isinstance(report.get("problems"), list):

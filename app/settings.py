@@ -99,6 +99,10 @@ class Settings(BaseSettings):
 
     checkpoint_dir: Folder = Field(Path("checkpoints"),
                                  description="every directory directly under it is a model")
+    load_timeout_s: Number = Field(60.0, ge=0.001, description="how long one checkpoint may "
+                                   "take to load, at start-up or on a reload; a slower one is "
+                                   "reported as failed (not tried again until its files change) "
+                                   "and the other models serve")
     experiments_dir: Folder = Field(Path("experiments"),
                                   description="training records (Parquet) the admin page reads")
     default_model: Text | None = Field(
