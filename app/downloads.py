@@ -33,5 +33,9 @@ def send_bounded(send: Callable[[], Response]) -> Response:
     except BaseException:
         slots.release()
         raise
+    # werkzeug hands a passed-through file to the server as it is and never runs
+    # call_on_close for it: iterated instead (8 KB blocks), the slot is given back when the
+    # response closes, and each block's write has its own deadline
+    response.direct_passthrough = False
     response.call_on_close(slots.release)
     return response

@@ -26,6 +26,7 @@ from models_src.summary import layer_rows, size_mb
 
 from . import experiment_reader
 from .cards import render_card
+from .downloads import send_bounded
 from .registry import LoadedModel, get_registry
 from .settings import get_settings
 from .web import has_admin_token
@@ -193,7 +194,7 @@ def download(name: str, filename: str):
     directory = _directory(_loaded(name))
     if filename not in checkpoint_files(directory):
         abort(404)
-    return _send_file(directory, filename)
+    return send_bounded(lambda: _send_file(directory, filename))
 
 
 def _send_file(directory: Path, filename: str):

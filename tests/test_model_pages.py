@@ -245,14 +245,29 @@ def test_every_checkpoint_file_downloads_as_an_attachment(pages_client, pages_di
     assert names == ["README.md", "config.json", "health.json", "model.safetensors",
                      "tokenizer.json", "tokenizer_config.json"]  # no hidden file, folder, link
     for link, name in zip(links, sorted(names)):
-        response = pages_client.get(link)
-        assert response.status_code == 200, link
-        disposition = response.headers["Content-Disposition"]
-        assert disposition.startswith("attachment") and name in disposition
-        assert response.get_data() == (pages_dir / HOSTILE / name).read_bytes()
-        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        with pages_client.get(link) as response:  # closed, as a server closes it: the slot frees
+            assert response.status_code == 200, link
+            disposition = response.headers["Content-Disposition"]
+            assert disposition.startswith("attachment") and name in disposition
+            assert response.get_data() == (pages_dir / HOSTILE / name).read_bytes()
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
     head = pages_client.head(f"/models/{HOSTILE}/files/config.json")
     assert head.status_code == 200 and not head.get_data()
+
+
+def test_downloads_at_once_are_bounded_and_each_frees_its_slot(make_app, pages_dir):
+    """FABLE_MAX_DOWNLOADS files go out at once; another download gets 503 with
+    Retry-After until one of them is closed (its last byte written, or its client gone)."""
+    client = make_app(FABLE_CHECKPOINT_DIR=str(pages_dir), FABLE_MAX_DOWNLOADS=2).test_client()
+    url = f"/models/{HOSTILE}/files/config.json"
+    first, second = client.get(url), client.get(url)
+    busy = client.get(url)
+    assert (first.status_code, second.status_code, busy.status_code) == (200, 200, 503)
+    assert busy.headers["Retry-After"] == "1" and "downloads are under way" in busy.get_data(True)
+    first.close()
+    with client.get(url) as again:
+        assert again.status_code == 200
+    second.close()
 
 
 @pytest.mark.parametrize("path", [
