@@ -58,7 +58,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     device = resolve_device(settings.device)
     stamp = environment_stamp()
     seen = read_stamp(stamp)  # before loading: a reload asked for meanwhile is not missed
-    registry = ModelRegistry.load(settings.checkpoint_dir, device)
+    registry = ModelRegistry.load(settings.checkpoint_dir, device,
+                                  load_timeout_s=settings.load_timeout_s)
     if not len(registry):
         log.warning("no model loaded from %s (%d failed)", settings.checkpoint_dir,
                     len(registry.errors))

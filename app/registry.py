@@ -31,6 +31,7 @@ from typing import Any
 from flask import current_app
 
 from models_src import safe_files
+from models_src.chat import ChatTemplateError, checked
 from models_src.checkpoint import (HEALTH_FILE, Checkpoint, CheckpointError, load_checkpoint,
                                    read_config, suggested_prompt)
 from models_src.infill import trained_to_infill
@@ -100,8 +101,8 @@ class LoadedModel:
 class ModelRegistry:
     """Loaded models by name, plus the directories that failed (``errors``: name -> why).
 
-    ``load_timeout_s``: how long one checkpoint may take to load; None: FABLE_LOAD_TIMEOUT_S
-    as the environment sets it."""
+    ``load_timeout_s``: how long one checkpoint may take to load (None: the setting's
+    default)."""
 
     def __init__(self, directory: Path, device: str,
                  models: dict[str, LoadedModel] | None = None,
@@ -195,6 +196,12 @@ class ModelRegistry:
 
     def _load(self, path: Path, fingerprint: tuple, deadline: float | None = None) -> LoadedModel:
         checkpoint = load_checkpoint(path, device=self.device, deadline=deadline)
+        template = getattr(checkpoint.tokenizer, "chat_template", None)
+        if template:  # rendered once under its budget now, not first at a client's request
+            try:
+                checked(template)
+            except ChatTemplateError as e:
+                raise CheckpointError(f"{path}: its chat template is refused: {e}") from None
         loaded = LoadedModel(path.name, checkpoint,
                              _facts(path, checkpoint, self.device, deadline), fingerprint)
         log.info("loaded %s (%s, %s parameters) on %s", path.name, checkpoint.config.arch,
@@ -247,9 +254,11 @@ def _checkpoint_dirs(directory: Path) -> dict[str, Path]:
 
 
 def _configured_load_timeout() -> float:
+    """The setting's default, declared once in ``app.settings`` (create_app passes the
+    value the server was started with)."""
     from .settings import Settings
 
-    return Settings.load().load_timeout_s
+    return Settings.model_fields["load_timeout_s"].default
 
 
 def _fingerprint(path: Path) -> tuple:

@@ -359,7 +359,8 @@ def _read_legacy(directory: Path, name: str) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError, RuntimeError for truncated zips, ...
-            raise CheckpointError(f"{path}: refused; only plain tensor state dicts are read ({e})") from None
+            raise CheckpointError(f"{path}: refused; only plain tensor state dicts are read "
+                                  f"({_load_refusal(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # nanoGPT-style {"model": state_dict, ...}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -436,6 +437,15 @@ def _load_tokenizer(directory: Path, imported: bool) -> Tokenizer:
 def _in_time(directory: Path, deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
         raise CheckpointError(f"{directory}: loading took too long, stopped")
+
+
+def _load_refusal(error: Exception) -> str:
+    """Why torch.load refused a file, without PyTorch's advice to load it with
+    ``weights_only=False`` (which would run whatever code the file holds)."""
+    text = str(error)
+    _, found, detail = text.partition("WeightsUnpickler error: ")
+    reason = (detail if found else text).split("\n", 1)[0].split(". Please", 1)[0].strip()
+    return f"{type(error).__name__}: {reason[:200]}"
 
 
 def load_checkpoint(directory, device: str | torch.device = "cpu",

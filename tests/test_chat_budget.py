@@ -270,3 +270,15 @@ def test_a_server_template_over_the_budget_stops_the_start(make_app):
     with pytest.raises(SettingsError, match="FABLE_CHAT_TEMPLATE: the chat template went over "
                                             "its budget: `center` was asked for"):
         make_app(FABLE_CHAT_TEMPLATE="{{ 'x'.center(10**9) }}" + TURNS)
+
+
+def test_a_checkpoint_whose_template_fails_its_check_is_refused_at_load(bombs):
+    """Rendered once under its budget while loading: the admin page and /healthz count it
+    as an error naming the checkpoint, before any client asks; one that passes the check
+    (it bombs only on a system message) loads."""
+    registry = bombs.application.extensions["fable.registry"]
+    assert sorted(registry.errors) == ["loops", "memory"]
+    assert "loops: its chat template is refused" in registry.errors["loops"]
+    assert "more than 100000 loop iterations" in registry.errors["loops"]
+    assert "would build" in registry.errors["memory"]
+    assert registry.names() == ["endless", "late"]

@@ -180,9 +180,12 @@ def test_legacy_pickles_are_never_unpickled(tmp_path, tokenizer):
         def __reduce__(self):
             return (exec, ("import pathlib; pathlib.Path('pwned').touch()",))
     (path / "model.pt").write_bytes(pickle.dumps(Evil(), protocol=2))
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused") as refused:
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+    # the refusal says what was found, not PyTorch's advice to load it trusting the file
+    assert "exec" in str(refused.value) and "weights_only" not in str(refused.value)
+    assert "likely succeed" not in str(refused.value)
 
 
 def test_export_to_hugging_face_gives_the_same_logits(tmp_path, tokenizer):
