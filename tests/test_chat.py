@@ -189,8 +189,9 @@ def test_a_checkpoint_s_own_chat_template_wins(make_app, checkpoint_dir, tmp_pat
     body = {"model": "endless", "messages": MESSAGES[1:], "max_tokens": 1}
     rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert client.post("/v1/chat/completions", json=body).json["usage"]["prompt_tokens"] == 1 + len(rendered)
+    # a template that does not work is refused when the checkpoint loads, before any request
     config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": "{{ oops"}))
-    client = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client()
-    refused = client.post("/v1/chat/completions", json=body)
-    assert refused.status_code == 400 and refused.json["error"]["param"] == "messages"
-    assert "model 'endless': the chat template does not work" in refused.json["error"]["message"]
+    app = make_app(FABLE_CHECKPOINT_DIR=str(folder))
+    assert "its chat template is refused: the chat template does not work" in \
+        app.extensions["fable.registry"].errors["endless"]
+    assert app.test_client().post("/v1/chat/completions", json=body).status_code == 404
