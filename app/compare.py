@@ -71,6 +71,8 @@ def read_comparison(args: MultiDict) -> Comparison:
         kind = "generate"
     names = list(dict.fromkeys(args.getlist("models")))  # each model once, in order
     registry = get_registry()
+    if kind == "infill" and infill_unavailable():
+        errors["mode"] = infill_unavailable()
     if not MIN_MODELS <= len(names) <= MAX_MODELS:
         chosen = {0: "none is", 1: "1 is"}.get(len(names), f"{len(names)} are")
         errors["models"] = f"choose {MIN_MODELS} to {MAX_MODELS} models to compare; {chosen} chosen"
@@ -95,6 +97,17 @@ def read_comparison(args: MultiDict) -> Comparison:
     if errors:
         raise FormErrors(in_form_order(errors, FIELD_ORDER))
     return Comparison(kind, jobs)
+
+
+def infill_unavailable() -> str | None:
+    """Why the models loaded here cannot be compared filling in a middle (fewer than
+    ``MIN_MODELS`` of them infill), or None."""
+    infillers = [facts.name for facts in get_registry().facts(infill=True)]
+    if len(infillers) >= MIN_MODELS:
+        return None
+    which = f"only {infillers[0]} does" if infillers else "none does"
+    return (f"filling in the middle needs {MIN_MODELS} loaded models trained to infill; "
+            f"{which}")
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -144,6 +157,7 @@ def _context(form: MultiDict, errors: Mapping[str | None, str] | None = None,
     return {"kind": "compare", "form": form, "chosen": form.getlist("models"), "mode": mode,
             "errors": errors, "first_error": first, "models": get_registry().facts(),
             "limits": get_settings().limits, "fallback_prompt": FALLBACK_PROMPT,
+            "infill_unavailable": infill_unavailable(),
             "min_models": MIN_MODELS, "max_models": MAX_MODELS, **extra}
 
 

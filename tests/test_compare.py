@@ -415,3 +415,27 @@ def test_generated_markup_stays_text_in_columns(client, script):
     events = parse_sse(client.get(unescape(re.findall(r'sse-connect="([^"]+)"', body)[0]))
                        .get_data(as_text=True))
     assert "<img" not in "".join(texts(events))
+
+
+def test_fill_in_the_middle_is_offered_only_with_two_models_that_infill(make_app, checkpoint_dir,
+                                                                          tmp_path):
+    """With one model that infills (the bundled set today) the mode is shown disabled, with
+    the reason; a URL or form that asks for it anyway gets the reason as its error."""
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    for name in ("tiny-gpt", "tiny-lstm"):  # tiny-gpt infills, tiny-lstm does not
+        shutil.copytree(checkpoint_dir / name, folder / name)
+    client = make_app(FABLE_CHECKPOINT_DIR=str(folder)).test_client()
+    html = client.get("/compare").get_data(as_text=True)
+    assert 'name="mode" value="infill" disabled aria-describedby="infill-unavailable"' in html
+    assert ("Not available here: filling in the middle needs 2 loaded models trained to "
+            "infill; only tiny-gpt does.") in html
+    query = {"models": ["tiny-gpt", "tiny-lstm"], "mode": "infill", "first": "A.", "last": "B.",
+             "run": "1"}
+    refused = client.get("/compare", query_string=query)
+    assert refused.status_code == 400
+    assert "filling in the middle needs 2 loaded models" in error_of(
+        refused.get_data(as_text=True), "mode")
+    both = make_app().test_client().get("/compare").get_data(as_text=True)  # endless, tiny-gpt
+    assert 'value="infill" disabled' not in both and "Not available here" not in both
