@@ -15,8 +15,8 @@ once its head and body have arrived; a waiting connection costs a buffer, not a 
 - A head, chunk-size line or trailer over ``MAX_HEAD_BYTES`` gets 431 (400 after the
   head). A body over ``FABLE_MAX_BODY_BYTES`` goes to the app, which refuses it (413, in
   each API's error shape) from what is already held, and the connection then closes:
-  nothing is ever read from a slow client in a thread. Chunked framing counts toward the
-  limit; a body that passes it by framing alone gets 413 from the main loop.
+  nothing is ever read from a slow client in a thread. Chunked framing counts too: past
+  ``MAX_HEAD_BYTES`` of it on top of the body limit, 413 from the main loop.
 - An answer's writes have a deadline, ``FABLE_WRITE_TIMEOUT_S``: a client that stops
   reading is dropped, and its generation cancelled.
 - Closing lingers in the main loop too (the kernel would otherwise answer a client still
@@ -114,12 +114,14 @@ class Pending:
             return self._refuse(*self._explain(e))
         if verdict or self._body_start is None:
             return verdict or "more"
-        body = len(self.data) - self._body_start  # framing bytes count too
         if self._content > max_body:
             return "ready"  # the app refuses it from what is here (413, in its API's shape)
-        if body > max_body:
-            return self._refuse(413, "Content Too Large",
-                                f"request body (with its chunked framing) over {max_body} bytes")
+        # Framing counts too: chunk-size lines, extensions and trailers get the head's
+        # allowance on top of the body limit (a client's own framing is a few bytes a
+        # chunk; tiny chunks with long extensions would otherwise be buffered for ever).
+        if len(self.data) - self._body_start > max_body + MAX_HEAD_BYTES:
+            return self._refuse(413, "Content Too Large", f"request body over {max_body} bytes "
+                                f"with more than {MAX_HEAD_BYTES} bytes of chunked framing")
         return "more"
 
     def _read_events(self, max_body: int) -> str | None:

@@ -61,10 +61,14 @@ def test_a_chunked_body_is_ready_once_its_content_passes_the_limit():
 
 
 def test_chunked_framing_counts_toward_the_limit():
-    """1-byte chunks, each with an extension: 300 bytes of content in 1,800 of framing."""
-    states, pending = fed(CHUNKED, b"1;aaaa=bbbbbbbb\r\nx\r\n" * 300)
+    """1-byte chunks, each with an extension: 900 bytes of content in 34 KB of framing are
+    refused; a body at the limit in 8 KB chunks is not (its framing is a few bytes)."""
+    states, pending = fed(CHUNKED, b"1;aaaaaaaaaa=bbbbbbbbbbbbbbbbbbbb\r\nx\r\n" * 900)
     assert states == ["more", "refused"] and pending.refusal[0] == 413
     assert "chunked framing" in pending.refusal[2]
+    states, pending = fed(CHUNKED, b"1f4\r\n" + b"x" * 500 + b"\r\n", b"1f4\r\n" + b"x" * 500
+                          + b"\r\n", b"0\r\n\r\n")
+    assert states == ["more", "more", "more", "ready"] and pending.whole
 
 
 @pytest.mark.parametrize("request_bytes, status", [
