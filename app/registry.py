@@ -15,6 +15,7 @@ and a generation keeps the ``LoadedModel`` it started with until it ends.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import logging
@@ -166,8 +167,9 @@ class ModelRegistry:
             self._failures = failures
             if report["failed"]:
                 # A failed load's tensors may hang on in reference cycles (an exception's
-                # traceback holds its frames): give their memory back now.
+                # traceback holds its frames): give their memory back now, to the system too.
                 gc.collect()
+                _return_free_memory()
             return report
 
     def _load_in_time(self, path: Path, fingerprint: tuple) -> LoadedModel:
@@ -251,6 +253,16 @@ def _checkpoint_dirs(directory: Path) -> dict[str, Path]:
         return {}
     return {p.name: p for p in sorted(directory.iterdir())
             if not p.name.startswith(".") and p.is_dir()}
+
+
+def _return_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Each load runs
+    in a thread of its own, whose malloc arena keeps what a failed load freed: a worker
+    reloading a broken 50 MB checkpoint grew by about 40 MB a reload without it."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps its own counsel
+        pass
 
 
 def _configured_load_timeout() -> float:

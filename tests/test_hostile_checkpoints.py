@@ -244,13 +244,14 @@ def test_a_stuck_load_fails_after_the_time_limit_and_the_others_load(tmp_path, c
     assert "not loaded within 0.5 s (FABLE_LOAD_TIMEOUT_S)" in registry.errors["tiny-lstm"]
 
 
-def test_the_load_time_limit_is_a_setting(monkeypatch, tmp_path):
+def test_the_load_time_limit_is_a_setting(make_app, tmp_path):
     from app.registry import ModelRegistry
     from app.settings import Settings, SettingsError
 
     assert Settings.load({}).load_timeout_s == 60.0
-    monkeypatch.setenv("FABLE_LOAD_TIMEOUT_S", "2.5")
-    assert ModelRegistry.load(tmp_path).load_timeout_s == 2.5  # as create_app builds it
+    assert ModelRegistry.load(tmp_path).load_timeout_s == 60.0  # the setting's default
+    app = make_app(FABLE_LOAD_TIMEOUT_S=2.5)
+    assert app.extensions["fable.registry"].load_timeout_s == 2.5  # create_app passes it
     with pytest.raises(SettingsError, match="FABLE_LOAD_TIMEOUT_S must be a finite number"):
         Settings.load({"FABLE_LOAD_TIMEOUT_S": "0"})
 
