@@ -20,7 +20,9 @@ split evenly run in separate processes (no shared GIL), the others do not.
 from __future__ import annotations
 
 import argparse
+import html
 import http.client
+import re
 import sys
 import threading
 import time
@@ -33,7 +35,18 @@ from gunicorn_server import GunicornServer  # noqa: E402  (the path above)
 
 from compare import PROMPT, SEED, TEMPERATURE, span  # noqa: E402  (the in-process one's)
 
-from app.pages_common import Job  # noqa: E402
+
+def column_tokens(url: str, names: list[str], new_tokens: int) -> list[str]:
+    """The comparison's signed job tokens, from ``/compare/start`` as the page gets them
+    (only the server holds the key that signs them)."""
+    query = {"models": names, "prompt": PROMPT, "max_new_tokens": new_tokens,
+             "temperature": TEMPERATURE, "seed": SEED}
+    answer = httpx.get(f"{url}/compare/start", params=query, timeout=30)
+    answer.raise_for_status()
+    links = [html.unescape(link) for link in re.findall(r'sse-connect="([^"]+)"', answer.text)]
+    if len(links) != len(names):
+        raise SystemExit(f"/compare/start gave {len(links)} columns for {len(names)} models")
+    return [link.split("job=", 1)[1] for link in links]
 
 
 def read_column(port: int, token: str) -> float:
@@ -72,8 +85,7 @@ def measure(args, workers: int) -> list[float]:
         if len(names) < 2:
             raise SystemExit(f"a comparison needs two models; loaded: {names}")
         server.wait_for_workers(workers, models=len(names))
-        values = {"max_new_tokens": args.new_tokens, "temperature": TEMPERATURE, "seed": SEED}
-        tokens = [Job("generate", name, {"prompt": PROMPT}, values).to_token() for name in names]
+        tokens = column_tokens(server.url, names, args.new_tokens)
         if workers == args.workers[0]:
             print(f"# {', '.join(names)}")
         port = server.port

@@ -463,6 +463,7 @@ def load_checkpoint(directory, device: str | torch.device = "cpu",
 
 
 def _load(directory: Path, device, dtype: torch.dtype, deadline: float | None) -> Checkpoint:
+    restore_set_aside(directory)  # before the folder is looked at: it may be the set-aside one
     check_files(directory)
     config = read_config(directory)
     try:
