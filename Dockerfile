@@ -24,7 +24,10 @@ ENV HF_HOME=$HOME/.cache/huggingface \
 # thread, so neither waits for the other's GIL; at 16 clients ~1.3x and at 64 ~1.7x the
 # tokens/s of one worker, a lone request as fast, twice the models' memory
 # (benchmarks/README.md, "Serving").
+# FABLE_HOST: every address, as the Space's router reaches the container from outside
+# (gunicorn.conf.py's default is 127.0.0.1, this machine only).
 ENV PORT=7860 \
+    FABLE_HOST=0.0.0.0 \
     FABLE_CHECKPOINT_DIR=$HOME/app/checkpoints \
     FABLE_WORKERS=2
 

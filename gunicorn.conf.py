@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 
+# In a checkout the app is beside this file; `pip install .` puts this file under
+# <prefix>/share/fable and the app in site-packages (`fable serve` finds both).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from app.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
 
@@ -24,9 +26,9 @@ def _int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-# HF Spaces route to one port, 7860 by default ($PORT); FABLE_HOST=127.0.0.1 keeps a local
-# or test server off the network.
-bind = f"{os.environ.get('FABLE_HOST', '0.0.0.0')}:{_int('PORT', 7860)}"
+# This machine only unless FABLE_HOST says otherwise: the Docker image sets 0.0.0.0, as a
+# Space routes to it from outside. HF Spaces route to one port, 7860 by default ($PORT).
+bind = f"{os.environ.get('FABLE_HOST', '').strip() or '127.0.0.1'}:{_int('PORT', 7860)}"
 
 # Threads wait on the network while torch, which releases the GIL, generates; the main
 # loop keeps heart-beating through long streams (sync workers would be killed mid-stream).
