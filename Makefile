@@ -1,19 +1,35 @@
-# One command per job. `make test` works on a fresh clone: it creates .venv,
-# installs the pinned dependencies and runs the fast test suite.
+# One command per job. On a fresh clone `make serve` creates .venv with what serving needs
+# (requirements.txt) and starts the app; `make test` adds the test tools
+# (requirements-dev.txt) and runs the fast test suite. pip shows what it installs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+STAMP := $(VENV)/.installed-test
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only torch from PyTorch's
+# index, as the Dockerfile does; unset, pip takes PyPI's, which brings CUDA's libraries.
+TORCH_INDEX ?=
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: install assets serve test test-all bench load soak screenshots results docker-test clean
+.PHONY: install install-test assets serve test test-all bench load soak screenshots results docker-test clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	touch $(STAMP)
+	$(PY) -m pip install --upgrade pip
 
-install: $(STAMP)
+$(SERVE_STAMP): requirements.txt | $(PY)
+ifneq ($(strip $(TORCH_INDEX)),)
+	$(PY) -m pip install --no-deps '$(TORCH_PIN)' --index-url '$(TORCH_INDEX)'
+endif
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(STAMP): $(SERVE_STAMP) requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+install: $(SERVE_STAMP)
+install-test: $(STAMP)
 
 # htmx and uPlot are served from their npm packages (never a CDN), pinned and checksummed
 # by package-lock.json; fetched with Python alone, so no Node is needed
@@ -25,8 +41,9 @@ assets: $(VENDORED)
 $(VENDORED) &: package-lock.json scripts/vendor_assets.py
 	$(PYTHON) scripts/vendor_assets.py
 
-# The web app on the bundled models: http://localhost:7860
-serve: $(STAMP) assets
+# The web app on the bundled models: http://127.0.0.1:7860 (FABLE_HOST=0.0.0.0 to be
+# reachable from other machines; PORT for another port)
+serve: $(SERVE_STAMP) assets
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 test: $(STAMP) assets
