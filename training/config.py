@@ -56,6 +56,81 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# Whole recipes for the one command, `python -m training.train --preset char-gpt --data FILE
+# --name NAME`: architecture, tokenizer, a size preset and training settings, each a config
+# without its name, data and budget (recipe_config adds them). Settings from the shipped
+# configs of the same kind (training/configs/), contexts kept short so a few KB of text do.
+RECIPES = {
+    "char-gpt": {
+        "about": "GPT-style decoder on characters (4 layers x 128, 128-character context)",
+        "model": dict(arch="gpt", preset="micro", block_size=128, dropout=0.0),
+        "tokenizer": dict(kind="char"),
+        "training": dict(batch_size=32, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
+                         weight_decay=0.1, betas=[0.9, 0.99], eval_every=250, eval_batches=20,
+                         save_every=500),
+    },
+    "bpe-gpt": {
+        "about": "GPT-style decoder on a byte-level BPE of 2,048 tokens trained on your text",
+        "model": dict(arch="gpt", preset="micro", block_size=128, dropout=0.1),
+        "tokenizer": dict(kind="bpe", vocab_size=2048),
+        "training": dict(batch_size=16, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
+                         eval_every=250, eval_batches=20, save_every=500),
+    },
+    "char-lstm": {
+        "about": "LSTM on characters (2 layers, 128-wide embeddings, 256 hidden units)",
+        "model": dict(arch="lstm", preset="micro", tie_weights=False, dropout=0.1, dropout_hidden=0.1),
+        "data": dict(max_seq_len=128),  # the truncated back-propagation window
+        "tokenizer": dict(kind="char"),
+        "training": dict(batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50,
+                         weight_decay=0.01, grad_clip=0.5, eval_every=200, eval_batches=20,
+                         save_every=200),
+    },
+    "char-gru": {
+        "about": "GRU on characters (2 layers, 128-wide embeddings, 256 hidden units)",
+        "model": dict(arch="gru", preset="micro", tie_weights=False, dropout=0.1, dropout_hidden=0.1),
+        "data": dict(max_seq_len=128),
+        "tokenizer": dict(kind="char"),
+        "training": dict(batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50,
+                         weight_decay=0.01, grad_clip=0.5, eval_every=200, eval_batches=20,
+                         save_every=200),
+    },
+    "word-lstm": {
+        "about": "AWD-LSTM-style model on words seen at least twice (2 layers, 256 wide)",
+        "model": dict(arch="lstm", n_layer=2, n_embd=256, n_hidden=384, tie_weights=True,
+                      dropout=0.4, dropout_input=0.3, dropout_hidden=0.25, dropout_embedding=0.1,
+                      weight_drop=0.3),
+        "data": dict(max_seq_len=70),
+        "tokenizer": dict(kind="word", min_freq=2),
+        "training": dict(batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50,
+                         weight_decay=1.2e-6, grad_clip=0.25, eval_every=200, eval_batches=20,
+                         save_every=200),
+    },
+}
+DEFAULT_MINUTES = 10.0  # the one command's budget when it gives neither --minutes nor --steps
+
+
+def recipe_config(recipe: str, *, data: str, name: str, publish_dir: str,
+                  minutes: float | None = None, steps: int | None = None) -> dict:
+    """The raw config (what load_config takes) of ``recipe`` trained on the text file
+    ``data``, published to ``publish_dir``. The budget: ``steps``, ``minutes`` or both
+    (whichever ends first); neither gives DEFAULT_MINUTES."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown preset {recipe!r} (known: {', '.join(RECIPES)})")
+    parts = RECIPES[recipe]
+    if steps is None and minutes is None:
+        minutes = DEFAULT_MINUTES
+    budget = {"max_steps": steps, "max_time_s": None if minutes is None else minutes * 60}
+    return {
+        "name": name,
+        "model": dict(parts["model"]),
+        # `format: text`: the file is read as plain text whatever its extension
+        "data": {"path": data, "format": "text", "split": [0.9, 0.1], **parts.get("data", {})},
+        "tokenizer": dict(parts["tokenizer"]),
+        "training": {**parts["training"], **budget},
+        "output": {"publish": publish_dir},
+    }
+
+
 @dataclass
 class TrainingConfig:
     batch_size: int = 32

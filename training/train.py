@@ -2,11 +2,15 @@
 
     python -m training.train --config training/configs/char_gpt_shakespeare.yaml [key=value ...]
     python -m training.train --config ... --resume          # continue from runs/<name>/last
+    python -m training.train --preset char-gpt --data my_text.txt --name my-model --minutes 10
     torchrun --nproc_per_node 2 -m training.train --config ...   # data-parallel (gloo on CPU, NCCL on GPU)
 
 The command line, the set-up (device, DDP, data, model, optimizer) and the loop, which
 reads top to bottom in ``Trainer.fit``. Where a run stands is ``training.state``, its
 checkpoints ``training.checkpoints``, what it prints and records ``training.report``.
+The one command (``--preset``) makes a config of a recipe (``training.config.RECIPES``)
+and a text file, checks both before anything is written, and publishes the checkpoint with
+its model card where the app finds it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import contextlib
 import math
 import os
 import platform
+import re
+import shlex
 import sys
 import time
 from itertools import islice
@@ -24,19 +30,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models_src import build_model, health
+from models_src import ModelConfig, build_model, health
+from models_src.checkpoint import CheckpointError
 from models_src.summary import count_parameters
 
 from .checkpoints import RunCheckpoints, TrainingError
-from .config import ConfigError, RunConfig, load_config
+from .config import DEFAULT_MINUTES, RECIPES, ConfigError, RunConfig, load_config, recipe_config
 from .data import DataError, SequentialBatches, check_enough_tokens, load_documents, prepare, random_batch
 from .evaluate import score_text
 from .examples import as_stream, example_batch, in_order, prepare_examples
 from .metrics import score, score_batches
+from .model_card import write_card
 from .report import RunReport
 from .state import TrainState
 
 __all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "main"]
+
+
+# Tokens per truncated back-propagation window of a recurrent model without data.max_seq_len.
+RECURRENT_WINDOW = 128
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -76,8 +88,9 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, quiet: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> None:
         self.cfg, self.t = cfg, cfg.training
+        self.command = command or cfg.command  # what trains it again, as checkpoints record it
         self.device = pick_device(self.t.device, int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = Distributed(self.device)
         if self.device.type == "cuda":
@@ -91,7 +104,8 @@ class Trainer:
         model_cfg = cfg.model.build(self.tokenizer.vocab_size, self.tokenizer.pad_id, self.tokenizer.sep_id)
         self.model = build_model(model_cfg).to(self.device)
         self.recurrent = self.model.max_context is None
-        self.seq_len = cfg.data.max_seq_len or (128 if self.recurrent else model_cfg.block_size)
+        self.seq_len = cfg.data.max_seq_len or (RECURRENT_WINDOW if self.recurrent
+                                                 else model_cfg.block_size)
         if not self.recurrent and self.seq_len > model_cfg.block_size:
             raise ConfigError(f"data.max_seq_len ({self.seq_len}) exceeds model.block_size ({model_cfg.block_size})")
         # Truncated BPTT: an RNN carries its state from window to window of a stream.
@@ -244,7 +258,7 @@ class Trainer:
             "data": self.data.source, "tokenizer": self.tokenizer.kind,
             "vocab_size": self.tokenizer.vocab_size, "seq_len": self.seq_len,
             "hardware": hardware(self.device, self.dist.world), "config": self.cfg.to_dict(),
-            "command": self.cfg.command, "run_id": self.report.run_id,
+            "command": self.command, "run_id": self.report.run_id,
         }
 
     # --- the loop -----------------------------------------------------------------------
@@ -402,17 +416,141 @@ def hardware(device: torch.device, world: int) -> str:
     return f"{world} x {name}" if world > 1 else name
 
 
+# ---- the one command: a text file in, a checkpoint the app serves out --------------------
+
+# A checkpoint's folder name, which the app shows as the model's name (no hidden folders).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Where the app looks for models unless FABLE_CHECKPOINT_DIR says otherwise (app/settings.py).
+SERVED_CHECKPOINTS = "checkpoints"
+
+
+def context_length(cfg: RunConfig) -> int:
+    """The training window in tokens, as the Trainer sets it, read from the config alone."""
+    if cfg.data.max_seq_len:
+        return cfg.data.max_seq_len
+    if cfg.model.arch in ("rnn", "gru", "lstm"):
+        return RECURRENT_WINDOW
+    default = ModelConfig.__dataclass_fields__["block_size"].default
+    return cfg.model.options.get("block_size", default)
+
+
+def check_name(name: str, checkpoint: Path, run_dir: Path) -> None:
+    """A usable folder name that no checkpoint or earlier run holds yet."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: use up to 64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    for path, what in ((checkpoint, "a checkpoint"), (run_dir, "an earlier run")):
+        if os.path.lexists(path):
+            raise ConfigError(f"the name {name!r} is taken: {path} holds {what} of that name; "
+                              "choose another --name, or add --overwrite to replace it")
+
+
+def check_text(path: Path, cfg: RunConfig, recipe: str) -> None:
+    """A UTF-8 text file long enough for one window in each split; otherwise a DataError that
+    says what is wrong, before anything is written."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    raw = path.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path} is a binary file (a NUL byte at offset {nul:,}), not text: "
+                        "give a plain UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start:,}): save it as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty: there is no text to train on" if not raw
+                        else f"{path} holds only white space: there is no text to train on")
+    context = context_length(cfg)
+    fractions = dict(zip(("train", "validation"), cfg.data.split))
+    for split, docs in load_documents(cfg.data).items():
+        # A character per token at most (a document ends in one more, eos); words and BPE
+        # merges give fewer. The Trainer counts the tokens themselves once it has them.
+        tokens = sum(map(len, docs)) + len(docs)
+        if split in fractions and tokens < context + 1:
+            need = math.ceil(round(context / min(fractions.values()), 6))
+            raise DataError(
+                f"{path} is too short for {recipe}'s {context}-token context: its {split} part "
+                f"({fractions[split]:.0%} of it) has {tokens - len(docs):,} characters and needs "
+                f"{context}; give at least {need:,} characters of text")
+
+
+def own_text_config(args: argparse.Namespace) -> RunConfig:
+    """The recipe's config for the text file; refuses a taken name or unusable text."""
+    served = args.checkpoint_dir or os.environ.get("FABLE_CHECKPOINT_DIR") or SERVED_CHECKPOINTS
+    checkpoint = Path(served) / args.name
+    publish = str(checkpoint).replace("{", "{{").replace("}", "}}")  # output.publish is formatted
+    raw = recipe_config(args.preset, data=args.data, name=args.name, publish_dir=publish,
+                        minutes=args.minutes, steps=args.steps)
+    cfg = load_config(raw=raw, overrides=args.overrides)
+    if not (args.overwrite or args.resume):
+        check_name(args.name, checkpoint, cfg.run_dir)
+    check_text(Path(args.data), cfg, args.preset)
+    return cfg
+
+
+def finish_own_model(cfg: RunConfig) -> None:
+    """The model card beside the published weights, and how to see the model served."""
+    try:
+        write_card(cfg.publish_dir)
+    except (CheckpointError, DataError, OSError) as e:  # the model itself is saved: say so
+        raise TrainingError(f"{cfg.publish_dir} is saved, but its model card could not be "
+                            f"written ({e}); `python -m training.model_card --checkpoint "
+                            f"{cfg.publish_dir}` writes it") from e
+    print(f"\n{cfg.name} is ready in {cfg.publish_dir}: weights, tokenizer, config.json and its "
+          f"model card (README.md).\n"
+          f"A server reading {cfg.publish_dir.parent} shows it after a reload: the Reload button "
+          f"on /admin, or\n"
+          f"    curl -X POST -H \"Authorization: Bearer $FABLE_ADMIN_TOKEN\" "
+          f"http://127.0.0.1:7860/api/models/reload\n"
+          f"(the header only with FABLE_ADMIN_TOKEN set), or SIGHUP to gunicorn's master; "
+          f"a server started now loads it with the others.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__.split("\n\n")[0],
+        epilog="presets: " + "; ".join(f"{name}: {r['about']}" for name, r in RECIPES.items()))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML config file")
+    source.add_argument("--preset", choices=RECIPES, help="a whole recipe, trained on --data")
+    parser.add_argument("--data", help="with --preset: a UTF-8 text file to train on")
+    parser.add_argument("--name", help="with --preset: the model's name, its folder's name")
+    parser.add_argument("--checkpoint-dir", help="with --preset: where the app's models are "
+                        f"(default $FABLE_CHECKPOINT_DIR, else {SERVED_CHECKPOINTS})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --preset: replace a model (and run) of that name")
+    parser.add_argument("--minutes", type=float,
+                        help="a time budget (with --steps: whichever ends first; a preset "
+                             f"without either trains {DEFAULT_MINUTES:g} minutes)")
+    parser.add_argument("--steps", type=int, help="a budget of optimizer steps")
     parser.add_argument("--resume", action="store_true", help="continue from <run dir>/last")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config key, e.g. training.max_steps=100")
     args = parser.parse_args(argv)
+    if args.preset and not (args.data and args.name):
+        parser.error("--preset needs --data FILE and --name NAME")
+    if args.config and (args.data or args.name or args.checkpoint_dir or args.overwrite):
+        parser.error("--data, --name, --checkpoint-dir and --overwrite go with --preset "
+                     "(a config sets data.path, name and output.publish)")
+    if args.minutes is not None and args.minutes <= 0 or args.steps is not None and args.steps < 1:
+        parser.error("--minutes and --steps must be positive")
     try:
-        trainer = Trainer(load_config(args.config, args.overrides), quiet=args.quiet)
+        if args.preset:
+            cfg = own_text_config(args)
+        else:
+            budget = [f"training.max_time_s={args.minutes * 60:g}"] if args.minutes else []
+            budget += [f"training.max_steps={args.steps}"] if args.steps else []
+            cfg = load_config(args.config, [*args.overrides, *budget])
+        command = shlex.join(["python", "-m", "training.train", *argv]) if args.preset else None
+        trainer = Trainer(cfg, quiet=args.quiet, command=command)
         trainer.fit(resume=args.resume)
+        if args.preset and trainer.dist.main:
+            finish_own_model(cfg)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
