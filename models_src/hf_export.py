@@ -47,7 +47,7 @@ def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | N
     hf_model.generation_config = generation_config(tokenizer)
     out = Path(out_dir)
     hf_model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out, context=c.block_size)
     if card is not None:
         (out / "README.md").write_text(Path(card).read_text())
     return out
@@ -75,11 +75,12 @@ def generation_config(tokenizer: Tokenizer):
         max_new_tokens=defaults.max_new_tokens)
 
 
-def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+def save_tokenizer(tokenizer: Tokenizer, out: Path, context: int) -> None:
     """The tokenizer's files, made to add ``<bos>`` where Fable's callers put it: a
     TemplateProcessing post-processor in tokenizer.json (for any reader of that file) and
     ``add_bos_token`` (which transformers honours by building that same template).
-    Fable's ``encode`` asks for no special tokens, so loading the export changes nothing."""
+    Fable's ``encode`` asks for no special tokens, so loading the export changes nothing.
+    ``context``: the model's, which transformers' pipelines truncate a prompt to."""
     tokenizer.save(out)
     backend = tokenizers.Tokenizer.from_file(str(out / TOKENIZER_FILE))
     bos = tokenizer.special_tokens["bos"]
@@ -90,7 +91,10 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     config_path = out / CONFIG_FILE
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # decode as Fable does: no clean-up of spaces before punctuation
-    config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False)
+    config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
+                  # without these transformers 4.x hands GPT-2 token_type_ids, which it
+                  # embeds (garbage text), and takes the context for 10^30 tokens
+                  model_input_names=["input_ids", "attention_mask"], model_max_length=context)
     if tokenizer.splits_like_gpt2():
         config["fable_pre_tokenizer"] = "gpt2"
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"

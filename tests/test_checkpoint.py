@@ -210,3 +210,7 @@ def test_export_to_hugging_face_gives_the_same_logits(tmp_path, tokenizer):
     hf_tok = AutoTokenizer.from_pretrained(out)
     # transformers' tokenizer puts <bos> first, as Fable's callers do (its encode does not)
     assert hf_tok(TEXT)["input_ids"] == [tokenizer.bos_id, *tokenizer.encode(TEXT)]
+    # no token_type_ids (transformers 4.x passed them to GPT-2, which embeds them: garbage
+    # text), and the model's own context as the longest input
+    assert set(hf_tok(TEXT)) == {"input_ids", "attention_mask"}
+    assert hf_tok.model_max_length == 64
