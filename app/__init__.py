@@ -26,6 +26,13 @@ __version__ = "0.1.0"
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def _folder(name: str) -> Path:
+    """templates/ or static/: inside the package when installed (pyproject.toml puts them
+    there), else the checkout's, beside app/."""
+    installed = Path(__file__).resolve().parent / name
+    return installed if installed.is_dir() else ROOT / name
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +49,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from .service import GenerationService
     from .settings import Settings, SettingsError, resolve_device
 
-    app = Flask(__name__, static_folder=str(ROOT / "static"),
-                template_folder=str(ROOT / "templates"))
+    app = Flask(__name__, static_folder=str(_folder("static")),
+                template_folder=str(_folder("templates")))
     _configure_logging(app)
     settings = Settings.load(overrides=test_config)
     app.config.from_mapping(MAX_CONTENT_LENGTH=settings.max_body_bytes)

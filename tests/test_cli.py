@@ -290,7 +290,8 @@ def test_pip_install_gives_a_fable_command_that_serves_the_bundled_models(tmp_pa
     Path(site, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
                    check=True, capture_output=True)
-    assert (Path(site) / "templates" / "base.html").is_file()
+    assert (Path(site) / "app" / "templates" / "base.html").is_file()
+    assert not (Path(site) / "templates").exists()  # nothing top-level but the packages
     assert (env_dir / "share" / "fable" / "gunicorn.conf.py").is_file()
 
     fable = str(env_dir / "bin" / "fable")
