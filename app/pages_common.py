@@ -24,7 +24,7 @@ from markupsafe import escape
 from . import ratelimit
 from .registry import get_registry
 from .schema import GenerationRequest, check_form, make_params, request_models, sampling_values
-from .service import GenerationStream, ServiceError
+from .service import GenerationStream, InfillStream, ServiceError, get_service
 from .settings import get_settings
 from .token_view import Token, stream_tokens
 from .web import open_stream
@@ -32,6 +32,8 @@ from .web import open_stream
 log = logging.getLogger(__name__)
 
 TEXT_FIELDS = {"generate": ("prompt",), "infill": ("first", "last")}
+#: What a kind's form asks beyond its texts and the sampling fields
+OPTION_FIELDS = {"generate": (), "infill": ("candidates",)}
 SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "seed",
                    "repetition_penalty", "stop")
 #: Longest job token: "GET /infill/stream?job=<token> HTTP/1.1" stays under gunicorn's
@@ -65,6 +67,7 @@ class Job:
     model: str
     texts: dict[str, str]  # generate: prompt; infill: first, last
     values: dict[str, Any] = field(default_factory=dict)  # SamplingParams kwargs, seed set
+    candidates: int | None = None  # infill: candidate middles (set by read_job, never None)
 
     @property
     def seed(self) -> int:
@@ -73,8 +76,9 @@ class Job:
     def to_token(self) -> str:
         """The job, compressed, timestamped and signed with this server's key: the link
         to its stream, which no one else can write or alter (``job_from_token``)."""
+        options = {} if self.candidates is None else {"candidates": self.candidates}
         return _job_signer().dumps({"kind": self.kind, "model": self.model, **self.texts,
-                                    **self.values})
+                                    **options, **self.values})
 
     def open(self, logprobs: int | None = None) -> GenerationStream:
         """Start generating, with each token's log-probability and ``logprobs``
@@ -83,8 +87,8 @@ class Job:
         values = self.values if logprobs is None else {**self.values, "logprobs": logprobs}
         params = make_params(values, get_settings().limits)
         if self.kind == "infill":
-            return open_stream(GenerationRequest(self.model, self.texts["first"],
-                                                 self.texts["last"], True, params))
+            return get_service().stream_infill(self.model, self.texts["first"],
+                                               self.texts["last"], params, self.candidates)
         return open_stream(GenerationRequest(self.model, self.texts["prompt"], None, True, params))
 
 
@@ -100,7 +104,8 @@ def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Jo
     """A validated ``Job`` from form fields (strings) or a decoded token (typed values);
     raises ``FormErrors`` with every problem found, each under its field's name."""
     models = request_models(get_settings().limits)
-    values = {name: raw.get(name) for name in ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)}
+    fields = ("model", *TEXT_FIELDS[kind], *OPTION_FIELDS[kind], *SAMPLING_FIELDS)
+    values = {name: raw.get(name) for name in fields}
     if from_form:
         for name in TEXT_FIELDS[kind]:
             if isinstance(values[name], str):  # browsers send a textarea's lines as CRLF
@@ -121,13 +126,18 @@ def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Jo
         for name, label in (("first", "first sentence"), ("last", "last sentence")):
             if not (values[name] or "").strip():
                 errors[name] = f"'{name}' is required: the story's {label}"
+    candidates = None
+    if kind == "infill" and form is not None:
+        try:  # resolved now: the page says how many are written, and the link carries it
+            candidates = get_service().candidates_for(form.candidates if form else None)
+        except ServiceError as e:
+            errors["candidates"] = e.message
     if errors:  # in the order the form shows the fields
-        order = ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS)
-        raise FormErrors(in_form_order(errors, order))
+        raise FormErrors(in_form_order(errors, fields))
     texts = {name: getattr(form, name) or "" for name in TEXT_FIELDS[kind]}
     values = sampling_values(form, dict(zip(SAMPLING_FIELDS, SAMPLING_FIELDS)))
     values.setdefault("seed", secrets.randbelow(SEED_RANGE))  # shown, so a text can be redone
-    return Job(kind, form.model, texts, values)
+    return Job(kind, form.model, texts, values, candidates)
 
 
 def in_form_order(errors: dict[str | None, str], order: tuple[str, ...]) -> dict[str | None, str]:
@@ -194,9 +204,21 @@ def finish_note(stream: GenerationStream, seed: int) -> str:
     else:
         reason = "Finished"
     seconds = ((stream.finished_ns or time.perf_counter_ns()) - stream.started_ns) / 1e9
-    tokens = completion.completion_tokens
+    choice = stream.choice if isinstance(stream, InfillStream) else None
+    # an infill's figures are its middle's; the other candidates are counted beside them
+    tokens = choice.best.completion.completion_tokens if choice else completion.completion_tokens
     plural = "" if tokens == 1 else "s"
-    return f"{reason} · {tokens:,} token{plural} in {seconds:.1f} s · seed {seed}"
+    note = f"{reason} · {tokens:,} token{plural} in {seconds:.1f} s · seed {seed}"
+    if choice is None:
+        return note
+    count = len(choice.candidates)
+    if count > 1:
+        note += f" · best of {count} candidates ({completion.completion_tokens:,} tokens in all)"
+    if not choice.any_ended:  # said plainly: the model did not finish this middle
+        which = ("the middle did not end" if count == 1
+                 else f"none of the {count} candidate middles ended")
+        note += f" · {which} by itself: shown up to its last complete sentence, never run into the ending"
+    return note
 
 
 def collect(job: Job, stream: GenerationStream) -> Result:

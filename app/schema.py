@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from models_src.chat import ROLES, Message
 from models_src.sampling import MAX_LOGPROBS, SamplingParams
 
-from .settings import Limits
+from .settings import MAX_INFILL_CANDIDATES, Limits
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
@@ -476,6 +476,9 @@ def request_models(limits: Limits) -> RequestModels:
         "InfillForm", __base__=_Body, model=(ModelName, ...), first=(text | None, None),
         last=(Annotated[text | None, _texts_within(chars, "first", "last")],
               Field(None, validate_default=True)),
+        candidates=(integer(ge=1, le=MAX_INFILL_CANDIDATES, description=(
+            "Candidate middles written at once; the one the last sentence fits best is kept. "
+            "Empty: the server's FABLE_INFILL_CANDIDATES")), None),
         **_sampling(limits, CANONICAL))
     return RequestModels(generate, completion, chat, chat_completion, generate_form, infill_form)
 

@@ -3,7 +3,8 @@
     service.generate(model, prompt, params)            -> models_src Completion
     service.infill(model, first, last, params)         -> Completion (middle, stripped)
     service.stream(model, prompt, params)              -> GenerationStream
-    service.stream_infill(model, first, last, params)  -> GenerationStream
+    service.stream_infill(model, first, last, params, candidates)
+                                                       -> GenerationStream (the chosen middle)
     service.stream_chat(model, messages, params)       -> GenerationStream (the reply)
 
 A request first gets a row from the worker's ``Scheduler`` (admission: 503 when there is
@@ -19,12 +20,13 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from flask import current_app
 
 from models_src.chat import TRANSCRIPT_TEMPLATE, ChatTemplate, ChatTemplateError, Message, checked
-from models_src.infill import infill_params, infill_prompt_ids
+from models_src.infill import infill_prompt_ids
+from models_src.infill_candidates import Choice, candidate_params, choose, complete_sentences
 from models_src.sampling import Completion, SamplingParams, TokenLogprob
 
 from . import telemetry
@@ -64,6 +66,14 @@ class CannotInfill(ServiceError):
         super().__init__(f"model {name!r} was not trained to infill ({which})")
 
 
+class TooManyCandidates(ServiceError):
+    status, param = 400, "candidates"
+
+    def __init__(self, asked: int, rows: int) -> None:
+        super().__init__(f"'candidates' is {asked}, but this server decodes at most {rows} "
+                         f"sequences at once (FABLE_MAX_BATCH); ask for {rows} or fewer")
+
+
 class CannotChat(ServiceError):
     status, param = 400, "messages"
 
@@ -90,8 +100,9 @@ class GenerationStream:
     def __init__(self, model_name: str, ticket: Ticket, *, deadline: float,
                  clock: Callable[[], float], prompt_tokens: int, encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], queued_ns: int = 0,
-                 strip: bool = False) -> None:
+                 strip: bool = False, counted: bool = True) -> None:
         self.model_name = model_name
+        self._counted = counted  # False: its tokens were counted already (an infill's candidates)
         self.completion: Completion | None = None
         self.timed_out = False
         self.queued_ns = queued_ns
@@ -196,7 +207,7 @@ class GenerationStream:
         self.completion = completion
         self.finished_ns = time.perf_counter_ns()
         ticket, self._ticket = self._ticket, None
-        if completion is not None and ticket is not None:
+        if completion is not None and ticket is not None and self._counted:
             telemetry.generation(self.model_name, self.started_ns - self.queued_ns,
                                  ticket.first_piece_ns, self.finished_ns,
                                  completion.completion_tokens)
@@ -221,6 +232,104 @@ class GenerationStream:
             pass
 
 
+@dataclass(frozen=True)
+class CandidateRows:
+    """An infill's candidates for ``_start``: each candidate's settings (one row each), and
+    how the middle is picked once they have all ended."""
+    params: list[SamplingParams]
+    pick: Callable[[list[Completion]], Choice]
+
+
+class CandidatesTicket:
+    """An infill's K candidate middles, read as one ticket: once every candidate has ended
+    (each decoded in its own row, under its own deadline), the model picks the middle
+    under which the last sentence is likeliest (``models_src.infill_candidates.choose``);
+    the reader then gets that middle, and its end. ``choice`` is set then. A lone
+    candidate streams as it is written, each sentence once it is complete (a sentence
+    that never ends is never shown)."""
+
+    def __init__(self, candidates: list[GenerationStream], prompt_ids: list[int],
+                 pick: Callable[[list[Completion]], Choice], logprobs: bool) -> None:
+        self.prompt_ids, self.candidates, self._pick = prompt_ids, candidates, pick
+        self.first_piece_ns: int | None = None
+        self.logprobs: list | None = [] if logprobs else None  # the chosen one's, once chosen
+        self.choice: Choice | None = None
+        self._events: list = []
+        self._written = self._sent = ""  # a lone candidate's text so far, and what went out
+
+    def next_event(self, timeout: float) -> str | Finished | Failed:
+        # each candidate keeps its own deadline (the same as the reader's): no wait here outlasts it
+        while not self._events:
+            if len(self.candidates) == 1 and self.choice is None:
+                piece = self._next_sentences()
+                if piece:
+                    return self._out(piece)
+            self._events = self._decide()
+        event = self._events.pop(0)
+        return self._out(event) if isinstance(event, str) else event
+
+    def _out(self, piece: str) -> str:
+        if self.first_piece_ns is None:
+            self.first_piece_ns = time.perf_counter_ns()
+        self._sent += piece
+        return piece
+
+    def _next_sentences(self) -> str:
+        """The lone candidate's next complete sentences ("" once it has ended)."""
+        for piece in self.candidates[0]:
+            self._written += piece
+            end = complete_sentences(self._written)
+            if end > len(self._sent):
+                return self._written[len(self._sent):end]
+        return ""
+
+    def _decide(self) -> list:
+        try:
+            completions = [c.collect() for c in self.candidates]
+            # the score is one forward pass over K short texts, here on the reader's
+            # thread (tens of ms for the bundled model); decoding never changes the weights
+            self.choice = self._pick(completions)
+        except Exception as error:  # noqa: BLE001 - told to the reader, as the engine's errors are
+            self.cancel()
+            return [Failed(error)]
+        best = self.choice.best
+        if self.logprobs is not None and best.completion.logprobs:
+            self.logprobs.extend(best.completion.logprobs)
+        # usage counts every candidate's tokens: each was generated
+        completion = Completion(best.text, best.completion.token_ids,
+                                "stop" if best.ended else "length",
+                                best.completion.prompt_tokens,
+                                sum(c.completion_tokens for c in completions),
+                                None if self.logprobs is None else list(self.logprobs))
+        # what went out is whole sentences of the chosen text (the cut keeps them all)
+        rest = best.text[len(self._sent):] if best.text.startswith(self._sent) else ""
+        return [rest, Finished(completion)] if rest else [Finished(completion)]
+
+    def collect_only(self) -> None:
+        pass  # the pieces are few: whole sentences, or the chosen middle at once
+
+    def held_text(self) -> str:
+        return ""  # no piece is held: an unfinished sentence is never shown
+
+    def cancel(self) -> None:
+        for candidate in self.candidates:
+            candidate.close()
+
+
+class InfillStream(GenerationStream):
+    """The chosen middle of an infill (see ``GenerationService.stream_infill``)."""
+
+    def __init__(self, *args, ticket: CandidatesTicket, **kwargs) -> None:
+        super().__init__(*args, ticket=ticket, **kwargs)
+        self.candidates = len(ticket.candidates)
+        self._candidates_ticket = ticket
+
+    @property
+    def choice(self) -> Choice | None:
+        """Every candidate, cut and scored, and the one kept (None until they all ended)."""
+        return self._candidates_ticket.choice
+
+
 def _default(setting: str):
     """A setting's default, declared once in ``app.settings``."""
     return Settings.model_fields[setting].default
@@ -235,7 +344,9 @@ class GenerationService:
                  queue_timeout_s: float = _default("queue_timeout_s"),
                  request_timeout_s: float = _default("request_timeout_s"),
                  chat_template: str | None = None, log_prompts: bool = False,
-                 decode_threads: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+                 decode_threads: int = 1,
+                 infill_candidates: int = _default("infill_candidates"),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``chat_template``: for models whose tokenizer has none (None: the transcript);
         raises ChatTemplateError when it does not work."""
         self.registry = registry
@@ -245,6 +356,7 @@ class GenerationService:
         self.engine = EngineLoop(decode_threads)
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.infill_candidates = infill_candidates
         self._clock = clock
 
     @classmethod
@@ -253,7 +365,8 @@ class GenerationService:
                    queue_timeout_s=settings.queue_timeout_s,
                    request_timeout_s=settings.request_timeout_s,
                    chat_template=settings.chat_template, log_prompts=settings.log_prompts,
-                   decode_threads=settings.decode_threads)
+                   decode_threads=settings.decode_threads,
+                   infill_candidates=settings.infill_candidates)
 
     # ---- the interface ------------------------------------------------------------
 
@@ -273,16 +386,35 @@ class GenerationService:
         return self._start(loaded, ids, params or SamplingParams())
 
     def stream_infill(self, model_name: str, first: str, last: str,
-                      params: SamplingParams | None = None) -> GenerationStream:
-        """The middle of a story between ``first`` and ``last``, as it is written, without
-        whitespace at its ends (as ``models_src.infill.infill`` returns it); the last
-        sentence is never repeated."""
+                      params: SamplingParams | None = None,
+                      candidates: int | None = None) -> InfillStream:
+        """The middle of a story between ``first`` and ``last``: ``candidates`` middles
+        (None: the server's ``infill_candidates``, at most ``max_batch``) are written at
+        once, one row each, and the one under which the last sentence is likeliest comes
+        out once they have all ended (a lone one streams sentence by sentence), cut after
+        its last complete sentence when it did not end by itself (finish reason "length"
+        then), without whitespace at its ends; the last sentence is never repeated. The
+        stream's ``choice`` says which won and why."""
         loaded = self.model(model_name)
         if not loaded.facts.can_infill:
             raise CannotInfill(loaded.name, [f.name for f in self.registry.facts() if f.can_infill])
+        count = self.candidates_for(candidates)
         self._log("infill", loaded.name, f"{first} … {last}")
+        params = params or SamplingParams()
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
-        return self._start(loaded, ids, infill_params(params, last), strip=True)
+        rows = CandidateRows(
+            candidate_params(params, last, count, ids, loaded.model.max_context),
+            lambda done: choose(loaded.model, loaded.tokenizer, first, last, done))
+        return self._start(loaded, ids, rows, strip=True)
+
+    def candidates_for(self, asked: int | None) -> int:
+        """Candidate middles for one infill: ``asked``, or the server's default (no more
+        than one worker's rows); asking more than its rows is a 400."""
+        if asked is None:
+            return min(self.infill_candidates, self.scheduler.max_batch)
+        if asked > self.scheduler.max_batch:
+            raise TooManyCandidates(asked, self.scheduler.max_batch)
+        return asked
 
     def stream_chat(self, model_name: str, messages: tuple[Message, ...],
                     params: SamplingParams | None = None) -> GenerationStream:
@@ -306,8 +438,8 @@ class GenerationService:
         return self.stream(model_name, prompt, params).collect()
 
     def infill(self, model_name: str, first: str, last: str,
-               params: SamplingParams | None = None) -> Completion:
-        return self.stream_infill(model_name, first, last, params).collect()
+               params: SamplingParams | None = None, candidates: int | None = None) -> Completion:
+        return self.stream_infill(model_name, first, last, params, candidates).collect()
 
     @property
     def active(self) -> int:
@@ -336,24 +468,44 @@ class GenerationService:
         except ChatTemplateError as e:
             raise CannotChat(f"model {loaded.name!r}: {e}") from None
 
-    def _start(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, *,
-               strip: bool = False) -> GenerationStream:
+    def _start(self, loaded: LoadedModel, prompt_ids: list[int],
+               params: SamplingParams | CandidateRows, *, strip: bool = False) -> GenerationStream:
+        """One generation: a row from the scheduler, then the engine loop; or, for
+        ``CandidateRows``, one row per candidate, all joining the same step."""
+        rows = params.params if isinstance(params, CandidateRows) else [params]
         waited = time.perf_counter_ns()
+        held, until = 0, self._clock() + self.queue_timeout_s
         try:
-            self.scheduler.acquire(self.queue_timeout_s)
-        except QueueFull:
-            raise ServerBusy(0.0, queue_full=True) from None
-        except QueueTimeout:
-            raise ServerBusy(self.queue_timeout_s) from None
-        ticket = Ticket(loaded, prompt_ids, params, on_end=self.scheduler.release)
-        self.engine.submit(ticket)
-        if not ticket.joined.wait(self.request_timeout_s):  # its first token comes at the next step
-            ticket.cancel()
-            raise ServerBusy(self.request_timeout_s)
-        return GenerationStream(
-            loaded.name, ticket, deadline=self._clock() + self.request_timeout_s,
-            clock=self._clock, prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
-            decode=loaded.tokenizer.decode, queued_ns=time.perf_counter_ns() - waited, strip=strip)
+            for _ in rows:  # a request needing K rows waits for all K, within one timeout
+                self.scheduler.acquire(max(0.0, until - self._clock()))
+                held += 1
+        except (QueueFull, QueueTimeout) as e:
+            for _ in range(held):
+                self.scheduler.release()
+            raise ServerBusy(0.0, queue_full=True) if isinstance(e, QueueFull) \
+                else ServerBusy(self.queue_timeout_s) from None
+        tickets = [Ticket(loaded, prompt_ids, p, on_end=self.scheduler.release) for p in rows]
+        for ticket in tickets:
+            self.engine.submit(ticket)
+        joined_by = time.monotonic() + self.request_timeout_s
+        for ticket in tickets:  # their first tokens come at the next step
+            if not ticket.joined.wait(max(0.0, joined_by - time.monotonic())):
+                for t in tickets:
+                    t.cancel()
+                raise ServerBusy(self.request_timeout_s)
+        deadline, queued_ns = self._clock() + self.request_timeout_s, time.perf_counter_ns() - waited
+        streams = [GenerationStream(
+            loaded.name, ticket, deadline=deadline, clock=self._clock,
+            prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
+            decode=loaded.tokenizer.decode, queued_ns=queued_ns, strip=strip) for ticket in tickets]
+        if not isinstance(params, CandidateRows):
+            return streams[0]
+        ticket = CandidatesTicket(streams, prompt_ids, params.pick,
+                                  logprobs=rows[0].logprobs is not None)
+        return InfillStream(
+            loaded.name, ticket=ticket, deadline=deadline, clock=self._clock,
+            prompt_tokens=len(prompt_ids), encode=loaded.tokenizer.encode,
+            decode=loaded.tokenizer.decode, queued_ns=queued_ns, counted=False)
 
 
 def get_service() -> GenerationService:

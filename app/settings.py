@@ -25,6 +25,8 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ORIGIN = re.compile(r"^https?://[^/\s,]+/?$", re.IGNORECASE)
 #: Tokens a request gets when it does not say, unless FABLE_MAX_NEW_TOKENS is lower.
 DEFAULT_NEW_TOKENS = 128
+#: Candidate middles one infill may ask for: each holds a row while it is written.
+MAX_INFILL_CANDIDATES = 16
 
 
 class SettingsError(ValueError):
@@ -178,6 +180,11 @@ class Settings(BaseSettings):
                                    "sends at once; more get 503 + Retry-After")
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
+    # Measured (benchmarks/README.md, "Infilled middles that arrive"): the most candidates
+    # whose infill still answers within about 3 s on a 2-vCPU machine.
+    infill_candidates: Integer = Field(8, ge=1, description=(
+        "candidate middles an infill writes at once (one row each), keeping the one under "
+        "which the given last sentence is likeliest; a request's 'candidates' wins"))
     log_prompts: bool = Field(False, description="log each generation's model and prompt "
                                                  "(first 200 characters); off: prompts never reach "
                                                  "the logs")
@@ -196,6 +203,13 @@ class Settings(BaseSettings):
         if not _DEVICE.match(device.lower()):
             raise _Refused(f"must be auto, cpu, mps, cuda or cuda:N, got {device.lower()!r}")
         return device.lower()
+
+    @field_validator("infill_candidates")
+    @classmethod
+    def _candidates_within_limit(cls, value: int) -> int:
+        if value > MAX_INFILL_CANDIDATES:
+            raise _Refused(f"must be from 1 to {MAX_INFILL_CANDIDATES}, got {value}")
+        return value
 
     @field_validator("api_keys")
     @classmethod

@@ -17,12 +17,12 @@ from flask import Blueprint, Response, render_template, request, stream_with_con
 from . import ratelimit
 # (Job and job_from_token are also this module's names for the tests that use them)
 from .pages_common import (DEFAULT_TEMPERATURE, FALLBACK_PROMPT, MAX_JOB_CHARS,  # noqa: F401
-                           SAMPLING_FIELDS, TEXT_FIELDS, FormErrors, Job, Result, job_events,
-                           job_from_token, output_tokens, read_job, run_to_end, sse_event,
-                           vendor_ready)
+                           OPTION_FIELDS, SAMPLING_FIELDS, TEXT_FIELDS, FormErrors, Job, Result,
+                           job_events, job_from_token, output_tokens, read_job, run_to_end,
+                           sse_event, vendor_ready)
 from .registry import get_registry
-from .service import GenerationStream
-from .settings import get_settings
+from .service import GenerationStream, get_service
+from .settings import MAX_INFILL_CANDIDATES, get_settings
 from .token_view import token_data
 from .web import STREAM_HEADERS, generates
 
@@ -41,8 +41,10 @@ def default_form(kind: str, query: Mapping[str, str] | None = None) -> dict[str,
     if chosen not in offered:
         model = get_registry().default(settings.default_model, infill=infill)
         chosen = model.name if model else ""
-    form = {"model": chosen, "temperature": DEFAULT_TEMPERATURE,
-            "max_new_tokens": str(settings.default_new_tokens)}
+    # a middle needs room to reach its ending (true TinyStories middles run to ~150 tokens,
+    # most past the default length); it stops where the model's context runs out in any case
+    length = settings.max_new_tokens if infill else settings.default_new_tokens
+    form = {"model": chosen, "temperature": DEFAULT_TEMPERATURE, "max_new_tokens": str(length)}
     for name in TEXT_FIELDS[kind]:
         if query.get(name):
             form[name] = query[name][:settings.limits.max_prompt_chars]
@@ -50,7 +52,7 @@ def default_form(kind: str, query: Mapping[str, str] | None = None) -> dict[str,
 
 
 def _first_error(kind: str, errors: Mapping[str | None, str]) -> str | None:
-    for name in ("model", *TEXT_FIELDS[kind], *SAMPLING_FIELDS):
+    for name in ("model", *TEXT_FIELDS[kind], *OPTION_FIELDS[kind], *SAMPLING_FIELDS):
         if name in errors:
             return name
     return None
@@ -59,9 +61,12 @@ def _first_error(kind: str, errors: Mapping[str | None, str]) -> str | None:
 def _context(kind: str, form: Mapping[str, Any], errors: Mapping[str | None, str] | None = None,
              **extra) -> dict[str, Any]:
     errors = dict(errors or {})
+    # the infill form's candidates: an empty box is the server's default, its placeholder
+    candidates = {"default_candidates": get_service().candidates_for(None),
+                  "max_candidates": min(MAX_INFILL_CANDIDATES, get_service().scheduler.max_batch)}
     return {"kind": kind, "form": form, "errors": errors, "first_error": _first_error(kind, errors),
             "models": get_registry().facts(infill=kind == "infill"), "limits": get_settings().limits,
-            "fallback_prompt": FALLBACK_PROMPT, **extra}
+            "fallback_prompt": FALLBACK_PROMPT, **candidates, **extra}
 
 
 def render_page(kind: str, form: Mapping[str, Any], *, errors=None, result: Result | None = None,

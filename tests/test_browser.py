@@ -302,6 +302,38 @@ def test_infill_shows_three_parts_with_the_middle_marked(page, base_url):
     assert background not in ("rgba(0, 0, 0, 0)", "transparent")
 
 
+def test_an_infill_never_shows_a_sentence_cut_into_the_ending(page, base_url, monkeypatch):
+    """Both candidates run on into the ending mid-sentence (the engine faked, the choice and
+    the cut real): the page shows the middle up to its last whole sentence, then the
+    ending, and says that no candidate ended."""
+    from app.service import CandidatesTicket, GenerationService, GenerationStream, InfillStream
+    from conftest import ScriptedTicket
+
+    def start(self, loaded, prompt_ids, rows, *, strip=False):
+        common = {"deadline": float("inf"), "clock": lambda: 0.0, "prompt_tokens": len(prompt_ids),
+                  "encode": loaded.tokenizer.encode, "decode": loaded.tokenizer.decode}
+        streams = [GenerationStream(loaded.name, ScriptedTicket([text], delay=0.2, reason=reason),
+                                    strip=strip, **common)
+                   for text, reason in (("The bird sang. You were very kind and", "stop"),
+                                        ("The bird flew up high and", "length"))]
+        return InfillStream(loaded.name, ticket=CandidatesTicket(streams, prompt_ids, rows.pick,
+                                                                 logprobs=False),
+                            counted=False, **common)
+    monkeypatch.setattr(GenerationService, "_start", start)
+    page.goto(base_url + "/infill")
+    fill_form(page, {"model": "endless", "first": "Lily saw a bird.", "candidates": "2",
+                     "last": "The bird flew away.", "temperature": "0", "max_new_tokens": "12"})
+    page.click("#infill-submit")
+    page.wait_for_selector(".status-text.is-streaming")
+    assert "Writing 2 candidate middles" in page.locator(".status-text").text_content()
+    page.wait_for_selector(".status-text:not(.is-streaming)")
+    story = page.locator("#output-text")
+    assert story.locator("mark.story-middle").text_content() == "The bird sang."
+    assert story.locator(".story-last").text_content() == "The bird flew away."
+    assert "kind and" not in story.text_content()
+    assert "none of the 2 candidate middles ended by itself" in page.locator(".status").text_content()
+
+
 def test_admin_lists_models_and_perplexities(page, base_url):
     page.goto(base_url + "/admin")
     rows = page.locator("table").first.locator("tbody tr")
