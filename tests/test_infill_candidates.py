@@ -273,3 +273,41 @@ def test_a_lone_candidate_streams_each_sentence_once_it_is_complete(client, writ
     assert [d for k, d in events if k == "message"] == ["The bird sang.", " It flew away."]
     done = next(d for k, d in events if k == "done")
     assert "the middle did not end by itself" in done and "best of" not in done
+
+
+# ---- the benchmark --------------------------------------------------------------------
+
+BENCHMARK = ["benchmarks/infill_quality.py"]
+
+
+def _run_benchmark(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, *BENCHMARK, *args], cwd=root, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_the_benchmark_prints_the_issues_three_lines(checkpoint_dir, tmp_path):
+    stories = tmp_path / "stories.txt"
+    stories.write_text("Tom ran. Mia sat. It was fun.\n<|endoftext|>\nToo short.\n<|endoftext|>\n"
+                       "Lily hid. Ben looked. He found her.\n<|endoftext|>\n")
+    done = _run_benchmark("--checkpoint", str(checkpoint_dir / "tiny-gpt"), "--data", str(stories),
+                          "--stories", "5", "--candidates", "2", "--max-new-tokens", "20")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if not line.startswith(("#", "|"))]
+    number = r"-?\d+\.\d+"
+    assert re.fullmatch(rf"ended by themselves: {number}%", lines[0])
+    assert re.fullmatch(rf"ending log-prob per character: generated {number}, true {number}, "
+                        rf"first only {number}", lines[1])
+    assert re.fullmatch(rf"middles repeating a 4-gram of the last sentence: generated {number}%, "
+                        rf"true {number}%", lines[2])
+    assert "2 stories of stories.txt" in done.stdout  # the one without a middle is left out
+
+
+def test_the_benchmark_says_clearly_when_the_stories_are_missing(tmp_path):
+    done = _run_benchmark("--data", str(tmp_path / "valid.txt"))
+    assert done.returncode != 0
+    assert f"no story file at {tmp_path / 'valid.txt'}" in done.stderr
