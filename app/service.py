@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -357,6 +358,7 @@ class GenerationService:
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self.infill_candidates = infill_candidates
+        self._gathering = threading.Lock()  # held by the one request gathering several rows
         self._clock = clock
 
     @classmethod
@@ -468,22 +470,37 @@ class GenerationService:
         except ChatTemplateError as e:
             raise CannotChat(f"model {loaded.name!r}: {e}") from None
 
+    def _acquire(self, count: int) -> None:
+        """Hold ``count`` rows, all within one queue timeout, or none (ServerBusy). Requests
+        needing several rows gather them one at a time: two that each held part of what
+        they need would wait for each other until both timed out."""
+        until = time.monotonic() + self.queue_timeout_s
+        gathering = count > 1
+        if gathering and not self._gathering.acquire(timeout=self.queue_timeout_s):
+            raise ServerBusy(self.queue_timeout_s)
+        held = 0
+        try:
+            for _ in range(count):
+                self.scheduler.acquire(max(0.0, until - time.monotonic()) if gathering
+                                       else self.queue_timeout_s)
+                held += 1
+        except (QueueFull, QueueTimeout) as e:
+            for _ in range(held):
+                self.scheduler.release()
+            if isinstance(e, QueueFull):
+                raise ServerBusy(0.0, queue_full=True) from None
+            raise ServerBusy(self.queue_timeout_s) from None
+        finally:
+            if gathering:
+                self._gathering.release()
+
     def _start(self, loaded: LoadedModel, prompt_ids: list[int],
                params: SamplingParams | CandidateRows, *, strip: bool = False) -> GenerationStream:
         """One generation: a row from the scheduler, then the engine loop; or, for
         ``CandidateRows``, one row per candidate, all joining the same step."""
         rows = params.params if isinstance(params, CandidateRows) else [params]
         waited = time.perf_counter_ns()
-        held, until = 0, self._clock() + self.queue_timeout_s
-        try:
-            for _ in rows:  # a request needing K rows waits for all K, within one timeout
-                self.scheduler.acquire(max(0.0, until - self._clock()))
-                held += 1
-        except (QueueFull, QueueTimeout) as e:
-            for _ in range(held):
-                self.scheduler.release()
-            raise ServerBusy(0.0, queue_full=True) if isinstance(e, QueueFull) \
-                else ServerBusy(self.queue_timeout_s) from None
+        self._acquire(len(rows))
         tickets = [Ticket(loaded, prompt_ids, p, on_end=self.scheduler.release) for p in rows]
         for ticket in tickets:
             self.engine.submit(ticket)

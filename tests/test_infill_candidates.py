@@ -5,6 +5,7 @@ the infill page."""
 from __future__ import annotations
 
 import re
+import time
 from html import unescape
 
 import pytest
@@ -159,6 +160,32 @@ def test_an_infill_that_cannot_get_all_its_rows_gives_back_those_it_got(make_app
     assert service.active == 1
     held.close()
     assert service.active == 0
+
+
+def test_infills_needing_every_row_at_once_take_turns_instead_of_deadlocking(make_app):
+    import threading
+
+    app = make_app(FABLE_MAX_BATCH=3, FABLE_QUEUE_TIMEOUT_S=3)
+    service = app.extensions["fable.service"]
+    holds = [hold_row(service), hold_row(service)]
+    results: list = []
+
+    def infill():
+        try:
+            results.append(service.infill("endless", FIRST, LAST, SamplingParams(max_new_tokens=3),
+                                          candidates=3).text)
+        except ServerBusy as e:  # what both would get, each holding part of its rows
+            results.append(e)
+    threads = [threading.Thread(target=infill) for _ in range(2)]
+    for thread in threads:  # the first takes the free row and waits; the second queues
+        thread.start()
+        time.sleep(0.2)
+    for held in holds:  # rows come free one at a time, in turn to whoever waits first
+        held.close()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [ENDLESS_CHAR * 3] * 2 and service.active == 0
 
 
 def test_endless_candidates_never_end_and_their_text_is_kept_as_written(app):
