@@ -181,10 +181,11 @@ class Settings(BaseSettings):
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
     # Measured (benchmarks/README.md, "Infilled middles that arrive"): the most candidates
-    # whose infill still answers within about 3 s on a 2-vCPU machine.
-    infill_candidates: Integer = Field(8, ge=1, description=(
-        "candidate middles an infill writes at once (one row each), keeping the one under "
-        "which the given last sentence is likeliest; a request's 'candidates' wins"))
+    # whose infill still answers within about 3 s on a 2-vCPU machine (16: about 2 s).
+    infill_candidates: Integer = Field(16, ge=1, description=(
+        "candidate middles an infill writes at once (one row each, so at most "
+        "FABLE_MAX_BATCH are used), keeping the one under which the given last sentence is "
+        f"likeliest; 1 to {MAX_INFILL_CANDIDATES}; a request's 'candidates' wins"))
     log_prompts: bool = Field(False, description="log each generation's model and prompt "
                                                  "(first 200 characters); off: prompts never reach "
                                                  "the logs")
