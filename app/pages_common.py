@@ -205,15 +205,15 @@ def finish_note(stream: GenerationStream, seed: int) -> str:
         reason = "Finished"
     seconds = ((stream.finished_ns or time.perf_counter_ns()) - stream.started_ns) / 1e9
     choice = stream.choice if isinstance(stream, InfillStream) else None
-    # an infill's figures are its middle's; the other candidates are counted beside them
-    tokens = choice.best.completion.completion_tokens if choice else completion.completion_tokens
+    tokens = completion.completion_tokens  # an infill's: its middle's
     plural = "" if tokens == 1 else "s"
     note = f"{reason} · {tokens:,} token{plural} in {seconds:.1f} s · seed {seed}"
     if choice is None:
         return note
     count = len(choice.candidates)
-    if count > 1:
-        note += f" · best of {count} candidates ({completion.completion_tokens:,} tokens in all)"
+    if count > 1:  # what the other candidates cost is said beside it
+        written = sum(c.completion.completion_tokens for c in choice.candidates)
+        note += f" · best of {count} candidates ({written:,} tokens in all)"
     if not choice.any_ended:  # said plainly: the model did not finish this middle
         which = ("the middle did not end" if count == 1
                  else f"none of the {count} candidate middles ended")

@@ -296,11 +296,11 @@ class CandidatesTicket:
         best = self.choice.best
         if self.logprobs is not None and best.completion.logprobs:
             self.logprobs.extend(best.completion.logprobs)
-        # usage counts every candidate's tokens: each was generated
+        # usage is the returned middle's, as its text is (never more than the request
+        # asked for); every candidate's tokens are counted in telemetry, and on the page
         completion = Completion(best.text, best.completion.token_ids,
                                 "stop" if best.ended else "length",
-                                best.completion.prompt_tokens,
-                                sum(c.completion_tokens for c in completions),
+                                best.completion.prompt_tokens, best.completion.completion_tokens,
                                 None if self.logprobs is None else list(self.logprobs))
         # what went out is whole sentences of the chosen text (the cut keeps them all)
         rest = best.text[len(self._sent):] if best.text.startswith(self._sent) else ""
@@ -405,7 +405,7 @@ class GenerationService:
         params = params or SamplingParams()
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
         rows = CandidateRows(
-            candidate_params(params, last, count, ids, loaded.model.max_context),
+            candidate_params(params, last, count),
             lambda done: choose(loaded.model, loaded.tokenizer, first, last, done))
         return self._start(loaded, ids, rows, strip=True)
 

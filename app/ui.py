@@ -41,8 +41,8 @@ def default_form(kind: str, query: Mapping[str, str] | None = None) -> dict[str,
     if chosen not in offered:
         model = get_registry().default(settings.default_model, infill=infill)
         chosen = model.name if model else ""
-    # a middle needs room to reach its ending (true TinyStories middles run to ~150 tokens,
-    # most past the default length); it stops where the model's context runs out in any case
+    # a middle needs room to reach its ending: true TinyStories middles run to ~150 tokens,
+    # most past the default length (benchmarks/README.md, "Infilled middles that arrive")
     length = settings.max_new_tokens if infill else settings.default_new_tokens
     form = {"model": chosen, "temperature": DEFAULT_TEMPERATURE, "max_new_tokens": str(length)}
     for name in TEXT_FIELDS[kind]:

@@ -100,8 +100,7 @@ def main() -> None:
                         help="default: the pages' default")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"].default,
-                        help="default: FABLE_MAX_NEW_TOKENS's default (an infill stops where "
-                             "the model's context runs out in any case)")
+                        help="default: FABLE_MAX_NEW_TOKENS's default, the infill page's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see README.md)")
     args = parser.parse_args()

@@ -143,16 +143,10 @@ def choose(model, tokenizer, first: str, last: str, completions: list[Completion
     return Choice(best, candidates)
 
 
-def candidate_params(params: SamplingParams | None, last: str, candidates: int,
-                     prompt_ids: list[int], context: int | None) -> list[SamplingParams]:
-    """Each candidate's settings: the infill's (the last sentence a stop string), at most
-    as many tokens as the context leaves after the prompt (past it, decoding would go on
-    without the given sentences), candidate i seeded with ``seed + i`` (no seed: fresh
-    entropy each)."""
+def candidate_params(params: SamplingParams | None, last: str, candidates: int) -> list[SamplingParams]:
+    """Each candidate's settings: the infill's (the last sentence a stop string), candidate
+    i seeded with ``seed + i`` (no seed: fresh entropy each)."""
     params = infill_params(params, last)
-    if context is not None:
-        params = replace(params, max_new_tokens=min(params.max_new_tokens,
-                                                    max(1, context - len(prompt_ids))))
     if params.seed is None:
         return [params] * candidates
     return [replace(params, seed=params.seed + i) for i in range(candidates)]
@@ -165,8 +159,7 @@ def best_middle(model, tokenizer, first: str, last: str, params: SamplingParams 
         raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
     prompt = infill_prompt_ids(tokenizer, first, last)
     batch = Batch(model, tokenizer)
-    seqs = batch.add([(prompt, p) for p in candidate_params(params, last, candidates, prompt,
-                                                            model.max_context)])
+    seqs = batch.add([(prompt, p) for p in candidate_params(params, last, candidates)])
     while batch:
         batch.step()
     return choose(model, tokenizer, first, last, [s.completion for s in seqs])
