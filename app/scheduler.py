@@ -1,7 +1,8 @@
 """Admission: how many generations a worker runs at once, and who waits for a row.
 
-At most ``max_batch`` generations hold a row (all models together); up to ``max_queue``
-more wait for one, first come first served, each for at most its timeout. Beyond that a
+At most ``max_batch`` rows are held (all models together): a generation holds one, an
+infill one per candidate middle, handed all at once. Up to ``max_queue`` more requests
+wait, first come first served, each for at most its timeout. Beyond that a
 request is refused at once (``QueueFull``): a fast 503 the client may retry beats a
 latency nobody bounds. Decoding itself is the engine loop's (``app.engine_loop``).
 """
@@ -31,38 +32,62 @@ class Scheduler:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._rows = 0  # rows held
-        self._waiting: deque[threading.Event] = deque()  # set when handed a row
+        # requests waiting, first come first served: each is handed all its rows at once,
+        # so no request ever holds some rows while it waits for more (two infills holding
+        # half the rows each would wait for each other until their timeouts)
+        self._waiting: deque[_Waiter] = deque()
 
-    def acquire(self, timeout: float) -> None:
-        """Hold a row, waiting up to ``timeout`` seconds in the queue for one;
-        ``QueueFull`` or ``QueueTimeout`` when there is none."""
+    def acquire(self, timeout: float, rows: int = 1) -> None:
+        """Hold ``rows`` rows (1 to max_batch), waiting up to ``timeout`` seconds in the
+        queue for them; ``QueueFull`` or ``QueueTimeout`` when they do not come."""
+        if not 1 <= rows <= self.max_batch:
+            raise ValueError(f"a request holds 1 to {self.max_batch} rows, not {rows}")
         with self._lock:
-            if self._rows < self.max_batch and not self._waiting:
-                self._rows += 1
+            if not self._waiting and self._rows + rows <= self.max_batch:
+                self._rows += rows
                 self._on_change(self._rows, len(self._waiting))
                 return
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull
-            handed = threading.Event()
-            self._waiting.append(handed)
+            waiter = _Waiter(rows)
+            self._waiting.append(waiter)
             self._on_change(self._rows, len(self._waiting))
-        if handed.wait(timeout):
+        if waiter.handed.wait(timeout):
             return
         with self._lock:
-            if handed.is_set():  # handed a row just as the wait ran out: keep it
+            if waiter.handed.is_set():  # handed its rows just as the wait ran out: keep them
                 return
-            self._waiting.remove(handed)
+            self._waiting.remove(waiter)
+            self._hand_out()  # a smaller request behind it may fit now
             self._on_change(self._rows, len(self._waiting))
         raise QueueTimeout
 
-    def release(self) -> None:
-        """Give a row back: to the first request waiting, or free."""
+    def try_acquire(self, rows: int) -> int:
+        """Up to ``rows`` more rows, only those free now with nobody waiting (never
+        waits): how many were taken."""
         with self._lock:
             if self._waiting:
-                self._waiting.popleft().set()  # the row passes on; the count stays
-            else:
-                self._rows -= 1
+                return 0
+            taken = max(0, min(rows, self.max_batch - self._rows))
+            if taken:
+                self._rows += taken
+                self._on_change(self._rows, len(self._waiting))
+            return taken
+
+    def release(self, rows: int = 1) -> None:
+        """Give rows back: to the requests waiting, first come first served, or free."""
+        with self._lock:
+            self._rows -= rows
+            self._hand_out()
             self._on_change(self._rows, len(self._waiting))
+
+    def _hand_out(self) -> None:
+        """Hand rows to the waiting requests in order while the first one's all fit
+        (called with the lock)."""
+        while self._waiting and self._rows + self._waiting[0].rows <= self.max_batch:
+            waiter = self._waiting.popleft()
+            self._rows += waiter.rows
+            waiter.handed.set()
 
     @property
     def rows(self) -> int:
@@ -71,3 +96,11 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._waiting)
+
+
+class _Waiter:
+    __slots__ = ("rows", "handed")
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.handed = threading.Event()  # set when its rows are handed to it

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -235,10 +234,12 @@ class GenerationStream:
 
 @dataclass(frozen=True)
 class CandidateRows:
-    """An infill's candidates for ``_start``: each candidate's settings (one row each), and
-    how the middle is picked once they have all ended."""
+    """An infill's candidates for ``_start``: each candidate's settings (one row each), how
+    the middle is picked once they have all ended, and how many rows it must have (the
+    rest are written only if their rows are free at once)."""
     params: list[SamplingParams]
     pick: Callable[[list[Completion]], Choice]
+    at_least: int
 
 
 class CandidatesTicket:
@@ -358,7 +359,6 @@ class GenerationService:
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self.infill_candidates = infill_candidates
-        self._gathering = threading.Lock()  # held by the one request gathering several rows
         self._clock = clock
 
     @classmethod
@@ -404,9 +404,13 @@ class GenerationService:
         self._log("infill", loaded.name, f"{first} … {last}")
         params = params or SamplingParams()
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
+        # Asked for, the candidates wait for their rows; by default an infill waits for one
+        # and writes as many more as there are free rows: under load it writes fewer
+        # candidates rather than holding up everyone behind it.
         rows = CandidateRows(
             candidate_params(params, last, count),
-            lambda done: choose(loaded.model, loaded.tokenizer, first, last, done))
+            lambda done: choose(loaded.model, loaded.tokenizer, first, last, done),
+            at_least=count if candidates is not None else 1)
         return self._start(loaded, ids, rows, strip=True)
 
     def candidates_for(self, asked: int | None) -> int:
@@ -470,29 +474,17 @@ class GenerationService:
         except ChatTemplateError as e:
             raise CannotChat(f"model {loaded.name!r}: {e}") from None
 
-    def _acquire(self, count: int) -> None:
-        """Hold ``count`` rows, all within one queue timeout, or none (ServerBusy). Requests
-        needing several rows gather them one at a time: two that each held part of what
-        they need would wait for each other until both timed out."""
-        until = time.monotonic() + self.queue_timeout_s
-        gathering = count > 1
-        if gathering and not self._gathering.acquire(timeout=self.queue_timeout_s):
-            raise ServerBusy(self.queue_timeout_s)
-        held = 0
+    def _acquire(self, count: int, at_least: int) -> int:
+        """Rows for one request: ``at_least`` of them, handed all at once after a wait in
+        the queue (ServerBusy when they do not come), then up to ``count`` in all of those
+        free now. How many it holds."""
         try:
-            for _ in range(count):
-                self.scheduler.acquire(max(0.0, until - time.monotonic()) if gathering
-                                       else self.queue_timeout_s)
-                held += 1
-        except (QueueFull, QueueTimeout) as e:
-            for _ in range(held):
-                self.scheduler.release()
-            if isinstance(e, QueueFull):
-                raise ServerBusy(0.0, queue_full=True) from None
+            self.scheduler.acquire(self.queue_timeout_s, rows=at_least)
+        except QueueFull:
+            raise ServerBusy(0.0, queue_full=True) from None
+        except QueueTimeout:
             raise ServerBusy(self.queue_timeout_s) from None
-        finally:
-            if gathering:
-                self._gathering.release()
+        return at_least + self.scheduler.try_acquire(count - at_least)
 
     def _start(self, loaded: LoadedModel, prompt_ids: list[int],
                params: SamplingParams | CandidateRows, *, strip: bool = False) -> GenerationStream:
@@ -500,8 +492,10 @@ class GenerationService:
         ``CandidateRows``, one row per candidate, all joining the same step."""
         rows = params.params if isinstance(params, CandidateRows) else [params]
         waited = time.perf_counter_ns()
-        self._acquire(len(rows))
-        tickets = [Ticket(loaded, prompt_ids, p, on_end=self.scheduler.release) for p in rows]
+        held = self._acquire(len(rows), params.at_least if isinstance(params, CandidateRows)
+                             else 1)
+        tickets = [Ticket(loaded, prompt_ids, p, on_end=self.scheduler.release)
+                   for p in rows[:held]]
         for ticket in tickets:
             self.engine.submit(ticket)
         joined_by = time.monotonic() + self.request_timeout_s

@@ -155,3 +155,53 @@ def test_admission_hands_rows_out_first_come_first_served():
     assert scheduler.queued == 0
     scheduler.release()
     assert scheduler.rows == 0
+
+
+def test_a_request_for_several_rows_gets_them_all_at_once_in_its_turn():
+    """An infill's candidates: rows handed all at once, first come first served, so no
+    request holds part of its rows while it waits (two that did waited for each other until
+    both timed out); ``try_acquire`` takes only rows that are free with nobody waiting."""
+    from app.scheduler import QueueTimeout, Scheduler
+
+    scheduler = Scheduler(max_batch=4, max_queue=4)
+    scheduler.acquire(0, rows=3)
+    got = []
+    big = threading.Thread(target=lambda: (scheduler.acquire(10, rows=3), got.append("big")))
+    big.start()
+    wait_for(lambda: scheduler.queued == 1)
+    assert scheduler.rows == 3  # the free row is not taken while it waits for three
+    small = threading.Thread(target=lambda: (scheduler.acquire(10), got.append("small")))
+    small.start()
+    wait_for(lambda: scheduler.queued == 2)
+    assert scheduler.try_acquire(1) == 0  # others wait: no row is taken past them
+    scheduler.release(3)  # both are handed their rows in this one release, in order
+    big.join(10)
+    small.join(10)
+    assert sorted(got) == ["big", "small"] and scheduler.rows == 4 and scheduler.queued == 0
+    scheduler.release(4)
+    assert scheduler.try_acquire(9) == 4 and scheduler.rows == 4
+    scheduler.release(4)
+    scheduler.acquire(0, rows=4)
+    with pytest.raises(QueueTimeout):  # a waiter that gives up lets the one behind it in
+        scheduler.acquire(0.05, rows=2)
+    assert scheduler.queued == 0
+    scheduler.release(4)
+    with pytest.raises(ValueError):
+        scheduler.acquire(0, rows=5)
+
+
+def test_a_default_infill_writes_as_many_candidates_as_there_are_free_rows(make_app):
+    """Without a request's count an infill waits for one row and takes the free ones: under
+    load it writes fewer candidates instead of holding up the requests behind it."""
+    from conftest import hold_row
+
+    app = make_app(FABLE_MAX_BATCH=4, FABLE_INFILL_CANDIDATES=4, FABLE_QUEUE_TIMEOUT_S=1)
+    service = app.extensions["fable.service"]
+    params = SamplingParams(max_new_tokens=3)
+    held = [hold_row(service) for _ in range(2)]
+    infill = service.stream_infill("endless", "A cat.", "The end.", params)
+    assert infill.candidates == 2
+    infill.close()
+    for stream in held:
+        stream.close()
+    assert service.stream_infill("endless", "A cat.", "The end.", params).candidates == 4
