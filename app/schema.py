@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal, get_args
+from typing_extensions import TypedDict  # pydantic reads its fields on Python < 3.12 only from this one
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError, ValidationInfo, WithJsonSchema, create_model)
@@ -263,6 +264,12 @@ def _stream_options_need_stream(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+class TextPart(TypedDict):
+    """One part of an OpenAI message's content: only text parts are read here."""
+    type: Literal["text"]
+    text: str
+
+
 def _text_parts(value: Any) -> Any:
     """OpenAI's content as a list of parts: the text parts joined (no images here)."""
     if not isinstance(value, list):
@@ -343,6 +350,11 @@ def request_models(limits: Limits) -> RequestModels:
                 "use_mmap, ...) are ignored, and so are unknown ones, as Ollama ignores them.",
         **_sampling(limits, OLLAMA_OPTIONS, server_default=-1),
         **_unsupported_options())
+    candidates = (integer(ge=1, le=MAX_INFILL_CANDIDATES, description=(
+        "With a suffix: candidate middles written at once, the one the last sentence fits "
+        "best kept (and waited for, one row each). Unset: the server's "
+        "FABLE_INFILL_CANDIDATES, as many as there are free rows. Without a suffix: "
+        "ignored")), None)
     generate = create_model(
         "GenerateRequest", __base__=_Body,
         __doc__="Ollama's generate request. The prompt is always given to the model as it is "
@@ -353,6 +365,7 @@ def request_models(limits: Limits) -> RequestModels:
         suffix=(suffix, Field(None, validate_default=True, description=(
             "Story infilling: prompt is the first sentence, suffix the last; the response "
             "is the middle. The prompt and suffix together are limited too."))),
+        candidates=candidates,
         stream=(bool | None, True),
         format=(Neutral(("", []), "'format' is not supported by this server"), None),
         images=(Neutral(("", []), "'images' is not supported by this server"), None),
@@ -381,6 +394,7 @@ def request_models(limits: Limits) -> RequestModels:
             text | Annotated[list[text], Field(min_length=1, max_length=1)] | None))], None),
         suffix=(suffix, Field(None, validate_default=True,
                               description="Story infilling (see /api/generate)")),
+        candidates=candidates,
         stream=(bool | None, False),
         stream_options=(Annotated[stream_options | None,
                                   BeforeValidator(_stream_options_need_stream)], None),
@@ -410,7 +424,7 @@ def request_models(limits: Limits) -> RequestModels:
         role=(Annotated[role, BeforeValidator(lambda v: "system" if v == "developer" else v,
                                               json_schema_input_type=Literal[(*ROLES, "developer")])], ...),
         content=(Annotated[text | None, BeforeValidator(_text_parts, json_schema_input_type=(
-            text | list[dict[str, Any]] | None))], None),
+            text | list[TextPart] | None))], None),
         name=(Any, Field(None, description="Ignored")),
         refusal=(Any, Field(None, description="Ignored")),
         annotations=(Any, Field(None, description="Ignored")),
@@ -625,6 +639,7 @@ class GenerationRequest:
     params: SamplingParams
     include_usage: bool = False  # OpenAI stream_options.include_usage
     messages: tuple[Message, ...] | None = None  # a chat: the reply to these (prompt unused)
+    candidates: int | None = None  # infill: candidate middles asked for (None: the server's)
 
 
 def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONICAL) -> dict:
@@ -649,7 +664,8 @@ def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> Generation
     values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS),
               **_logprobs(req)}
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None,
-                             req.stream is not False, make_params(values, limits))
+                             req.stream is not False, make_params(values, limits),
+                             candidates=_candidates(req))
 
 
 def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
@@ -659,7 +675,12 @@ def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> Generati
     if req.logprobs is not None:
         values["logprobs"] = req.logprobs
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
-                             make_params(values, limits), _include_usage(req))
+                             make_params(values, limits), _include_usage(req),
+                             candidates=_candidates(req))
+
+
+def _candidates(req: BaseModel) -> int | None:
+    return req.candidates if req.suffix else None  # without a suffix there is no middle
 
 
 def _include_usage(req: BaseModel) -> bool:

@@ -199,7 +199,8 @@ def open_stream(req: GenerationRequest) -> GenerationStream:
     if req.messages is not None:
         return service.stream_chat(req.model, req.messages, req.params)
     if req.suffix is not None:
-        return service.stream_infill(req.model, req.prompt, req.suffix, req.params)
+        return service.stream_infill(req.model, req.prompt, req.suffix, req.params,
+                                     req.candidates)
     return service.stream(req.model, req.prompt, req.params)
 
 

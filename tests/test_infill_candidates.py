@@ -328,3 +328,27 @@ def test_the_benchmark_says_clearly_when_the_stories_are_missing(tmp_path):
     done = _run_benchmark("--data", str(tmp_path / "valid.txt"))
     assert done.returncode != 0
     assert f"no story file at {tmp_path / 'valid.txt'}" in done.stderr
+
+
+@pytest.mark.parametrize("path, length", [("/api/generate", {"options": {"num_predict": 4}}),
+                                          ("/v1/completions", {"max_tokens": 4})])
+def test_the_apis_take_candidates_with_a_suffix(client, path, length):
+    body = {"model": "endless", "prompt": FIRST, "suffix": LAST, "stream": False, **length}
+    assert client.post(path, json={**body, "candidates": 3}).status_code == 200
+    answer = client.post(path, json={**body, "candidates": 17})
+    assert answer.status_code == 400 and "candidates" in answer.get_data(as_text=True)
+    # without a suffix there is no middle to choose: the option changes nothing
+    assert client.post(path, json={**body, "candidates": 2, "suffix": None}).status_code == 200
+
+
+def test_an_api_infill_writes_the_candidates_it_asks_for(app):
+    from app.schema import parse_openai_completion
+    from app.settings import get_settings
+    from app.web import open_stream
+
+    with app.test_request_context():
+        req = parse_openai_completion({"model": "endless", "prompt": FIRST, "suffix": LAST,
+                                       "candidates": 3, "max_tokens": 4}, get_settings().limits)
+        stream = open_stream(req)
+        assert stream.candidates == 3
+        stream.close()
