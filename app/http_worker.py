@@ -55,8 +55,8 @@ LINGER_S = 2.0
 LINGER_BYTES = 1024 * 1024
 _RECEIVE = 64 * 1024
 #: Each connection's kernel send buffer (Linux doubles it). Autotuned, it grows to 4 MB,
-#: which a client that never reads fills for a minute before a write even waits; bounded,
-#: the write deadline drops it within seconds (256 KB in flight is 20 ms at 100 Mbit/s).
+#: which a client that never reads takes a long time to fill before a write even waits;
+#: bounded, the write deadline drops it soon after it stops reading.
 SEND_BUFFER_BYTES = 128 * 1024
 
 

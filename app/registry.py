@@ -38,6 +38,8 @@ from models_src.checkpoint import (HEALTH_FILE, Checkpoint, CheckpointError, loa
 from models_src.infill import trained_to_infill
 from models_src.summary import count_parameters
 
+from .settings import default_of
+
 log = logging.getLogger(__name__)
 
 #: Training facts copied from a checkpoint's summary (``config.json`` "training").
@@ -102,25 +104,24 @@ class LoadedModel:
 class ModelRegistry:
     """Loaded models by name, plus the directories that failed (``errors``: name -> why).
 
-    ``load_timeout_s``: how long one checkpoint may take to load (None: the setting's
-    default)."""
+    ``load_timeout_s``: how long one checkpoint may take to load (create_app passes the
+    setting)."""
 
     def __init__(self, directory: Path, device: str,
                  models: dict[str, LoadedModel] | None = None,
                  errors: dict[str, str] | None = None,
-                 load_timeout_s: float | None = None) -> None:
+                 load_timeout_s: float = default_of("load_timeout_s")) -> None:
         self.directory = Path(directory)
         self.device = device
         self._models = dict(sorted((models or {}).items()))
         self.errors = dict(sorted((errors or {}).items()))
-        self.load_timeout_s = (_configured_load_timeout() if load_timeout_s is None
-                               else load_timeout_s)
+        self.load_timeout_s = load_timeout_s
         self._failures: dict[str, tuple] = {}  # name -> the fingerprint of the files that failed
         self._refreshing = threading.Lock()
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu",
-             load_timeout_s: float | None = None) -> ModelRegistry:
+             load_timeout_s: float = default_of("load_timeout_s")) -> ModelRegistry:
         """Load every non-hidden directory under ``directory``; never raises for a bad one."""
         registry = cls(directory, device, load_timeout_s=load_timeout_s)
         if not registry.directory.is_dir():
@@ -258,20 +259,11 @@ def _checkpoint_dirs(directory: Path) -> dict[str, Path]:
 def _return_free_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's malloc_trim): what a failed
     load freed otherwise stays with the allocator (each load runs in a thread of its own,
-    with its own arena). A fresh process that failed to load a 50 MB model held 380 MB
-    after it without this, 331 MB with it."""
+    with its own arena)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the allocator keeps its own counsel
         pass
-
-
-def _configured_load_timeout() -> float:
-    """The setting's default, declared once in ``app.settings`` (create_app passes the
-    value the server was started with)."""
-    from .settings import Settings
-
-    return Settings.model_fields["load_timeout_s"].default
 
 
 def _fingerprint(path: Path) -> tuple:

@@ -33,7 +33,7 @@ from . import telemetry
 from .engine_loop import EngineLoop, Failed, Finished, Ticket
 from .registry import LoadedModel, ModelRegistry
 from .scheduler import QueueFull, QueueTimeout, Scheduler
-from .settings import Settings
+from .settings import default_of
 
 log = logging.getLogger(__name__)
 
@@ -332,22 +332,17 @@ class InfillStream(GenerationStream):
         return self._candidates_ticket.choice
 
 
-def _default(setting: str):
-    """A setting's default, declared once in ``app.settings``."""
-    return Settings.model_fields[setting].default
-
-
 class GenerationService:
     """Runs generation for every blueprint: admission, then the engine loop; enforces the
     deadline."""
 
-    def __init__(self, registry: ModelRegistry, *, max_batch: int = _default("max_batch"),
-                 max_queue: int = _default("max_queue"),
-                 queue_timeout_s: float = _default("queue_timeout_s"),
-                 request_timeout_s: float = _default("request_timeout_s"),
+    def __init__(self, registry: ModelRegistry, *, max_batch: int = default_of("max_batch"),
+                 max_queue: int = default_of("max_queue"),
+                 queue_timeout_s: float = default_of("queue_timeout_s"),
+                 request_timeout_s: float = default_of("request_timeout_s"),
                  chat_template: str | None = None, log_prompts: bool = False,
                  decode_threads: int = 1,
-                 infill_candidates: int = _default("infill_candidates"),
+                 infill_candidates: int = default_of("infill_candidates"),
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``chat_template``: for models whose tokenizer has none (None: the transcript);
         raises ChatTemplateError when it does not work."""

@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
     # Measured (benchmarks/README.md, "Infilled middles that arrive"): the most candidates
-    # whose infill still answers within about 3 s on a 2-vCPU machine (16: about 2 s).
+    # whose infill still answers within about 3 s on a 2-vCPU machine.
     infill_candidates: Integer = Field(16, ge=1, description=(
         "candidate middles an infill writes at once (one row each, so at most "
         "FABLE_MAX_BATCH are used), keeping the one under which the given last sentence is "
@@ -303,6 +303,12 @@ def _variables(key: str) -> tuple[Any, list[str]]:
         if key == name or key in names:
             return field, names
     raise KeyError(key)
+
+
+def default_of(setting: str) -> Any:
+    """A setting's default, as declared here (for the classes that take settings as
+    arguments and have defaults of their own)."""
+    return Settings.model_fields[setting].default
 
 
 def get_settings() -> Settings:

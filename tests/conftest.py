@@ -135,6 +135,21 @@ def app(make_app):
 
 
 @pytest.fixture
+def started(monkeypatch) -> list[str]:
+    """The model of every generation started from now on."""
+    from app.service import GenerationService
+
+    calls: list[str] = []
+    real = GenerationService._start
+
+    def counting(self, loaded, *args, **kwargs):
+        calls.append(loaded.name)
+        return real(self, loaded, *args, **kwargs)
+    monkeypatch.setattr(GenerationService, "_start", counting)
+    return calls
+
+
+@pytest.fixture
 def client(app):
     return app.test_client()
 

@@ -60,21 +60,6 @@ def basic(password: str, user: str = "me") -> dict:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-@pytest.fixture
-def started(monkeypatch) -> list[str]:
-    """The model of every generation started from now on."""
-    from app.service import GenerationService
-
-    calls: list[str] = []
-    real = GenerationService._start
-
-    def counting(self, loaded, *args, **kwargs):
-        calls.append(loaded.name)
-        return real(self, loaded, *args, **kwargs)
-    monkeypatch.setattr(GenerationService, "_start", counting)
-    return calls
-
-
 def _streams(html: str) -> list[str]:
     return [unescape(url) for url in re.findall(r'sse-connect="([^"]+)"', html)]
 

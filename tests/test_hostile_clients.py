@@ -40,6 +40,17 @@ def read_answer(sock: socket.socket, timeout: float) -> bytes:
     return answer
 
 
+def probe_health(port: int) -> tuple[float, str, dict]:
+    """/healthz over a bare socket (an httpx client per probe costs this process more than
+    the answer): the seconds it took, the status line and the reply."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_answer(probe, 5)
+    status, _, reply = head_and_json(answer)
+    return time.monotonic() - started, status, reply
+
+
 def head_and_json(answer: bytes) -> tuple[str, dict[str, str], dict]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status, *lines = head.decode("latin-1").split("\r\n")
@@ -215,14 +226,9 @@ def test_80_concurrent_streams_past_rows_and_queue_get_503_at_once(checkpoint_di
         health, full, watching = [], [], threading.Event()
 
         def watch_health():
-            # a bare socket: an httpx client per probe costs the test's own CPU tens of ms
             while not watching.wait(0.1):
-                started = time.monotonic()
-                with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=5) as probe:
-                    probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    answer = read_answer(probe, 5)
-                health.append(time.monotonic() - started)
-                status, _, reply = head_and_json(answer)
+                took, status, reply = probe_health(gunicorn.port)
+                health.append(took)
                 full.append(status.startswith("HTTP/1.1 200") and reply["full"])
 
         watcher = threading.Thread(target=watch_health)
@@ -322,16 +328,13 @@ def answer_waiting(sock: socket.socket) -> bool:
         return False
 
 
-def health_until(url: str, done, seconds: float) -> tuple[list[float], dict]:
+def health_until(port: int, done, seconds: float) -> tuple[list[float], dict]:
     """/healthz's answer times, polled until ``done(answer)`` (or ``seconds``), and its
     last answer."""
-    port, times, started = int(url.rsplit(":", 1)[1]), [], time.monotonic()
+    times, started = [], time.monotonic()
     while True:
-        began = time.monotonic()  # a bare socket: an httpx client costs this process ~50 ms
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
-            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            _, _, state = head_and_json(read_answer(probe, 5))
-        times.append(time.monotonic() - began)
+        took, _, state = probe_health(port)
+        times.append(took)
         if done(state) or time.monotonic() - started > seconds:
             return times, state
         time.sleep(0.1)
@@ -369,7 +372,7 @@ def test_clients_that_never_read_are_dropped_within_the_write_timeout(checkpoint
                 def done(state):
                     drops = gunicorn.log_text().count("read nothing for 2 s") - dropped
                     return drops >= held and state["active"] == 0 and state["queued"] == 0
-                health, state = health_until(gunicorn.url, done, 30)
+                health, state = health_until(gunicorn.port, done, 30)
                 assert max(health) < 1.0, health
                 assert done(state), (state, gunicorn.log_text()[-2000:])
                 dropped += held

@@ -31,21 +31,6 @@ COMPARE = {"models": ["endless", "tiny-gpt"], "prompt": "Once", "temperature": "
            "max_new_tokens": "6", "seed": "3"}
 
 
-@pytest.fixture
-def started(monkeypatch) -> list[str]:
-    """The model of every generation started from now on."""
-    from app.service import GenerationService
-
-    calls: list[str] = []
-    real = GenerationService._start
-
-    def counting(self, loaded, *args, **kwargs):
-        calls.append(loaded.name)
-        return real(self, loaded, *args, **kwargs)
-    monkeypatch.setattr(GenerationService, "_start", counting)
-    return calls
-
-
 def issue(client, kind: str = "generate") -> str:
     """A stream URL, as the page's htmx form gets it."""
     if kind == "compare":

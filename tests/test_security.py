@@ -269,21 +269,6 @@ COMPARE_RUN = {"models": ["endless", "tiny-gpt", "tiny-lstm"], "prompt": "Once",
                "temperature": "0", "max_new_tokens": "3", "run": "1"}
 
 
-@pytest.fixture
-def started(monkeypatch) -> list[str]:
-    """The model of every generation started from now on."""
-    from app.service import GenerationService
-
-    calls: list[str] = []
-    real = GenerationService._start
-
-    def counting(self, loaded, *args, **kwargs):
-        calls.append(loaded.name)
-        return real(self, loaded, *args, **kwargs)
-    monkeypatch.setattr(GenerationService, "_start", counting)
-    return calls
-
-
 def _generating_gets(client) -> list[tuple[str, dict | None]]:
     """Every GET that starts work: the no-JS comparison, its htmx start, each stream."""
     compare = {k: v for k, v in COMPARE_RUN.items() if k != "run"}

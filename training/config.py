@@ -56,6 +56,20 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+def _char_rnn_recipe(cell: str) -> dict:
+    """The character recipe of a recurrent cell (lstm, gru): the same settings for both."""
+    return {
+        "about": f"{cell.upper()} on characters (2 layers, 128-wide embeddings, 256 hidden units)",
+        "model": dict(arch=cell, preset="micro", tie_weights=False, dropout=0.1,
+                      dropout_hidden=0.1),
+        "data": dict(max_seq_len=128),  # the truncated back-propagation window
+        "tokenizer": dict(kind="char"),
+        "training": dict(batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50,
+                         weight_decay=0.01, grad_clip=0.5, eval_every=200, eval_batches=20,
+                         save_every=200),
+    }
+
+
 # Whole recipes for the one command, `python -m training.train --preset char-gpt --data FILE
 # --name NAME`: architecture, tokenizer, a size preset and training settings, each a config
 # without its name, data and budget (recipe_config adds them). Settings from the shipped
@@ -76,24 +90,8 @@ RECIPES = {
         "training": dict(batch_size=16, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
                          eval_every=250, eval_batches=20, save_every=500),
     },
-    "char-lstm": {
-        "about": "LSTM on characters (2 layers, 128-wide embeddings, 256 hidden units)",
-        "model": dict(arch="lstm", preset="micro", tie_weights=False, dropout=0.1, dropout_hidden=0.1),
-        "data": dict(max_seq_len=128),  # the truncated back-propagation window
-        "tokenizer": dict(kind="char"),
-        "training": dict(batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50,
-                         weight_decay=0.01, grad_clip=0.5, eval_every=200, eval_batches=20,
-                         save_every=200),
-    },
-    "char-gru": {
-        "about": "GRU on characters (2 layers, 128-wide embeddings, 256 hidden units)",
-        "model": dict(arch="gru", preset="micro", tie_weights=False, dropout=0.1, dropout_hidden=0.1),
-        "data": dict(max_seq_len=128),
-        "tokenizer": dict(kind="char"),
-        "training": dict(batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50,
-                         weight_decay=0.01, grad_clip=0.5, eval_every=200, eval_batches=20,
-                         save_every=200),
-    },
+    "char-lstm": _char_rnn_recipe("lstm"),
+    "char-gru": _char_rnn_recipe("gru"),
     "word-lstm": {
         "about": "AWD-LSTM-style model on words seen at least twice (2 layers, 256 wide)",
         "model": dict(arch="lstm", n_layer=2, n_embd=256, n_hidden=384, tie_weights=True,
