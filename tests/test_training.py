@@ -227,10 +227,10 @@ def interrupt_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(Trainer, "next_batch", next_batch)
 
 
-@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+@pytest.mark.parametrize("arch, optimizer", [("gpt", "adamw"), ("lstm", "adamw"), ("gpt", "muon")])
 def test_ctrl_c_saves_last_and_final_and_resume_ends_as_the_uninterrupted_run(
-        tmp_path, monkeypatch, capsys, arch):
-    raw = raw_config(tmp_path, arch, max_steps=30, grad_accum=2)
+        tmp_path, monkeypatch, capsys, arch, optimizer):
+    raw = raw_config(tmp_path, arch, max_steps=30, grad_accum=2, optimizer=optimizer)
     raw["model"]["dropout"] = 0.1  # the global RNG too must be put back
     uninterrupted = Trainer(load_config(raw=raw), quiet=True).fit()
     [first] = query(tmp_path / "exp", "SELECT DISTINCT run_id FROM experiments")
@@ -257,6 +257,38 @@ def test_ctrl_c_saves_last_and_final_and_resume_ends_as_the_uninterrupted_run(
     assert abs(resumed["val_loss"] - uninterrupted["val_loss"]) < 1e-6
     assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
         (2, "final"), (10, "train_eval"), (20, "train_eval"), (30, "final"), (30, "train_eval")]
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_embedding_head_and_vectors(tmp_path):
+    from training.optimizers import Paired
+    trainer = Trainer(load_config(raw=raw_config(tmp_path, optimizer="muon")), quiet=True)
+    muon, adamw = trainer.optimizer.optimizers
+    assert isinstance(trainer.optimizer, Paired) and isinstance(muon, torch.optim.Muon)
+    model = trainer.model
+    named = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {named[id(p)] for g in muon.param_groups for p in g["params"]}
+    on_adamw = {named[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert not on_muon & on_adamw and on_muon | on_adamw == set(named.values())
+    assert "wte.weight" in on_adamw and "wpe.weight" in on_adamw  # the head is tied to wte
+    assert "blocks.0.attn.c_attn.weight" in on_muon and "blocks.0.ln_1.weight" in on_adamw
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    summary = trainer.fit()
+    assert summary["val_loss"] < math.log(summary["vocab_size"])
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    raw = raw_config(tmp_path, max_steps=4, save_every=2, eval_every=2)
+    Trainer(load_config(raw=raw), quiet=True).fit()
+    raw["training"].update(optimizer="muon", max_steps=8)
+    with pytest.raises(TrainingError, match="optimizer"):
+        Trainer(load_config(raw=raw), quiet=True).fit(resume=True)
+
+
+def test_optimizer_must_be_known_and_muon_has_no_plateau_schedule(tmp_path):
+    with pytest.raises(ConfigError, match="training.optimizer must be one of adamw, muon"):
+        load_config(raw=raw_config(tmp_path, optimizer="sgd"))
+    with pytest.raises(ConfigError, match="plateau needs training.optimizer adamw"):
+        load_config(raw=raw_config(tmp_path, optimizer="muon", schedule="plateau"))
 
 
 def test_ctrl_c_ends_a_sweep(tmp_path, monkeypatch, capsys):

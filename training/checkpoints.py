@@ -60,4 +60,8 @@ class RunCheckpoints:
         if restored.config != self.model.config:
             raise TrainingError(f"cannot resume: {last} was trained with another model config")
         self.model.load_state_dict(restored.model.state_dict())
-        state.load(last / TRAINER_STATE, device)
+        try:
+            state.load(last / TRAINER_STATE, device)
+        except (KeyError, ValueError) as e:  # what torch raises for another optimizer's state
+            raise TrainingError(f"cannot resume: {last} holds another optimizer's state "
+                                f"(was training.optimizer changed?): {e}") from None

@@ -19,6 +19,7 @@ import yaml
 from models_src import ModelConfig
 
 from .data import DataConfig, DataError, TokenizerConfig
+from .optimizers import OPTIMIZERS
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -135,6 +136,7 @@ class TrainingConfig:
     learning_rate: float = 1e-3
     min_lr: float = 1e-4  # cosine schedule floor
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices; training.optimizers)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -172,6 +174,10 @@ class TrainingConfig:
             raise ConfigError("training: give max_steps, epochs or max_time_s")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"training.precision must be auto, float32 or bfloat16, not {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.optimizer != "adamw" and self.schedule == "plateau":
+            raise ConfigError("training.schedule plateau needs training.optimizer adamw")
         if self.schedule not in ("cosine", "plateau", "constant"):
             raise ConfigError(f"training.schedule must be cosine, plateau or constant, not {self.schedule!r}")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every"):

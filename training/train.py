@@ -40,6 +40,7 @@ from .data import DataError, SequentialBatches, check_enough_tokens, load_docume
 from .evaluate import score_text
 from .examples import as_stream, example_batch, in_order, prepare_examples
 from .metrics import score, score_batches
+from .optimizers import build_optimizer
 from .model_card import write_card
 from .report import RunReport
 from .state import TrainState
@@ -161,13 +162,9 @@ class Trainer:
 
     # --- pieces -------------------------------------------------------------------------
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        # No weight decay on biases, norms and (for RNNs) nothing 1-D: decay shrinks matrices.
-        params = list({id(p): p for p in self.model.parameters()}.values())
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.t.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # The fused kernel (CPU and CUDA) does the whole update in one pass (benchmarks/README.md).
-        return torch.optim.AdamW(groups, lr=self.t.learning_rate, betas=self.t.betas, fused=True)
+    def _optimizer(self):
+        return build_optimizer(self.model, self.t.optimizer, lr=self.t.learning_rate,
+                               weight_decay=self.t.weight_decay, betas=self.t.betas)
 
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """What the training step calls: the model, maybe compiled, under DDP when distributed."""
