@@ -38,11 +38,11 @@ MAX_MESSAGES = 256  # messages in one chat request
 #: SamplingParams field -> how each API spells it. Top-level Ollama fields and the forms
 #: use the library's names; Ollama's ``options`` use Ollama's.
 CANONICAL = {"temperature": "temperature", "max_new_tokens": "max_new_tokens", "top_k": "top_k",
-             "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed",
-             "stop": "stop"}
+             "top_p": "top_p", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+             "seed": "seed", "stop": "stop"}
 OLLAMA_OPTIONS = {**CANONICAL, "max_new_tokens": "num_predict",
                   "repetition_penalty": "repeat_penalty"}
-# top_k and repetition_penalty are accepted as extras, as vLLM does
+# top_k, min_p and repetition_penalty are accepted as extras, as vLLM does
 OPENAI_FIELDS = {**CANONICAL, "max_new_tokens": "max_tokens"}
 
 
@@ -221,6 +221,8 @@ def _sampling(limits: Limits, names: Mapping[str, str], *, max_temperature: floa
         "max_new_tokens": length,
         "top_k": integer(ge=1),
         "top_p": number(gt=0, le=1),
+        "min_p": number(ge=0, le=1, description="keep tokens at least this many times as likely "
+                                                "as the likeliest; 0 = off"),
         "repetition_penalty": number(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
                                      description="1 = off; > 1 discourages repeats"),
         "seed": integer(ge=SEED_MIN, le=SEED_MAX),
@@ -510,7 +512,7 @@ def _unsupported_options() -> dict[str, Any]:
     """Ollama's sampling options this server does not have: each passes only at the value
     that turns it off (Ollama's default for all but repeat_last_n, whose -1, the whole
     text, is what the repetition penalty here covers)."""
-    neutral = {"min_p": (0,), "typical_p": (1,), "tfs_z": (1,), "mirostat": (0,),
+    neutral = {"typical_p": (1,), "tfs_z": (1,), "mirostat": (0,),
                "presence_penalty": (0,), "frequency_penalty": (0,), "repeat_last_n": (-1,)}
     return {name: (Neutral(values, f"'options.{name}' is not supported by this server; send "
                                    f"{values[0]} or leave it out"), None)

@@ -2,7 +2,7 @@
 
 ``SamplingParams`` says what one request wants; ``RowSettings`` holds the settings of a
 batch's rows as (B, 1) tensors, and ``sample`` picks one token per row with the logit
-processors (repetition penalty, temperature, top-k, top-p: Hugging Face's order) and one
+processors (repetition penalty, temperature, top-k, top-p, min-p: Hugging Face's order) and one
 uniform draw per row from the row's own generator. ``TextStream`` turns a row's ids into
 text that is safe to show as it comes. The decode loop itself is ``models_src.generation``.
 """
@@ -37,6 +37,8 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below 1e-4, which float32 logits cannot honour) is greedy
     top_k: int | None = None
     top_p: float | None = None
+    # keep the tokens at least min_p times as likely as the likeliest (Nguyen et al., 2024)
+    min_p: float | None = None
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already seen
     stop: list[str] = field(default_factory=list)  # the text is cut before the first match
     seed: int | None = None  # None: fresh entropy each call
@@ -56,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 1 (or None), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (or None), got {self.min_p}")
         if not math.isfinite(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0, "
                              f"got {self.repetition_penalty}")
@@ -164,6 +168,19 @@ def apply_top_p(logits: torch.Tensor, p) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, m) -> torch.Tensor:
+    """Drop the tokens less than ``m`` times as likely as the row's likeliest: a cut that
+    follows the model's confidence, tight when one token dominates and loose when many are
+    plausible. The top token always stays (m <= 1)."""
+    if isinstance(m, float) and m <= 0.0:
+        return logits
+    top = logits.max(dim=-1, keepdim=True).values
+    # p_i < m * p_max  <=>  logit_i < logit_max + log(m); log(0) = -inf keeps every token
+    return logits.masked_fill(logits < top + torch.log(torch.as_tensor(m, dtype=logits.dtype,
+                                                                        device=logits.device)),
+                              float("-inf"))
+
+
 class RowSettings:
     """The sampling settings of a batch's rows as (B, 1) tensors. A processor no row uses
     is None (skipped); rows without it get a neutral value."""
@@ -179,13 +196,15 @@ class RowSettings:
         if any(not g and p.temperature != 1.0 for p, g in zip(params, self.greedy_list)):
             self.temperature = column([1.0 if g else float32_safe(p.temperature)
                                        for p, g in zip(params, self.greedy_list)])
-        self.penalty = self.top_k = self.top_p = None
+        self.penalty = self.top_k = self.top_p = self.min_p = None
         if any(p.repetition_penalty != 1.0 for p in params):
             self.penalty = column([float32_safe(p.repetition_penalty) for p in params])
         if any(p.top_k is not None and p.top_k < vocab_size for p in params):
             self.top_k = column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
         if any(p.top_p is not None and p.top_p < 1.0 for p in params):
             self.top_p = column([1.0 if p.top_p is None else p.top_p for p in params])
+        if any(p.min_p for p in params):
+            self.min_p = column([p.min_p or 0.0 for p in params])
         # (row, alternatives) of the rows that ask for log-probabilities; [] costs a step nothing
         self.logprobs = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
 
@@ -207,6 +226,8 @@ def sample(logits: torch.Tensor, rows: RowSettings, u: torch.Tensor,
         logits = apply_top_k(logits, rows.top_k)
     if rows.top_p is not None:
         logits = apply_top_p(logits, rows.top_p)
+    if rows.min_p is not None:
+        logits = apply_min_p(logits, rows.min_p)
     drawn = inverse_cdf(logits.softmax(dim=-1), u)
     return torch.where(rows.greedy, greedy, drawn) if rows.any_greedy else drawn
 

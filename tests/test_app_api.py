@@ -260,6 +260,19 @@ def test_options_win_over_top_level_settings(client):
             == text(temperature=0, seed=1))
 
 
+def test_min_p_is_an_option_of_every_api(client):
+    # min_p 1 keeps only the likeliest token: greedy decoding, whatever the temperature
+    greedy = generate(client, model="tiny-gpt", prompt="Once", max_new_tokens=20, temperature=0).json
+    hot = {"temperature": 1.5, "seed": 3}
+    assert generate(client, model="tiny-gpt", prompt="Once", options={"num_predict": 20, "min_p": 1.0},
+                    **hot).json["response"] == greedy["response"]
+    openai = client.post("/v1/completions", json={"model": "tiny-gpt", "prompt": "Once", "max_tokens": 20,
+                                                  "min_p": 1.0, **hot}).json
+    assert openai["choices"][0]["text"] == greedy["response"]
+    refused = generate(client, model="tiny-gpt", prompt="Once", options={"min_p": 1.5})
+    assert refused.status_code == 400 and "'options.min_p' must be" in refused.json["error"]
+
+
 def test_ollama_ignores_runtime_and_unknown_options_as_ollama_does(client):
     response = generate(client, model="endless", keep_alive="5m", raw=True, unknown=1,
                         options={"num_predict": 2, "mirostat": 0, "num_ctx": 2048, "num_gpu": 1})
@@ -268,7 +281,8 @@ def test_ollama_ignores_runtime_and_unknown_options_as_ollama_does(client):
 
 @pytest.mark.parametrize("body, message", [
     ({"options": {"mirostat": 2}}, "'options.mirostat' is not supported by this server; send 0"),
-    ({"options": {"min_p": 0.05}}, "'options.min_p' is not supported by this server; send 0"),
+    ({"options": {"typical_p": 0.5}}, "'options.typical_p' is not supported by this server; "
+                                       "send 1"),
     ({"options": {"repeat_last_n": 64}}, "'options.repeat_last_n' is not supported by this "
                                           "server; send -1"),
     ({"system": "Be brief."}, "'system' is not supported by /api/generate"),

@@ -256,8 +256,8 @@ def test_openai_client_chat(server):
         assert error.value.param == "n"
         with pytest.raises(openai.BadRequestError) as error:  # one it does not know
             client.chat.completions.create(model="tiny-lstm", messages=messages,
-                                           extra_body={"min_p": 0.1})
-        assert error.value.param == "min_p" and "Unrecognized request argument" in str(error.value)
+                                           extra_body={"typical_p": 0.1})
+        assert error.value.param == "typical_p" and "Unrecognized request argument" in str(error.value)
         with pytest.raises(openai.BadRequestError) as error:  # nor inside a message
             client.chat.completions.create(
                 model="tiny-lstm", messages=[{"role": "user", "content": "Hi", "colour": "red"}])

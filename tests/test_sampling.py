@@ -23,6 +23,7 @@ from models_src.sampling import (
     RowSettings,
     SamplingParams,
     TextStream,
+    apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
@@ -190,6 +191,30 @@ def test_top_p_properties(values, p):
         assert probs[kept].min() >= probs[~kept].max()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=40),
+    st.floats(0.0, 1.0),
+)
+def test_min_p_keeps_the_tokens_at_least_m_times_as_likely_as_the_top(values, m):
+    logits = torch.tensor([values])
+    probs = logits.softmax(-1)[0].double()
+    kept = torch.isfinite(apply_min_p(logits, m))[0]
+    assert kept[logits[0].argmax()]  # the top token always stays
+    ratio = probs / probs.max()
+    assert (ratio[kept] >= m * (1 - 1e-5)).all() and (ratio[~kept] < m * (1 + 1e-5)).all()
+
+
+def test_min_p_is_per_row_and_zero_keeps_everything():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(3, 1)
+    m = torch.tensor([[0.0], [0.5], [0.2]])
+    assert torch.isfinite(apply_min_p(logits, m)).tolist() == [
+        [True, True, True, True], [True, True, False, False], [True, True, True, False]]
+    g = torch.Generator().manual_seed(0)
+    picked = pick(logits[:1].repeat(400, 1), SamplingParams(min_p=0.5), g)
+    assert set(picked.tolist()) == {0, 1}
+
+
 def test_sampling_never_picks_filtered_tokens():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
@@ -223,6 +248,8 @@ def test_inverse_cdf_edges():
     (dict(top_k=0), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(stop=["ok", ""]), "stop"),
