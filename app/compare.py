@@ -22,7 +22,7 @@ from flask import Blueprint, Response, render_template, request, stream_with_con
 from werkzeug.datastructures import MultiDict
 
 from . import ratelimit
-from .pages_common import (DEFAULT_TEMPERATURE, FALLBACK_PROMPT, MAX_JOB_CHARS, SAMPLING_FIELDS,
+from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS, SAMPLING_FIELDS,
                            SEED_RANGE, TEXT_FIELDS, FormErrors, Job, Result, collect, job_events,
                            in_form_order, output_tokens, read_job, sse_event, vendor_ready)
 from .registry import get_registry
@@ -144,9 +144,8 @@ def default_form() -> MultiDict:
     if preferred in names:
         names.remove(preferred)
         names.insert(0, preferred)
-    return MultiDict([*(("models", name) for name in names[:MIN_MODELS]),
-                      ("mode", "generate"), ("temperature", DEFAULT_TEMPERATURE),
-                      ("max_new_tokens", str(get_settings().default_new_tokens))])
+    # sampling fields left empty: each model samples with its own defaults
+    return MultiDict([*(("models", name) for name in names[:MIN_MODELS]), ("mode", "generate")])
 
 
 def _context(form: MultiDict, errors: Mapping[str | None, str] | None = None,

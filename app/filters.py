@@ -11,6 +11,8 @@ from typing import Any
 
 from flask import Flask
 
+from models_src.sampling_defaults import SamplingDefaults
+
 DASH = "–"
 ARCHITECTURES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "gpt": "GPT",
                  "seq2seq": "Encoder–decoder"}
@@ -95,9 +97,17 @@ def filesize(size: int | None) -> str:
     return f"{size} B"
 
 
+def sampling(values: dict | None) -> str:
+    """A model's sampling defaults (ModelFacts.sampling) in words: "temperature 0.8, top-p 0.9"."""
+    try:
+        return SamplingDefaults(**(values or {})).described()
+    except (TypeError, ValueError):
+        return DASH
+
+
 def register(app: Flask) -> None:
     for name, function in (("count", count), ("params", params), ("metric", metric),
                            ("duration", duration), ("describe", describe), ("arch", arch),
                            ("tokenizer_kind", tokenizer_kind), ("filesize", filesize),
-                           ("shown_path", shown_path)):
+                           ("shown_path", shown_path), ("sampling", sampling)):
         app.add_template_filter(function, name)

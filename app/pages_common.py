@@ -23,7 +23,7 @@ from markupsafe import escape
 
 from . import ratelimit
 from .registry import get_registry
-from .schema import GenerationRequest, check_form, make_params, request_models, sampling_values
+from .schema import GenerationRequest, check_form, request_models, requested, sampling_values
 from .service import GenerationStream, InfillStream, ServiceError, get_service
 from .settings import get_settings
 from .token_view import Token, stream_tokens
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 TEXT_FIELDS = {"generate": ("prompt",), "infill": ("first", "last")}
 #: What a kind's form asks beyond its texts and the sampling fields
 OPTION_FIELDS = {"generate": (), "infill": ("candidates",)}
-SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "seed",
+SAMPLING_FIELDS = ("temperature", "max_new_tokens", "top_k", "top_p", "min_p", "seed",
                    "repetition_penalty", "stop")
 #: Longest job token: "GET /infill/stream?job=<token> HTTP/1.1" stays under gunicorn's
 #: default limit_request_line (4094 bytes) and any proxy's.
@@ -45,7 +45,6 @@ JOB_TOKEN_SALT = "fable.job-token"
 FLUSH_S = 0.04  # pieces decoded closer together than this share one event
 SEED_RANGE = 2 ** 31  # seeds picked for the user: short enough to read and retype
 VENDOR_FILES = ("htmx.min.js", "sse.js")
-DEFAULT_TEMPERATURE = "0.8"
 FALLBACK_PROMPT = "Once upon a time"  # the placeholder for a model whose card offers none
 #: Alternatives a streamed page generation asks for at each token (the token view's);
 #: measured cheap enough to ask always (docs/web-app.md, "The token view").
@@ -84,12 +83,11 @@ class Job:
         """Start generating, with each token's log-probability and ``logprobs``
         alternatives when asked (they change nothing in the text); raises ServiceError:
         busy, unknown model, cannot infill."""
-        values = self.values if logprobs is None else {**self.values, "logprobs": logprobs}
-        params = make_params(values, get_settings().limits)
+        values = requested(self.values if logprobs is None else {**self.values, "logprobs": logprobs})
         if self.kind == "infill":
             return get_service().stream_infill(self.model, self.texts["first"],
-                                               self.texts["last"], params, self.candidates)
-        return open_stream(GenerationRequest(self.model, self.texts["prompt"], None, True, params))
+                                               self.texts["last"], values, self.candidates)
+        return open_stream(GenerationRequest(self.model, self.texts["prompt"], None, True, values))
 
 
 # ---- reading forms and tokens ---------------------------------------------------------

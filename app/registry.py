@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from models_src.chat import ChatTemplateError, checked
 from models_src.checkpoint import (HEALTH_FILE, Checkpoint, CheckpointError, load_checkpoint,
                                    read_config, suggested_prompt)
 from models_src.infill import trained_to_infill
+from models_src.sampling_defaults import SamplingDefaults
 from models_src.summary import count_parameters
 
 from .settings import default_of
@@ -68,6 +69,9 @@ class ModelFacts:
     modified_at: str  # ISO 8601, UTC: newest file in the directory
     digest: str  # sha256 (hex) over the directory's files, names included
     can_infill: bool  # trained on the infilling format (models_src.infill.trained_to_infill)
+    # what a request leaves unset (models_src.sampling_defaults; max_new_tokens None: the
+    # room left in the context)
+    sampling: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None  # what its card offers to try (the prompt box's placeholder)
     # python -m training.inspect --save: {"problems": [...], "checked": ..., "measured_on": ...}
     health: dict | None = None
@@ -99,6 +103,10 @@ class LoadedModel:
     @property
     def tokenizer(self):
         return self.checkpoint.tokenizer
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        return self.checkpoint.defaults
 
 
 class ModelRegistry:
@@ -345,6 +353,7 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
         modified_at=datetime.fromtimestamp(newest, timezone.utc).isoformat().replace("+00:00", "Z"),
         digest=_digest(path, list(files), deadline),
         can_infill=trained_to_infill(summary, tok),
+        sampling=asdict(checkpoint.defaults),
         prompt=suggested_prompt(path),
         health=_health(path),
         data=summary.get("data"),

@@ -211,8 +211,9 @@ Stop = Annotated[StopList | None, BeforeValidator(
 def _sampling(limits: Limits, names: Mapping[str, str], *, max_temperature: float = MAX_TEMPERATURE,
               server_default: int | None = None) -> dict[str, Any]:
     """The SamplingParams fields, as ``names`` spells them, for ``create_model``."""
-    length = integer(ge=1, le=limits.max_new_tokens,
-                     description=f"New tokens at most; default {limits.default_new_tokens}")
+    length = integer(ge=1, le=limits.max_new_tokens, description=(
+        f"New tokens at most; default {limits.default_new_tokens}" if limits.default_new_tokens
+        else "New tokens at most; default: the model's own, or to the end of its context"))
     if server_default is not None:
         length = Annotated[length, ServerDefault(server_default)]
     types = {
@@ -638,7 +639,7 @@ class GenerationRequest:
     prompt: str  # with a suffix: the story's first sentence
     suffix: str | None  # the story's last sentence: infill the middle; None: continue prompt
     stream: bool
-    params: SamplingParams
+    sampling: Mapping[str, Any]  # the SamplingParams values it set; the model's fill the rest
     include_usage: bool = False  # OpenAI stream_options.include_usage
     messages: tuple[Message, ...] | None = None  # a chat: the reply to these (prompt unused)
     candidates: int | None = None  # infill: candidate middles asked for (None: the server's)
@@ -650,13 +651,13 @@ def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONIC
     return {key: value for key, value in values.items() if value is not None}
 
 
-def make_params(values: Mapping[str, Any], limits: Limits) -> SamplingParams:
-    """SamplingParams from validated values; the server default length when none is given.
-    A temperature between 0 and MIN_TEMPERATURE is greedy decoding, its limit."""
-    values = {"max_new_tokens": limits.default_new_tokens, **values}
+def requested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The SamplingParams values a request set (the model's defaults fill the rest, in
+    the service). A temperature between 0 and MIN_TEMPERATURE is greedy decoding, its limit."""
+    values = dict(values)
     if 0 < values.get("temperature", 1.0) < MIN_TEMPERATURE:
         values["temperature"] = 0.0
-    return SamplingParams(**values)
+    return values
 
 
 def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
@@ -666,7 +667,7 @@ def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> Generation
     values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS),
               **_logprobs(req)}
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None,
-                             req.stream is not False, make_params(values, limits),
+                             req.stream is not False, requested(values),
                              candidates=_candidates(req))
 
 
@@ -677,7 +678,7 @@ def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> Generati
     if req.logprobs is not None:
         values["logprobs"] = req.logprobs
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
-                             make_params(values, limits), _include_usage(req),
+                             requested(values), _include_usage(req),
                              candidates=_candidates(req))
 
 
@@ -705,7 +706,7 @@ def parse_ollama_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequ
     values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS),
               **_logprobs(req)}
     return GenerationRequest(req.model, "", None, req.stream is not False,
-                             make_params(values, limits), messages=_messages(req))
+                             requested(values), messages=_messages(req))
 
 
 def parse_openai_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
@@ -714,5 +715,5 @@ def parse_openai_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequ
     values = {**sampling_values(req, OPENAI_FIELDS), **_logprobs(req)}
     if req.max_completion_tokens is not None:
         values["max_new_tokens"] = req.max_completion_tokens
-    return GenerationRequest(req.model, "", None, req.stream is True, make_params(values, limits),
+    return GenerationRequest(req.model, "", None, req.stream is True, requested(values),
                              _include_usage(req), _messages(req))

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from flask import current_app
 
@@ -343,6 +344,8 @@ class GenerationService:
                  chat_template: str | None = None, log_prompts: bool = False,
                  decode_threads: int = 1,
                  infill_candidates: int = default_of("infill_candidates"),
+                 max_new_tokens: int = default_of("max_new_tokens"),
+                 default_new_tokens: int | None = default_of("default_new_tokens"),
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``chat_template``: for models whose tokenizer has none (None: the transcript);
         raises ChatTemplateError when it does not work."""
@@ -354,6 +357,7 @@ class GenerationService:
         self.queue_timeout_s = queue_timeout_s
         self.request_timeout_s = request_timeout_s
         self.infill_candidates = infill_candidates
+        self.max_new_tokens, self.default_new_tokens = max_new_tokens, default_new_tokens
         self._clock = clock
 
     @classmethod
@@ -363,7 +367,9 @@ class GenerationService:
                    request_timeout_s=settings.request_timeout_s,
                    chat_template=settings.chat_template, log_prompts=settings.log_prompts,
                    decode_threads=settings.decode_threads,
-                   infill_candidates=settings.infill_candidates)
+                   infill_candidates=settings.infill_candidates,
+                   max_new_tokens=settings.max_new_tokens,
+                   default_new_tokens=settings.default_new_tokens)
 
     # ---- the interface ------------------------------------------------------------
 
@@ -374,16 +380,19 @@ class GenerationService:
             raise UnknownModel(name)
         return loaded
 
+    # Each generation takes ``params``: a whole SamplingParams (used as it is), or the
+    # values a request set (None: none), which the model's own defaults complete.
+
     def stream(self, model_name: str, prompt: str,
-               params: SamplingParams | None = None) -> GenerationStream:
+               params: SamplingParams | Mapping[str, Any] | None = None) -> GenerationStream:
         """Continue ``prompt`` ("" starts from bos), yielding text as it is decoded."""
         loaded = self.model(model_name)
         self._log("generate", loaded.name, prompt)
         ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(prompt)]
-        return self._start(loaded, ids, params or SamplingParams())
+        return self._start(loaded, ids, self.params_for(loaded, params, len(ids)))
 
     def stream_infill(self, model_name: str, first: str, last: str,
-                      params: SamplingParams | None = None,
+                      params: SamplingParams | Mapping[str, Any] | None = None,
                       candidates: int | None = None) -> InfillStream:
         """The middle of a story between ``first`` and ``last``: ``candidates`` middles
         (None: the server's ``infill_candidates``, at most ``max_batch``) are written at
@@ -397,8 +406,8 @@ class GenerationService:
             raise CannotInfill(loaded.name, [f.name for f in self.registry.facts() if f.can_infill])
         count = self.candidates_for(candidates)
         self._log("infill", loaded.name, f"{first} … {last}")
-        params = params or SamplingParams()
         ids = infill_prompt_ids(loaded.tokenizer, first, last)
+        params = self.params_for(loaded, params, len(ids))
         # Asked for, the candidates wait for their rows; by default an infill waits for one
         # and writes as many more as there are free rows: under load it writes fewer
         # candidates rather than holding up everyone behind it.
@@ -418,7 +427,7 @@ class GenerationService:
         return asked
 
     def stream_chat(self, model_name: str, messages: tuple[Message, ...],
-                    params: SamplingParams | None = None) -> GenerationStream:
+                    params: SamplingParams | Mapping[str, Any] | None = None) -> GenerationStream:
         """The assistant's reply to ``messages``, rendered with the model's own chat
         template (its tokenizer config's) or the server's; it ends at the next turn
         marker and has no whitespace at its ends."""
@@ -429,18 +438,29 @@ class GenerationService:
         except ChatTemplateError as e:
             raise CannotChat(f"model {loaded.name!r}: {e}") from None
         self._log("chat", loaded.name, messages[-1].content if messages else "")
-        params = params or SamplingParams()
-        params = replace(params, stop=[*params.stop, template.turn_marker])
         ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(text)]
+        params = self.params_for(loaded, params, len(ids))
+        params = replace(params, stop=[*params.stop, template.turn_marker])
         return self._start(loaded, ids, params, strip=True)
 
     def generate(self, model_name: str, prompt: str,
-                 params: SamplingParams | None = None) -> Completion:
+                 params: SamplingParams | Mapping[str, Any] | None = None) -> Completion:
         return self.stream(model_name, prompt, params).collect()
 
     def infill(self, model_name: str, first: str, last: str,
-               params: SamplingParams | None = None, candidates: int | None = None) -> Completion:
+               params: SamplingParams | Mapping[str, Any] | None = None,
+               candidates: int | None = None) -> Completion:
         return self.stream_infill(model_name, first, last, params, candidates).collect()
+
+    def params_for(self, loaded: LoadedModel, params: SamplingParams | Mapping[str, Any] | None,
+                   prompt_tokens: int) -> SamplingParams:
+        """``params`` as they are, or the values a request set over the model's defaults
+        (the length left unset: to the end of its context, at most FABLE_MAX_NEW_TOKENS)."""
+        if isinstance(params, SamplingParams):
+            return params
+        return loaded.defaults.params(params or {}, prompt_tokens=prompt_tokens,
+                                      context=loaded.model.max_context, cap=self.max_new_tokens,
+                                      length=self.default_new_tokens)
 
     @property
     def active(self) -> int:

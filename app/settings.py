@@ -23,8 +23,6 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 PREFIX = "FABLE_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ORIGIN = re.compile(r"^https?://[^/\s,]+/?$", re.IGNORECASE)
-#: Tokens a request gets when it does not say, unless FABLE_MAX_NEW_TOKENS is lower.
-DEFAULT_NEW_TOKENS = 128
 #: Candidate middles one infill may ask for: each holds a row while it is written.
 MAX_INFILL_CANDIDATES = 16
 
@@ -46,7 +44,7 @@ class Limits:
     """What one request may ask for: the part of the settings validation needs."""
     max_prompt_chars: int
     max_new_tokens: int
-    default_new_tokens: int
+    default_new_tokens: int | None  # None: each model's own (models_src.sampling_defaults)
 
 
 # ---- how a raw value (a string from the environment, anything from a test) is read ------
@@ -119,10 +117,11 @@ class Settings(BaseSettings):
     max_prompt_chars: Integer = Field(4000, ge=1,
                                       description="longest prompt (+ suffix) a request may send")
     max_new_tokens: Integer = Field(512, ge=1, description="most tokens one request may ask for")
-    default_new_tokens: Integer = Field(
-        default_factory=lambda data: min(DEFAULT_NEW_TOKENS, data["max_new_tokens"]), ge=1,
-        description=f"tokens generated when a request does not say (also Ollama's num_predict "
-                    f"-1): {DEFAULT_NEW_TOKENS}, or FABLE_MAX_NEW_TOKENS if lower")
+    default_new_tokens: Integer | None = Field(
+        None, ge=1, description="tokens generated when a request does not say (also Ollama's "
+        "num_predict -1); unset: each model's own, its generation_config.json's "
+        "max_new_tokens or else the room left in its context, so that a text ends by itself; "
+        "never more than FABLE_MAX_NEW_TOKENS")
     max_body_bytes: Integer = Field(64 * 1024, ge=1024,
                                     description="largest request body; a larger one gets 413")
     api_keys: Text | None = Field(
@@ -244,7 +243,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_within_maximum(self) -> Settings:
-        if self.default_new_tokens > self.max_new_tokens:
+        if self.default_new_tokens is not None and self.default_new_tokens > self.max_new_tokens:
             raise _Refused(f"{PREFIX}DEFAULT_NEW_TOKENS ({self.default_new_tokens}) is above "
                            f"{PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})")
         return self

@@ -16,7 +16,7 @@ from flask import Blueprint, Response, render_template, request, stream_with_con
 
 from . import ratelimit
 # (Job and job_from_token are also this module's names for the tests that use them)
-from .pages_common import (DEFAULT_TEMPERATURE, FALLBACK_PROMPT, MAX_JOB_CHARS,  # noqa: F401
+from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS,  # noqa: F401
                            OPTION_FIELDS, SAMPLING_FIELDS, TEXT_FIELDS, FormErrors, Job, Result,
                            job_events, job_from_token, output_tokens, read_job, run_to_end,
                            sse_event, vendor_ready)
@@ -41,10 +41,8 @@ def default_form(kind: str, query: Mapping[str, str] | None = None) -> dict[str,
     if chosen not in offered:
         model = get_registry().default(settings.default_model, infill=infill)
         chosen = model.name if model else ""
-    # a middle needs room to reach its ending: true TinyStories middles run to ~150 tokens,
-    # most past the default length (benchmarks/README.md, "Infilled middles that arrive")
-    length = settings.max_new_tokens if infill else settings.default_new_tokens
-    form = {"model": chosen, "temperature": DEFAULT_TEMPERATURE, "max_new_tokens": str(length)}
+    # the sampling fields start empty: the model's own defaults (its generation_config.json)
+    form = {"model": chosen}
     for name in TEXT_FIELDS[kind]:
         if query.get(name):
             form[name] = query[name][:settings.limits.max_prompt_chars]

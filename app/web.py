@@ -197,11 +197,11 @@ def open_stream(req: GenerationRequest) -> GenerationStream:
     text is produced: unknown model, cannot infill, busy)."""
     service = get_service()
     if req.messages is not None:
-        return service.stream_chat(req.model, req.messages, req.params)
+        return service.stream_chat(req.model, req.messages, req.sampling)
     if req.suffix is not None:
-        return service.stream_infill(req.model, req.prompt, req.suffix, req.params,
+        return service.stream_infill(req.model, req.prompt, req.suffix, req.sampling,
                                      req.candidates)
-    return service.stream(req.model, req.prompt, req.params)
+    return service.stream(req.model, req.prompt, req.sampling)
 
 
 def streamed(lines: Iterator[str], stream: GenerationStream, mimetype: str) -> Response:

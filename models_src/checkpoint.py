@@ -5,6 +5,7 @@
                               model-0000k-of-0000n.safetensors and their index
                               model.safetensors.index.json (Hugging Face's sharded layout)
     <dir>/tokenizer.json      the tokenizer, self-contained (+ tokenizer_config.json)
+    <dir>/generation_config.json  the model's sampling defaults (models_src.sampling_defaults)
 
 A GPT-2-format Hugging Face directory (config.json with ``"model_type": "gpt2"``, trained
 elsewhere) loads too: ``models_src.hf_import`` translates it, or says why it cannot.
@@ -45,6 +46,7 @@ from .registry import build_model
 from .base import LanguageModel
 from .config import ModelConfig
 from .safe_files import MAX_CARD_BYTES, UnsafeFile
+from .sampling_defaults import GENERATION_CONFIG, NEUTRAL, SamplingDefaults
 from .tokenization import Tokenizer
 
 FORMAT_VERSION = 1
@@ -63,7 +65,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 #: Every name the app reads in a checkpoint folder (and any *.safetensors shard).
 READ_FILES = frozenset((CONFIG_FILE, CARD_FILE, HEALTH_FILE, WEIGHTS_FILE, WEIGHTS_INDEX,
-                        *LEGACY_WEIGHTS, *TOKENIZER_FILES))
+                        GENERATION_CONFIG, *LEGACY_WEIGHTS, *TOKENIZER_FILES))
 
 
 class CheckpointError(ValueError):
@@ -77,6 +79,7 @@ class Checkpoint:
     config: ModelConfig
     summary: dict = field(default_factory=dict)  # training facts: perplexity, tokens seen, ...
     path: Path | None = None
+    defaults: SamplingDefaults = NEUTRAL  # what a request leaves unset (generation_config.json)
 
     @property
     def name(self) -> str:
@@ -104,8 +107,10 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
                     summary: dict | None = None, *, dtype: torch.dtype | None = None,
+                    defaults: SamplingDefaults | None = None,
                     write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write a checkpoint atomically; ``dtype`` (e.g. torch.float16) shrinks the weights.
+    """Write a checkpoint atomically; ``dtype`` (e.g. torch.float16) shrinks the weights;
+    ``defaults``: the model's sampling settings (none: generation_config.json is not written).
 
     ``write_extra(tmp_dir)`` may add files (the trainer's resume state) before the
     directory is renamed into place, so they are part of the same atomic write."""
@@ -130,6 +135,9 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         _write_weights(tensors, tmp)
         tokenizer.save(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if defaults is not None:
+            defaults.write(tmp, {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+                                 "pad": tokenizer.pad_id})
         if write_extra is not None:
             write_extra(tmp)
         # mkdtemp's folder is private (0700): a checkpoint must be readable by a server or
@@ -493,4 +501,17 @@ def _load(directory: Path, device, dtype: torch.dtype, deadline: float | None) -
     model = build_model(model_config)
     model.load_state_dict(tensors, strict=False)  # tied aliases are filled by the tie itself
     model.to(device=device, dtype=dtype).eval()
-    return Checkpoint(model, tokenizer, model_config, config.get("training", {}), directory)
+    return Checkpoint(model, tokenizer, model_config, config.get("training", {}), directory,
+                      read_defaults(directory))
+
+
+def read_defaults(directory: Path) -> SamplingDefaults:
+    """The sampling defaults of ``directory/generation_config.json``; NEUTRAL without one."""
+    try:
+        return SamplingDefaults.from_hf(safe_files.read_json(directory, GENERATION_CONFIG))
+    except FileNotFoundError:
+        return NEUTRAL
+    except UnsafeFile as e:
+        raise CheckpointError(str(e)) from None
+    except ValueError as e:  # invalid JSON, or a setting SamplingParams refuses
+        raise CheckpointError(f"{directory / GENERATION_CONFIG}: {e}") from None

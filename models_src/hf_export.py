@@ -4,7 +4,7 @@ The GPT's layout already is GPT-2's; the renaming both ways lives in ``hf_import
 ``transformers.pipeline("text-generation", model=out_dir)`` then writes what Fable
 writes: the exported tokenizer puts ``<bos>`` before the prompt as Fable's callers do
 (Fable's own ``encode`` never adds it, and still does not), and ``generation_config.json``
-carries the special ids and Fable's default sampling settings.
+carries the special ids and the model's own sampling settings (its checkpoint's file).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from tokenizers import processors
 from .checkpoint import CARD_FILE, load_checkpoint
 from .gpt import GPT
 from .hf_import import ACTIVATIONS, CONFIG_FIELDS, LAYER_NORM_EPS, to_gpt2
-from .sampling import SamplingParams
+from .sampling_defaults import NEUTRAL, SamplingDefaults
 from .tokenization import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 
-def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | None = None) -> Path:
+def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | None = None,
+                 defaults: SamplingDefaults = NEUTRAL) -> Path:
     """Write ``config.json``, ``model.safetensors`` (float32), ``generation_config.json``
-    and the tokenizer in HF's layout, and the model card (a checkpoint's ``README.md``)
-    when given."""
+    (the special ids and ``defaults``, the model's sampling settings) and the tokenizer in
+    HF's layout, and the model card (a checkpoint's ``README.md``) when given."""
     from transformers import GPT2Config, GPT2LMHeadModel  # heavy: only when exporting
 
     c = model.config
@@ -44,7 +45,7 @@ def export_to_hf(model: GPT, tokenizer: Tokenizer, out_dir, card: str | Path | N
     # GPT-2 keeps no buffers we lack; the tied head is the only name it may fill itself.
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-    hf_model.generation_config = generation_config(tokenizer)
+    hf_model.generation_config = generation_config(tokenizer, defaults)
     out = Path(out_dir)
     hf_model.save_pretrained(out)
     save_tokenizer(tokenizer, out, context=c.block_size)
@@ -59,20 +60,15 @@ def export_checkpoint(directory, out_dir) -> Path:
     checkpoint = load_checkpoint(directory, dtype=torch.float32)
     card = Path(directory) / CARD_FILE
     return export_to_hf(checkpoint.model, checkpoint.tokenizer, out_dir,
-                        card=card if card.is_file() else None)
+                        card=card if card.is_file() else None, defaults=checkpoint.defaults)
 
 
-def generation_config(tokenizer: Tokenizer):
-    """Special ids and Fable's default sampling settings (``SamplingParams``' defaults)."""
+def generation_config(tokenizer: Tokenizer, defaults: SamplingDefaults):
+    """Special ids and the model's sampling settings, as transformers reads them."""
     from transformers import GenerationConfig
 
-    defaults = SamplingParams()
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-        do_sample=defaults.temperature > 0, temperature=defaults.temperature,
-        top_k=defaults.top_k or 0,  # 0: no top-k (left unset, transformers would use 50)
-        top_p=defaults.top_p or 1.0, repetition_penalty=defaults.repetition_penalty,
-        max_new_tokens=defaults.max_new_tokens)
+    return GenerationConfig(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                            pad_token_id=tokenizer.pad_id, **defaults.to_hf())
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path, context: int) -> None:

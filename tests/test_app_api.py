@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 
 import jsonschema
 import pytest
 
-from app.schema import check_form, make_params, request_models, sampling_values
+from app.schema import check_form, request_models, requested, sampling_values
 from app.service import GenerationService, ServerBusy, UnknownModel
 from app.settings import Limits, Settings, SettingsError
 from models_src.generation import Batch
@@ -762,14 +763,35 @@ def test_completion_refusals_are_400_in_openais_shape(client, spec, body, param)
 
 # ---- the service, settings and validation directly --------------------------------------------
 
+def test_a_request_samples_with_the_models_own_defaults(app_config, make_app, checkpoint_dir,
+                                                       tmp_path):
+    for name in ("tiny-gpt", "endless"):
+        shutil.copytree(checkpoint_dir / name, tmp_path / name)
+    (tmp_path / "tiny-gpt" / "generation_config.json").write_text('{"do_sample": false}')
+    client = make_app(FABLE_CHECKPOINT_DIR=str(tmp_path), FABLE_DEFAULT_NEW_TOKENS=None).test_client()
+    def text(**body):
+        return generate(client, model="tiny-gpt", prompt="Once", stream=False, max_new_tokens=30,
+                        **body).json["response"]
+    greedy = text(temperature=0)
+    assert text() == greedy and text(seed=5) == greedy  # the model's own: greedy
+    assert {text(temperature=1.5, seed=s) for s in range(4)} != {greedy}  # a request's value wins
+    facts = {m["name"]: m for m in client.get("/api/models").json["models"]}
+    assert facts["tiny-gpt"]["sampling"]["temperature"] == 0.0
+    assert facts["endless"]["sampling"]["temperature"] == 1.0  # no file: the model's distribution
+    # no length asked, none configured: to the end of the 64-token context (bos + "x" in it)
+    endless = generate(client, model="endless", prompt="x", stream=False).json
+    assert endless["eval_count"] == 62 and endless["done_reason"] == "length"
+    chat = client.post("/v1/completions", json={"model": "endless", "prompt": "x" * 63}).json
+    assert chat["usage"]["completion_tokens"] == 32  # a prompt that fills it: half a context more
+
+
 def test_service_interface(app):
     service: GenerationService = app.extensions["fable.service"]
-    limits = Limits(4000, 512, 64)
-    params = make_params({"max_new_tokens": 5}, limits)
+    params = requested({"max_new_tokens": 5})
     completion = service.generate("endless", "Once", params)
     assert completion.text == ENDLESS_CHAR * 5 and completion.finish_reason == "length"
     assert completion.prompt_tokens == 5 and completion.completion_tokens == 5
-    stream = service.stream("tiny-gpt", "Once", make_params({"seed": 1}, limits))
+    stream = service.stream("tiny-gpt", "Once", requested({"seed": 1}))
     pieces = list(stream)
     assert stream.completion.text == "".join(pieces) and not stream.timed_out
     middle = service.infill("endless", "First.", "Last.", params)
@@ -783,8 +805,7 @@ def test_service_deadline_with_a_fake_clock(app):
     now = [0.0]
     service = GenerationService(app.extensions["fable.registry"], request_timeout_s=10,
                                 clock=lambda: now[0])
-    stream = service.stream("endless", "x", make_params({"max_new_tokens": 100},
-                                                        Limits(4000, 512, 64)))
+    stream = service.stream("endless", "x", requested({"max_new_tokens": 100}))
     assert [next(stream), next(stream)] == [ENDLESS_CHAR] * 2
     now[0] = 10.0
     assert list(stream) == []
@@ -815,7 +836,7 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.delenv("FABLE_TORCH_THREADS", raising=False)
     monkeypatch.delenv("FABLE_MAX_BATCH", raising=False)
     settings = Settings.load(overrides={"FABLE_REQUEST_TIMEOUT_S": 9})
-    assert settings.max_new_tokens == 100 and settings.default_new_tokens == 100
+    assert settings.max_new_tokens == 100 and settings.default_new_tokens is None  # the model's
     assert settings.request_timeout_s == 9 and settings.device == "cpu"
     assert settings.max_body_bytes == 65536 and settings.admin_token is None
     from app.settings import available_cores
@@ -841,7 +862,7 @@ def test_form_values_validate_with_the_same_rules():
     values = sampling_values(form)
     assert problems == {} and values == {"temperature": 0.7, "max_new_tokens": 20, "seed": 3,
                                          "stop": ["."]}
-    assert make_params(values, limits).max_new_tokens == 20
+    assert requested(values)["max_new_tokens"] == 20
     _, problems = check_form(form_model, {"model": "m", "max_new_tokens": "51", "top_p": "high"})
     assert problems == {"max_new_tokens": "'max_new_tokens' must be between 1 and 50, got 51",
                         "top_p": "'top_p' must be a number, got \"high\""}

@@ -17,6 +17,7 @@ from models_src.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from models_src.generation import generate
 from models_src.hf_export import export_checkpoint, export_to_hf
 from models_src.sampling import SamplingParams
+from models_src.sampling_defaults import SamplingDefaults
 from models_src.tokenization import Tokenizer
 from training.export import main as export_main
 
@@ -44,7 +45,7 @@ def fable_greedy(checkpoint, prompt: str) -> str:
     return generate(checkpoint.model, checkpoint.tokenizer, prompt, params)[0].text
 
 
-def tiny_fable_gpt(tmp_path, **overrides) -> Path:
+def tiny_fable_gpt(tmp_path, defaults: SamplingDefaults | None = None, **overrides) -> Path:
     """A saved char GPT with random weights, biases and layer norms included."""
     tokenizer = Tokenizer.train_char([TEXT])
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def tiny_fable_gpt(tmp_path, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    return save_checkpoint(tmp_path / "fable", model, tokenizer)
+    return save_checkpoint(tmp_path / "fable", model, tokenizer, defaults=defaults)
 
 
 # ---- export -----------------------------------------------------------------------------
@@ -78,7 +79,8 @@ def test_transformers_pipeline_writes_fables_greedy_text(tmp_path):
 def test_the_export_prompts_with_bos_and_carries_the_settings(tmp_path):
     from transformers import AutoTokenizer
 
-    source = tiny_fable_gpt(tmp_path)
+    own = SamplingDefaults(temperature=0.7, top_p=0.85, min_p=0.05)
+    source = tiny_fable_gpt(tmp_path, defaults=own)
     out = export_checkpoint(source, tmp_path / "hf")
     fable = Tokenizer.load(source)
     hf = AutoTokenizer.from_pretrained(out)
@@ -86,12 +88,11 @@ def test_the_export_prompts_with_bos_and_carries_the_settings(tmp_path):
     assert Tokenizer.load(out).encode(TEXT) == fable.encode(TEXT)  # Fable's encode: unchanged
     assert Tokenizer.load(source).encode(TEXT) == fable.encode(TEXT)
     generation = json.loads((out / "generation_config.json").read_text())
-    defaults = SamplingParams()
-    assert generation | {"transformers_version": None} == {
+    assert generation | {"transformers_version": None} == {  # the checkpoint's own settings
         "bos_token_id": fable.bos_id, "eos_token_id": fable.eos_id, "pad_token_id": fable.pad_id,
-        "do_sample": True, "temperature": defaults.temperature, "top_k": 0, "top_p": 1.0,
-        "repetition_penalty": defaults.repetition_penalty,
-        "max_new_tokens": defaults.max_new_tokens, "transformers_version": None}
+        "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.85, "min_p": 0.05,
+        "repetition_penalty": 1.0, "transformers_version": None}
+    assert load_checkpoint(out).defaults == own  # and they come back in with the model
     config = json.loads((out / "config.json").read_text())
     assert config["n_ctx"] == config["n_positions"] == 64
     assert config["activation_function"] == "gelu"  # F.gelu: the exact erf GELU

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from models_src.sampling_defaults import STARTING
 
 from .state import TrainState
 
@@ -37,9 +38,11 @@ class RunCheckpoints:
 
     def write(self, path: Path, summary: dict, **options) -> Path:
         """save_checkpoint, with a failed write (a full disk, a lost mount) turned into a
-        TrainingError. The previous checkpoint at ``path`` is still whole then."""
+        TrainingError. The previous checkpoint at ``path`` is still whole then. Every
+        checkpoint of a run samples with the starting defaults until a sweep picks its own."""
         try:
-            return save_checkpoint(path, self.model, self.tokenizer, summary, **options)
+            return save_checkpoint(path, self.model, self.tokenizer, summary,
+                                   defaults=STARTING, **options)
         except OSError as e:
             try:
                 step = read_config(path)["training"].get("step")

@@ -4,6 +4,9 @@
     python -m training.generate --checkpoint DIR --first-sentence "Tom had a red ball." \\
         --last-sentence "He was happy again." --max-tokens 200 --temperature 1.0
 
+Every sampling setting left out is the checkpoint's own (its generation_config.json), and
+the text runs until it ends by itself or fills the model's context.
+
 Flags also take underscores (``--first_sentence``), as the seeds' ``generate_story`` did.
 """
 
@@ -15,9 +18,10 @@ import sys
 import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint
-from models_src.infill import stream_infill
 from models_src.generation import stream
-from models_src.sampling import SamplingParams
+from models_src.infill import infill_prompt_ids, stream_infill
+
+MAX_TOKENS = 2000  # the longest a text runs when neither the command nor the model says
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,11 +35,14 @@ def parser() -> argparse.ArgumentParser:
     option("prompt", help="text to continue (default: start from nothing)")
     option("first-sentence", help="infilling: the story's first sentence")
     option("last-sentence", help="infilling: the story's last sentence")
-    option("max-tokens", type=int, default=200, help="new tokens at most")
-    option("temperature", type=float, default=1.0, help="0 = greedy")
+    # Left out, each setting is the checkpoint's own (its generation_config.json).
+    option("max-tokens", type=int, help=f"new tokens at most (default: the model's, or to the "
+                                        f"end of its context; at most {MAX_TOKENS})")
+    option("temperature", type=float, help="0 = greedy")
     option("top-k", type=int)
     option("top-p", type=float)
-    option("repetition-penalty", type=float, default=1.0)
+    option("min-p", type=float)
+    option("repetition-penalty", type=float)
     option("stop", action="append", default=[], help="stop string (repeatable)")
     option("seed", type=int)
     option("device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,11 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("infilling needs both --first-sentence and --last-sentence")
     if args.first_sentence is not None and args.prompt is not None:
         p.error("give --prompt, or --first-sentence with --last-sentence, not both")
+    given = {key: value for key, value in (
+        ("max_new_tokens", args.max_tokens), ("temperature", args.temperature),
+        ("top_k", args.top_k), ("top_p", args.top_p), ("min_p", args.min_p),
+        ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)) if value is not None}
     try:
-        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, stop=args.stop,
-                                repetition_penalty=args.repetition_penalty, seed=args.seed)
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        if args.first_sentence is not None:
+            prompt_tokens = len(infill_prompt_ids(ckpt.tokenizer, args.first_sentence, args.last_sentence))
+        else:
+            prompt_tokens = 1 + len(ckpt.tokenizer.encode(args.prompt or ""))
+        params = ckpt.defaults.params({**given, "stop": args.stop}, prompt_tokens=prompt_tokens,
+                                      context=ckpt.model.max_context, cap=MAX_TOKENS)
     except (ValueError, CheckpointError) as e:
         p.error(str(e))
     if args.first_sentence is not None:
