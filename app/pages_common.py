@@ -98,6 +98,11 @@ def _unescape_stop(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
+def _escape_stop(text: str) -> str:
+    """A stop string as the one-line box shows it (``_unescape_stop`` reads it back)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
 def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Job:
     """A validated ``Job`` from form fields (strings) or a decoded token (typed values);
     raises ``FormErrors`` with every problem found, each under its field's name."""
@@ -108,8 +113,8 @@ def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Jo
         for name in TEXT_FIELDS[kind]:
             if isinstance(values[name], str):  # browsers send a textarea's lines as CRLF
                 values[name] = values[name].replace("\r\n", "\n")
-        if isinstance(values["stop"], str):
-            values["stop"] = _unescape_stop(values["stop"]) if values["stop"] else None
+        if isinstance(values["stop"], str):  # a list: "\n" typed is a line break, not a blank
+            values["stop"] = [_unescape_stop(values["stop"])] if values["stop"].strip() else None
     form, errors = check_form(models.infill_form if kind == "infill" else models.generate_form,
                               values)
     if "model" not in errors:
@@ -189,6 +194,8 @@ class Result:
     status: int = 200  # the HTTP status an error maps to
     stream_url: str | None = None
     stats: Any = None  # a comparison column's app.token_view.RunStats, once finished
+    # the generate form's fields that continue a text cut at the token limit (continuation)
+    continue_fields: dict[str, str] | None = None
 
 
 def finish_note(stream: GenerationStream, seed: int) -> str:
@@ -198,9 +205,9 @@ def finish_note(stream: GenerationStream, seed: int) -> str:
     if stream.timed_out:
         reason = "Stopped at the time limit"
     elif completion.finish_reason == "length":
-        reason = "Reached the token limit"
+        reason = "Cut at the token limit"  # said plainly: the text had not ended
     else:
-        reason = "Finished"
+        reason = "Ended by itself"
     seconds = ((stream.finished_ns or time.perf_counter_ns()) - stream.started_ns) / 1e9
     choice = stream.choice if isinstance(stream, InfillStream) else None
     tokens = completion.completion_tokens  # an infill's: its middle's
@@ -217,6 +224,25 @@ def finish_note(stream: GenerationStream, seed: int) -> str:
                  else f"none of the {count} candidate middles ended")
         note += f" · {which} by itself: shown up to its last complete sentence, never run into the ending"
     return note
+
+
+def continuation(job: Job | None, stream: GenerationStream | None) -> dict[str, str] | None:
+    """The generate form's fields that continue a text cut at the token limit: its prompt
+    and text as the new prompt, the same model and settings, a fresh seed. None for a text
+    that ended (or was not a generation)."""
+    completion = stream.completion if stream is not None else None
+    if job is None or job.kind != "generate" or completion is None or completion.finish_reason != "length":
+        return None
+    prompt = job.texts["prompt"] + completion.text
+    if len(prompt) > get_settings().limits.max_prompt_chars:
+        return None  # too long to send back as a prompt
+    fields = {"model": job.model, "prompt": prompt}
+    for name, value in job.values.items():
+        if name == "stop":
+            fields["stop"] = _escape_stop(value[0]) if value else ""
+        elif name not in ("seed", "logprobs"):
+            fields[name] = f"{value:g}" if isinstance(value, float) else str(value)
+    return fields
 
 
 def collect(job: Job, stream: GenerationStream) -> Result:
@@ -236,7 +262,9 @@ def run_to_end(job: Job) -> Result:
         stream = job.open()
     except ServiceError as e:
         return Result(job, error=e.message, status=e.status)
-    return collect(job, stream)
+    result = collect(job, stream)
+    result.continue_fields = continuation(job, stream)
+    return result
 
 
 def output_tokens(job: Job | None, stream: GenerationStream | None) -> list[Token] | None:

@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError, core_schema
 
 from models_src.chat import ROLES, Message
-from models_src.sampling import MAX_LOGPROBS, SamplingParams
+from models_src.sampling import MAX_LOGPROBS
 
 from .settings import MAX_INFILL_CANDIDATES, Limits
 

@@ -18,8 +18,8 @@ from . import ratelimit
 # (Job and job_from_token are also this module's names for the tests that use them)
 from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS,  # noqa: F401
                            OPTION_FIELDS, SAMPLING_FIELDS, TEXT_FIELDS, FormErrors, Job, Result,
-                           job_events, job_from_token, output_tokens, read_job, run_to_end,
-                           sse_event, vendor_ready)
+                           continuation, job_events, job_from_token, output_tokens, read_job,
+                           run_to_end, sse_event, vendor_ready)
 from .registry import get_registry
 from .service import GenerationStream, get_service
 from .settings import MAX_INFILL_CANDIDATES, get_settings
@@ -122,14 +122,18 @@ def _start(kind: str):
 
 def _done(kind: str, note: str, job: Job | None = None,
           stream: GenerationStream | None = None) -> str:
-    """The last event: the finish note, the token view's data (once a text was written)
-    and the form's button enabled again (out of band)."""
+    """The last events: for a text cut at the token limit, the form that continues it;
+    then the finish note, the token view's data (once a text was written) and the form's
+    button enabled again (out of band)."""
     tokens = output_tokens(job, stream)
     html = (render_template("partials/finished_status.html", note=note, stats=None,
                             token_data=token_data(tokens))
             + render_template("partials/submit_button.html", kind=kind, busy=False,
                               button_oob=True))
-    return sse_event(html, "done")
+    fields = continuation(job, stream)
+    more = (sse_event(render_template("partials/continue_form.html", fields=fields), "continue")
+            if fields else "")
+    return more + sse_event(html, "done")
 
 
 def event_stream(kind: str) -> Response:

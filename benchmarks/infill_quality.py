@@ -1,6 +1,7 @@
 """Do infilled middles arrive? Each story of a file is split into its first sentence, its
 middle and its last sentence; the model infills the middle from the first and the last
-(``models_src.infill_candidates.best_middle``, at the server's defaults), and the same
+(``models_src.infill_candidates.best_middle``, at the model's own sampling defaults and
+as long as the server lets a middle run), and the same
 model scores how likely the true ending is after what it wrote.
 
     python benchmarks/infill_quality.py --checkpoint checkpoints/tinystories-gpt \\
@@ -32,11 +33,10 @@ from pathlib import Path
 import torch
 
 from _common import ROOT, environment
-from app.pages_common import DEFAULT_TEMPERATURE
 from app.settings import MAX_INFILL_CANDIDATES, Settings
 from models_src.checkpoint import load_checkpoint
+from models_src.infill import infill_prompt_ids
 from models_src.infill_candidates import best_middle, copies_ending, ending_logprobs
-from models_src.sampling import SamplingParams
 from training.examples import split_story
 
 DATA = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
@@ -50,14 +50,19 @@ def read_stories(path: Path, count: int) -> list[tuple[str, str, str]]:
     return parts[:count]
 
 
-def measure(checkpoint, stories, params: SamplingParams, candidates: int) -> dict:
-    """Infill every story with ``candidates`` candidates; the figures the lines print."""
+def measure(checkpoint, stories, given: dict, candidates: int, cap: int) -> dict:
+    """Infill every story with ``candidates`` candidates, sampling with ``given`` over the
+    model's defaults as the server does (``cap``: its FABLE_MAX_NEW_TOKENS); the figures
+    the lines print."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     ended = copied = copied_true = 0
     generated, true, first_only, seconds = [], [], [], 0.0
     for index, (first, middle, last) in enumerate(stories):
         # each story its own seeds, far enough apart that no two stories share one
-        story_params = SamplingParams(**{**params.__dict__, "seed": params.seed + index * MAX_INFILL_CANDIDATES})
+        seed = given["seed"] + index * MAX_INFILL_CANDIDATES
+        story_params = checkpoint.defaults.params(
+            {**given, "seed": seed}, prompt_tokens=len(infill_prompt_ids(tokenizer, first, last)),
+            context=model.max_context, cap=cap)
         start = time.perf_counter()
         choice = best_middle(model, tokenizer, first, last, story_params, candidates)
         seconds += time.perf_counter() - start
@@ -96,11 +101,10 @@ def main() -> None:
                         default=[defaults["infill_candidates"].default],
                         help="candidates per infill (several: one run each, then a table); "
                              "default: the server's FABLE_INFILL_CANDIDATES default")
-    parser.add_argument("--temperature", type=float, default=float(DEFAULT_TEMPERATURE),
-                        help="default: the pages' default")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"].default,
-                        help="default: FABLE_MAX_NEW_TOKENS's default, the infill page's")
+    for name in ("temperature", "top-p", "min-p"):
+        parser.add_argument(f"--{name}", type=float, help="default: the model's own")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the server's, the room "
+                        "left in the context, at most FABLE_MAX_NEW_TOKENS's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see README.md)")
     args = parser.parse_args()
@@ -114,15 +118,19 @@ def main() -> None:
     stories = read_stories(args.data, args.stories)
     if not stories:
         sys.exit(f"infill_quality: {args.data} has no story with a middle (three sentences or more)")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+    given = {key: value for key, value in (
+        ("temperature", args.temperature), ("top_p", args.top_p), ("min_p", args.min_p),
+        ("max_new_tokens", args.max_new_tokens)) if value is not None}
+    shown = checkpoint.defaults.params(given, prompt_tokens=0, context=None, cap=1)
     print(f"# infill quality — {args.checkpoint.name}, {len(stories)} stories of {args.data.name}, "
-          f"temperature {args.temperature:g}, top-p {args.top_p}, max new tokens "
-          f"{args.max_new_tokens} — {environment()}", flush=True)
+          f"temperature {shown.temperature:g}, top-p {shown.top_p}, min-p {shown.min_p}, "
+          f"max new tokens {args.max_new_tokens or 'to the end of the context'} — "
+          f"{environment()}", flush=True)
     results = []
+    cap = defaults["max_new_tokens"].default
     for k in args.candidates:
         print(f"# {k} candidate{'s' if k != 1 else ''}")
-        results.append(measure(checkpoint, stories, params, k))
+        results.append(measure(checkpoint, stories, {**given, "seed": args.seed}, k, cap))
         print_lines(results[-1])
     if len(results) > 1:
         print("| candidates | (G − F) / (T − F) | ended by themselves | repeating a 4-gram (true) "

@@ -111,4 +111,4 @@ NEUTRAL = SamplingDefaults()
 #: What a newly trained model is published with, until a sweep chooses its own
 #: (``benchmarks/sampling_defaults.py --write``): the sweep's choice for the bundled
 #: TinyStories GPT (benchmarks/README.md, "Sampling defaults").
-STARTING = SamplingDefaults(temperature=0.8, top_p=0.9)
+STARTING = SamplingDefaults(temperature=1.0, min_p=0.1)

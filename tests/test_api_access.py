@@ -115,7 +115,7 @@ def test_protected_pages_generate_with_a_key_as_password_or_bearer(protected, st
             response = protected.open(path, method=method, headers=headers, **kwargs)
             assert response.status_code == 200, (path, headers)
             body = response.get_data(as_text=True)
-            assert "Reached the token limit · 3 tokens" in body or "sse-connect" in body, path
+            assert "Cut at the token limit · 3 tokens" in body or "sse-connect" in body, path
     assert len(started) == 3 * (1 + 1 + 2 + 4)
 
 

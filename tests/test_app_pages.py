@@ -138,7 +138,7 @@ def test_no_js_generate_post_renders_the_whole_page_with_the_text(client):
     assert html.startswith("<!doctype html>")
     generated = re.search(r'<span class="output-generated">([^<]*)</span>', html).group(1)
     assert generated == ENDLESS_CHAR * 6
-    assert "Reached the token limit · 6 tokens" in html
+    assert "Cut at the token limit · 6 tokens" in html
     assert 'sse-connect' not in html  # finished, nothing to stream
     # the form keeps what was submitted
     assert re.search(r'<textarea id="field-prompt"[^>]*>\nOnce</textarea>', html)
@@ -249,10 +249,35 @@ def test_stream_headers_framing_and_done_event(client):
     assert [e["event"] for e in events][-1] == "done"
     assert not texts(events, "failed")
     done = texts(events, "done")[0]
-    assert "Reached the token limit · 30 tokens" in done
+    assert "Cut at the token limit · 30 tokens" in done
     # the done event hands the enabled button back, out of band
     assert ('<button type="submit" id="generate-submit" class="button button-primary" '
             'hx-swap-oob="true">Generate</button>') in done
+
+
+def test_a_cut_text_offers_to_continue_it_and_one_that_ended_does_not(client, script):
+    url = stream_url(client.post("/generate/start", data={**FORM, "stop": "\\n", "top_p": "0.9"})
+                     .get_data(as_text=True))
+    events = parse_sse(client.get(url).get_data(as_text=True))
+    assert [e["event"] for e in events][-2:] == ["continue", "done"]
+    offer = texts(events, "continue")[0]
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', offer))
+    assert fields == {"model": "endless", "prompt": "Once" + ENDLESS_CHAR * 6, "temperature": "0",
+                      "max_new_tokens": "6", "top_p": "0.9", "stop": "\\n"}  # no seed: a fresh one
+    assert 'hx-post="/generate/start"' in offer and "Continue the text" in offer
+    # posted back, it writes on from where the text stopped
+    html = client.post("/", data=fields).get_data(as_text=True)
+    assert re.search(r'<span class="output-prompt">([^<]*)</span>', html).group(1) == fields["prompt"]
+    script(["The end."])  # a text that ends by itself: nothing to continue
+    events = parse_sse(client.get(stream_url(client.post("/generate/start", data=FORM)
+                                             .get_data(as_text=True))).get_data(as_text=True))
+    assert "continue" not in [e["event"] for e in events]
+    assert "Ended by itself" in texts(events, "done")[0]
+
+
+def test_no_js_a_cut_text_has_the_continue_form(client):
+    html = client.post("/", data=FORM).get_data(as_text=True)
+    assert 'class="continue-form"' in html and f'value="Once{ENDLESS_CHAR * 6}"' in html
 
 
 def test_stream_escapes_generated_markup_and_frames_each_line(client, script):
@@ -350,7 +375,7 @@ def test_huge_incompressible_prompt_is_answered_without_streaming(client):
     assert response.status_code == 200
     assert "sse-connect" not in html
     assert f'<span class="output-generated">{ENDLESS_CHAR * 3}</span>' in html
-    assert "Reached the token limit" in html
+    assert "Cut at the token limit" in html
     assert re.search(r'<button type="submit" id="generate-submit" '
                      r'class="button button-primary">Generate</button>', html)
 

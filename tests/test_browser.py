@@ -189,7 +189,7 @@ def test_generate_streams_text_into_the_page(page, base_url, script):
     page.wait_for_selector(".status-text:not(.is-streaming)")
     assert page.locator(".output-generated").text_content() == ENDLESS_CHAR * 40
     assert page.locator(".output-prompt").text_content() == "Once"
-    assert "Reached the token limit · 40 tokens" in page.locator(".status").text_content()
+    assert "Cut at the token limit · 40 tokens" in page.locator(".status").text_content()
     expect = sync_api.expect
     expect(page.locator("#generate-submit")).to_be_enabled()
     expect(page.locator("#generate-submit")).to_have_text("Generate")

@@ -69,7 +69,7 @@ def test_two_columns_stream_side_by_side_and_finish(page, base_url, script):
     for i in (0, 1):
         column = columns.nth(i)
         assert column.locator(".output-generated").text_content() == ENDLESS_CHAR * 30
-        assert "Reached the token limit · 30 tokens" in column.locator(".status").text_content()
+        assert "Cut at the token limit · 30 tokens" in column.locator(".status").text_content()
         assert "seed 4" in column.locator(".status").text_content()
         assert column.locator(".run-stat-value").count() == 3
     sync_api.expect(page.locator("#compare-submit")).to_be_enabled()

@@ -46,3 +46,15 @@ def test_each_bundled_model_has_a_card_whose_figures_are_its_config_s(path):
         assert str(figure) in body
     assert body.count("\n> ") >= 3  # three samples
     assert suggested_prompt(path), "the card offers a prompt to try (widget), the app's placeholder"
+
+
+def test_the_story_model_asked_with_only_a_prompt_writes_stories_that_end(make_app):
+    """Issue 35: through /api/generate with only model and prompt (and a seed), at least 9
+    of 10 stories end by themselves, at the model's own sampling defaults and length."""
+    client = make_app(FABLE_CHECKPOINT_DIR=str(BUNDLED[0].parent), FABLE_DEFAULT_NEW_TOKENS=None,
+                      FABLE_MAX_BATCH=16).test_client()
+    answers = [client.post("/api/generate", json={"model": "tinystories-gpt", "prompt": "Once upon a time",
+                                                  "stream": False, "options": {"seed": seed}}).json
+               for seed in range(1, 11)]
+    assert sum(a["done_reason"] == "stop" for a in answers) >= 9, [a["done_reason"] for a in answers]
+    assert len({a["response"] for a in answers}) == 10

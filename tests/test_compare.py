@@ -138,7 +138,7 @@ def test_no_js_comparison_answers_with_finished_columns_and_figures(client):
     assert generated(found[0]) == ENDLESS_CHAR * 6
     assert len(generated(found[1])) == 6  # random weights: six characters of something
     for column in found:
-        assert "Reached the token limit · 6 tokens" in column and "seed 3" in column
+        assert "Cut at the token limit · 6 tokens" in column and "seed 3" in column
         assert '<span class="output-prompt">Once</span>' in column
         stats = figures(column)
         assert stats["tokens_per_s"] > 0 and stats["ttft_ms"] >= 0
@@ -279,7 +279,7 @@ def test_column_stream_carries_figures_and_token_view_in_its_last_event(client):
         assert [e["event"] for e in events][-1] == "done" and not texts(events, "failed")
         text = unescape("".join(texts(events)))
         done = texts(events, "done")[0]
-        assert "Reached the token limit · 12 tokens" in done
+        assert "Cut at the token limit · 12 tokens" in done
         assert "hx-swap-oob" not in done  # the compare page's button is compare.js's
         assert done.startswith('<span class="status-text">')
         stats = figures(done)

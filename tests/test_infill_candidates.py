@@ -208,7 +208,7 @@ def test_the_page_says_candidates_are_being_written_and_when_none_ended(client):
     events = _events(client.get(url).get_data(as_text=True))
     assert "".join(d for k, d in events if k == "message") == ENDLESS_CHAR * 5
     done = next(d for k, d in events if k == "done")
-    assert "Reached the token limit · 5 tokens" in done
+    assert "Cut at the token limit · 5 tokens" in done
     assert "best of 3 candidates (15 tokens in all)" in done
     assert "none of the 3 candidate middles ended by itself" in done
     # one candidate: the middle is written as before
@@ -272,7 +272,7 @@ def test_the_page_never_shows_a_sentence_cut_into_the_ending(client, write_candi
                      ("The bird sang.", "stop"))
     html = client.post("/infill", data=form).get_data(as_text=True)
     assert re.search(r'<mark class="story-middle">(.*?)</mark>', html).group(1) == "The bird sang."
-    assert "Finished · " in html and "best of 2 candidates" in html and "ended by itself" not in html
+    assert "Ended by itself · " in html and "best of 2 candidates" in html and "ended by itself" not in html
 
 
 def test_an_ending_longer_than_the_context_is_scored_by_its_tail(tiny):

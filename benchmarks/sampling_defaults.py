@@ -1,0 +1,160 @@
+"""Which sampling settings should a model's requests get by default? A sweep over
+temperature, top-p and min-p: for each setting the model writes one story per seed from
+the same prompt, to the end of its context, and three things are counted.
+
+    python benchmarks/sampling_defaults.py --checkpoint checkpoints/tinystories-gpt \\
+        --corpus ../shared/data/tinystories --seeds 40
+    python benchmarks/sampling_defaults.py ... --write     # the choice into generation_config.json
+
+- **ended**: stories that ended by themselves (end-of-text before the context was full);
+- **distinct-2**: distinct word pairs over all word pairs of the setting's stories, a
+  measure of how different the stories are from each other (low: the same story again);
+- **the judge**: word pairs no story of the training corpus has (a word pair a few million
+  words of human-edited text never uses is most often a slip: "the zoo and a little
+  rabbit went", "I am their compassionate man"), and words the corpus never uses
+  (invented ones). The model's own log-probability would be no judge: it rewards the
+  dullest text, which is what lowering the temperature buys. Unseen pairs are not all
+  slips (the validation stories have some), so the judge is read together with diversity.
+
+The validation stories are the reference row. The setting chosen is the one with the
+fewest unseen word pairs among those where at least 90 % of stories end by themselves and
+whose distinct-2 is at least half the validation stories' (below that, the stories are
+one story told again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from _common import ROOT, environment
+from app.settings import Settings
+from models_src.checkpoint import load_checkpoint
+from models_src.generation import Batch
+from models_src.sampling_defaults import GENERATION_CONFIG, SamplingDefaults
+
+CORPUS = ROOT.parent / "shared" / "data" / "tinystories"
+_SEPARATOR = re.compile(r"^<\|endoftext\|>\r?$", re.MULTILINE)
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
+CUTS = ({}, {"top_p": 0.9}, {"top_p": 0.95}, {"min_p": 0.05}, {"min_p": 0.1})
+MIN_ENDED = 90.0  # % of stories that must end by themselves
+DIVERSITY_FLOOR = 0.5  # distinct-2 at least this share of the validation stories'
+
+
+def stories_of(path: Path) -> list[str]:
+    return [s.strip() for s in _SEPARATOR.split(path.read_text(encoding="utf-8")) if s.strip()]
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def pairs(text: str) -> list[tuple[str, str]]:
+    """Consecutive words within a sentence (a pair across a full stop is no slip)."""
+    found = []
+    for sentence in re.split(r"[.!?\n]+", text):
+        w = words(sentence)
+        found += zip(w, w[1:])
+    return found
+
+
+class Judge:
+    """What the training corpus says of a text's words and word pairs."""
+
+    def __init__(self, corpus: list[str]) -> None:
+        self.words = {w for story in corpus for w in words(story)}
+        self.pairs = {p for story in corpus for p in pairs(story)}
+
+    def score(self, texts: list[str]) -> dict:
+        all_words = [w for t in texts for w in words(t)]
+        all_pairs = [p for t in texts for p in pairs(t)]
+        counts = Counter(all_pairs)
+        return {"unseen_pairs": 100 * sum(p not in self.pairs for p in all_pairs) / max(1, len(all_pairs)),
+                "unknown_words": 100 * sum(w not in self.words for w in all_words) / max(1, len(all_words)),
+                "distinct2": len(counts) / max(1, len(all_pairs)),
+                "words": len(all_words) / max(1, len(texts))}
+
+
+def write_stories(checkpoint, prompt: str, setting: dict, seeds: range, cap: int) -> tuple[list[str], float, float]:
+    """One story per seed, all in one batch; their texts, the share that ended, seconds."""
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    defaults = SamplingDefaults(**setting)
+    rows = [(ids, defaults.params({"seed": seed}, prompt_tokens=len(ids), context=model.max_context, cap=cap))
+            for seed in seeds]
+    start = time.perf_counter()
+    batch = Batch(model, tokenizer)
+    seqs = batch.add(rows)
+    while batch:
+        batch.step()
+    texts = [prompt + s.completion.text for s in seqs]
+    ended = 100 * sum(s.completion.finish_reason == "stop" for s in seqs) / len(seqs)
+    return texts, ended, time.perf_counter() - start
+
+
+def label(setting: dict) -> str:
+    return SamplingDefaults(**setting).described()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "tinystories-gpt")
+    parser.add_argument("--corpus", type=Path, default=CORPUS,
+                        help="a folder with train.txt and valid.txt, stories separated by "
+                             "<|endoftext|> lines (default: the shared TinyStories)")
+    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--seeds", type=int, default=40, help="stories per setting")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", action="store_true",
+                        help=f"write the chosen setting into the checkpoint's {GENERATION_CONFIG}")
+    args = parser.parse_args()
+    train, valid = args.corpus / "train.txt", args.corpus / "valid.txt"
+    if not (train.is_file() and valid.is_file()):
+        sys.exit(f"sampling_defaults: no train.txt and valid.txt in {args.corpus}; pass --corpus DIR")
+    torch.set_num_threads(args.threads)
+    checkpoint = load_checkpoint(args.checkpoint)
+    judge = Judge(stories_of(train))
+    cap = Settings.model_fields["max_new_tokens"].default
+    print(f"# sampling defaults — {args.checkpoint.name}, {args.seeds} stories per setting from "
+          f"{args.prompt!r}, to the end of the context — {environment()}", flush=True)
+    reference = judge.score(stories_of(valid)[:args.seeds])
+    print("| setting | ended by themselves | distinct-2 | unseen word pairs | unknown words "
+          "| words per story | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| validation stories (reference) | 100 % | {reference['distinct2']:.3f} | "
+          f"{reference['unseen_pairs']:.2f} % | {reference['unknown_words']:.2f} % | "
+          f"{reference['words']:.0f} | |", flush=True)
+    rows = []
+    for temperature in TEMPERATURES:
+        for cut in CUTS:
+            setting = {"temperature": temperature, **cut}
+            texts, ended, seconds = write_stories(checkpoint, args.prompt, setting,
+                                                  range(1, args.seeds + 1), cap)
+            r = {"setting": setting, "ended": ended, **judge.score(texts), "seconds": seconds}
+            rows.append(r)
+            print(f"| {label(setting)} | {ended:.0f} % | {r['distinct2']:.3f} | "
+                  f"{r['unseen_pairs']:.2f} % | {r['unknown_words']:.2f} % | {r['words']:.0f} | "
+                  f"{seconds:.0f} |", flush=True)
+    eligible = [r for r in rows if r["ended"] >= MIN_ENDED
+                and r["distinct2"] >= DIVERSITY_FLOOR * reference["distinct2"]]
+    if not eligible:
+        sys.exit("no setting ends often enough and stays diverse enough; nothing chosen")
+    best = min(eligible, key=lambda r: r["unseen_pairs"])
+    print(f"chosen: {label(best['setting'])}")
+    if args.write:
+        own = checkpoint.defaults
+        chosen = SamplingDefaults(**{**own.__dict__, "top_p": None, "min_p": None, **best["setting"]})
+        tok = checkpoint.tokenizer
+        chosen.write(args.checkpoint, {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id})
+        print(f"written to {args.checkpoint / GENERATION_CONFIG}")
+
+
+if __name__ == "__main__":
+    main()
