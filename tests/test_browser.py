@@ -202,6 +202,19 @@ def test_generate_streams_text_into_the_page(page, base_url, script):
     assert events[-1]["type"] == "done" and events[-1]["t"] > messages[0]["t"]
 
 
+def test_a_cut_text_is_continued_with_one_click(page, base_url):
+    page.goto(base_url + "/")
+    fill_form(page, {"model": "endless", "prompt": "Once", "temperature": "0", "max_new_tokens": "5"})
+    page.locator("#generate-submit").click()
+    continue_button = page.locator(".continue-button")
+    continue_button.wait_for()
+    assert "Cut at the token limit" in page.locator(".status").text_content()
+    continue_button.click()
+    # the text so far is the new prompt, and the model writes on from it
+    sync_api.expect(page.locator(".output-prompt")).to_have_text("Once" + ENDLESS_CHAR * 5)
+    sync_api.expect(page.locator(".output-generated")).to_have_text(ENDLESS_CHAR * 5)
+
+
 def test_generated_markup_is_shown_as_text_and_never_runs(page, base_url, script):
     pieces = ["<scr", "ipt>window.__pwned = 1</script>", '<img src=x onerror="window.__pwned=2">',
               "\n<b>bold?</b>"]
