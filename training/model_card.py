@@ -6,7 +6,8 @@ The evaluation (``training.evaluate`` on the validation split) is stored in the
 checkpoint's ``config.json`` under ``evaluation``, and the card's figures are those
 numbers, so the two never disagree (``tests/test_bundled.py`` checks it). The card
 also gives the data and its licence, the training command and config, the hardware and
-time, intended use and limits, and three samples (temperature 0.8, seeds 1-3).
+time, intended use and limits, and three samples at the model's own sampling defaults
+(its generation_config.json; seeds 1-3), each as long as the model writes it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ import yaml
 from models_src.checkpoint import CARD_FILE, CheckpointError, load_checkpoint
 from models_src.generation import generate
 from models_src.infill import trained_to_infill
-from models_src.sampling import SamplingParams
 
 from .data import DataError
 from .evaluate import evaluate
 
 SAMPLE_SEEDS = (1, 2, 3)
-SAMPLE_TEMPERATURE = 0.8
-SAMPLE_TOKENS = 120
+SAMPLE_TOKENS = 400  # the longest sample, where the model's context does not end it first
 
 
 # What each corpus is, where it comes from, and its licence; keyed by a part of its path.
@@ -97,10 +96,15 @@ def evaluation_record(checkpoint_dir: Path, batch_size: int = 16) -> dict:
 
 
 def samples(checkpoint, prompt: str) -> list[str]:
+    """Three texts as a request with only a prompt gets them: the model's own settings, to
+    the end of its context."""
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    prompt_tokens = 1 + len(tokenizer.encode(prompt))
     out = []
     for seed in SAMPLE_SEEDS:
-        params = SamplingParams(max_new_tokens=SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE, seed=seed)
-        out.append(prompt + generate(checkpoint.model, checkpoint.tokenizer, prompt, params)[0].text)
+        params = checkpoint.defaults.params({"seed": seed}, prompt_tokens=prompt_tokens,
+                                            context=model.max_context, cap=SAMPLE_TOKENS)
+        out.append(prompt + generate(model, tokenizer, prompt, params)[0].text)
     return out
 
 
@@ -141,7 +145,9 @@ def describe(config: dict) -> str:
     return f"a {kind} ({shape}) with a {config['tokenizer']['kind']} tokenizer of {m['vocab_size']:,} tokens"
 
 
-def render(name: str, config: dict, sample_texts: list[str], infills: bool) -> str:
+def render(name: str, config: dict, sample_texts: list[str], infills: bool,
+           sampling: str = "temperature 1") -> str:
+    """The card; ``sampling``: how the samples were drawn, in words (SamplingDefaults.described)."""
     t, ev = config["training"], config["evaluation"]
     corpus = corpus_of(t.get("data") or "")
     run = t.get("config", {})
@@ -182,7 +188,7 @@ def render(name: str, config: dict, sample_texts: list[str], infills: bool) -> s
         "text would be taken as true or as advice."
         + (" It also infills: given a story's first and last sentence, it writes the middle."
            if infills else ""), "",
-        f"## Samples (temperature {SAMPLE_TEMPERATURE}, seeds {', '.join(map(str, SAMPLE_SEEDS))})", "",
+        f"## Samples ({sampling}, seeds {', '.join(map(str, SAMPLE_SEEDS))})", "",
     ]
     for text in sample_texts:
         lines += ["> " + text.strip().replace("\n", "\n> "), ""]
@@ -204,7 +210,8 @@ def write_card(checkpoint_dir: Path, *, evaluate_again: bool = True) -> Path:
     checkpoint = load_checkpoint(checkpoint_dir)
     corpus = corpus_of(config["training"].get("data") or "")
     card = render(checkpoint_dir.name, config, samples(checkpoint, corpus["prompt"]),
-                  trained_to_infill(checkpoint.summary, checkpoint.tokenizer))
+                  trained_to_infill(checkpoint.summary, checkpoint.tokenizer),
+                  checkpoint.defaults.described())
     path = checkpoint_dir / CARD_FILE
     path.write_text(card)
     return path
