@@ -20,6 +20,8 @@ from pydantic import (AliasChoices, BeforeValidator, Field, ValidationError, fie
                       model_validator)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from models_src.infill_candidates import DEFAULT_CANDIDATES
+
 PREFIX = "FABLE_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ORIGIN = re.compile(r"^https?://[^/\s,]+/?$", re.IGNORECASE)
@@ -179,9 +181,7 @@ class Settings(BaseSettings):
                                    "sends at once; more get 503 + Retry-After")
     request_timeout_s: Number = Field(60.0, ge=0.001, description="generation deadline per "
                                       "request; reaching it ends the text like a length limit")
-    # Measured (benchmarks/README.md, "Infilled middles that arrive"): the most candidates
-    # whose infill still answers within about 3 s on a 2-vCPU machine.
-    infill_candidates: Integer = Field(16, ge=1, description=(
+    infill_candidates: Integer = Field(DEFAULT_CANDIDATES, ge=1, description=(
         "candidate middles an infill writes at once (one row each, so at most "
         "FABLE_MAX_BATCH are used), keeping the one under which the given last sentence is "
         f"likeliest; 1 to {MAX_INFILL_CANDIDATES}; a request's 'candidates' wins"))

@@ -4,6 +4,7 @@ end marker, training and evaluating an infilling model."""
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -212,6 +213,8 @@ def test_train_and_evaluate_an_infilling_model(tmp_path, capsys, arch):
                               "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Tom had a kite. ") and out.rstrip().endswith("Tom was happy again.")
+    # the kept candidate's complete sentences, never a sentence run into the ending
+    assert re.search(r"[.!?][\"'”’)\]]* Tom was happy again\.$", out.rstrip())
 
 
 @pytest.mark.train

@@ -19,7 +19,8 @@ import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint
 from models_src.generation import stream
-from models_src.infill import infill_prompt_ids, stream_infill
+from models_src.infill import infill_prompt_ids
+from models_src.infill_candidates import DEFAULT_CANDIDATES, best_middle
 
 MAX_TOKENS = 2000  # the longest a text runs when neither the command nor the model says
 
@@ -44,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     option("min-p", type=float)
     option("repetition-penalty", type=float)
     option("stop", action="append", default=[], help="stop string (repeatable)")
+    option("candidates", type=int, default=DEFAULT_CANDIDATES,
+           help="infilling: candidate middles written at once; the one the last sentence "
+                "fits best is kept (as the server does)")
     option("seed", type=int)
     option("device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -71,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:
         p.error(str(e))
     if args.first_sentence is not None:
-        pieces = stream_infill(ckpt.model, ckpt.tokenizer, args.first_sentence, args.last_sentence, params)
-        print(args.first_sentence.strip(), end=" ", flush=True)
-        started = False  # the middle begins with a space; the line above already has one
-        for piece in pieces:
-            piece = piece if started else piece.lstrip()
-            started = started or bool(piece)
-            print(piece, end="", flush=True)
-        print(" " + args.last_sentence.strip())
+        if args.candidates < 1:
+            p.error("--candidates must be at least 1")
+        first, last = args.first_sentence.strip(), args.last_sentence.strip()
+        choice = best_middle(ckpt.model, ckpt.tokenizer, first, last, params, args.candidates)
+        # the middle: its complete sentences, never run into the ending
+        print(" ".join(part for part in (first, choice.best.text.strip(), last) if part))
+        if not choice.any_ended:
+            print("(no candidate middle ended by itself: shown up to its last complete "
+                  "sentence)", file=sys.stderr)
     else:
         prompt = args.prompt or ""
         print(prompt, end="", flush=True)
