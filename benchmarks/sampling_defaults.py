@@ -2,9 +2,11 @@
 temperature, top-p and min-p: for each setting the model writes one story per seed from
 the same prompt, to the end of its context, and three things are counted.
 
-    python benchmarks/sampling_defaults.py --checkpoint checkpoints/tinystories-gpt \\
-        --corpus ../shared/data/tinystories --seeds 40
+    python benchmarks/sampling_defaults.py --checkpoint checkpoints/tinystories-gpt --seeds 40
     python benchmarks/sampling_defaults.py ... --write     # the choice into generation_config.json
+
+The corpus is the one the checkpoint was trained on (its config's data section), split as
+its training run split it; ``--data`` points elsewhere.
 
 - **ended**: stories that ended by themselves (end-of-text before the context was full);
 - **distinct-2**: distinct word pairs over all word pairs of the setting's stories, a
@@ -29,27 +31,26 @@ import re
 import sys
 import time
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from _common import ROOT, environment
 from app.settings import Settings
-from models_src.checkpoint import load_checkpoint
+from models_src.checkpoint import load_checkpoint, suggested_prompt
 from models_src.generation import Batch
 from models_src.sampling_defaults import GENERATION_CONFIG, SamplingDefaults
+from training.data import DataConfig, DataError, load_documents
+
+DATA_FIELDS = {f.name for f in fields(DataConfig)}
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories"
-_SEPARATOR = re.compile(r"^<\|endoftext\|>\r?$", re.MULTILINE)
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 CUTS = ({}, {"top_p": 0.9}, {"top_p": 0.95}, {"min_p": 0.05}, {"min_p": 0.1})
 MIN_ENDED = 90.0  # % of stories that must end by themselves
 DIVERSITY_FLOOR = 0.5  # distinct-2 at least this share of the validation stories'
-
-
-def stories_of(path: Path) -> list[str]:
-    return [s.strip() for s in _SEPARATOR.split(path.read_text(encoding="utf-8")) if s.strip()]
 
 
 def words(text: str) -> list[str]:
@@ -103,47 +104,73 @@ def label(setting: dict) -> str:
     return SamplingDefaults(**setting).described()
 
 
+def corpus(checkpoint, path: str | None) -> dict[str, list[str]]:
+    """The training and validation documents, split as the checkpoint's training run split
+    them (its config's data section; ``path`` moves the corpus)."""
+    data = dict(checkpoint.summary.get("config", {}).get("data") or {})
+    if path is not None or "path" not in data:
+        data = {"path": path or str(CORPUS)}
+    data["path"] = str((ROOT / data["path"]).resolve()) if not Path(data["path"]).is_absolute() else data["path"]
+    return load_documents(DataConfig(**{k: v for k, v in data.items() if k in DATA_FIELDS}))
+
+
+def reference_texts(validation: list[str], count: int, words_each: int) -> tuple[list[str], bool]:
+    """``count`` pieces of the validation text to compare with: its first documents where
+    it has that many (stories), else that many runs of ``words_each`` words (a play or a
+    book read as one stream); and whether they are documents (which end by themselves)."""
+    if len(validation) >= count:
+        return validation[:count], True
+    tokens = " ".join(validation).split()
+    step = max(words_each, 1)
+    return [" ".join(tokens[i:i + step]) for i in range(0, len(tokens), step)][:count], False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "tinystories-gpt")
-    parser.add_argument("--corpus", type=Path, default=CORPUS,
-                        help="a folder with train.txt and valid.txt, stories separated by "
-                             "<|endoftext|> lines (default: the shared TinyStories)")
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--data", help="the corpus (default: the one the checkpoint was trained "
+                                       "on, as its config names it, split the same way)")
+    parser.add_argument("--prompt", help="default: the prompt its model card offers")
     parser.add_argument("--seeds", type=int, default=40, help="stories per setting")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write", action="store_true",
                         help=f"write the chosen setting into the checkpoint's {GENERATION_CONFIG}")
     args = parser.parse_args()
-    train, valid = args.corpus / "train.txt", args.corpus / "valid.txt"
-    if not (train.is_file() and valid.is_file()):
-        sys.exit(f"sampling_defaults: no train.txt and valid.txt in {args.corpus}; pass --corpus DIR")
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint)
-    judge = Judge(stories_of(train))
+    try:
+        splits = corpus(checkpoint, args.data)
+    except DataError as e:
+        sys.exit(f"sampling_defaults: {e}; pass --data PATH")
+    prompt = args.prompt or suggested_prompt(args.checkpoint) or "Once upon a time"
+    judge = Judge(splits["train"])
     cap = Settings.model_fields["max_new_tokens"].default
-    print(f"# sampling defaults — {args.checkpoint.name}, {args.seeds} stories per setting from "
-          f"{args.prompt!r}, to the end of the context — {environment()}", flush=True)
-    reference = judge.score(stories_of(valid)[:args.seeds])
-    print("| setting | ended by themselves | distinct-2 | unseen word pairs | unknown words "
-          "| words per story | seconds |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| validation stories (reference) | 100 % | {reference['distinct2']:.3f} | "
-          f"{reference['unseen_pairs']:.2f} % | {reference['unknown_words']:.2f} % | "
-          f"{reference['words']:.0f} | |", flush=True)
+    print(f"# sampling defaults — {args.checkpoint.name}, {args.seeds} texts per setting from "
+          f"{prompt!r}, to the end of the context (at most {cap} tokens) — {environment()}",
+          flush=True)
     rows = []
     for temperature in TEMPERATURES:
         for cut in CUTS:
             setting = {"temperature": temperature, **cut}
-            texts, ended, seconds = write_stories(checkpoint, args.prompt, setting,
+            texts, ended, seconds = write_stories(checkpoint, prompt, setting,
                                                   range(1, args.seeds + 1), cap)
-            r = {"setting": setting, "ended": ended, **judge.score(texts), "seconds": seconds}
-            rows.append(r)
-            print(f"| {label(setting)} | {ended:.0f} % | {r['distinct2']:.3f} | "
-                  f"{r['unseen_pairs']:.2f} % | {r['unknown_words']:.2f} % | {r['words']:.0f} | "
-                  f"{seconds:.0f} |", flush=True)
-    eligible = [r for r in rows if r["ended"] >= MIN_ENDED
-                and r["distinct2"] >= DIVERSITY_FLOOR * reference["distinct2"]]
+            rows.append({"setting": setting, "ended": ended, **judge.score(texts), "seconds": seconds})
+    words_each = round(sum(r["words"] for r in rows) / len(rows))
+    reference, documents = reference_texts(splits["validation"], args.seeds, words_each)
+    ref = judge.score(reference)
+    print("| setting | ended by themselves | distinct-2 | unseen word pairs | unknown words "
+          "| words per text | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| validation {'stories' if documents else 'text'} (reference) | "
+          f"{'100 %' if documents else '–'} | {ref['distinct2']:.3f} | {ref['unseen_pairs']:.2f} % | "
+          f"{ref['unknown_words']:.2f} % | {ref['words']:.0f} | |")
+    for r in rows:
+        print(f"| {label(r['setting'])} | {r['ended']:.0f} % | {r['distinct2']:.3f} | "
+              f"{r['unseen_pairs']:.2f} % | {r['unknown_words']:.2f} % | {r['words']:.0f} | "
+              f"{r['seconds']:.0f} |")
+    # a text read as one stream has no ends to reach: there only diversity and the judge count
+    eligible = [r for r in rows if (not documents or r["ended"] >= MIN_ENDED)
+                and r["distinct2"] >= DIVERSITY_FLOOR * ref["distinct2"]]
     if not eligible:
         sys.exit("no setting ends often enough and stays diverse enough; nothing chosen")
     best = min(eligible, key=lambda r: r["unseen_pairs"])

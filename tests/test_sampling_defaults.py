@@ -4,6 +4,7 @@ generation_config.json as transformers spells it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,3 +72,21 @@ def test_a_checkpoint_loads_its_defaults_and_names_a_bad_file(checkpoint_dir, tm
     (tiny_checkpoint / GENERATION_CONFIG).write_text("{")
     with pytest.raises(CheckpointError, match=GENERATION_CONFIG):
         load_checkpoint(tiny_checkpoint)
+
+
+def test_the_sweep_prints_its_table_and_writes_the_choice(checkpoint_dir, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    model = Path(shutil.copytree(checkpoint_dir / "tiny-gpt", tmp_path / "tiny-gpt"))
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("Once upon a time there was a girl. She liked to play outside.\n" * 200)
+    done = subprocess.run([sys.executable, "benchmarks/sampling_defaults.py", "--checkpoint", str(model),
+                           "--data", str(corpus), "--seeds", "2", "--prompt", "Once", "--write"],
+                          cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| temperature")]
+    assert len(rows) == 25 and "| validation text (reference) |" in done.stdout
+    chosen = re.search(r"^chosen: (.+)$", done.stdout, re.MULTILINE).group(1)
+    assert load_checkpoint(model).defaults.described() == chosen  # written, and it loads
