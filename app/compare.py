@@ -22,7 +22,7 @@ from flask import Blueprint, Response, render_template, request, stream_with_con
 from werkzeug.datastructures import MultiDict
 
 from . import ratelimit
-from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS, SAMPLING_FIELDS,
+from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS, form_bounds, SAMPLING_FIELDS,
                            SEED_RANGE, TEXT_FIELDS, FormErrors, Job, Result, collect, job_events,
                            in_form_order, output_tokens, read_job, sse_event, vendor_ready)
 from .registry import get_registry
@@ -155,7 +155,7 @@ def _context(form: MultiDict, errors: Mapping[str | None, str] | None = None,
     mode = form.get("mode") if form.get("mode") in MODES else "generate"
     return {"kind": "compare", "form": form, "chosen": form.getlist("models"), "mode": mode,
             "errors": errors, "first_error": first, "models": get_registry().facts(),
-            "limits": get_settings().limits, "fallback_prompt": FALLBACK_PROMPT,
+            "limits": get_settings().limits, "fallback_prompt": FALLBACK_PROMPT, "bounds": form_bounds(),
             "infill_unavailable": infill_unavailable(),
             "min_models": MIN_MODELS, "max_models": MAX_MODELS, **extra}
 

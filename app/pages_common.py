@@ -276,6 +276,21 @@ def output_tokens(job: Job | None, stream: GenerationStream | None) -> list[Toke
     return stream_tokens(stream, loaded and loaded.tokenizer, stripped=job.kind == "infill")
 
 
+def form_bounds() -> dict[str, dict[str, Any]]:
+    """The sampling boxes' HTML limits (min, max, maxlength), read from the schema that
+    validates the form, so that the page and the server never disagree."""
+    schema = request_models(get_settings().limits).generate_form.model_json_schema()
+    bounds = {}
+    for name in SAMPLING_FIELDS:
+        kind = schema["properties"][name]["anyOf"][0]  # the value's type; the other is null
+        found = {"min": kind.get("minimum", kind.get("exclusiveMinimum")), "max": kind.get("maximum"),
+                 "maxlength": kind.get("maxLength")}
+        if name == "seed":  # a text box: as many characters as the longest seed
+            found = {"maxlength": max(len(str(kind["minimum"])), len(str(kind["maximum"])))}
+        bounds[name] = {key: value for key, value in found.items() if value is not None}
+    return bounds
+
+
 def vendor_ready(files: tuple[str, ...] = VENDOR_FILES) -> bool:
     """The vendored ``files`` (by default htmx and its SSE extension) are installed in
     static/vendor/ (``make assets``)."""

@@ -22,13 +22,12 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError, core_schema
 
 from models_src.chat import ROLES, Message
-from models_src.sampling import MAX_LOGPROBS
+from models_src.sampling import GREEDY_BELOW, MAX_LOGPROBS
 
 from .settings import MAX_INFILL_CANDIDATES, Limits
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
-MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (its limit), and logits / T could overflow
 MAX_TEMPERATURE = 100.0  # far past uniform already; OpenAI's routes keep OpenAI's 2
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # penalised logits stay finite
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
@@ -218,7 +217,7 @@ def _sampling(limits: Limits, names: Mapping[str, str], *, max_temperature: floa
         length = Annotated[length, ServerDefault(server_default)]
     types = {
         "temperature": number(ge=0, le=max_temperature,
-                              description=f"0 (or below {MIN_TEMPERATURE:g}) = greedy"),
+                              description=f"0 (or below {GREEDY_BELOW:g}) = greedy"),
         "max_new_tokens": length,
         "top_k": integer(ge=1),
         "top_p": number(gt=0, le=1),
@@ -653,9 +652,9 @@ def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONIC
 
 def requested(values: Mapping[str, Any]) -> dict[str, Any]:
     """The SamplingParams values a request set (the model's defaults fill the rest, in
-    the service). A temperature between 0 and MIN_TEMPERATURE is greedy decoding, its limit."""
+    the service). A temperature between 0 and GREEDY_BELOW is greedy decoding, its limit."""
     values = dict(values)
-    if 0 < values.get("temperature", 1.0) < MIN_TEMPERATURE:
+    if 0 < values.get("temperature", 1.0) < GREEDY_BELOW:
         values["temperature"] = 0.0
     return values
 

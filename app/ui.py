@@ -16,7 +16,7 @@ from flask import Blueprint, Response, render_template, request, stream_with_con
 
 from . import ratelimit
 # (Job and job_from_token are also this module's names for the tests that use them)
-from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS,  # noqa: F401
+from .pages_common import (FALLBACK_PROMPT, MAX_JOB_CHARS, form_bounds,  # noqa: F401
                            OPTION_FIELDS, SAMPLING_FIELDS, TEXT_FIELDS, FormErrors, Job, Result,
                            continuation, job_events, job_from_token, output_tokens, read_job,
                            run_to_end, sse_event, vendor_ready)
@@ -64,7 +64,7 @@ def _context(kind: str, form: Mapping[str, Any], errors: Mapping[str | None, str
                   "max_candidates": min(MAX_INFILL_CANDIDATES, get_service().scheduler.max_batch)}
     return {"kind": kind, "form": form, "errors": errors, "first_error": _first_error(kind, errors),
             "models": get_registry().facts(infill=kind == "infill"), "limits": get_settings().limits,
-            "fallback_prompt": FALLBACK_PROMPT, **candidates, **extra}
+            "fallback_prompt": FALLBACK_PROMPT, "bounds": form_bounds(), **candidates, **extra}
 
 
 def render_page(kind: str, form: Mapping[str, Any], *, errors=None, result: Result | None = None,

@@ -626,3 +626,18 @@ def test_a_link_chooses_the_model_and_fills_the_text_without_running(client):
     default = client.get("/").get_data(as_text=True)
     unknown = client.get("/", query_string={"model": "nope"}).get_data(as_text=True)
     assert re.findall(r'value="([^"]+)"[^>]*checked', unknown) == re.findall(r'value="([^"]+)"[^>]*checked', default)
+
+
+def test_the_sampling_boxes_take_their_limits_from_the_schema(make_app):
+    from app.schema import MAX_STOP_CHARS, MAX_TEMPERATURE, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+
+    html = make_app(FABLE_MAX_NEW_TOKENS=77).test_client().get("/").get_data(as_text=True)
+    def box(name):
+        return re.search(rf'<input id="field-{name}"[^>]*>', html).group(0)
+    assert f'max="{MAX_TEMPERATURE}"' in box("temperature") and 'min="0"' in box("temperature")
+    assert 'min="1"' in box("max_new_tokens") and 'max="77"' in box("max_new_tokens")
+    assert f'min="{MIN_REPETITION_PENALTY}"' in box("repetition_penalty")
+    assert f'max="{MAX_REPETITION_PENALTY}"' in box("repetition_penalty")
+    assert 'min="0"' in box("min_p") and 'max="1"' in box("min_p") and 'max="1"' in box("top_p")
+    assert f'maxlength="{MAX_STOP_CHARS}"' in box("stop") and 'maxlength="20"' in box("seed")
+    assert "1 to 77;" in html  # the hint says the same
