@@ -291,6 +291,12 @@ def test_optimizer_must_be_known_and_muon_has_no_plateau_schedule(tmp_path):
         load_config(raw=raw_config(tmp_path, optimizer="muon", schedule="plateau"))
 
 
+def test_a_sweep_names_each_run_after_what_it_varies():
+    from training.sweep import label
+    assert label(["training.optimizer=muon", "model.dropout=0.2"]) == "optimizer=muon_dropout=0.2"
+    assert label(["model.arch=gpt"]) == "arch=gpt"  # a string, with no YAML end marker or newline
+
+
 def test_ctrl_c_ends_a_sweep(tmp_path, monkeypatch, capsys):
     from training import sweep
     monkeypatch.chdir(tmp_path)

@@ -38,8 +38,12 @@ def variants(vary: list[str]) -> list[list[str]]:
 
 
 def label(overrides: list[str]) -> str:
-    return "_".join(f"{parse_override(o)[0][-1]}={yaml.safe_dump(parse_override(o)[1]).strip().rstrip('.')}"
-                    .replace("/", "-") for o in overrides)
+    """A run's folder name: ``["model.arch=gpt", "training.learning_rate=3e-3"]`` ->
+    ``arch=gpt_learning_rate=0.003``."""
+    def shown(value) -> str:  # YAML's spelling, without the end-of-document marker
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return "_".join(f"{parse_override(o)[0][-1]}={shown(parse_override(o)[1])}".replace("/", "-")
+                    for o in overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
