@@ -1,4 +1,5 @@
-"""Ollama's API (``/api/generate``, ``/api/tags``, ``/api/version``) and the server's own
+"""Ollama's API (``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``,
+``/api/version``) and the server's own
 JSON routes (``/api/models``, ``/healthz``, ``/openapi.json``). Errors are Ollama's
 ``{"error": "..."}``; routes and status codes: docs/web-app.md.
 """
@@ -134,19 +135,74 @@ def _respond(req: GenerationRequest, received: int):
     return streamed(lines(), stream, "application/x-ndjson")
 
 
+def _details(facts) -> dict:
+    return {"parent_model": "", "format": "safetensors", "family": facts.architecture,
+            "families": [facts.architecture], "parameter_size": short_count(facts.parameters),
+            "quantization_level": facts.dtype.upper().replace("FLOAT", "F")}
+
+
 @bp.get("/api/tags")
 def tags():
-    models = []
-    for facts in get_registry().facts():
-        models.append({
-            "name": facts.name, "model": facts.name, "modified_at": facts.modified_at,
-            "size": facts.size_bytes, "digest": facts.digest,
-            "details": {"parent_model": "", "format": "safetensors",
-                        "family": facts.architecture, "families": [facts.architecture],
-                        "parameter_size": short_count(facts.parameters),
-                        "quantization_level": facts.dtype.upper().replace("FLOAT", "F")},
-        })
-    return jsonify(models=models)
+    return jsonify(models=[{"name": f.name, "model": f.name, "modified_at": f.modified_at,
+                            "size": f.size_bytes, "digest": f.digest, "details": _details(f)}
+                           for f in get_registry().facts()])
+
+
+#: What /api/ps says a model's keep-alive ends at: never (every model stays loaded).
+LOADED_UNTIL = "9999-12-31T23:59:59Z"
+
+
+@bp.get("/api/ps")
+def ps():
+    """The loaded models, as Ollama lists those in memory: all of them, for good."""
+    on_gpu = get_registry().device.startswith("cuda")
+    return jsonify(models=[{"name": f.name, "model": f.name, "size": f.size_bytes,
+                            "digest": f.digest, "details": _details(f), "expires_at": LOADED_UNTIL,
+                            "size_vram": f.size_bytes if on_gpu else 0, "context_length": f.context}
+                           for f in get_registry().facts()])
+
+
+@bp.post("/api/show")
+def show():
+    """A model as Ollama shows one: its details, its sampling defaults as Modelfile
+    parameters, its template, its shape (``model_info``) and what it can do."""
+    body = read_json_object(request)
+    name = body.get("model", body.get("name"))
+    if not isinstance(name, str) or not name:
+        raise RequestError("model", "'model' is required: the name of a loaded model")
+    loaded = get_registry().get(name)
+    if loaded is None:
+        return ollama_error(404, f"model '{name}' not found")
+    facts, template = loaded.facts, getattr(loaded.tokenizer, "chat_template", None) or "{{ .Prompt }}"
+    parameters = _parameters(loaded.defaults, facts.context, loaded.tokenizer)
+    arch = facts.architecture
+    info = {"general.architecture": arch, "general.parameter_count": facts.parameters,
+            f"{arch}.embedding_length": facts.n_embd, f"{arch}.block_count": facts.n_layer,
+            "tokenizer.ggml.model": facts.tokenizer, "tokenizer.vocab_size": facts.vocab_size}
+    if facts.context is not None:
+        info[f"{arch}.context_length"] = facts.context
+    modelfile = "\n".join([f"FROM {facts.name}", f'TEMPLATE """{template}"""',
+                           *(f"PARAMETER {line}" for line in parameters.splitlines())]) + "\n"
+    return jsonify(modelfile=modelfile, parameters=parameters, template=template,
+                   details=_details(facts), model_info=info, modified_at=facts.modified_at,
+                   capabilities=["completion", *(["insert"] if facts.can_infill else [])])
+
+
+def _parameters(defaults, context: int | None, tokenizer) -> str:
+    """The model's sampling defaults in a Modelfile's words, one ``name value`` a line;
+    settings that are off are left out, as Ollama leaves out what a Modelfile does not set."""
+    lines = [f"temperature {defaults.temperature:g}"]
+    lines += [f"{name} {value:g}" for name, value in (
+        ("top_k", defaults.top_k), ("top_p", defaults.top_p), ("min_p", defaults.min_p),
+        ("num_predict", defaults.max_new_tokens)) if value]
+    if defaults.repetition_penalty != 1.0:
+        lines.append(f"repeat_penalty {defaults.repetition_penalty:g}")
+    if context is not None:
+        lines.append(f"num_ctx {context}")
+    eos = tokenizer.special_tokens.get("eos") if hasattr(tokenizer, "special_tokens") else None
+    if eos:
+        lines.append(f"stop {json.dumps(eos)}")
+    return "\n".join(lines)
 
 
 @bp.get("/api/version")

@@ -107,6 +107,39 @@ class Tags(_Shape):
     models: list[Tag]
 
 
+class ShowRequest(_Shape):
+    model: str = Field(description="A loaded model's name (Ollama's older clients send 'name')")
+    verbose: bool | None = None
+
+
+class Show(_Shape):
+    modelfile: str = Field(description="A Modelfile that would make this model in Ollama")
+    parameters: str = Field(description="The model's sampling defaults, one 'name value' a line")
+    template: str = Field(description="Its chat template where its tokenizer has one, else "
+                                      "'{{ .Prompt }}' (the text passes unchanged)")
+    details: TagDetails
+    model_info: dict[str, str | int] = Field(description="Its shape: architecture, parameters, "
+                                                         "width, depth, context, tokenizer")
+    modified_at: datetime
+    capabilities: list[Literal["completion", "insert"]] = Field(
+        description="'insert': it infills (a suffix is welcome)")
+
+
+class Process(_Shape):
+    name: str
+    model: str
+    size: Count
+    digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    details: TagDetails
+    expires_at: datetime = Field(description="Never: every model stays loaded")
+    size_vram: Count
+    context_length: int | None
+
+
+class Processes(_Shape):
+    models: list[Process]
+
+
 class Version(_Shape):
     version: str
 
@@ -261,7 +294,8 @@ class OpenAIModelList(_Shape):
     data: list[OpenAIModel]
 
 
-RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, Error, Tags, Version, Models,
+RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, Error, Tags, ShowRequest, Show,
+             Processes, Version, Models,
              Reloaded,
              Health, Completion, ChatCompletion, ChatCompletionChunk, OpenAIError,
              OpenAIModelList, OpenAIModel)
@@ -358,6 +392,13 @@ def build_spec(version: str, limits: Limits) -> dict:
         "/api/tags": _get("tags", "ollama", "Loaded models (Ollama's list)",
                           {"200": _json(_ref("Tags"), "Models"), **_errors("Error", 401)},
                           security=API_KEY),
+        "/api/show": _post("show", "ollama", "A model's details, parameters, template and shape "
+                           "(Ollama's show)", "ShowRequest",
+                           {"200": _json(_ref("Show"), "The model"),
+                            **_errors("Error", 400, 401, 404, 413, 415)}),
+        "/api/ps": _get("ps", "ollama", "Models in memory (Ollama's list of running models)",
+                        {"200": _json(_ref("Processes"), "Models"), **_errors("Error", 401)},
+                        security=API_KEY),
         "/api/version": _get("version", "ollama", "Server version",
                              {"200": _json(_ref("Version"), "Version"), **_errors("Error", 401)},
                              security=API_KEY),

@@ -945,3 +945,20 @@ def test_random_bodies_get_documented_answers_never_a_500(make_app, spec):
     STATUSES: list[int] = []
     run()
     assert STATUSES.count(200) > len(STATUSES) // 4  # the valid half mostly succeeds
+
+
+def test_ollama_show_and_ps_are_documented_and_say_the_models_defaults(client, spec):
+    shown = client.post("/api/show", json={"model": "tiny-gpt"})
+    assert shown.status_code == 200
+    check(shown.json, documented(spec, "/api/show", "post", 200), spec)
+    assert shown.json["parameters"].splitlines()[0] == "temperature 1"  # NEUTRAL: no file
+    assert shown.json["model_info"]["gpt.context_length"] == 64 and shown.json["template"] == "{{ .Prompt }}"
+    assert client.post("/api/show", json={"name": "tiny-lstm"}).json["capabilities"] == ["completion"]
+    missing = client.post("/api/show", json={"model": "nope"})
+    assert missing.status_code == 404 and missing.json == {"error": "model 'nope' not found"}
+    check(missing.json, documented(spec, "/api/show", "post", 404), spec)
+    assert client.post("/api/show", json={}).status_code == 400
+    running = client.get("/api/ps")
+    check(running.json, documented(spec, "/api/ps", "get", 200), spec)
+    assert [m["name"] for m in running.json["models"]] == list(MODELS)
+    assert all(m["size_vram"] == 0 for m in running.json["models"])  # served on the CPU

@@ -166,6 +166,16 @@ def test_ollama_client(server):
         with pytest.raises(ollama.ResponseError) as error:
             client.generate(model="nope", prompt="x")
         assert error.value.status_code == 404 and "not found" in error.value.error
+        shown = client.show("tiny-gpt")  # what Open WebUI and the ollama CLI ask first
+        assert shown.details.family == "gpt" and shown.modelinfo["gpt.context_length"] == 64
+        assert "temperature 1" in shown.parameters and "num_ctx 64" in shown.parameters
+        assert shown.capabilities == ["completion", "insert"]  # it infills: Ollama's "insert"
+        assert client.show("tiny-lstm").capabilities == ["completion"]
+        with pytest.raises(ollama.ResponseError) as error:
+            client.show("nope")
+        assert error.value.status_code == 404
+        running = client.ps().models
+        assert [m.model for m in running] == list(MODELS) and running[0].expires_at.year == 9999
     finally:
         client.close()  # no idle keep-alive connection left to delay gunicorn's stop
 

@@ -66,7 +66,30 @@ def offered(page) -> list[str]:
 
 
 def test_the_bundled_models_split_into_infillers_and_others():
-    assert INFILLERS == ["tinystories-gpt"]  # the Shakespeare and books models were never taught
+    # two story models infill, so that compare can set them side by side; the Shakespeare
+    # and books models were never taught
+    assert INFILLERS == ["tinystories-gpt", "tinystories-gpt-mini"]
+
+
+def test_compare_fills_in_the_middle_with_the_bundled_models(page, url):
+    page.goto(url + "/compare")
+    for box in page.locator("input[name=models]").all():
+        box.set_checked(box.get_attribute("value") in INFILLERS)
+    infill = page.locator("input[name=mode][value=infill]")
+    assert infill.is_enabled() and page.locator("#infill-unavailable").count() == 0
+    infill.check()
+    fill_form(page, {"first": "Tom had a red kite.", "last": "Tom smiled and went home.", "seed": "7"})
+    page.click("#compare-submit")
+    page.wait_for_function("() => document.querySelectorAll('.compare-column').length == 2 && Array.from("
+                           "document.querySelectorAll('.compare-column')).every(c => c.querySelector("
+                           "'.status .status-text:not(.is-streaming)'))", timeout=120_000)
+    columns = page.locator(".compare-column")
+    assert sorted(columns.nth(i).locator(".result-model").text_content() for i in (0, 1)) == INFILLERS
+    for i in (0, 1):
+        column = columns.nth(i)
+        assert not column.locator(".stream-error-text").count()
+        text = column.locator(".output").text_content()
+        assert "Tom had a red kite." in text and "Tom smiled and went home." in text
 
 
 def test_the_infill_page_offers_only_the_models_trained_to_infill(page, url):
