@@ -115,7 +115,12 @@ def chat():
 
 
 def _respond(req: GenerationRequest, received: int):
-    """The answer to a generate or chat request: one object, or an NDJSON stream."""
+    """The answer to a generate or chat request: one object, or an NDJSON stream; Ollama's
+    load and unload (nothing to generate from) one object at once, as Ollama answers them."""
+    if req.housekeeping is not None:
+        get_service().model(req.model)  # an unknown model is a 404, as Ollama's
+        return jsonify({"model": req.model, "created_at": _now(), **_text(req, ""), "done": True,
+                        "done_reason": req.housekeeping})
     stream = open_stream(req)
     if not req.stream:
         completion = stream.collect()

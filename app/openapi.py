@@ -81,6 +81,23 @@ class ChatFinal(_OllamaFinal):
     message: AssistantMessage = Field(description="Whole reply (stream false), else empty")
 
 
+class _Housekeeping(_Shape):
+    """Ollama's answer to a request with nothing to generate from: "load", or "unload" with
+    keep_alive 0 (every model stays loaded here either way)"""
+    model: str
+    created_at: datetime
+    done: Literal[True]
+    done_reason: Literal["load", "unload"]
+
+
+class GenerateLoaded(_Housekeeping):
+    response: Literal[""]
+
+
+class ChatLoaded(_Housekeeping):
+    message: AssistantMessage
+
+
 class Error(_Shape):
     error: str
 
@@ -294,7 +311,7 @@ class OpenAIModelList(_Shape):
     data: list[OpenAIModel]
 
 
-RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, Error, Tags, ShowRequest, Show,
+RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, GenerateLoaded, ChatLoaded, Error, Tags, ShowRequest, Show,
              Processes, Version, Models,
              Reloaded,
              Health, Completion, ChatCompletion, ChatCompletionChunk, OpenAIError,
@@ -360,14 +377,15 @@ def _post(operation: str, tag: str, summary: str, body: str, responses: dict) ->
 API_KEY = [{}, {"apiKey": []}]
 
 
-def _ollama_generation(operation: str, summary: str, body: str, chunk: str, final: str) -> dict:
+def _ollama_generation(operation: str, summary: str, body: str, chunk: str, final: str,
+                       loaded: str) -> dict:
     ndjson = {"schema": {"anyOf": [_ref(chunk), _ref(final), _ref("Error")]},
               "description": "One JSON object per line: chunks, then the final object (or an "
                              "error object if generation fails mid-stream)"}
     return _post(operation, "ollama", summary, body, {
         "200": {"description": "NDJSON stream (default) or, with stream false, one JSON object",
                 "content": {"application/x-ndjson": ndjson,
-                            "application/json": {"schema": _ref(final)}},
+                            "application/json": {"schema": {"anyOf": [_ref(final), _ref(loaded)]}}},
                 "headers": {"X-Accel-Buffering": {"schema": {"type": "string"}}}},
         **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)})
 
@@ -386,9 +404,10 @@ def _openai_generation(operation: str, summary: str, body: str, whole: str, chun
 def build_spec(version: str, limits: Limits) -> dict:
     paths = {
         "/api/generate": _ollama_generation("generate", "Generate or infill text (Ollama's API)",
-                                            "GenerateRequest", "GenerateChunk", "GenerateFinal"),
+                                            "GenerateRequest", "GenerateChunk", "GenerateFinal",
+                                            "GenerateLoaded"),
         "/api/chat": _ollama_generation("chat", "Reply to a conversation (Ollama's API)",
-                                        "ChatRequest", "ChatChunk", "ChatFinal"),
+                                        "ChatRequest", "ChatChunk", "ChatFinal", "ChatLoaded"),
         "/api/tags": _get("tags", "ollama", "Loaded models (Ollama's list)",
                           {"200": _json(_ref("Tags"), "Models"), **_errors("Error", 401)},
                           security=API_KEY),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -360,7 +361,8 @@ def request_models(limits: Limits) -> RequestModels:
     generate = create_model(
         "GenerateRequest", __base__=_Body,
         __doc__="Ollama's generate request. The prompt is always given to the model as it is "
-                "(raw); keep_alive is ignored (every model stays loaded); unknown fields are "
+                "(raw); every model stays loaded (keep_alive changes nothing; an empty prompt is "
+                "answered as Ollama's load, with keep_alive 0 as its unload); unknown fields are "
                 "ignored, as Ollama ignores them.",
         model=(ModelName, ...),
         prompt=(text | None, Field(None, description="Empty: start from the beginning")),
@@ -379,7 +381,8 @@ def request_models(limits: Limits) -> RequestModels:
                                 "the text as the prompt"), None),
         raw=(bool | None, Field(None, description="Always raw here: the prompt is not templated")),
         think=(Neutral((False,), "'think': these models do not think"), None),
-        keep_alive=(Any, Field(None, description="Ignored: every model stays loaded")),
+        keep_alive=(Any, Field(None, description="Every model stays loaded; 0 with nothing to "
+                                                 "generate from answers as Ollama's unload")),
         logprobs=(bool | None, Field(None, description="Each token's log-probability")),
         top_logprobs=(top_logprobs, None),
         options=(ollama_options | None, None),
@@ -433,15 +436,18 @@ def request_models(limits: Limits) -> RequestModels:
         audio=(Neutral((), "'audio' is not supported by this server"), None),
         tool_calls=(Neutral(([],), "'tool_calls' are not supported by this server"), None),
         function_call=(Neutral((), "'function_call' is not supported by this server"), None))
-    messages = Annotated[list[ollama_message], Field(min_length=1, max_length=MAX_MESSAGES),
+    # none: Ollama's way to load a model (or, with keep_alive 0, unload it)
+    messages = Annotated[list[ollama_message], Field(max_length=MAX_MESSAGES),
                          _messages_within(chars)]
     chat = create_model(
         "ChatRequest", __base__=_Body,
-        __doc__="Ollama's chat request; keep_alive is ignored (every model stays loaded), and "
-                "so are unknown fields, as Ollama ignores them",
+        __doc__="Ollama's chat request; every model stays loaded (no messages: answered as "
+                "Ollama's load, with keep_alive 0 as its unload); unknown fields are ignored, "
+                "as Ollama ignores them",
         model=(ModelName, ...), messages=(messages, ...), stream=(bool | None, True),
         think=(Neutral((False,), "'think': these models do not think"), None),
-        keep_alive=(Any, Field(None, description="Ignored: every model stays loaded")),
+        keep_alive=(Any, Field(None, description="Every model stays loaded; 0 with nothing to "
+                                                 "generate from answers as Ollama's unload")),
         format=(Neutral(("", []), "'format' is not supported by this server"), None),
         tools=(Neutral(([],), "'tools' are not supported by this server"), None),
         logprobs=(bool | None, Field(None, description="Each token's log-probability")),
@@ -642,6 +648,9 @@ class GenerationRequest:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     messages: tuple[Message, ...] | None = None  # a chat: the reply to these (prompt unused)
     candidates: int | None = None  # infill: candidate middles asked for (None: the server's)
+    # Ollama's "load" (nothing to generate from) or "unload" (the same with keep_alive 0):
+    # answered at once, generating nothing; every model stays loaded either way
+    housekeeping: str | None = None
 
 
 def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONICAL) -> dict:
@@ -667,7 +676,8 @@ def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> Generation
               **_logprobs(req)}
     return GenerationRequest(req.model, req.prompt or "", req.suffix or None,
                              req.stream is not False, requested(values),
-                             candidates=_candidates(req))
+                             candidates=_candidates(req),
+                             housekeeping=_housekeeping(req, empty=not req.prompt and not req.suffix))
 
 
 def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
@@ -695,6 +705,15 @@ def _logprobs(req: BaseModel) -> dict[str, int]:
     return {"logprobs": req.top_logprobs or 0} if req.logprobs is True else {}
 
 
+def _housekeeping(req: BaseModel, *, empty: bool) -> str | None:
+    """Ollama's load (an empty request) or unload (the same with keep_alive 0, "0", "0s")."""
+    if not empty:
+        return None
+    zero = req.keep_alive in (0, "0") or (isinstance(req.keep_alive, str)
+                                          and re.fullmatch(r"0+(\.0*)?[smh]?", req.keep_alive))
+    return "unload" if zero and not isinstance(req.keep_alive, bool) else "load"
+
+
 def _messages(req: BaseModel) -> tuple[Message, ...]:
     return tuple(Message(m.role, m.content or "") for m in req.messages)
 
@@ -705,7 +724,8 @@ def parse_ollama_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequ
     values = {**sampling_values(req), **sampling_values(req.options, OLLAMA_OPTIONS),
               **_logprobs(req)}
     return GenerationRequest(req.model, "", None, req.stream is not False,
-                             requested(values), messages=_messages(req))
+                             requested(values), messages=_messages(req),
+                             housekeeping=_housekeeping(req, empty=not req.messages))
 
 
 def parse_openai_chat(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:

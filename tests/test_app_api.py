@@ -230,11 +230,26 @@ def test_length_limit_and_done_reason(client):
     assert response.json["done_reason"] == "length" and response.json["eval_count"] == 9
 
 
-@pytest.mark.parametrize("body", [{}, {"prompt": ""}, {"prompt": None}])
-def test_empty_or_missing_prompt_starts_from_bos(client, body):
-    response = generate(client, model="tiny-lstm", options={"num_predict": 5, "seed": 1}, **body)
-    assert response.status_code == 200
-    assert response.json["prompt_eval_count"] == 1
+@pytest.mark.parametrize("body, reason", [({}, "load"), ({"prompt": ""}, "load"),
+                                          ({"prompt": None, "stream": True}, "load"),
+                                          ({"keep_alive": 0}, "unload"), ({"keep_alive": "0s"}, "unload"),
+                                          ({"keep_alive": "5m"}, "load")])
+def test_an_empty_prompt_is_ollamas_load_and_with_keep_alive_0_its_unload(client, spec, body, reason):
+    response = generate(client, model="tiny-lstm", **body)
+    assert response.status_code == 200 and response.mimetype == "application/json"  # one object
+    assert response.json["done"] and response.json["done_reason"] == reason
+    assert response.json["response"] == ""
+    check(response.json, documented(spec, "/api/generate", "post", 200), spec)
+    chat = client.post("/api/chat", json={"model": "tiny-lstm", "messages": [], **body})
+    assert chat.json["done_reason"] == reason and chat.json["message"] == {"role": "assistant", "content": ""}
+    check(chat.json, documented(spec, "/api/chat", "post", 200), spec)
+    assert generate(client, model="nope", **body).status_code == 404  # as Ollama: unknown model
+    assert "tiny-lstm" in [m["name"] for m in client.get("/api/ps").json["models"]]  # still loaded
+
+
+def test_an_empty_prompt_starts_from_bos_on_the_openai_route(client):
+    response = client.post("/v1/completions", json={"model": "tiny-lstm", "prompt": "", "max_tokens": 5})
+    assert response.status_code == 200 and response.json["usage"]["prompt_tokens"] == 1
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt", "tiny-lstm"])

@@ -176,6 +176,11 @@ def test_ollama_client(server):
         assert error.value.status_code == 404
         running = client.ps().models
         assert [m.model for m in running] == list(MODELS) and running[0].expires_at.year == 9999
+        # load and unload as Ollama's clients ask for them: nothing is generated
+        assert client.generate(model="tiny-gpt").done_reason == "load"
+        assert client.generate(model="tiny-gpt", keep_alive=0).done_reason == "unload"
+        assert client.chat(model="tiny-gpt", messages=[]).done_reason == "load"
+        assert client.chat(model="tiny-gpt", messages=[], keep_alive=0).done_reason == "unload"
     finally:
         client.close()  # no idle keep-alive connection left to delay gunicorn's stop
 
