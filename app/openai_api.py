@@ -51,9 +51,9 @@ def completions():
         nonlocal offset
         tokens = [stream.token_text(e.token_id) for e in entries]
         offsets = []
-        for text in tokens:
+        for e in entries:  # where each token starts in the text, which shows no special token
             offsets.append(offset)
-            offset += len(text)
+            offset += len(stream.token_text(e.token_id, special=False))
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{stream.token_text(i): lp for i, lp in e.top} for e in entries],
                 "text_offset": offsets}

@@ -187,9 +187,11 @@ class GenerationStream:
         self._logprobs_taken += len(entries)
         return entries
 
-    def token_text(self, token_id: int) -> str:
-        """One token as text (a byte-level piece of a character shows as U+FFFD)."""
-        return self._decode([token_id])
+    def token_text(self, token_id: int, *, special: bool = True) -> str:
+        """One token as text (a byte-level piece of a character shows as U+FFFD). A special
+        token is its own string ("<eos>"), so that each has its own key among a position's
+        alternatives; ``special=False``: as it shows in the text (nothing)."""
+        return self._decode([token_id], skip_special_tokens=not special)
 
     def _time_out(self) -> None:
         self.timed_out = True

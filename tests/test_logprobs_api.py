@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -31,6 +32,12 @@ def check_entry(entry: dict, top: int) -> None:
         assert entry["logprob"] <= values[0] + 1e-6  # the best alternative is at least as likely
 
 
+def shown(tokens) -> str:
+    """The text the tokens make: a special token ("<unk>", listed under its own string) shows
+    as nothing in the text."""
+    return "".join(t for t in tokens if not re.fullmatch(r"<[a-z]+>", t))
+
+
 @pytest.mark.parametrize("path, extra", [
     ("/api/generate", {"prompt": "Once"}),
     ("/api/chat", {"messages": MESSAGES}),
@@ -43,7 +50,7 @@ def test_ollama_gives_each_token_s_log_probability(client, path, extra):
     for entry in final["logprobs"]:
         check_entry(entry, 2)
     text = final.get("response", final.get("message", {}).get("content"))
-    assert "".join(e["token"] for e in final["logprobs"]).strip() == text.strip()
+    assert shown(e["token"] for e in final["logprobs"]).strip() == text.strip()
     streamed = lines(client.post(path, json={**body, "stream": True}))
     together = [e for line in streamed for e in line["logprobs"]]
     assert together == final["logprobs"]  # the same tokens, spread over the chunks
@@ -55,7 +62,7 @@ def test_openai_completions_logprobs(client):
     body = {"model": "tiny-gpt", "prompt": "Once", "max_tokens": 6, "seed": 1, "logprobs": 3}
     choice = client.post("/v1/completions", json=body).json["choices"][0]
     lp = choice["logprobs"]
-    assert "".join(lp["tokens"]) == choice["text"] or choice["finish_reason"] == "stop"
+    assert shown(lp["tokens"]) == choice["text"] or choice["finish_reason"] == "stop"
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
     assert lp["text_offset"][0] == len("Once")
     assert all(len(top) <= 3 and max(top.values()) >= p - 1e-6
@@ -107,3 +114,23 @@ def test_log_probability_requests_the_server_cannot_honour_are_400s(client, path
     assert response.status_code == 400
     error = response.json["error"]
     assert message in (error["message"] if isinstance(error, dict) else error)
+
+
+def test_special_tokens_have_their_own_strings_among_the_alternatives(client):
+    # a 40-token vocabulary with eight special tokens, random weights: at 20 alternatives
+    # a position, specials are among them everywhere; each must keep its own entry
+    body = {"model": "tiny-gpt", "prompt": "Once", "max_tokens": 12, "logprobs": 20, "seed": 3,
+            "temperature": 0}
+    answer = client.post("/v1/completions", json=body).json
+    top = answer["choices"][0]["logprobs"]["top_logprobs"]
+    assert all(len(position) == 20 for position in top)  # no two tokens share a key
+    assert any("<eos>" in position for position in top)
+    logprobs = answer["choices"][0]["logprobs"]
+    text = answer["choices"][0]["text"]
+    starts = [o - len("Once") for o in logprobs["text_offset"]]  # offsets follow the text
+    assert starts == sorted(starts) and all(0 <= s <= len(text) for s in starts)
+    chat = client.post("/api/generate", json={"model": "tiny-gpt", "prompt": "Once", "stream": False,
+                                              "logprobs": True, "top_logprobs": 20,
+                                              "options": {"num_predict": 5, "temperature": 0}}).json
+    for position in chat["logprobs"]:
+        assert len({t["token"] for t in position["top_logprobs"]}) == 20
