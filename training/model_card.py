@@ -30,7 +30,7 @@ from .data import DataError
 from .evaluate import evaluate
 
 SAMPLE_SEEDS = (1, 2, 3)
-SAMPLE_TOKENS = 400  # the longest sample, where the model's context does not end it first
+SAMPLE_TOKENS = 200  # the longest sample, where the model's context does not end it first
 
 
 # What each corpus is, where it comes from, and its licence; keyed by a part of its path.
