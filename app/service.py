@@ -28,7 +28,7 @@ from flask import current_app
 from models_src.chat import TRANSCRIPT_TEMPLATE, ChatTemplate, ChatTemplateError, Message, checked
 from models_src.infill import infill_prompt_ids
 from models_src.infill_candidates import Choice, candidate_params, choose, complete_sentences
-from models_src.sampling import Completion, SamplingParams, TokenLogprob
+from models_src.sampling import Completion, SamplingParams, TokenLogprob, encode_prompt
 
 from . import telemetry
 from .engine_loop import EngineLoop, Failed, Finished, Ticket
@@ -390,7 +390,7 @@ class GenerationService:
         """Continue ``prompt`` ("" starts from bos), yielding text as it is decoded."""
         loaded = self.model(model_name)
         self._log("generate", loaded.name, prompt)
-        ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(prompt)]
+        ids = encode_prompt(loaded.tokenizer, prompt)
         return self._start(loaded, ids, self.params_for(loaded, params, len(ids)))
 
     def stream_infill(self, model_name: str, first: str, last: str,
@@ -440,7 +440,7 @@ class GenerationService:
         except ChatTemplateError as e:
             raise CannotChat(f"model {loaded.name!r}: {e}") from None
         self._log("chat", loaded.name, messages[-1].content if messages else "")
-        ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(text)]
+        ids = encode_prompt(loaded.tokenizer, text)
         params = self.params_for(loaded, params, len(ids))
         params = replace(params, stop=[*params.stop, template.turn_marker])
         return self._start(loaded, ids, params, strip=True)

@@ -40,6 +40,7 @@ from _common import ROOT, environment
 from app.settings import Settings
 from models_src.checkpoint import load_checkpoint, suggested_prompt
 from models_src.generation import Batch
+from models_src.sampling import encode_prompt
 from models_src.sampling_defaults import GENERATION_CONFIG, SamplingDefaults
 from training.data import DataConfig, DataError, load_documents
 
@@ -86,7 +87,7 @@ class Judge:
 def write_stories(checkpoint, prompt: str, setting: dict, seeds: range, cap: int) -> tuple[list[str], float, float]:
     """One story per seed, all in one batch; their texts, the share that ended, seconds."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    ids = encode_prompt(tokenizer, prompt)
     defaults = SamplingDefaults(**setting)
     rows = [(ids, defaults.params({"seed": seed}, prompt_tokens=len(ids), context=model.max_context, cap=cap))
             for seed in seeds]

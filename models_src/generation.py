@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 from .sampling import (Completion, RowSettings, SamplingParams, TextStream, TokenLogprob, Tokenizer,
-                       make_generator, sample, token_logprobs, uniforms)
+                       encode_prompt, make_generator, sample, token_logprobs, uniforms)
 
 #: U[0, 1) draws a row fetches from its generator at once (see Sequence.uniform)
 DRAW_CHUNK = 64
@@ -233,7 +233,7 @@ def _prompt_rows(tokenizer: Tokenizer, prompts, prompt_ids) -> list[list[int]]:
         return rows
     if isinstance(prompts, str):
         prompts = [prompts]
-    return [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    return [encode_prompt(tokenizer, p) for p in prompts]
 
 
 def _row_params(params: SamplingParams | None, rows: int) -> list[SamplingParams]:

@@ -30,6 +30,13 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids a model is prompted with: bos, where the model expects one (a tokenizer's
+    ``adds_bos``, True unless it says otherwise), and the text; an empty text is bos alone."""
+    ids = tokenizer.encode(text)
+    return [tokenizer.bos_id, *ids] if getattr(tokenizer, "adds_bos", True) or not ids else ids
+
+
 @dataclass
 class SamplingParams:
     """How each next token is picked, and when a completion ends."""

@@ -96,6 +96,9 @@ class Tokenizer:
         self.kind = kind
         self.special_tokens = dict(special_tokens)
         self.chat_template: str | None = None  # Jinja, as in HF tokenizer configs (models_src.chat)
+        # Whether a prompt starts with bos: Fable's models learned every text after one; a
+        # model trained elsewhere (imported) gets one only where its own tokenizer adds it.
+        self.adds_bos = True
         # Typed "<eos>" must stay text. The flag is not saved in tokenizer.json, so it is
         # set here, on every way in.
         backend.encode_special_tokens = True
@@ -239,13 +242,20 @@ class Tokenizer:
             "eos": hf.eos_token or SPECIAL_TOKENS["eos"],
         }
         if fixed_vocab:
+            if not backend.get_vocab(with_added_tokens=False):  # special tokens alone spell nothing
+                raise ValueError(f"{name_or_path}: the tokenizer has no tokens to write text with")
             vocab = backend.get_vocab(with_added_tokens=True)
             eos = special_tokens["eos"]
             special_tokens = {role: token if token is None or token in vocab else eos
                               for role, token in special_tokens.items()}
         else:
             backend.add_special_tokens(_unique_tokens(special_tokens))
-        return cls(backend, "hf", special_tokens)
+        tokenizer = cls(backend, "hf", special_tokens)
+        if fixed_vocab:  # as the model was trained: bos only where its tokenizer puts one
+            added = hf("a")["input_ids"]
+            tokenizer.adds_bos = len(added) > len(hf("a", add_special_tokens=False)["input_ids"]) \
+                and added[0] == hf.bos_token_id
+        return tokenizer
 
     # ---- persistence ----------------------------------------------------------------
 

@@ -263,7 +263,7 @@ def test_same_seed_same_response(client, model):
 
 def test_options_win_over_top_level_settings(client):
     def length(**body):
-        return len(generate(client, model="endless", **body).json["response"])
+        return len(generate(client, model="endless", prompt="x", **body).json["response"])
     assert length(max_new_tokens=3) == 3
     assert length(max_new_tokens=3, options={"num_predict": 5}) == 5
     assert length(options={"num_predict": -1}) == 64  # Ollama's "server default"
@@ -290,7 +290,7 @@ def test_min_p_is_an_option_of_every_api(client):
 
 
 def test_ollama_ignores_runtime_and_unknown_options_as_ollama_does(client):
-    response = generate(client, model="endless", keep_alive="5m", raw=True, unknown=1,
+    response = generate(client, model="endless", prompt="x", keep_alive="5m", raw=True, unknown=1,
                         options={"num_predict": 2, "mirostat": 0, "num_ctx": 2048, "num_gpu": 1})
     assert response.status_code == 200 and response.json["response"] == ENDLESS_CHAR * 2
 
@@ -571,7 +571,7 @@ def test_bodies_that_are_not_a_json_object(client, data, content_type, status, w
 
 
 def test_a_body_without_content_type_is_read_as_json(client):
-    response = client.post(GEN, data=json.dumps({"model": "endless", "stream": False,
+    response = client.post(GEN, data=json.dumps({"model": "endless", "prompt": "x", "stream": False,
                                                  "options": {"num_predict": 2}}))
     assert response.status_code == 200 and response.json["response"] == ENDLESS_CHAR * 2
 
@@ -652,7 +652,7 @@ def test_busy_server_answers_503_with_retry_after(make_app):
     client = app.test_client()
     holding = client.post(GEN, json={"model": "endless", "prompt": "x"})
     next(iter(holding.response))
-    busy = generate(client, model="tiny-gpt")
+    busy = generate(client, model="tiny-gpt", prompt="x")
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
     assert "busy" in busy.json["error"]
     openai = client.post(CMPL, json={"model": "tiny-gpt", "prompt": "x"})
@@ -664,12 +664,12 @@ def test_busy_server_answers_503_with_retry_after(make_app):
 def test_the_request_deadline_ends_the_text_as_length(make_app):
     app = make_app(FABLE_REQUEST_TIMEOUT_S=0.3, FABLE_MAX_NEW_TOKENS=1_000_000)
     client = app.test_client()
-    whole = generate(client, model="endless", options={"num_predict": 1_000_000})
+    whole = generate(client, model="endless", prompt="x", options={"num_predict": 1_000_000})
     assert whole.json["done_reason"] == "length"
     text = whole.json["response"]
     assert 0 < len(text) < 1_000_000 and set(text) == {ENDLESS_CHAR}
     assert whole.json["eval_count"] == len(text)
-    *chunks, final = ndjson(client.post(GEN, json={"model": "endless",
+    *chunks, final = ndjson(client.post(GEN, json={"model": "endless", "prompt": "x",
                                                    "options": {"num_predict": 1_000_000}}))
     assert final["done_reason"] == "length" and len(chunks) == final["eval_count"]
     completion = client.post(CMPL, json={"model": "endless", "max_tokens": 1_000_000})

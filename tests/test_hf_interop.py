@@ -244,15 +244,18 @@ def test_gpt2s_own_tokenizer_files_load(tmp_path):
 
 
 def test_greedy_generation_matches_transformers_generate(gpt2_dir):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = load_checkpoint(gpt2_dir)
     tok = checkpoint.tokenizer
+    assert not tok.adds_bos  # GPT-2's tokenizer puts nothing before a prompt, nor does Fable now
     hf = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
-    for prompt in ("Once upon a time", "The cat sat"):
-        ids = [tok.bos_id, *tok.encode(prompt)]
+    theirs_tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    for prompt in ("Once upon a time", "The cat sat", "Hello world!"):
+        ids = theirs_tok(prompt)["input_ids"]  # as a transformers user prompts it
         params = SamplingParams(max_new_tokens=20, temperature=0.0)
         ours = generate(checkpoint.model, tok, prompt, params)[0]
+        assert ours.prompt_tokens == len(ids)
         prompt_ids = torch.tensor([ids])
         with torch.no_grad():
             out = hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
@@ -297,6 +300,15 @@ def test_what_cannot_be_mapped_is_refused_by_name(tmp_path, gpt2_dir, config, pr
     (directory / "config.json").write_text(json.dumps({**original, **config}))
     with pytest.raises(CheckpointError, match=problem):
         load_checkpoint(directory)
+
+
+def test_a_tokenizer_with_no_tokens_is_refused(tmp_path, gpt2_dir):
+    broken = Path(shutil.copytree(gpt2_dir, tmp_path / "empty-vocab"))
+    data = json.loads((broken / "tokenizer.json").read_text())
+    data["model"]["vocab"], data["model"]["merges"], data["added_tokens"] = {}, [], []
+    (broken / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="no tokens|tokenizer"):
+        load_checkpoint(broken)
 
 
 def test_missing_tokenizer_or_weights_are_named(tmp_path, gpt2_dir):

@@ -21,6 +21,7 @@ from models_src.checkpoint import CheckpointError, load_checkpoint
 from models_src.generation import stream
 from models_src.infill import infill_prompt_ids
 from models_src.infill_candidates import DEFAULT_CANDIDATES, best_middle
+from models_src.sampling import encode_prompt
 
 MAX_TOKENS = 2000  # the longest a text runs when neither the command nor the model says
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.first_sentence is not None:
             prompt_tokens = len(infill_prompt_ids(ckpt.tokenizer, args.first_sentence, args.last_sentence))
         else:
-            prompt_tokens = 1 + len(ckpt.tokenizer.encode(args.prompt or ""))
+            prompt_tokens = len(encode_prompt(ckpt.tokenizer, args.prompt or ""))
         params = ckpt.defaults.params({**given, "stop": args.stop}, prompt_tokens=prompt_tokens,
                                       context=ckpt.model.max_context, cap=MAX_TOKENS)
     except (ValueError, CheckpointError) as e:

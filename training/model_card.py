@@ -25,6 +25,7 @@ import yaml
 from models_src.checkpoint import CARD_FILE, CheckpointError, load_checkpoint
 from models_src.generation import generate
 from models_src.infill import trained_to_infill
+from models_src.sampling import encode_prompt
 
 from .data import DataError
 from .evaluate import evaluate
@@ -99,7 +100,7 @@ def samples(checkpoint, prompt: str) -> list[str]:
     """Three texts as a request with only a prompt gets them: the model's own settings, to
     the end of its context."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    prompt_tokens = 1 + len(tokenizer.encode(prompt))
+    prompt_tokens = len(encode_prompt(tokenizer, prompt))
     out = []
     for seed in SAMPLE_SEEDS:
         params = checkpoint.defaults.params({"seed": seed}, prompt_tokens=prompt_tokens,
