@@ -108,7 +108,7 @@ def valid_request(rng: random.Random) -> Request:
     stream = rng.random() < 0.5
     sampling = {"temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randrange(1 << 30)}
     if rng.random() < 0.6:
-        body = {"model": model, "prompt": FIRST if infill else rng.choice(["Once", "", "The"]),
+        body = {"model": model, "prompt": FIRST if infill else rng.choice(["Once", "A", "The"]),
                 "stream": stream, "options": {"num_predict": tokens, **sampling}}
         if infill:
             body["suffix"] = LAST
