@@ -1,6 +1,7 @@
 # One command per job. On a fresh clone `make serve` creates .venv with what serving needs
 # (requirements.txt) and starts the app; `make test` adds the test tools
-# (requirements-dev.txt) and runs the fast test suite. pip shows what it installs.
+# (requirements-dev.txt), checks the code with ruff and runs the fast test suite. pip shows
+# what it installs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -47,6 +48,7 @@ serve: $(SERVE_STAMP) assets
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 test: $(STAMP) assets
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-all: $(STAMP) assets

@@ -311,9 +311,8 @@ class OpenAIModelList(_Shape):
     data: list[OpenAIModel]
 
 
-RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, GenerateLoaded, ChatLoaded, Error, Tags, ShowRequest, Show,
-             Processes, Version, Models,
-             Reloaded,
+RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, GenerateLoaded, ChatLoaded, Error,
+             Tags, ShowRequest, Show, Processes, Version, Models, Reloaded,
              Health, Completion, ChatCompletion, ChatCompletionChunk, OpenAIError,
              OpenAIModelList, OpenAIModel)
 

@@ -72,7 +72,8 @@ def measure(checkpoint, stories, given: dict, candidates: int, cap: int) -> dict
         copied += copies_ending(choice.best.text, last)
         copied_true += copies_ending(middle, last)
     n = len(stories)
-    mean = lambda values: sum(values) / n
+    def mean(values):
+        return sum(values) / n
     G, T, F = mean(generated), mean(true), mean(first_only)
     return {"candidates": candidates, "ended": 100 * ended / n, "G": G, "T": T, "F": F,
             "ratio": (G - F) / (T - F) if T != F else float("nan"),

@@ -20,7 +20,8 @@ from _common import ROOT
 from models_src.checkpoint import read_config
 
 CONFIGS = ["char_gpt_shakespeare", "char_lstm_shakespeare", "word_lstm_books", "tinystories_gpt",
-           "tinystories_word_lstm", "tinystories_lstm", "word_lstm_wikitext", "bpe_lstm_tinystories", "bpe_gpt_tinystories"]
+           "tinystories_word_lstm", "tinystories_lstm", "word_lstm_wikitext", "bpe_lstm_tinystories",
+           "bpe_gpt_tinystories"]
 
 
 def run(*args: str) -> str:
@@ -45,7 +46,8 @@ def main() -> None:
                                 "--samples", "0", "--json"))
         model = summary["config"]["model"]
         shape = (f"{model['arch']} {model['n_layer']}x{model.get('n_hidden') or model.get('n_embd')}")
-        print(f"| `{name}` | {shape} | {summary['parameters'] / 1e6:.2f}M | {'/'.join(Path(summary['data']).parts[-2:])} "
+        data = "/".join(Path(summary["data"]).parts[-2:])
+        print(f"| `{name}` | {shape} | {summary['parameters'] / 1e6:.2f}M | {data} "
               f"| {summary['tokenizer']} ({result['vocab_size']:,}) | {result['perplexity']:.2f} "
               f"| {result['bits_per_char']:.3f} | {result['token_accuracy']:.1%} "
               f"| {summary['training_time_s'] / 60:.1f} min | {summary['hardware']} |", flush=True)

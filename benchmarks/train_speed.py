@@ -218,7 +218,8 @@ def main() -> None:
             ours_tps = ours["tokens_seen"] / ours["training_time_s"]
             print(f"\nnanoGPT baby, {BABY['iters']} iterations: {wall:.0f} s wall, {nano_tps:,.0f} tokens/s, "
                   f"val loss {nano_val:.4f} (20 random batches)")
-            print(f"ours, same shape and wall-clock, learning rate {args.lr:g}: {ours['step']} steps in {ours['wall']:.0f} s, "
+            print(f"ours, same shape and wall-clock, learning rate {args.lr:g}: {ours['step']} steps in "
+                  f"{ours['wall']:.0f} s, "
                   f"{ours_tps:,.0f} tokens/s ({ours_tps / nano_tps:.2f}x), val loss {ours['val_loss']:.4f} "
                   f"(whole validation split)")
 

@@ -148,9 +148,10 @@ class RecurrentLM(LanguageModel):
 
     def _one_token(self, tokens, state):
         """``_run`` in eval mode for one token per row. Each layer is ATen's own cell op,
-        the one its CPU loop runs (so the same numbers), called directly: ``nn.LSTM`` would go to oneDNN, whose per-call set-up is most of
-        a one-token step, and avoiding it with torch's process-wide kernel switch would
-        change the kernels of every thread, a server's other decoding threads included."""
+        the one its CPU loop runs (so the same numbers), called directly: ``nn.LSTM`` would go
+        to oneDNN, whose per-call set-up is most of a one-token step, and avoiding it with
+        torch's process-wide kernel switch would change the kernels of every thread, a
+        server's other decoding threads included."""
         x = F.embedding(tokens[:, 0], self.embedding.weight)
         new_state = []
         for i, layer in enumerate(self.layers):

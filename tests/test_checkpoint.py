@@ -44,7 +44,8 @@ def test_fp16_weights_halve_the_file_and_load_as_float32(tmp_path, tokenizer):
     model = small_model(tokenizer)
     full = save_checkpoint(tmp_path / "full", model, tokenizer)
     half = save_checkpoint(tmp_path / "half", model, tokenizer, dtype=torch.float16)
-    size = lambda p: (p / "model.safetensors").stat().st_size
+    def size(p):
+        return (p / "model.safetensors").stat().st_size
     assert size(half) < 0.6 * size(full)
     loaded = load_checkpoint(half)
     assert next(loaded.model.parameters()).dtype == torch.float32

@@ -95,7 +95,8 @@ def test_config_sections_are_typed_and_unknown_keys_named_as_before(tmp_path, ca
         load_config(raw=raw, overrides=["data.nonsense=1"])
     with pytest.raises(ConfigError, match=r"^tokenizer: kind 'char' has no option\(s\) vocab_size"):
         load_config(raw=raw, overrides=["tokenizer.vocab_size=10"])
-    with pytest.raises(ConfigError, match=r"^model: unknown keys nonsense, vocab_size \(known: activation, arch, bias,"):
+    with pytest.raises(ConfigError,
+                       match=r"^model: unknown keys nonsense, vocab_size \(known: activation, arch, bias,"):
         load_config(raw=raw, overrides=["model.nonsense=1", "model.vocab_size=10"])
     path = write_config(tmp_path, raw)
     assert train_module.main(["--config", str(path), "data.nonsense=1"]) == 2
