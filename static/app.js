@@ -60,12 +60,15 @@
     }
   });
 
-  /* The prompt box offers the chosen model's suggested prompt (its data-prompt). */
+  /* The prompt box offers the chosen model's suggested prompt (its data-prompt), and the
+     sampling options say how it samples (data-sampling). */
   document.addEventListener("change", function (event) {
     var radio = event.target;
     if (radio.name !== "model" || !radio.form) { return; }
     var box = radio.form.querySelector("textarea[name='prompt']");
     if (box) { box.placeholder = radio.dataset.prompt; }
+    var sampling = radio.form.querySelector(".model-sampling");  /* and says how it samples */
+    if (sampling) { sampling.textContent = radio.dataset.sampling; }
   });
 
   /* A streamed result is busy (screen readers wait) until its stream closes. */

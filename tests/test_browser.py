@@ -161,6 +161,7 @@ document.addEventListener("htmx:sseMessage", function (e) {
 
 
 def fill_form(page, fields: dict) -> None:
+    page.evaluate("() => document.querySelectorAll('details.sampling').forEach(d => { d.open = true; })")
     for name, value in fields.items():
         if name == "model":
             page.check(f"input[name=model][value='{value}']")

@@ -19,7 +19,7 @@ import torch
 from models_src.checkpoint import read_config, suggested_prompt
 from models_src.infill import trained_to_infill
 from models_src.tokenization import Tokenizer
-from test_browser import ROOT, TIMEOUT_MS, browser, fill_form, serve  # noqa: F401
+from test_browser import ROOT, TIMEOUT_MS, browser, fill_form, serve, sync_api  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 
@@ -162,6 +162,30 @@ def test_the_output_card_starts_at_the_top_and_stays_in_view(page, url, kind):
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # at the Generate button
     _, output_top = tops()
     assert 0 <= output_top <= 100  # it followed: still in view at the top of the window
+
+
+@pytest.mark.parametrize("path, button", [("/", "#generate-submit"), ("/infill", "#infill-submit")])
+def test_the_button_is_in_view_with_the_sampling_options_folded_away(page, url, path, button):
+    page.goto(url + path)
+    assert page.locator("details.sampling").get_attribute("open") is None
+    # the summary says how the chosen model samples, and follows the picker
+    summary = page.locator("details.sampling > summary")
+    assert "temperature 1, min-p 0.1" in summary.text_content()  # the story model's own
+    if path == "/":
+        page.check("input[name=model][value='char-lstm-shakespeare']")
+        sync_api.expect(summary).to_contain_text("temperature 0.6, min-p 0.1")
+        page.check("input[name=model][value='tinystories-gpt']")
+    box = page.locator(button).bounding_box()
+    assert box["y"] + box["height"] <= 900  # above the fold of a 1280 x 900 window
+    page.click("details.sampling > summary")
+    assert page.locator("#field-temperature").is_visible()
+    # a value outside the schema's limits: refused, and the options open at the field
+    page.fill("#field-temperature", "-1")
+    page.locator("details.sampling > summary").click()  # folded again before sending
+    page.click(button)
+    page.wait_for_selector(".field-error")
+    assert page.locator("details.sampling").get_attribute("open") is not None
+    assert page.locator("#field-temperature").is_visible()
 
 
 def test_the_admin_page_shows_no_server_path(page, url):
