@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, make_response, render_template, request
 from werkzeug.exceptions import (BadRequest, HTTPException, InternalServerError, MethodNotAllowed,
                                  RequestEntityTooLarge)
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -148,7 +148,7 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         if not wants_json():
-            return e
+            return _error_page(e)
         messages = {
             404: f"not found: {request.method} {request.path}",
             405: f"method {request.method} is not allowed on {request.path}"
@@ -166,6 +166,22 @@ def _register_error_handlers(app: Flask) -> None:
     def unexpected_error(e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
         if not wants_json():
-            return InternalServerError()
+            return _error_page(InternalServerError())
         return json_error(500, "internal server error")
+
+
+def _error_page(e: HTTPException):
+    """The site's own page for an HTTP error (its navigation, the reason in words), with
+    the error's headers (Allow on a 405); werkzeug's bare page if that cannot be drawn."""
+    try:
+        html = render_template("error.html", kind=None, vendor=False, name=e.name,
+                               description=e.description)
+    except Exception:
+        log.exception("the error page for %s could not be drawn", e.code)
+        return e
+    response = make_response(html, e.code or 500)
+    for name, value in e.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 

@@ -19,6 +19,7 @@ from html import unescape
 from pathlib import Path
 from unittest import mock
 
+import pytest
 from itsdangerous import TimestampSigner
 
 from app import ui
@@ -641,3 +642,19 @@ def test_the_sampling_boxes_take_their_limits_from_the_schema(make_app):
     assert 'min="0"' in box("min_p") and 'max="1"' in box("min_p") and 'max="1"' in box("top_p")
     assert f'maxlength="{MAX_STOP_CHARS}"' in box("stop") and 'maxlength="20"' in box("seed")
     assert "1 to 77;" in html  # the hint says the same
+
+
+@pytest.mark.parametrize("path, words", [("/nope", "Not Found"),
+                                         ("/models/nope", "No model called &#39;nope&#39; is loaded.")])
+def test_a_missing_page_is_the_sites_own_with_its_navigation(client, path, words):
+    response = client.get(path)
+    html = response.get_data(as_text=True)
+    assert response.status_code == 404 and response.mimetype == "text/html"
+    assert words in html and 'href="/infill"' in html and "<nav" in html
+    assert client.get("/api/nope").json == {"error": "not found: GET /api/nope"}  # the APIs' JSON stays
+
+
+def test_a_wrong_method_on_a_page_keeps_its_allow_header(client):
+    response = client.delete("/infill")
+    assert response.status_code == 405 and "GET" in response.headers["Allow"]
+    assert "Method Not Allowed" in response.get_data(as_text=True)
