@@ -139,11 +139,8 @@ def _finish(job: Job, stream: GenerationStream | ServiceError) -> Result:
 # ---- rendering ---------------------------------------------------------------------------
 
 def default_form() -> MultiDict:
-    names = get_registry().names()
-    preferred = get_settings().default_model
-    if preferred in names:
-        names.remove(preferred)
-        names.insert(0, preferred)
+    # the pages' model and the next best: the comparison a newcomer would ask for first
+    names = [m.name for m in get_registry().ranked(get_settings().default_model)]
     # sampling fields left empty: each model samples with its own defaults
     return MultiDict([*(("models", name) for name in names[:MIN_MODELS]), ("mode", "generate")])
 

@@ -249,10 +249,14 @@ class ModelRegistry:
         """The model a page starts on: ``preferred`` when it is loaded (and infills, if the
         page needs that), else the one with the fewest bits per character, a figure that
         compares models whatever their vocabulary (models without one come last)."""
-        models = self.facts(infill=infill)
-        chosen = [m for m in models if m.name == preferred]
-        ranked = sorted(models, key=lambda m: (m.bits_per_char is None, m.bits_per_char or 0, m.name))
-        return (chosen or ranked or [None])[0]
+        return (self.ranked(preferred, infill=infill) or [None])[0]
+
+    def ranked(self, preferred: str | None = None, *, infill: bool = False) -> list[ModelFacts]:
+        """The loaded models (that infill, with ``infill``), ``preferred`` first when it is
+        loaded, then by fewest bits per character (models without one last)."""
+        models = sorted(self.facts(infill=infill),
+                        key=lambda m: (m.bits_per_char is None, m.bits_per_char or 0, m.name))
+        return sorted(models, key=lambda m: m.name != preferred)  # stable: the rest keep their order
 
 
 def _checkpoint_dirs(directory: Path) -> dict[str, Path]:

@@ -115,6 +115,15 @@ def test_invalid_comparisons_are_refused_field_by_field(client, query, field, wo
     assert words in error_of(fragment.get_data(as_text=True), field)
 
 
+def test_compare_starts_on_the_pages_model_and_the_next_best(make_app):
+    def ticked(**settings):
+        html = make_app(**settings).test_client().get("/compare").get_data(as_text=True)
+        return re.findall(r'name="models" value="([\w-]+)" checked', html)
+    # the fewest bits per character first (tiny-gpt is the only one with a figure here)
+    assert ticked() == ["endless", "tiny-gpt"]  # in the picker's order
+    assert ticked(FABLE_DEFAULT_MODEL="tiny-lstm") == ["tiny-gpt", "tiny-lstm"]
+
+
 def test_errors_link_to_and_focus_the_first_field_in_error(client):
     html = client.get("/compare", query_string={**RUN, "models": "endless", "top_k": "0",
                                                 "run": "1"}).get_data(as_text=True)
