@@ -409,7 +409,8 @@ def hardware(device: torch.device, world: int) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{cpu_name()} CPU, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        name = f"{cpu_name()} CPU, {threads} thread{'' if threads == 1 else 's'}"
     return f"{world} x {name}" if world > 1 else name
 
 
