@@ -10,6 +10,7 @@ server path. Skips as tests/test_browser.py does.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -88,8 +89,10 @@ def test_compare_fills_in_the_middle_with_the_bundled_models(page, url):
     for i in (0, 1):
         column = columns.nth(i)
         assert not column.locator(".stream-error-text").count()
-        text = column.locator(".output").text_content()
+        text = column.locator(".output[aria-live]").text_content()
         assert "Tom had a red kite." in text and "Tom smiled and went home." in text
+        # the middle ends on a complete sentence, never run into the given ending
+        assert re.search(r"[.!?][\"'”’)]*\s+Tom smiled and went home\.", text), text
 
 
 def test_the_infill_page_offers_only_the_models_trained_to_infill(page, url):
