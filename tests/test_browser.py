@@ -392,7 +392,7 @@ def test_screenshots(screenshots, browser, app_config, checkpoint_dir):
     seed = os.environ.get("FABLE_SCREENSHOTS_SEED", "1")
     # the pages as a visitor meets them: each model's own sampling settings and length
     with served(app_config, FABLE_CHECKPOINT_DIR=checkpoints, FABLE_EXPERIMENTS_DIR=experiments,
-                FABLE_DEFAULT_NEW_TOKENS=None, FABLE_REQUEST_TIMEOUT_S=60) as (_, url), \
+                FABLE_DEFAULT_NEW_TOKENS=None, FABLE_MAX_BATCH=16, FABLE_REQUEST_TIMEOUT_S=60) as (_, url), \
             screenshot_page(browser) as page:
         for kind, fields in (("generate", {"prompt": prompt}),
                              ("infill", {"first": first, "last": last})):

@@ -215,7 +215,7 @@ def test_screenshots(screenshots, browser, app_config, checkpoint_dir):  # noqa:
     env = {key: os.environ.get(f"FABLE_SCREENSHOTS_{key.upper()}", value)
            for key, value in env.items()}
     prompt, seed, out = env["prompt"], env["seed"], screenshots
-    with served(app_config, FABLE_CHECKPOINT_DIR=env["checkpoints"],
+    with served(app_config, FABLE_CHECKPOINT_DIR=env["checkpoints"], FABLE_DEFAULT_NEW_TOKENS=None,
                 FABLE_REQUEST_TIMEOUT_S=60) as (app, url), screenshot_page(browser) as page:
         # the comparison the page opens on (the best two models), each at its own settings
         names = [m.name for m in app.extensions["fable.registry"].ranked()[:2]]
