@@ -105,9 +105,20 @@ def sampling(values: dict | None) -> str:
         return DASH
 
 
+def said_of(message: str, name: str, label: str | None) -> str:
+    """A field's error in a page's words: the API's "'top_p' must be ..." as "Top-p must
+    be ...", the field named once, by its label; a message that does not begin with the
+    field's name gets the label before it ("Models: choose 2 to 4 ..."); without a label,
+    the message as it is."""
+    prefix = f"'{name}' "
+    if not label:
+        return message
+    return f"{label} {message[len(prefix):]}" if message.startswith(prefix) else f"{label}: {message}"
+
+
 def register(app: Flask) -> None:
     for name, function in (("count", count), ("params", params), ("metric", metric),
                            ("duration", duration), ("describe", describe), ("arch", arch),
                            ("tokenizer_kind", tokenizer_kind), ("filesize", filesize),
-                           ("shown_path", shown_path), ("sampling", sampling)):
+                           ("shown_path", shown_path), ("sampling", sampling), ("said_of", said_of)):
         app.add_template_filter(function, name)

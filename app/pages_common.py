@@ -126,9 +126,9 @@ def read_job(kind: str, raw: Mapping[str, Any], *, from_form: bool = True) -> Jo
             errors["model"] = (f"'model' must be a model that infills; {values['model']!r} "
                                f"was not trained to")
     if kind == "infill" and not errors.keys() & {"first", "last"}:
-        for name, label in (("first", "first sentence"), ("last", "last sentence")):
+        for name, purpose in (("first", "how the story begins"), ("last", "how it ends")):
             if not (values[name] or "").strip():
-                errors[name] = f"'{name}' is required: the story's {label}"
+                errors[name] = f"'{name}' is required: {purpose}"
     candidates = None
     if kind == "infill" and form is not None:
         try:  # resolved now: the page says how many are written, and the link carries it

@@ -154,10 +154,13 @@ def test_no_js_post_with_invalid_fields_shows_each_error_inline(client):
     assert html.startswith("<!doctype html>")
     assert 'class="error-summary" role="alert"' in html
     assert "There are 4 problems" in html
-    for field, words in (("temperature", "must be a number"), ("top_p", "at most 1"),
-                         ("max_new_tokens", "between 1 and 512"), ("model", "not loaded")):
+    for field, label, words in (("temperature", "Temperature", "must be a number"),
+                                ("top_p", "Top-p", "at most 1"),
+                                ("max_new_tokens", "Max new tokens", "between 1 and 512"),
+                                ("model", "&#39;model&#39;", "not loaded")):
         message = re.search(rf'<p class="field-error" id="error-{field}">(.*?)</p>', html).group(1)
-        assert f"&#39;{field}&#39;" in message and words in message  # names the field
+        assert f"{label} {words}" in message or (label in message and words in message)
+        assert message.count(label) == 1  # the field named once, by the label the page shows
     assert re.search(r'id="field-temperature"[^>]*aria-describedby="hint-temperature '
                      r'error-temperature" aria-invalid="true"', html)
     assert re.search(r'id="field-model-0"[^>]*autofocus', html)  # focus on the first error
@@ -223,7 +226,7 @@ def test_htmx_start_with_errors_swaps_the_form_in_place(client):
     assert response.headers["HX-Retarget"] == "#generate-form"
     assert response.headers["HX-Reswap"] == "outerHTML"
     html = response.get_data(as_text=True)
-    assert "&#39;top_k&#39; must be &gt;= 1, got 0" in html
+    assert "Top-k must be &gt;= 1, got 0" in html
     assert re.search(r'id="field-top_k"[^>]*aria-invalid="true" autofocus', html)
     assert "sse-connect" not in html and "hx-swap-oob" not in html
 
@@ -433,7 +436,8 @@ def test_infill_requires_both_sentences(client):
     response = client.post("/infill", data={**INFILL, "first": "  ", "last": ""})
     assert response.status_code == 400
     html = response.get_data(as_text=True)
-    assert "&#39;first&#39; is required" in html and "&#39;last&#39; is required" in html
+    assert "First sentence is required: how the story begins" in html
+    assert "Last sentence is required: how it ends" in html
 
 
 def test_infill_streams_the_middle(client):

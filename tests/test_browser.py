@@ -238,7 +238,7 @@ def test_invalid_field_is_reported_inline_and_focused(page, base_url):
     page.click("#generate-submit")
     error = page.locator("#error-top_p")
     error.wait_for()
-    assert "'top_p' must be above 0 and at most 1, got 5" in error.text_content()
+    assert "Top-p must be above 0 and at most 1, got 5" in error.text_content()
     assert page.locator("#field-top_p").get_attribute("aria-invalid") == "true"
     assert page.evaluate("document.activeElement.id") == "field-top_p"
     assert page.locator(".error-summary").is_visible()

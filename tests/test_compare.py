@@ -97,9 +97,9 @@ def test_a_url_fills_the_form_in_and_asks_the_script_to_start(client):
     ({"models": ["endless", "tiny-lstm"], "mode": "infill", "first": "A.", "last": "B."},
      "models", "'tiny-lstm' was not trained to infill"),
     ({"mode": "poem"}, "mode", "'mode' must be generate or infill, got 'poem'"),
-    ({"top_p": "5"}, "top_p", "'top_p' must be above 0 and at most 1, got 5"),
+    ({"top_p": "5"}, "top_p", "Top-p must be above 0 and at most 1, got 5"),
     ({"max_new_tokens": "100000"}, "max_new_tokens", "between 1 and 512"),
-    ({"mode": "infill", "first": "A.", "last": " "}, "last", "'last' is required"),
+    ({"mode": "infill", "first": "A.", "last": " "}, "last", "Last sentence is required"),
 ])
 def test_invalid_comparisons_are_refused_field_by_field(client, query, field, words):
     response = client.get("/compare", query_string={**RUN, **query, "run": "1"})

@@ -126,9 +126,15 @@ def test_the_service_writes_k_rows_and_hands_out_the_librarys_choice(make_app, t
     app = make_app(FABLE_INFILL_CANDIDATES=2)
     service = app.extensions["fable.service"]
     params = SamplingParams(temperature=1.0, max_new_tokens=30, seed=11)
+    # one row per candidate (the endless model's never end by themselves: a tiny model's
+    # 30 tokens could end, and give their rows back, before the count is read)
+    held = service.stream_infill("endless", FIRST, LAST, SamplingParams(max_new_tokens=10**6),
+                                 candidates=3)
+    assert service.active == 3
+    held.close()
+    assert service.active == 0
     stream = service.stream_infill("tiny-gpt", FIRST, LAST, params, candidates=3)
     assert isinstance(stream, InfillStream) and stream.candidates == 3
-    assert service.active == 3  # one row per candidate, held until chosen
     pieces = list(stream)
     assert service.active == 0
     expected = best_middle(tiny.model, tiny.tokenizer, FIRST, LAST, params, candidates=3)
@@ -220,9 +226,9 @@ def test_the_pages_candidates_box_is_checked_and_shows_the_default(make_app):
     client = make_app(FABLE_INFILL_CANDIDATES=2).test_client()
     page = client.get("/infill").get_data(as_text=True)
     assert 'name="candidates"' in page and 'placeholder="2"' in page
-    for value, message in (("0", "&#39;candidates&#39; must be between 1 and 16, got 0"),
-                           ("x", "&#39;candidates&#39; must be an integer"),
-                           ("9", "&#39;candidates&#39; is 9, but this server decodes at most 4")):
+    for value, message in (("0", "Candidate middles must be between 1 and 16, got 0"),
+                           ("x", "Candidate middles must be an integer"),
+                           ("9", "Candidate middles is 9, but this server decodes at most 4")):
         response = client.post("/infill", data={**INFILL, "candidates": value})
         assert response.status_code == 400 and message in response.get_data(as_text=True), value
     response = client.post("/infill", data={**INFILL, "candidates": "2"})
