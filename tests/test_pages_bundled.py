@@ -197,3 +197,42 @@ def test_the_admin_page_shows_no_server_path(page, url):
     assert str(ROOT) not in html and "/tmp/" not in html
     note = page.locator("#runs-heading ~ .panel-note code").text_content()
     assert note.startswith("records") and "/" not in note
+
+
+#: Where each .model-name's text wraps: the characters that end a line, but the last.
+LINE_ENDS = """() => Array.from(document.querySelectorAll('.model-name')).map(name => {
+  const text = name.firstChild, ends = [];
+  let top = null;
+  for (let i = 0; i < text.length; i++) {
+    const range = document.createRange();
+    range.setStart(text, i); range.setEnd(text, i + 1);
+    const y = range.getBoundingClientRect().top;
+    if (top !== null && y > top + 1) ends.push(text.data[i - 1]);
+    top = y;
+  }
+  return [text.data, ends];
+})"""
+
+
+def test_a_phone_sees_whole_names_no_shortcut_and_a_pressed_token_view(browser, url):  # noqa: F811
+    context = browser.new_context(viewport={"width": 375, "height": 800}, has_touch=True,
+                                  is_mobile=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(url + "/")
+        for name, ends in page.evaluate(LINE_ENDS):
+            assert all(end == "-" for end in ends), (name, ends)  # broken at hyphens only
+        assert not page.locator(".shortcut-hint").first.is_visible()  # no Ctrl+Enter on a phone
+        fill_form(page, {"prompt": "Once upon a time", "seed": "1", "max_new_tokens": "20"})
+        page.click("#generate-submit")
+        page.wait_for_selector(".status-text:not(.is-streaming)")
+        toggle = page.locator(".token-toggle")
+        before = toggle.evaluate("b => getComputedStyle(b).backgroundColor")
+        toggle.click()
+        assert toggle.get_attribute("aria-pressed") == "true"
+        # it looks pressed (polled: the button's colours ease in)
+        page.wait_for_function("before => getComputedStyle(document.querySelector('.token-toggle'))"
+                               ".backgroundColor !== before", arg=before)
+    finally:
+        context.close()
