@@ -204,9 +204,7 @@ def _parameters(defaults, context: int | None, tokenizer) -> str:
         lines.append(f"repeat_penalty {defaults.repetition_penalty:g}")
     if context is not None:
         lines.append(f"num_ctx {context}")
-    eos = tokenizer.special_tokens.get("eos") if hasattr(tokenizer, "special_tokens") else None
-    if eos:
-        lines.append(f"stop {json.dumps(eos)}")
+    lines.append(f"stop {json.dumps(tokenizer.special_tokens['eos'])}")
     return "\n".join(lines)
 
 

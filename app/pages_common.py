@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,12 @@ def output_tokens(job: Job | None, stream: GenerationStream | None) -> list[Toke
 def form_bounds() -> dict[str, dict[str, Any]]:
     """The sampling boxes' HTML limits (min, max, maxlength), read from the schema that
     validates the form, so that the page and the server never disagree."""
-    schema = request_models(get_settings().limits).generate_form.model_json_schema()
+    return _bounds(get_settings().limits)
+
+
+@cache  # one JSON Schema per set of limits, not one per page drawn
+def _bounds(limits) -> dict[str, dict[str, Any]]:
+    schema = request_models(limits).generate_form.model_json_schema()
     bounds = {}
     for name in SAMPLING_FIELDS:
         kind = schema["properties"][name]["anyOf"][0]  # the value's type; the other is null

@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -177,10 +177,9 @@ def main() -> None:
     best = min(eligible, key=lambda r: r["unseen_pairs"])
     print(f"chosen: {label(best['setting'])}")
     if args.write:
-        own = checkpoint.defaults
-        chosen = SamplingDefaults(**{**own.__dict__, "top_p": None, "min_p": None, **best["setting"]})
-        tok = checkpoint.tokenizer
-        chosen.write(args.checkpoint, {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id})
+        # the setting over the model's own, its former cuts cleared
+        chosen = replace(checkpoint.defaults, top_p=None, min_p=None, **best["setting"])
+        chosen.write(args.checkpoint, checkpoint.tokenizer)
         print(f"written to {args.checkpoint / GENERATION_CONFIG}")
 
 

@@ -136,8 +136,7 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         tokenizer.save(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if defaults is not None:
-            defaults.write(tmp, {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-                                 "pad": tokenizer.pad_id})
+            defaults.write(tmp, tokenizer)
         if write_extra is not None:
             write_extra(tmp)
         # mkdtemp's folder is private (0700): a checkpoint must be readable by a server or

@@ -97,10 +97,11 @@ class SamplingDefaults:
             config["max_new_tokens"] = self.max_new_tokens
         return config
 
-    def write(self, directory: str | Path, special_ids: Mapping[str, int | None]) -> None:
-        """``directory/generation_config.json`` with these settings and the tokenizer's
+    def write(self, directory: str | Path, tokenizer) -> None:
+        """``directory/generation_config.json`` with these settings and ``tokenizer``'s
         ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``."""
-        ids = {f"{name}_token_id": value for name, value in special_ids.items() if value is not None}
+        ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_id") for name in ("bos", "eos", "pad")
+               if getattr(tokenizer, f"{name}_id") is not None}
         (Path(directory) / GENERATION_CONFIG).write_text(
             json.dumps({**ids, **self.to_hf()}, indent=2) + "\n")
 
