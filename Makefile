@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-test
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: install install-test assets serve test test-all bench load soak screenshots results docker-test clean
+.PHONY: install install-test assets data serve test test-all bench load soak screenshots results docker-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ assets: $(VENDORED)
 
 $(VENDORED) &: package-lock.json scripts/vendor_assets.py
 	$(PYTHON) scripts/vendor_assets.py
+
+# Every corpus the shipped configs train on, from its publisher, checked
+# (training/corpora.py; FABLE_DATA_DIR says where, FABLE_DATA_MIRROR from where)
+data: $(SERVE_STAMP)
+	$(PY) -m training.corpora fetch --all
 
 # The web app on the bundled models: http://127.0.0.1:7860 (FABLE_HOST=0.0.0.0 to be
 # reachable from other machines; PORT for another port)

@@ -109,9 +109,10 @@ def corpus(checkpoint, path: str | None) -> dict[str, list[str]]:
     """The training and validation documents, split as the checkpoint's training run split
     them (its config's data section; ``path`` moves the corpus)."""
     data = dict(checkpoint.summary.get("config", {}).get("data") or {})
-    if path is not None or "path" not in data:
+    if path is not None or not (data.get("path") or data.get("corpus")):
         data = {"path": path or str(CORPUS)}
-    data["path"] = str((ROOT / data["path"]).resolve()) if not Path(data["path"]).is_absolute() else data["path"]
+    if data.get("path") and not Path(data["path"]).is_absolute():
+        data["path"] = str((ROOT / data["path"]).resolve())
     return load_documents(DataConfig(**{k: v for k, v in data.items() if k in DATA_FIELDS}))
 
 
@@ -178,7 +179,7 @@ def main() -> None:
     print(f"chosen: {label(best['setting'])}")
     if args.write:
         # the setting over the model's own, its former cuts cleared
-        chosen = replace(checkpoint.defaults, top_p=None, min_p=None, **best["setting"])
+        chosen = replace(checkpoint.defaults, **{"top_p": None, "min_p": None, **best["setting"]})
         chosen.write(args.checkpoint, checkpoint.tokenizer)
         print(f"written to {args.checkpoint / GENERATION_CONFIG}")
 

@@ -80,15 +80,10 @@ def test_a_subcommand_is_the_module_entry_point_with_the_same_arguments(capsys):
     assert "no-such-folder: not a checkpoint" in capsys.readouterr().err
 
 
-def test_fable_data_calls_training_corpora_where_it_exists(monkeypatch, capsys):
-    calls = []
-    corpora = type(sys)("training.corpora")
-    corpora.main = lambda argv: calls.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "training.corpora", corpora)
-    assert cli.main(["data", "tinystories"]) == 7 and calls == [["tinystories"]]
-    monkeypatch.setitem(sys.modules, "training.corpora", None)  # as if the module were absent
-    assert cli.main(["data", "tinystories"]) == 2
-    assert "fable data: not available yet" in capsys.readouterr().err
+def test_fable_data_is_training_corpora(capsys):
+    assert cli.main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("tinyshakespeare", "tinystories", "wikitext-2", "books", "gpt2"))
 
 
 def test_fable_serve_refuses_a_missing_folder_of_models(tmp_path, monkeypatch, capsys):

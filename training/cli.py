@@ -71,17 +71,7 @@ def serve(argv: list[str]) -> int:
 
 
 def run_module(command: str, argv: list[str]) -> int:
-    module_name = COMMANDS[command][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        # `fable data` is a hook for training/corpora.py, which another part of issue 36 adds
-        print(f"fable {command}: not available yet in this version ({module_name} is missing); "
-              "the shipped configs name the files they need under data.path", file=sys.stderr)
-        return 2
-    return module.main(argv)
+    return importlib.import_module(COMMANDS[command][0]).main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

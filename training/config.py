@@ -279,6 +279,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), _yaml(value) if value.strip() else None
 
 
+DATA_SOURCES = ("path", "corpus", "hub_name")  # the data section names its corpus by one of these
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = copy.deepcopy(raw)
     for text in overrides:
@@ -289,6 +292,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
         node[path[-1]] = value
+        if path[:-1] == ["data"] and path[-1] in DATA_SOURCES:  # data.path=my.txt replaces the corpus
+            for other in set(DATA_SOURCES) - {path[-1]}:
+                node.pop(other, None)
     return raw
 
 

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ import torch
 
 from models_src.tokenization import KINDS, Tokenizer, build_tokenizer
 
+from .corpora import STORY_SEPARATOR, CorpusError, locate
 from .lossy import dropped_bits
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ _EXTENSIONS = {
 # File stems and `datasets` split names that are a corpus's own splits.
 _SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation",
                 "val": "validation", "test": "test"}
-# TinyStoriesV2 raw text: stories separated by lines that are exactly "<|endoftext|>".
-_STORY_SEPARATOR = re.compile(r"^<\|endoftext\|>\r?$", re.MULTILINE)
 # Options each tokenizer kind accepts: the keyword arguments of `build_tokenizer`.
 _TOKENIZER_OPTIONS = {
     "char": set(),
@@ -78,9 +76,11 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    """The YAML ``data:`` section. Exactly one of ``path`` and ``hub_name`` names the corpus."""
+    """The YAML ``data:`` section. Exactly one of ``path``, ``corpus`` and ``hub_name`` names
+    the corpus."""
 
     path: str | None = None  # a file, a folder, or a `datasets` save_to_disk directory
+    corpus: str | None = None  # one `fable data fetch` gets, and a path in it: tinyshakespeare/input.txt
     hub_name: str | None = None  # e.g. "roneneldan/TinyStories", from the local HF cache
     format: str = "auto"
     text_column: str = "text"
@@ -98,14 +98,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.split = [float(f) for f in self.split]
-        if (self.path is None) == (self.hub_name is None):
-            raise DataError("data: give exactly one of `path` and `hub_name`")
+        if sum(x is not None for x in (self.path, self.corpus, self.hub_name)) != 1:
+            raise DataError("data: give exactly one of `path`, `corpus` and `hub_name`")
         if self.format not in FORMATS:
             raise DataError(f"data: unknown format {self.format!r}; expected one of {FORMATS}")
         if self.hub_name is not None and self.format not in ("auto", "hf_hub"):
             raise DataError(f"data: hub_name is loaded with `datasets`, not as {self.format!r}")
-        if self.path is not None and self.format == "hf_hub":
-            raise DataError("data: format 'hf_hub' needs hub_name, not path")
+        if self.hub_name is None and self.format == "hf_hub":
+            raise DataError("data: format 'hf_hub' needs hub_name, not a path or corpus")
         if len(self.split) not in (2, 3) or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-6:
             raise DataError(
                 f"data: split must be 2 or 3 positive fractions (train, validation[, test])"
@@ -123,6 +123,11 @@ class DataConfig:
             raise DataError(f"data: subset_size must be positive, got {self.subset_size}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise DataError(f"data: max_seq_len must be positive, got {self.max_seq_len}")
+
+    @property
+    def source(self) -> str:
+        """The corpus as the config names it, for messages and records."""
+        return self.path or self.corpus or self.hub_name
 
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:
@@ -185,7 +190,10 @@ class _Source:
 def _locate(data: DataConfig) -> _Source:
     if data.hub_name is not None:
         return _Source("hf_hub", data.hub_name, {}, [])
-    path = Path(data.path).expanduser()
+    try:
+        path = locate(data.corpus) if data.corpus else Path(data.path).expanduser()
+    except CorpusError as e:
+        raise DataError(str(e)) from None
     if not path.exists():
         raise DataError(f"data path not found: {path}")
     if path.is_file():
@@ -254,8 +262,8 @@ def _read_file(path: Path, data: DataConfig) -> list[str]:
     if fmt in ("csv", "parquet"):
         return _read_table(path, fmt, data.text_column)
     text = _read_text(path)
-    if fmt == "tinystories" or (data.format == "auto" and _STORY_SEPARATOR.search(text)):
-        return [story.strip() for story in _STORY_SEPARATOR.split(text) if story.strip()]
+    if fmt == "tinystories" or (data.format == "auto" and STORY_SEPARATOR.search(text)):
+        return [story.strip() for story in STORY_SEPARATOR.split(text) if story.strip()]
     return [text] if text.strip() else []
 
 
@@ -487,8 +495,8 @@ def prepare(data: DataConfig, tok: TokenizerConfig) -> PreparedData:
 def _cache_key(source: _Source, data: DataConfig, tok: TokenizerConfig) -> str:
     stats = [(p, p.stat()) for p in source.stamp]
     files = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p, st in stats]
-    # path is covered by the resolved files; the rest does not change the tokens
-    unused = ("path", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction", "middle_only",
+    # path and corpus are covered by the resolved files; the rest does not change the tokens
+    unused = ("path", "corpus", "max_seq_len", "cache_dir", "offline", "task", "infill_fraction", "middle_only",
               "infill_spans")
     settings = {k: v for k, v in asdict(data).items() if k not in unused}
     payload = {"version": CACHE_VERSION, "source": files or source.location,
@@ -500,7 +508,7 @@ def _cache_key(source: _Source, data: DataConfig, tok: TokenizerConfig) -> str:
 def _build_cache(data: DataConfig, tok: TokenizerConfig, directory: Path) -> None:
     """Read, split, train the tokenizer, encode; written to a temporary folder renamed into
     place at the end, so an interrupted run never leaves a half-written cache."""
-    log.info("preparing %s (cache %s)", data.path or data.hub_name, directory)
+    log.info("preparing %s (cache %s)", data.source, directory)
     splits = load_documents(data)
     tokenizer = tok.build(splits["train"])
     dtype = token_dtype(tokenizer.vocab_size)
@@ -512,7 +520,7 @@ def _build_cache(data: DataConfig, tok: TokenizerConfig, directory: Path) -> Non
                   for name, docs in splits.items()}
         meta = {
             "version": CACHE_VERSION,
-            "source": str(data.path or data.hub_name),
+            "source": data.source,
             "dtype": dtype.name,
             "tokens": tokens,
             "documents": {name: len(docs) for name, docs in splits.items()},

@@ -44,12 +44,13 @@ def documents_for(checkpoint, data_path: str | None, split: str) -> tuple[list[s
     trained_on = _trained_data(checkpoint)
     if data_path is None and not trained_on:
         raise DataError(f"{checkpoint.path} records no training data: pass --data")
-    config = DataConfig.from_dict({**trained_on, "path": data_path} if data_path else trained_on)
+    given = {"path": data_path, "corpus": None, "hub_name": None}  # --data replaces the recorded corpus
+    config = DataConfig.from_dict({**trained_on, **given} if data_path else trained_on)
     if split == "all":  # every document of the file, unsplit
         return read_all_documents(config), []
     splits = load_documents(config)
     if split not in splits:
-        raise DataError(f"{config.path or config.hub_name} has no {split} split (it has {', '.join(splits)})")
+        raise DataError(f"{config.source} has no {split} split (it has {', '.join(splits)})")
     return splits[split], splits["train"] if split != "train" else []
 
 
