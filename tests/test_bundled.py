@@ -58,3 +58,30 @@ def test_the_story_model_asked_with_only_a_prompt_writes_stories_that_end(make_a
                for seed in range(1, 11)]
     assert sum(a["done_reason"] == "stop" for a in answers) >= 9, [a["done_reason"] for a in answers]
     assert len({a["response"] for a in answers}) == 10
+
+
+EXPERIMENTS = BUNDLED[0].parent.parent / "experiments"
+# the bundled models whose training runs ship their records (the older three were trained
+# before records were kept in the repository)
+WITH_RECORDS = ("tinystories-gpt", "tinystories-gpt-mini")
+
+
+@pytest.mark.parametrize("name", WITH_RECORDS)
+def test_a_bundled_model_brings_the_record_of_the_run_that_made_it(name):
+    from app import experiment_reader
+
+    training = json.loads((BUNDLED[0].parent / name / "config.json").read_text())["training"]
+    runs = {run["run_id"]: run for run in experiment_reader.run_summaries(EXPERIMENTS)}
+    run = runs[training["run_id"]]
+    assert run["model"] == training["name"] and run["last_step"] == training["step"]
+    assert run["best_val_loss"] == pytest.approx(training["best_val_loss"])
+    curves = experiment_reader.run_losses(EXPERIMENTS, [training["run_id"]])
+    assert len(next(iter(curves.values()))["steps"]) >= 8  # a curve, not a point
+
+
+def test_a_fresh_clone_s_experiments_page_shows_the_bundled_runs(make_app):
+    client = make_app(FABLE_CHECKPOINT_DIR=str(BUNDLED[0].parent), FABLE_EXPERIMENTS_DIR=str(EXPERIMENTS)).test_client()
+    page = client.get("/experiments").get_data(as_text=True)
+    for name in WITH_RECORDS:
+        run_id = json.loads((BUNDLED[0].parent / name / "config.json").read_text())["training"]["run_id"]
+        assert run_id in page
