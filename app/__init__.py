@@ -109,6 +109,8 @@ def _register_blueprints(app: Flask) -> None:
     app.register_blueprint(model_pages.bp)  # /models, /models/<name>, its files
     from . import experiments_page
     app.register_blueprint(experiments_page.bp)  # /experiments: runs, filters, loss curves
+    from . import tokenizer_api
+    app.register_blueprint(tokenizer_api.bp)  # /tokenize, /detokenize, /tokenizer_info (vLLM's)
 
 
 def _configure_logging(app: Flask) -> None:

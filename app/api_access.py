@@ -1,6 +1,6 @@
 """Who may call the JSON APIs, and from which web pages: API keys and CORS, both opt-in.
 
-``FABLE_API_KEYS``: the generation APIs (``/api/*``, ``/v1/*``) need ``Authorization:
+``FABLE_API_KEYS``: the generation APIs (``/api/*``, ``/v1/*``, vLLM's tokenizer routes) need ``Authorization:
 Bearer <key>``; a missing or wrong key is a 401 in the API's own error shape. The pages
 stay public (a Space's visitors use them) unless ``FABLE_PROTECT_PAGES`` is on: then
 every page route that generates (a view marked ``web.generates``) needs one of the keys
@@ -27,9 +27,9 @@ from flask import Flask, Response, render_template, request
 
 from .csrf import SAFE_METHODS, normalise, own_origin
 from .settings import get_settings
-from .web import PAGE_KEY_CHALLENGE, json_error, request_generates, wants_json
+from .web import PAGE_KEY_CHALLENGE, VLLM_PATHS, json_error, request_generates, wants_json
 
-API_PREFIXES = ("/api", "/v1")
+API_PREFIXES = ("/api", "/v1", *VLLM_PATHS)
 CORS_PATHS = (*API_PREFIXES, "/healthz", "/openapi.json")
 OPEN_PATHS = ("/api/models",)  # guarded by the admin token instead
 PREFLIGHT_MAX_AGE_S = 600

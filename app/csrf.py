@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 from flask import Flask, request
 from werkzeug.exceptions import Forbidden
 
-from .web import request_generates
+from .web import VLLM_PATHS, request_generates
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-EXEMPT_PREFIXES = ("/api", "/v1")  # the JSON APIs (see the module docstring)
+EXEMPT_PREFIXES = ("/api", "/v1", *VLLM_PATHS)  # the JSON APIs (see the module docstring)
 ALLOWED_FETCH_SITES = frozenset({"same-origin", "none"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 #: How a refusal names what was refused, and what to do instead.

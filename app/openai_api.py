@@ -17,7 +17,7 @@ from flask import Blueprint, jsonify, request
 from .ratelimit import rate_limited
 from .registry import get_registry
 from .schema import GenerationRequest, RequestError, parse_openai_chat, parse_openai_completion
-from .service import GenerationStream, ServiceError
+from .service import GenerationStream, ServiceError, get_service
 from .settings import get_settings
 from .web import openai_error, open_stream, read_json_object, retry_headers, streamed
 
@@ -41,27 +41,110 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class _TextLogprobs:
+    """OpenAI's completion log-probabilities for a run of tokens: their strings (a special
+    token as its own), log-probabilities, alternatives and where each starts in the text
+    (which shows no special token), counting on from ``offset``. An echoed prompt's first
+    token has none: null there."""
+
+    def __init__(self, tokenizer, offset: int) -> None:
+        self.tokenizer, self.offset = tokenizer, offset
+
+    def text(self, token_id: int, special: bool = True) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=not special)
+
+    def __call__(self, ids: list[int], entries: list) -> dict:
+        offsets = []
+        for token_id in ids:
+            offsets.append(self.offset)
+            self.offset += len(self.text(token_id, special=False))
+        return {"tokens": [self.text(i) for i in ids],
+                "token_logprobs": [e.logprob if e else None for e in entries],
+                "top_logprobs": [{self.text(i): lp for i, lp in e.top} if e else None for e in entries],
+                "text_offset": offsets}
+
+
+def _joined(first: dict | None, then: dict | None) -> dict | None:
+    """Two runs of completion log-probabilities as one (the echoed prompt, then the text)."""
+    if first is None or then is None:
+        return first or then
+    return {key: first[key] + then[key] for key in first}
+
+
 @bp.post("/completions")
 @rate_limited
 def completions():
-    req = parse_openai_completion(read_json_object(request), get_settings().limits)
-    offset = len(req.prompt)  # text_offset counts from the prompt's start, as OpenAI's does
+    requests = parse_openai_completion(read_json_object(request), get_settings().limits)
+    if len(requests) > 1:
+        return _completions(requests)
+    req = requests[0]
+    echo = _echo(req) if req.echo else None
+    if req.score_only:
+        return _completions(requests, [echo])
+    tokenizer = get_service().model(req.model).tokenizer
+    # text_offset counts from the text's start, the prompt's as OpenAI's does
+    formatted = _TextLogprobs(tokenizer, len(echo["text"] if echo else _prompt_text(req, tokenizer)))
 
     def logprobs(stream: GenerationStream, entries: list) -> dict:
-        nonlocal offset
-        tokens = [stream.token_text(e.token_id) for e in entries]
-        offsets = []
-        for e in entries:  # where each token starts in the text, which shows no special token
-            offsets.append(offset)
-            offset += len(stream.token_text(e.token_id, special=False))
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{stream.token_text(i): lp for i, lp in e.top} for e in entries],
-                "text_offset": offsets}
+        return formatted([e.token_id for e in entries], entries)
 
     def choice(text: str, finish_reason: str | None, logprobs: dict | None,
                first: bool = False) -> dict:
+        if first and echo:  # the echoed prompt leads the text (and its log-probabilities)
+            text, logprobs = echo["text"] + text, _joined(echo["logprobs"], logprobs)
         return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
     return _respond(req, "cmpl", "text_completion", "text_completion", choice, logprobs)
+
+
+def _prompt_text(req: GenerationRequest, tokenizer) -> str:
+    return req.prompt if isinstance(req.prompt, str) else tokenizer.decode(list(req.prompt))
+
+
+def _echo(req: GenerationRequest) -> dict:
+    """The prompt as it comes back with ``echo``: its text and, when asked, each token's
+    log-probability given those before it (one forward pass, in a row of its own)."""
+    service = get_service()
+    top = req.sampling.get("logprobs")
+    ids, entries = service.score(req.model, req.prompt, top or 0)
+    tokenizer = service.model(req.model).tokenizer
+    logprobs = _TextLogprobs(tokenizer, 0)(ids, entries) if top is not None else None
+    return {"text": _prompt_text(req, tokenizer), "logprobs": logprobs, "tokens": len(ids)}
+
+
+def _completions(requests: tuple[GenerationRequest, ...], echoes: list | None = None):
+    """Several prompts (or one scored only), each its own choice: the generations start
+    together, one row each, so that the engine decodes them side by side."""
+    echoes = echoes or [_echo(r) if r.echo else None for r in requests]
+    streams: list[GenerationStream | None] = []
+    try:
+        for req in requests:
+            streams.append(None if req.score_only else open_stream(req))
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, (req, stream, echo) in enumerate(zip(requests, streams, echoes)):
+            tokenizer = get_service().model(req.model).tokenizer
+            start = len(echo["text"]) if echo else len(_prompt_text(req, tokenizer))
+            text, logprobs, finish = "", None, "length"
+            if stream is not None:
+                completion = stream.collect()
+                text, finish = completion.text, completion.finish_reason
+                prompt_tokens += completion.prompt_tokens
+                completion_tokens += completion.completion_tokens
+                if stream.wants_logprobs:
+                    entries = completion.logprobs or []
+                    logprobs = _TextLogprobs(tokenizer, start)([e.token_id for e in entries], entries)
+            else:
+                prompt_tokens += echo["tokens"]
+            if echo:
+                text, logprobs = echo["text"] + text, _joined(echo["logprobs"], logprobs)
+            choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish})
+    finally:
+        for stream in streams:
+            if stream is not None:
+                stream.close()
+    return jsonify({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                    "created": int(time.time()), "model": requests[0].model, "choices": choices,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}})
 
 
 @bp.post("/chat/completions")
@@ -93,7 +176,8 @@ def chat_completions():
 def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_object: str,
              choice: Callable[..., dict], logprobs: Callable[[GenerationStream, list], dict]):
     """A completion, or its stream of chunks (server-sent events), in OpenAI's shape;
-    ``logprobs`` formats token log-probabilities (null when the request did not ask)."""
+    ``logprobs`` formats token log-probabilities (null when the request did not ask);
+    ``choice(..., first=True)`` makes the first (or only) one."""
     stream = open_stream(req)
 
     def asked(entries: list | None) -> dict | None:
@@ -109,7 +193,7 @@ def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_objec
     if not req.stream:
         completion = stream.collect()
         return jsonify({**head, "choices": [choice(completion.text, completion.finish_reason,
-                                                   asked(completion.logprobs))],
+                                                   asked(completion.logprobs), True)],
                         "usage": usage()})
 
     head["object"] = chunk_object
@@ -119,13 +203,15 @@ def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_objec
 
     def events() -> Iterator[str]:
         try:
-            for number, piece in enumerate(stream):
+            sent = False
+            for piece in stream:
                 yield _sse({**head, "choices": [choice(piece, None, asked(stream.new_logprobs()),
-                                                       number == 0)], **extra})
+                                                       not sent)], **extra})
+                sent = True
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")
             yield _sse({**head, "choices": [choice("", stream.completion.finish_reason,
-                                                   asked(stream.new_logprobs()))], **extra})
+                                                   asked(stream.new_logprobs()), not sent)], **extra})
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": usage()})
             yield _sse("[DONE]")

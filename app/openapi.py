@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from .registry import ModelFacts
-from .schema import request_models
+from .schema import MAX_PROMPTS, request_models
 from .settings import Limits
 
 Count = Annotated[int, Field(ge=0)]
@@ -124,8 +124,48 @@ class Tags(_Shape):
     models: list[Tag]
 
 
+class TokenizeRequest(_Shape):
+    model: str = Field(min_length=1, description="A loaded model (may be left out when the server "
+                                                 "has one)")
+    prompt: str
+    add_special_tokens: bool | None = Field(None, description="A bos first where the model's "
+                                                              "tokenizer adds one (default true)")
+    return_token_strs: bool | None = None
+
+
+class Tokenized(_Shape):
+    count: Count
+    max_model_len: Count | None = Field(description="The model's context (null: a recurrent model)")
+    tokens: list[Count]
+    token_strs: list[str] | None
+
+
+class DetokenizeRequest(_Shape):
+    model: str = Field(min_length=1, description="A loaded model (may be left out when the server "
+                                                 "has one)")
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class Detokenized(_Shape):
+    prompt: str
+
+
+class TokenizerInfo(_Shape):
+    model: str
+    tokenizer_class: str
+    kind: str = Field(description="char, word, bpe, gpt2 or hf")
+    vocab_size: Count
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    add_bos_token: bool
+    model_max_length: Count | None
+    chat_template: str | None
+
+
 class ShowRequest(_Shape):
-    model: str = Field(description="A loaded model's name (Ollama's older clients send 'name')")
+    model: str = Field(min_length=1, description="A loaded model's name (Ollama's older clients send 'name')")
     verbose: bool | None = None
 
 
@@ -203,16 +243,17 @@ class Health(_Shape):
 
 class CompletionLogprobs(_Shape):
     """With logprobs n: each token, its log-probability, the n likeliest tokens at its
-    position (a token -> log-probability map) and where it starts in prompt + text"""
+    position (a token -> log-probability map) and where it starts in prompt + text. With
+    echo the prompt's tokens come first; its first token has none (null)"""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[Count]
 
 
 class CompletionChoice(_Shape):
     text: str
-    index: Literal[0]
+    index: Annotated[int, Field(ge=0, lt=MAX_PROMPTS, description="Which prompt of a list")]
     logprobs: CompletionLogprobs | None
     finish_reason: Reason | None
 
@@ -234,7 +275,7 @@ class Completion(_OpenAI):
     """Also the shape of each streamed chunk (usage only on the last one, with
     stream_options.include_usage)"""
     object: Literal["text_completion"]
-    choices: Annotated[list[CompletionChoice], Field(max_length=1)]
+    choices: Annotated[list[CompletionChoice], Field(max_length=MAX_PROMPTS)]
     usage: Usage | None = None
 
 
@@ -313,6 +354,7 @@ class OpenAIModelList(_Shape):
 
 RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, GenerateLoaded, ChatLoaded, Error,
              Tags, ShowRequest, Show, Processes, Version, Models, Reloaded,
+             TokenizeRequest, Tokenized, DetokenizeRequest, Detokenized, TokenizerInfo,
              Health, Completion, ChatCompletion, ChatCompletionChunk, OpenAIError,
              OpenAIModelList, OpenAIModel)
 
@@ -332,7 +374,11 @@ def schemas(limits: Limits) -> dict[str, Any]:
          (models.chat, "validation"), (models.chat_completion, "validation"),
          *((model, "serialization") for model in RESPONSES)],
         ref_template="#/components/schemas/{model}", schema_generator=_Generator)
-    return document["$defs"]
+    defs = document["$defs"]
+    # the tokenizer routes take what a prompt may hold (their models are not built per limits)
+    defs["TokenizeRequest"]["properties"]["prompt"]["maxLength"] = limits.max_prompt_chars
+    defs["DetokenizeRequest"]["properties"]["tokens"]["maxItems"] = limits.max_prompt_chars
+    return defs
 
 
 def _ref(name: str) -> dict:
@@ -446,6 +492,20 @@ def build_spec(version: str, limits: Limits) -> dict:
         "/v1/chat/completions": _openai_generation(
             "createChatCompletion", "Reply to a conversation (OpenAI's API)",
             "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
+        "/tokenize": _post("tokenize", "vllm", "A prompt's token ids (vLLM's route)", "TokenizeRequest",
+                           {"200": _json(_ref("Tokenized"), "The ids"),
+                            **_errors("OpenAIError", 400, 401, 404, 413, 415, 429)}),
+        "/detokenize": _post("detokenize", "vllm", "The text of token ids (vLLM's route)",
+                             "DetokenizeRequest", {"200": _json(_ref("Detokenized"), "The text"),
+                                                   **_errors("OpenAIError", 400, 401, 404, 413, 415, 429)}),
+        "/tokenizer_info": _get(
+            "tokenizerInfo", "vllm", "A model's tokenizer: special tokens, context, chat template "
+            "(vLLM's route)", {"200": _json(_ref("TokenizerInfo"), "The tokenizer"),
+                              **_errors("OpenAIError", 400, 401, 404)},
+            security=API_KEY, parameters=[{"name": "model", "in": "query", "required": True,
+                                           "schema": {"type": "string", "minLength": 1},
+                                           "description": "A loaded model (may be left out when the "
+                                                          "server has one)"}]),
         "/v1/models": _get("listModels", "openai", "Loaded models (OpenAI's list)",
                            {"200": _json(_ref("OpenAIModelList"), "Models"),
                             **_errors("OpenAIError", 401)}, security=API_KEY),

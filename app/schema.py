@@ -34,6 +34,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # penalised logits
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 MAX_MODEL_NAME = 256
 MAX_MESSAGES = 256  # messages in one chat request
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (each its own choice)
 
 #: SamplingParams field -> how each API spells it. Top-level Ollama fields and the forms
 #: use the library's names; Ollama's ``options`` use Ollama's.
@@ -252,13 +253,51 @@ def _texts_within(limit: int, first: str, second: str | None = None) -> AfterVal
     return AfterValidator(check)
 
 
-def _one_prompt(value: Any) -> Any:
-    if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], str):
-            raise _refuse(message="'prompt' must be a string or a list of exactly one string "
-                                  "(token arrays and batches are not supported)", field="prompt")
-        return value[0]
-    return value
+def _token_id(value: Any) -> Any:
+    """2.0 is the token id 2 (JSON has one number type); anything else stays as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _token_ids(values: list) -> list:
+    return [_token_id(v) for v in values]
+
+
+def _prompts(limit: int) -> BeforeValidator:
+    """OpenAI's ``prompt``: a text, token ids, or a list of either (each its own choice).
+    One text (alone or the only one in a list) stays a string; anything else becomes a
+    tuple of prompts, each a string or a tuple of token ids. Each is limited as one prompt
+    is (``limit`` characters, or as many token ids)."""
+    def check(value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise _refuse(message=f"'prompt' must be a string, token ids or a list of them, got "
+                                  f"{json_type(value)}", field="prompt")
+        if not value:
+            raise _refuse(message="'prompt' is an empty list", field="prompt")
+        value = [_token_ids(v) if isinstance(v, list) else _token_id(v) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = [value]  # one prompt given as token ids
+        if len(value) > MAX_PROMPTS:
+            raise _refuse(message=f"'prompt' holds {len(value)} prompts; the limit is {MAX_PROMPTS} "
+                                  "a request", field="prompt")
+        prompts = []
+        for number, item in enumerate(value):
+            ids = isinstance(item, list) and item and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in item)
+            if not isinstance(item, str) and not ids:
+                raise _refuse(message="'prompt' must be a string, a list of strings, a list of token "
+                                      f"ids or a list of such lists; item {number} is not", field="prompt")
+            if ids and min(item) < 0:
+                raise _refuse(message=f"'prompt' item {number} holds the token id {min(item)}; ids "
+                                      "are 0 or more", field="prompt")
+            if len(item) > limit:
+                what = "characters" if isinstance(item, str) else "token ids"
+                raise _refuse(message=f"'prompt' item {number} is {len(item)} {what} long; the limit "
+                                      f"is {limit}", field="prompt")
+            prompts.append(item if isinstance(item, str) else tuple(item))
+        return prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else tuple(prompts)
+    return BeforeValidator(check)
 
 
 def _stream_options_need_stream(value: Any, info: ValidationInfo) -> Any:
@@ -306,20 +345,35 @@ class _OpenAIMessage(_Body):
     model_config = ConfigDict(extra="forbid")
 
 
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}}
+
+
 class _CompletionBody(_Body):
     # As OpenAI's: an argument it does not know is refused, and stream_options (when not
-    # null) is refused unless stream is true.
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "if": {"properties": {"stream_options": {"type": "object"}},
-               "required": ["stream_options"]},
-        "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}})
+    # null) is refused unless stream is true. max_tokens 0 scores an echoed prompt (not
+    # streamed); a stream takes one prompt; a suffix (infilling) one text prompt, not echoed.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        _STREAM_OPTIONS_NEED_STREAM,
+        {"if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+         "then": {"properties": {"echo": {"const": True}, "stream": {"not": {"const": True}}},
+                  "required": ["echo"]}},
+        {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+         "then": {"properties": {"prompt": {"not": {"type": "array", "minItems": 2,
+                                                    "items": {"type": ["string", "array"]}}}}}},
+        {"if": {"properties": {"suffix": {"type": "string", "minLength": 1}}, "required": ["suffix"]},
+         "then": {"properties": {"prompt": {"anyOf": [
+             {"type": ["string", "null"]},
+             {"type": "array", "maxItems": 1, "items": {"type": "string"}}]},
+             "echo": {"not": {"const": True}}}}}]})
 
 
 class _ChatCompletionBody(_Body):
     # As OpenAI's: unknown arguments are refused, stream_options needs stream true, and
     # top_logprobs (above 0) logprobs true.
     model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
-        _CompletionBody.model_config["json_schema_extra"],
+        _STREAM_OPTIONS_NEED_STREAM,
         {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
                 "required": ["top_logprobs"]},
          "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}]})
@@ -390,13 +444,23 @@ def request_models(limits: Limits) -> RequestModels:
     stream_options = create_model("StreamOptions", __base__=_Body,
                                   include_usage=(bool | None, None))
     zero_only = WithJsonSchema({"anyOf": [{"const": 0}, {"type": "null"}]})
+    token_id = {"type": "integer", "minimum": 0}
     completion = create_model(
         "CompletionRequest", __base__=_CompletionBody,
         __doc__="OpenAI's completion request; top_k and repetition_penalty are extras (as in "
                 "vLLM). stream_options needs stream true.",
         model=(ModelName, ...),
-        prompt=(Annotated[text | None, BeforeValidator(_one_prompt, json_schema_input_type=(
-            text | Annotated[list[text], Field(min_length=1, max_length=1)] | None))], None),
+        prompt=(Annotated[text | tuple[text | tuple[Annotated[int, Field(ge=0)], ...], ...] | None,
+                          _prompts(chars), WithJsonSchema({"anyOf": [
+                              {"type": "string", "maxLength": chars},
+                              {"type": "array", "minItems": 1, "maxItems": chars, "items": token_id},
+                              {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": {
+                                  "anyOf": [{"type": "string", "maxLength": chars},
+                                            {"type": "array", "minItems": 1, "maxItems": chars,
+                                             "items": token_id}]}},
+                              {"type": "null"}], "description": (
+                              "A text, token ids, or a list of either (up to "
+                              f"{MAX_PROMPTS}): each its own choice, decoded together")})], None),
         suffix=(suffix, Field(None, validate_default=True,
                               description="Story infilling (see /api/generate)")),
         candidates=candidates,
@@ -405,8 +469,9 @@ def request_models(limits: Limits) -> RequestModels:
                                   BeforeValidator(_stream_options_need_stream)], None),
         n=(Neutral((1,), "'n': only n=1 is supported"), None),
         best_of=(Neutral((1,), "'best_of': only best_of=1 is supported"), None),
-        echo=(Neutral((False,), "'echo': echo=true is not supported (the prompt's "
-                                "log-probabilities would need a second pass)"), None),
+        echo=(bool | None, Field(None, description=(
+            "The prompt comes back before the text, with its tokens' log-probabilities when "
+            "logprobs is set (the first token's: null); with max_tokens 0, scoring only"))),
         logprobs=(integer(ge=0, le=MAX_LOGPROBS, description=(
             "Each token's log-probability and this many alternatives")), None),
         presence_penalty=(Annotated[number(ge=-2, le=2), _zero_only("presence_penalty"),
@@ -414,7 +479,11 @@ def request_models(limits: Limits) -> RequestModels:
         frequency_penalty=(Annotated[number(ge=-2, le=2), _zero_only("frequency_penalty"),
                                      zero_only], None),
         logit_bias=(Neutral(({},), "'logit_bias' is not supported"), None),
-        **_sampling(limits, OPENAI_FIELDS, max_temperature=2.0),
+        **{**_sampling(limits, OPENAI_FIELDS, max_temperature=2.0),
+           "max_tokens": (integer(ge=0, le=limits.max_new_tokens, description=(
+               "New tokens at most; 0 (with echo) scores the prompt only. Default: "
+               + (str(limits.default_new_tokens) if limits.default_new_tokens else
+                  "the model's own, or to the end of its context"))), None)},
         user=(Any, Field(None, description="Ignored")))
     role = Literal[ROLES]  # type: ignore[valid-type]
     ollama_message = create_model(
@@ -641,7 +710,7 @@ def _range(ge: float | None = None, gt: float | None = None, le: float | None = 
 class GenerationRequest:
     """A validated request, whatever API it came through."""
     model: str
-    prompt: str  # with a suffix: the story's first sentence
+    prompt: str | tuple[int, ...]  # text, or token ids (/v1/completions); with a suffix: the first sentence
     suffix: str | None  # the story's last sentence: infill the middle; None: continue prompt
     stream: bool
     sampling: Mapping[str, Any]  # the SamplingParams values it set; the model's fill the rest
@@ -651,6 +720,10 @@ class GenerationRequest:
     # Ollama's "load" (nothing to generate from) or "unload" (the same with keep_alive 0):
     # answered at once, generating nothing; every model stays loaded either way
     housekeeping: str | None = None
+    # /v1/completions: the prompt comes back before the text (with its log-probabilities
+    # when asked); score_only: nothing is generated (max_tokens 0)
+    echo: bool = False
+    score_only: bool = False
 
 
 def sampling_values(fields: BaseModel | None, names: Mapping[str, str] = CANONICAL) -> dict:
@@ -680,15 +753,32 @@ def parse_ollama_generate(body: Mapping[str, Any], limits: Limits) -> Generation
                              housekeeping=_housekeeping(req, empty=not req.prompt and not req.suffix))
 
 
-def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> GenerationRequest:
-    """OpenAI's ``POST /v1/completions`` body."""
+def parse_openai_completion(body: Mapping[str, Any], limits: Limits) -> tuple[GenerationRequest, ...]:
+    """OpenAI's ``POST /v1/completions`` body: one request per prompt, with the same settings."""
     req = validate(request_models(limits).completion, body)
     values = sampling_values(req, OPENAI_FIELDS)
     if req.logprobs is not None:
         values["logprobs"] = req.logprobs
-    return GenerationRequest(req.model, req.prompt or "", req.suffix or None, req.stream is True,
-                             requested(values), _include_usage(req),
-                             candidates=_candidates(req))
+    score_only = values.get("max_new_tokens") == 0
+    if score_only:
+        if req.echo is not True:
+            raise RequestError("max_tokens", "'max_tokens' 0 writes nothing: it needs 'echo' true, "
+                                             "which scores the prompt")
+        if req.stream is True:
+            raise RequestError("stream", "'max_tokens' 0 scores the prompt and writes nothing to "
+                                         "stream; send it without 'stream'")
+        del values["max_new_tokens"]
+    prompts = req.prompt if isinstance(req.prompt, tuple) else (req.prompt or "",)
+    if len(prompts) > 1 and req.stream is True:
+        raise RequestError("stream", "'stream' takes one prompt; send a list of prompts without it")
+    if req.suffix and not isinstance(prompts[0], str) or req.suffix and len(prompts) > 1:
+        raise RequestError("suffix", "'suffix' (infilling) takes one text prompt: the first sentence")
+    if req.echo is True and req.suffix:
+        raise RequestError("echo", "'echo' is not for infilling: the middle is written between two texts")
+    return tuple(GenerationRequest(req.model, prompt, req.suffix or None, req.stream is True,
+                                   requested(values), _include_usage(req),
+                                   candidates=_candidates(req), echo=req.echo is True,
+                                   score_only=score_only) for prompt in prompts)
 
 
 def _candidates(req: BaseModel) -> int | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from models_src.chat import TRANSCRIPT_TEMPLATE, ChatTemplate, ChatTemplateError
 from models_src.infill import infill_prompt_ids
 from models_src.infill_candidates import Choice, candidate_params, choose, complete_sentences
 from models_src.sampling import Completion, SamplingParams, TokenLogprob, encode_prompt
+from models_src.scoring import prompt_logprobs
 
 from . import telemetry
 from .engine_loop import EngineLoop, Failed, Finished, Ticket
@@ -77,6 +78,10 @@ class TooManyCandidates(ServiceError):
 
 class CannotChat(ServiceError):
     status, param = 400, "messages"
+
+
+class BadPrompt(ServiceError):
+    status, param = 400, "prompt"
 
 
 class ServerBusy(ServiceError):
@@ -385,13 +390,45 @@ class GenerationService:
     # Each generation takes ``params``: a whole SamplingParams (used as it is), or the
     # values a request set (None: none), which the model's own defaults complete.
 
-    def stream(self, model_name: str, prompt: str,
+    def stream(self, model_name: str, prompt: str | Sequence[int],
                params: SamplingParams | Mapping[str, Any] | None = None) -> GenerationStream:
-        """Continue ``prompt`` ("" starts from bos), yielding text as it is decoded."""
+        """Continue ``prompt`` ("" starts from bos; token ids are taken as they are),
+        yielding text as it is decoded."""
         loaded = self.model(model_name)
-        self._log("generate", loaded.name, prompt)
-        ids = encode_prompt(loaded.tokenizer, prompt)
+        ids = self.prompt_ids(loaded, prompt)
+        self._log("generate", loaded.name, prompt if isinstance(prompt, str) else loaded.tokenizer.decode(ids))
         return self._start(loaded, ids, self.params_for(loaded, params, len(ids)))
+
+    def prompt_ids(self, loaded: LoadedModel, prompt: str | Sequence[int]) -> list[int]:
+        """A text prompt encoded as generation encodes it (a bos where the tokenizer adds
+        one); token ids checked against the model's vocabulary."""
+        if isinstance(prompt, str):
+            return encode_prompt(loaded.tokenizer, prompt)
+        vocab = loaded.tokenizer.vocab_size
+        outside = [i for i in prompt if not 0 <= i < vocab]
+        if outside:
+            raise BadPrompt(f"'prompt' holds the token id {outside[0]}, which is not in model "
+                            f"{loaded.name!r}'s vocabulary (ids 0 to {vocab - 1})")
+        return list(prompt)
+
+    def score(self, model_name: str, prompt: str | Sequence[int], top: int = 0
+              ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The prompt's ids and each one's log-probability given those before it (the first:
+        None), with ``top`` alternatives; it takes a row while the model reads it."""
+        loaded = self.model(model_name)
+        ids = self.prompt_ids(loaded, prompt)
+        if loaded.checkpoint.config.arch == "seq2seq":
+            raise BadPrompt(f"model {loaded.name!r} is an encoder-decoder: it does not score a "
+                            "prompt token by token")
+        context = loaded.model.max_context
+        if context is not None and len(ids) > context:
+            raise BadPrompt(f"the prompt is {len(ids)} tokens; model {loaded.name!r} scores at "
+                            f"most its context, {context}")
+        self._acquire(1, 1)
+        try:
+            return ids, prompt_logprobs(loaded.model, ids, top)
+        finally:
+            self.scheduler.release(1)
 
     def stream_infill(self, model_name: str, first: str, last: str,
                       params: SamplingParams | Mapping[str, Any] | None = None,

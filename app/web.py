@@ -43,8 +43,11 @@ def openai_error(status: int, message: str, *, param: str | None = None,
     return response
 
 
+VLLM_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, beside /v1: OpenAI's errors
+
+
 def is_openai_path() -> bool:
-    return request.path == "/v1" or request.path.startswith("/v1/")
+    return request.path == "/v1" or request.path.startswith("/v1/") or request.path in VLLM_PATHS
 
 
 def json_error(status: int, message: str) -> Response:

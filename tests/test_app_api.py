@@ -500,9 +500,25 @@ EXACT_MESSAGES = [
     (CMPL, {"model": "m", "stream_options": {"x": 1}, "best_of": 0.01},
      "'stream_options' is only allowed when 'stream' is true"),
     (CMPL, {"model": "m", "stop": ["a"] * 5}, "'stop' may hold at most 4 strings, got 5"),
-    (CMPL, {"model": "m", "prompt": ["a", "b"]}, "'prompt' must be a string or a list of exactly "
-                                                 "one string (token arrays and batches are not "
-                                                 "supported)"),
+    (CMPL, {"model": "m", "prompt": ["a", 2]}, "'prompt' must be a string, a list of strings, a list "
+                                               "of token ids or a list of such lists; item 1 is not"),
+    (CMPL, {"model": "m", "prompt": []}, "'prompt' is an empty list"),
+    (CMPL, {"model": "m", "prompt": [[1, 2], []]}, "'prompt' must be a string, a list of strings, a "
+                                                   "list of token ids or a list of such lists; item 1 "
+                                                   "is not"),
+    (CMPL, {"model": "m", "prompt": ["a"] * 17}, "'prompt' holds 17 prompts; the limit is 16 a request"),
+    (CMPL, {"model": "m", "prompt": [1] * 61}, "'prompt' item 0 is 61 token ids long; the limit is 60"),
+    (CMPL, {"model": "m", "prompt": [3, -1]}, "'prompt' item 0 holds the token id -1; ids are 0 or more"),
+    (CMPL, {"model": "m", "max_tokens": 0}, "'max_tokens' 0 writes nothing: it needs 'echo' true, "
+                                            "which scores the prompt"),
+    (CMPL, {"model": "m", "max_tokens": 0, "echo": True, "stream": True},
+     "'max_tokens' 0 scores the prompt and writes nothing to stream; send it without 'stream'"),
+    (CMPL, {"model": "m", "prompt": ["a", "b"], "stream": True},
+     "'stream' takes one prompt; send a list of prompts without it"),
+    (CMPL, {"model": "m", "prompt": [5, 6], "suffix": "b"},
+     "'suffix' (infilling) takes one text prompt: the first sentence"),
+    (CMPL, {"model": "m", "prompt": "a", "suffix": "b", "echo": True},
+     "'echo' is not for infilling: the middle is written between two texts"),
     (CMPL, {"model": "m", "stop": 2.0}, "'stop' must be a string or a list of strings, got 2.0"),
     (CMPL, {"model": "m", "suffix": {"a": None}}, "'suffix' must be a string, got an object"),
     (CMPL, {"model": "m", "top_k": False}, "'top_k' must be an integer, got false"),
@@ -510,8 +526,7 @@ EXACT_MESSAGES = [
                                                             "-2 and 2, got 1.84467e+19"),
     (CMPL, {"model": "m", "temperature": -2}, "'temperature' must be between 0 and 2, got -2"),
     (CMPL, {"model": "m", "stream": "yes"}, "'stream' must be true or false, got \"yes\""),
-    (CMPL, {"model": "m", "echo": ""}, "'echo': echo=true is not supported (the prompt's "
-                                       "log-probabilities would need a second pass)"),
+    (CMPL, {"model": "m", "echo": ""}, "'echo' must be true or false, got \"\""),
     (CMPL, {"model": "m", "logprobs": {}}, "'logprobs' must be an integer, got an object"),
     (CMPL, {"model": "m", "n": [1, 2], "top_p": ["a"]}, "'n': only n=1 is supported"),
     (CMPL, {"model": "m", "stream": True, "stream_options": {"include_usage": "yes"}},
@@ -740,8 +755,9 @@ def test_completion_suffix_infills(client):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": ["a", 2]}, "prompt"),
+    ({"prompt": [1.5]}, "prompt"),
+    ({"prompt": [[0, 1], [8192]]}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
     ({"temperature": 2.5}, "temperature"),
@@ -757,7 +773,7 @@ def test_completion_suffix_infills(client):
     ({"n": 2}, "n"),
     ({"n": True}, "n"),
     ({"best_of": 3}, "best_of"),
-    ({"echo": True}, "echo"),
+    ({"echo": "yes"}, "echo"),
     ({"logprobs": 21}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),

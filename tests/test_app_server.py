@@ -205,6 +205,14 @@ def test_openai_client(server):
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(model="tiny-lstm", prompt="x", temperature=3)
         assert error.value.param == "temperature"
+        # what evaluation harnesses send: token ids, several prompts, echo to score them
+        ids = httpx.post(f"{server['url']}/tokenize", json={"model": "tiny-gpt", "prompt": "Once"}).json()["tokens"]
+        scored = client.completions.create(model="tiny-gpt", prompt=[ids, ids[:3]], echo=True, max_tokens=0,
+                                           logprobs=1)
+        assert [c.index for c in scored.choices] == [0, 1] and scored.choices[0].text == "Once"
+        first, second = (c.logprobs.token_logprobs for c in scored.choices)
+        assert first[0] is None and second == pytest.approx(first[:3], abs=1e-5)
+        assert scored.usage.prompt_tokens == len(ids) + 3 and scored.usage.completion_tokens == 0
 
 
 def test_ollama_client_chat(server):

@@ -353,8 +353,8 @@ def test_an_api_infill_writes_the_candidates_it_asks_for(app):
     from app.web import open_stream
 
     with app.test_request_context():
-        req = parse_openai_completion({"model": "endless", "prompt": FIRST, "suffix": LAST,
-                                       "candidates": 3, "max_tokens": 4}, get_settings().limits)
+        [req] = parse_openai_completion({"model": "endless", "prompt": FIRST, "suffix": LAST,
+                                         "candidates": 3, "max_tokens": 4}, get_settings().limits)
         stream = open_stream(req)
         assert stream.candidates == 3
         stream.close()

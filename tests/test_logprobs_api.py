@@ -104,7 +104,7 @@ def test_a_token_s_probability_is_a_probability(client):
 
 @pytest.mark.parametrize("path, body, message", [
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "'logprobs' must be between 0 and 20, got 21"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, "'echo': echo=true is not supported"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "'max_tokens' 0 writes nothing"),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2},
      "'top_logprobs' needs 'logprobs': true"),
     ("/api/generate", {"prompt": "x", "logprobs": "yes"}, "'logprobs' must be true or false"),
@@ -134,3 +134,120 @@ def test_special_tokens_have_their_own_strings_among_the_alternatives(client):
                                               "options": {"num_predict": 5, "temperature": 0}}).json
     for position in chat["logprobs"]:
         assert len({t["token"] for t in position["top_logprobs"]}) == 20
+
+
+# ---- echo, token ids and lists of prompts (what evaluation harnesses send) ----------------------
+
+
+def model_logprobs(checkpoint_dir, ids: list[int]) -> list[float]:
+    """Each token's log-probability after those before it, from the model itself."""
+    import torch
+
+    from models_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint_dir / "tiny-gpt").model.eval()
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    return [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+def tiny_ids(checkpoint_dir, text: str) -> list[int]:
+    from models_src.sampling import encode_prompt
+    from models_src.tokenization import Tokenizer
+
+    return encode_prompt(Tokenizer.load(checkpoint_dir / "tiny-gpt"), text)
+
+
+def test_echo_scores_the_prompt_as_the_model_does(client, checkpoint_dir):
+    ids = tiny_ids(checkpoint_dir, "Once upon")
+    body = {"model": "tiny-gpt", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 1}
+    answer = client.post("/v1/completions", json=body).json
+    [choice] = answer["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == "Once upon" and choice["finish_reason"] == "length"
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(model_logprobs(checkpoint_dir, ids), abs=1e-5)
+    assert lp["text_offset"] == [0, 0, *range(1, len("Once upon"))]  # <bos> shows as nothing
+    assert all(len(top) == 1 and max(top.values()) >= p - 1e-6
+               for top, p in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+    assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # the text prompt is the same ids (bos where the tokenizer adds one)
+    text = client.post("/v1/completions", json={**body, "prompt": "Once upon"}).json
+    assert text["choices"][0]["logprobs"] == lp
+
+
+def test_echo_then_the_text_with_one_run_of_log_probabilities(client, checkpoint_dir):
+    body = {"model": "tiny-gpt", "prompt": "Once", "echo": True, "max_tokens": 3, "logprobs": 2,
+            "temperature": 0}
+    echoed = client.post("/v1/completions", json=body).json["choices"][0]
+    plain = client.post("/v1/completions", json={**body, "echo": False}).json["choices"][0]
+    assert echoed["text"] == "Once" + plain["text"]
+    prompt_tokens = len(tiny_ids(checkpoint_dir, "Once"))
+    lp, generated = echoed["logprobs"], plain["logprobs"]
+    assert lp["tokens"][prompt_tokens:] == generated["tokens"]
+    assert lp["token_logprobs"][prompt_tokens:] == pytest.approx(generated["token_logprobs"], abs=1e-5)
+    assert lp["text_offset"][prompt_tokens:] == generated["text_offset"]  # both count from the prompt's start
+    streamed = events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert streamed[0]["choices"][0]["text"].startswith("Once")
+    assert "".join(e["choices"][0]["text"] for e in streamed) == echoed["text"]
+
+
+def test_token_ids_and_lists_of_prompts_are_each_their_own_choice(client, checkpoint_dir):
+    body = {"model": "tiny-gpt", "max_tokens": 4, "temperature": 0}
+    prompts = ["Once", "The cat", "A"]
+    alone = [client.post("/v1/completions", json={**body, "prompt": p}).json["choices"][0]["text"]
+             for p in prompts]
+    together = client.post("/v1/completions", json={**body, "prompt": prompts}).json
+    assert [c["index"] for c in together["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in together["choices"]] == alone
+    as_ids = client.post("/v1/completions", json={
+        **body, "prompt": [tiny_ids(checkpoint_dir, p) for p in prompts]}).json
+    assert [c["text"] for c in as_ids["choices"]] == alone
+    assert as_ids["usage"]["prompt_tokens"] == sum(len(tiny_ids(checkpoint_dir, p)) for p in prompts)
+
+
+def test_a_token_id_outside_the_vocabulary_and_an_echo_past_the_context_are_400s(client, checkpoint_dir):
+    from models_src.checkpoint import read_config
+
+    context = read_config(checkpoint_dir / "tiny-gpt")["model"]["block_size"]
+    for body, message in (({"prompt": [1, 10 ** 6]}, "'prompt' holds the token id 1000000, which is not in "
+                                                        "model 'tiny-gpt''s vocabulary"),
+                          ({"prompt": [1] * (context + 1), "echo": True},
+                           f"the prompt is {context + 1} tokens; model 'tiny-gpt' scores at most its context")):
+        answer = client.post("/v1/completions", json={"model": "tiny-gpt", "max_tokens": 1, **body})
+        assert answer.status_code == 400 and answer.json["error"]["param"] == "prompt"
+        assert answer.json["error"]["message"].startswith(message)
+
+
+def test_vllms_tokenizer_routes_round_trip_a_prompt(client, checkpoint_dir):
+    ids = tiny_ids(checkpoint_dir, "Once upon")
+    answer = client.post("/tokenize", json={"model": "tiny-gpt", "prompt": "Once upon"}).json
+    assert answer["tokens"] == ids and answer["count"] == len(ids) and answer["token_strs"] is None
+    plain = client.post("/tokenize", json={"model": "tiny-gpt", "prompt": "Once upon",
+                                           "add_special_tokens": False, "return_token_strs": True}).json
+    assert plain["tokens"] == ids[1:] and "".join(plain["token_strs"]) == "Once upon"
+    assert client.post("/detokenize", json={"model": "tiny-gpt", "tokens": ids}).json == {"prompt": "Once upon"}
+    info = client.get("/tokenizer_info?model=tiny-gpt").json
+    assert info["eos_token"] == "<eos>" and info["add_bos_token"] is True
+    assert info["model_max_length"] == answer["max_model_len"]
+
+
+def test_the_tokenizer_routes_name_what_is_wrong(client):
+    for method, path, body, status, message in (
+            ("post", "/tokenize", {"prompt": "x"}, 400, "'model' is required: this server has"),
+            ("post", "/tokenize", {"model": "nope", "prompt": "x"}, 404, "The model 'nope' does not exist"),
+            ("post", "/tokenize", {"model": "tiny-gpt", "prompt": 3}, 400, "'prompt' must be a string"),
+            ("post", "/detokenize", {"model": "tiny-gpt", "tokens": [10 ** 6]}, 400,
+             "'tokens' holds the id 1000000, which is not in model 'tiny-gpt''s vocabulary"),
+            ("get", "/tokenizer_info", None, 400, "'model' is required")):
+        answer = getattr(client, method)(path, json=body)
+        assert answer.status_code == status and answer.json["error"]["message"].startswith(message)
+
+
+def test_a_server_with_one_model_tokenizes_without_its_name(make_app, checkpoint_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(checkpoint_dir / "tiny-gpt", tmp_path / "only" / "tiny-gpt")
+    client = make_app(FABLE_CHECKPOINT_DIR=str(tmp_path / "only")).test_client()
+    assert client.post("/tokenize", json={"prompt": "Once"}).json["count"] == 5
+    assert client.get("/tokenizer_info").json["model"] == "tiny-gpt"

@@ -19,6 +19,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import positive_data_acceptance  # noqa: E402
 
 from app import __version__  # noqa: E402
 from app.openapi import build_spec  # noqa: E402
@@ -48,4 +49,8 @@ def test_the_fuzzed_document_is_the_one_the_app_serves(app):
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_every_operation_conforms_to_the_openapi_document(case, app):
-    case.call_and_validate(app=app)
+    response = case.call(app=app)
+    # A chat's messages are limited together (the document says so in words: no JSON Schema
+    # keyword bounds a sum), so a schema-valid chat can be refused for that, and only that.
+    summed = response.status_code == 400 and "together hold" in response.text
+    case.validate_response(response, excluded_checks=[positive_data_acceptance] if summed else [])
