@@ -320,7 +320,7 @@ class ChatChunkChoice(_Shape):
     finish_reason: Reason | None
 
 
-class ChatCompletionChunk(_Shape):
+class ChatCompletionChunk(_OpenAI):
     """One streamed chunk: the first delta names the role, the last one carries
     finish_reason; with stream_options.include_usage a final chunk with no choices
     carries usage"""
@@ -435,11 +435,21 @@ def _ollama_generation(operation: str, summary: str, body: str, chunk: str, fina
         **_errors("Error", 400, 401, 404, 413, 415, 429, 500, 503)})
 
 
+def _sse_events(chunk: str, error: str) -> dict:
+    """One server-sent event (OpenAPI before 3.2 describes each event with ``schema``): its
+    data is a JSON chunk, an error object, or the closing ``[DONE]``."""
+    return {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "if": {"const": "[DONE]"},
+        "else": {"contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [_ref(chunk), _ref(error)]}}}}}
+
+
 def _openai_generation(operation: str, summary: str, body: str, whole: str, chunk: str) -> dict:
-    sse = {"schema": {"type": "string"},
+    sse = {"schema": _sse_events(chunk, "OpenAIError"),
            "description": f"Server-sent events: `data: <{chunk} JSON>` per piece, the last "
                           f"chunk with finish_reason, an optional usage chunk, then "
-                          f"`data: [DONE]`"}
+                          f"`data: [DONE]` (an error object instead, if generation fails "
+                          f"mid-stream)"}
     return _post(operation, "openai", summary, body, {
         "200": {"description": "One answer, or with stream true a stream of chunks",
                 "content": {"application/json": {"schema": _ref(whole)}, "text/event-stream": sse}},
@@ -488,7 +498,7 @@ def build_spec(version: str, limits: Limits) -> dict:
                               {"200": _json({"type": "object"}, "OpenAPI 3.1")}),
         "/v1/completions": _openai_generation(
             "createCompletion", "Text completion or infilling (OpenAI's API)",
-            "CompletionRequest", "Completion", "Completion chunk"),
+            "CompletionRequest", "Completion", "Completion"),
         "/v1/chat/completions": _openai_generation(
             "createChatCompletion", "Reply to a conversation (OpenAI's API)",
             "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),

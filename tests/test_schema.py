@@ -20,6 +20,8 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
+from schemathesis.core.failures import FailureGroup  # noqa: E402
+from schemathesis.core.transport import Response  # noqa: E402
 
 from app import __version__  # noqa: E402
 from app.openapi import build_spec  # noqa: E402
@@ -54,3 +56,27 @@ def test_every_operation_conforms_to_the_openapi_document(case, app):
     # keyword bounds a sum), so a schema-valid chat can be refused for that, and only that.
     summed = response.status_code == 400 and "together hold" in response.text
     case.validate_response(response, excluded_checks=[positive_data_acceptance] if summed else [])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "Once", "stream": True, "max_tokens": 3,
+                         "logprobs": 1, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "Once", "stream": True, "max_tokens": 2,
+                         "echo": True, "logprobs": 1}),
+    ("/v1/chat/completions", {"model": "tiny-gpt", "messages": [{"role": "user", "content": "Hi"}],
+                              "stream": True, "max_tokens": 3, "logprobs": True, "top_logprobs": 1}),
+])
+def test_each_streamed_event_conforms_to_the_document(app, path, body):
+    """schemathesis' SSE check: every event's data is a documented chunk, or [DONE]."""
+    case = schema[path]["POST"].Case(body=body, media_type="application/json")
+    response = case.call(app=app)
+    assert {k.lower(): v for k, v in response.headers.items()}["content-type"][0].startswith("text/event-stream")
+    assert response.text.rstrip().endswith("data: [DONE]")
+    case.validate_response(response)
+    # and a chunk the document does not allow is caught
+    wrong = response.content.replace(b'"object": "', b'"object": "not-', 1)
+    assert wrong != response.content
+    broken = Response(response.status_code, response.headers, wrong, response.request, response.elapsed,
+                      response.verify)
+    with pytest.raises(FailureGroup, match="SSE event violates schema"):
+        case.validate_response(broken)
