@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed-test
+TF4 := .venv-transformers4
+TF4_STAMP := $(TF4)/.installed
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only torch from PyTorch's
 # index, as the Dockerfile does; unset, pip takes PyPI's, which brings CUDA's libraries.
 TORCH_INDEX ?=
@@ -25,8 +27,16 @@ endif
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-$(STAMP): $(SERVE_STAMP) requirements-dev.txt
+$(STAMP): $(SERVE_STAMP) requirements-dev.txt $(TF4_STAMP)
 	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+# transformers 4.x beside .venv's 5.x, for the export tests (tests/test_hf_interop.py): its own
+# transformers, huggingface_hub and tokenizers; torch and the rest read from .venv (a .pth file)
+$(TF4_STAMP): tests/requirements-transformers4.txt | $(SERVE_STAMP)
+	$(PYTHON) -m venv $(TF4)
+	$(TF4)/bin/python -c "import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_path('purelib'), 'fable-venv.pth').write_text(sys.argv[1] + '\n')" "$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))")"
+	$(TF4)/bin/python -m pip install -r tests/requirements-transformers4.txt
 	touch $@
 
 install: $(SERVE_STAMP)
@@ -85,4 +95,4 @@ docker-test: assets
 	$(PYTHON) scripts/image_test.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis static/vendor
+	rm -rf $(VENV) $(TF4) .pytest_cache .hypothesis static/vendor

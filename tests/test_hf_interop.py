@@ -344,3 +344,38 @@ def test_the_app_serves_an_imported_model_and_reports_one_it_cannot(tmp_path, gp
     want = generate(checkpoint.model, checkpoint.tokenizer, "Once upon a time",
                     SamplingParams(max_new_tokens=8, temperature=0.0))[0].text
     assert response.json["choices"][0]["text"] == want
+
+
+# ---- another transformers -------------------------------------------------------------------
+
+TRANSFORMERS_4 = ROOT / ".venv-transformers4" / "bin" / "python"  # `make test` builds it
+
+
+@pytest.mark.skipif(not TRANSFORMERS_4.is_file(), reason="no .venv-transformers4 (`make test` builds it)")
+def test_transformers_4_writes_fables_greedy_text_and_reads_gpt2_as_fable_does(tmp_path, gpt2_dir):
+    """A user's transformers is not ours to choose: 4.x's ``generate(**tokenizer(prompt))`` and
+    pipeline write Fable's greedy text from an export, and its greedy ids from a GPT-2
+    directory are Fable's (an imported model, prompted without a bos as GPT-2 is)."""
+    import subprocess
+    import sys
+
+    prompts = ["Once upon a time", "The little", "Lily liked"]
+    fable = tiny_fable_gpt(tmp_path)
+    export_checkpoint(fable, tmp_path / "hf")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"export": str(tmp_path / "hf"), "gpt2": str(gpt2_dir), "prompts": prompts,
+                               "max_new_tokens": GREEDY["max_new_tokens"]}))
+    done = subprocess.run([str(TRANSFORMERS_4), str(ROOT / "tests" / "transformers_check.py"), str(job)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["transformers"].startswith("4.") and not sys.modules["transformers"].__version__.startswith("4.")
+    checkpoint = load_checkpoint(fable)
+    ours = [fable_greedy(checkpoint, p) for p in prompts]
+    assert answer["export"] == ours and answer["pipeline"] == ours
+    imported = load_checkpoint(gpt2_dir)
+    params = SamplingParams(max_new_tokens=GREEDY["max_new_tokens"], temperature=0.0)
+    for prompt, theirs in zip(prompts, answer["gpt2"]):
+        if theirs[-1] == imported.tokenizer.eos_id:
+            theirs.pop()  # Fable's token_ids leave out the eos that ended the text
+        assert generate(imported.model, imported.tokenizer, prompt, params)[0].token_ids == theirs
