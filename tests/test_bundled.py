@@ -61,9 +61,8 @@ def test_the_story_model_asked_with_only_a_prompt_writes_stories_that_end(make_a
 
 
 EXPERIMENTS = BUNDLED[0].parent.parent / "experiments"
-# the bundled models whose training runs ship their records (the older three were trained
-# before records were kept in the repository)
-WITH_RECORDS = ("tinystories-gpt", "tinystories-gpt-mini")
+# the bundled models whose training runs ship their records
+WITH_RECORDS = ("tinystories-gpt", "tinystories-gpt-mini", "char-gpt-shakespeare")
 
 
 @pytest.mark.parametrize("name", WITH_RECORDS)
@@ -76,7 +75,7 @@ def test_a_bundled_model_brings_the_record_of_the_run_that_made_it(name):
     assert run["model"] == training["name"] and run["last_step"] == training["step"]
     assert run["best_val_loss"] == pytest.approx(training["best_val_loss"])
     curves = experiment_reader.run_losses(EXPERIMENTS, [training["run_id"]])
-    assert len(next(iter(curves.values()))["steps"]) >= 8  # a curve, not a point
+    assert len(next(iter(curves.values()))["steps"]) >= 5  # a curve, not a point
 
 
 def test_a_fresh_clone_s_experiments_page_shows_the_bundled_runs(make_app):
