@@ -26,7 +26,14 @@ from .checkpoint import CARD_FILE, load_checkpoint, split_card, unwrap
 from .tokenization import Tokenizer
 
 ARCH = "gpt2"
-DTYPES = {"f32": np.float32, "f16": np.float16}
+DTYPES = {"f32": np.float32, "f16": np.float16, "q8_0": np.float32}
+# q8_0: blocks of 32 weights as int8 with one f16 scale (8.5 bits a weight), what llama.cpp
+# and Ollama users run; the matrices whose rows split into such blocks are quantized, the
+# others (and the learned positions, as llama.cpp's converter keeps them) stay f16
+QUANTIZED = {"q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+_KEPT_UNQUANTIZED = {"position_embd.weight"}
 # llama.cpp's gpt2 graph runs ggml_gelu, GELU's tanh approximation; Fable's "gelu" is exact.
 # On the bundled TinyStories GPT that moves logits by < 0.004 and no greedy token
 # (tests/test_gguf.py compares the texts through llama.cpp), so both GELUs are exported.
@@ -87,7 +94,8 @@ def export_to_gguf(model, tokenizer: Tokenizer, path, *, card: str | Path | None
 
     ``card`` is the model card's text (a ``Path`` is read), stored as general.description;
     general.name is the card's model-index name, else the file's stem. ``dtype`` "f16"
-    halves the matrices (vectors stay f32, as llama.cpp's converter keeps them).
+    halves the matrices, "q8_0" quantizes them to 8.5 bits a weight (vectors stay f32, as
+    llama.cpp's converter keeps them).
     Raises ValueError, naming the reason, for what llama.cpp cannot run faithfully."""
     model = unwrap(model)
     check_exportable(model, tokenizer)
@@ -103,7 +111,7 @@ def export_to_gguf(model, tokenizer: Tokenizer, path, *, card: str | Path | None
         _write_metadata(writer, model, dtype, _model_name(card_text, path), card_text)
         _write_tokenizer(writer, tokenizer, model.config.vocab_size)
         for name, array in gguf_tensors(model, dtype).items():
-            writer.add_tensor(name, array)
+            _add_tensor(writer, name, array, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -171,6 +179,19 @@ def gguf_tensors(model, dtype: str = "f32") -> dict[str, np.ndarray]:
     return arrays
 
 
+def _add_tensor(writer, name: str, array: np.ndarray, dtype: str) -> None:
+    """A tensor as ``dtype`` asks: quantized matrices where a row splits into whole blocks."""
+    qtype = QUANTIZED.get(dtype)
+    if qtype is None or array.ndim == 1:
+        writer.add_tensor(name, array)
+        return
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if name in _KEPT_UNQUANTIZED or array.shape[-1] % block:
+        writer.add_tensor(name, array.astype(np.float16))
+        return
+    writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+
 def gguf_name(name: str) -> str:
     """llama.cpp's name for a GPT parameter, e.g. blocks.3.mlp.c_fc.bias -> blk.3.ffn_up.bias."""
     if name in _GLOBAL_NAMES:
@@ -187,8 +208,7 @@ def _write_metadata(writer, model, dtype: str, name: str, card: str | None) -> N
     writer.add_name(name)
     if card:
         writer.add_description(card)
-    f16 = dtype == "f16"
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(FILE_TYPES[dtype])
     writer.add_context_length(c.block_size)  # learned positions: no longer context exists
     writer.add_embedding_length(c.n_embd)
     writer.add_block_count(c.n_layer)

@@ -111,6 +111,69 @@ def test_f16_halves_the_matrices_and_keeps_vectors_f32(tmp_path, tokenizer):
         assert kind == ("F16" if len(shape) == 2 else "F32"), name
 
 
+def dequantized(path, model):
+    """A copy of ``model`` with the weights a GGUF file holds, each read back as floats."""
+    import copy
+
+    from models_src.gguf_export import gguf_name
+
+    names = {gguf_name(n): n for n in model.state_dict() if n != "lm_head.weight"}
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(shape)
+        state[names[t.name]] = torch.from_numpy(values.astype(np.float32))
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(state, strict=False)  # the tied head is the embedding
+    return twin.eval()
+
+
+def test_q8_0_quantizes_the_matrices_and_keeps_the_rest(tmp_path, tokenizer):
+    model = tiny_gpt(tokenizer, n_embd=64, n_hidden=64)  # rows of whole 32-weight blocks
+    full = export_to_gguf(model, tokenizer, tmp_path / "full.gguf")
+    q8 = export_to_gguf(model, tokenizer, tmp_path / "q8.gguf", dtype="q8_0")
+    assert q8.stat().st_size < 0.4 * full.stat().st_size
+    assert fields(q8)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    for name, (shape, kind, _) in tensors(q8).items():
+        expected = "F32" if len(shape) == 1 else "F16" if name == "position_embd.weight" else "Q8_0"
+        assert kind == expected, name
+    # each weight within half a quantization step of its block (the block's largest / 127),
+    # plus what the step's own rounding to f16 adds (up to 127 steps of 2^-11 of it)
+    twin = dequantized(q8, model)
+    for name, weight in model.state_dict().items():
+        if weight.dim() == 2 and name != "wpe.weight":
+            blocks = weight.reshape(-1, 32)
+            step = blocks.abs().amax(dim=1, keepdim=True) / 127
+            error = (twin.state_dict()[name].reshape(-1, 32) - blocks).abs()
+            assert (error <= step * (0.5 + 127 * 2 ** -11) + 1e-7).all(), name
+    odd = export_to_gguf(tiny_gpt(tokenizer), tokenizer, tmp_path / "odd.gguf", dtype="q8_0")
+    assert tensors(odd)["blk.0.ffn_up.weight"][1] == "Q8_0"  # 32 wide: one block a row
+    assert tensors(odd)["token_embd.weight"][1] == "Q8_0"
+
+
+@pytest.mark.skipif(not BUNDLED.is_dir(), reason="bundled checkpoint absent")
+def test_the_bundled_model_in_q8_0_writes_its_greedy_text(tmp_path):
+    """What q8_0 costs the bundled story model: the same greedy text from its dequantized
+    weights for the three prompts, and its logits within a few hundredths."""
+    checkpoint = load_checkpoint(BUNDLED)
+    path = export_to_gguf(checkpoint.model, checkpoint.tokenizer, tmp_path / "q8.gguf", dtype="q8_0")
+    twin = dequantized(path, checkpoint.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0)
+        for prompt in PROMPTS:
+            ours = generate(checkpoint.model, checkpoint.tokenizer, prompt, greedy)[0]
+            theirs = generate(twin, checkpoint.tokenizer, prompt, greedy)[0]
+            assert theirs.text == ours.text, prompt
+            ids = torch.tensor([[checkpoint.tokenizer.bos_id, *checkpoint.tokenizer.encode(prompt)]])
+            with torch.no_grad():
+                gap = (twin(ids)[0] - checkpoint.model(ids)[0]).abs().max().item()
+            assert gap < 0.1, prompt
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_tokenizer_is_byte_level_bpe_with_fables_specials(tmp_path, tokenizer):
     meta = fields(export_to_gguf(tiny_gpt(tokenizer), tokenizer, tmp_path / "m.gguf"))
     n = tokenizer.vocab_size
@@ -182,7 +245,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, tokenizer, monkeypatch):
 
 def test_refuses_an_unknown_dtype(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="dtype"):
-        export_to_gguf(tiny_gpt(tokenizer), tokenizer, tmp_path / "m.gguf", dtype="q4_0")
+        export_to_gguf(tiny_gpt(tokenizer), tokenizer, tmp_path / "m.gguf", dtype="q4_k")
 
 
 # ---- llama.cpp itself (opt-in: pip install llama-cpp-python) -----------------------------
@@ -210,12 +273,14 @@ def fable_texts(bundled):
         torch.set_num_threads(threads)  # leave the process as other test files expect it
 
 
-@pytest.fixture(scope="module")
-def llama(bundled, tmp_path_factory):
+@pytest.fixture(scope="module", params=["f32", "q8_0"])
+def llama(bundled, tmp_path_factory, request):
+    """llama.cpp on the bundled model exported as f32, and as q8_0 (whose dequantized weights
+    write Fable's greedy text: test_the_bundled_model_in_q8_0_writes_its_greedy_text)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; "
                                     "`pip install llama-cpp-python` runs the llama.cpp checks")
-    path = tmp_path_factory.mktemp("gguf") / "ts.gguf"
-    export_to_gguf(bundled.model, bundled.tokenizer, path)
+    path = tmp_path_factory.mktemp("gguf") / f"ts-{request.param}.gguf"
+    export_to_gguf(bundled.model, bundled.tokenizer, path, dtype=request.param)
     # an f32 key/value cache, as Fable's: llama.cpp's default f16 one may flip a near-tie
     # (96 tokens of "Sue found a shiny stone" part at a 0.0004 logit margin)
     f32 = llama_cpp.GGML_TYPE_F32

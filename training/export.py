@@ -23,7 +23,7 @@ def export_hf(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
     from models_src.hf_export import export_checkpoint  # imports transformers: only when asked
 
     if dtype != "f32":
-        raise ValueError("the Hugging Face export is float32; --dtype f16 is for gguf")
+        raise ValueError("the Hugging Face export is float32; --dtype f16 and q8_0 are for gguf")
 
     return export_checkpoint(checkpoint_dir, out)
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="hf: a transformers GPT-2 directory; gguf: one .gguf file")
     parser.add_argument("--out", required=True, type=Path,
                         help="the directory (hf) or file (gguf) to write")
-    parser.add_argument("--dtype", choices=("f32", "f16"), default="f32",
+    parser.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f32",
                         help="gguf: the matrices' precision (f16 halves the file)")
     args = parser.parse_args(argv)  # bad usage exits with status 2
     try:
