@@ -62,7 +62,7 @@ def test_the_story_model_asked_with_only_a_prompt_writes_stories_that_end(make_a
 
 EXPERIMENTS = BUNDLED[0].parent.parent / "experiments"
 # the bundled models whose training runs ship their records
-WITH_RECORDS = ("tinystories-gpt", "tinystories-gpt-mini", "char-gpt-shakespeare")
+WITH_RECORDS = ("tinystories-gpt", "tinystories-gpt-mini", "char-gpt-shakespeare", "char-lstm-shakespeare")
 
 
 @pytest.mark.parametrize("name", WITH_RECORDS)
