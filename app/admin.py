@@ -13,7 +13,9 @@ from collections import OrderedDict
 
 from flask import Blueprint, Response, abort, current_app, render_template, request
 
-from . import experiment_reader
+from models_src import records
+
+from .pages_common import store_problem
 from .registry import get_registry
 from .reload import get_reloader
 from .service import get_service
@@ -45,11 +47,11 @@ def index(reloaded: dict | None = None):
     root = settings.experiments_dir
     best_rows, runs, store_error = [], [], None
     try:
-        best_rows = experiment_reader.best_runs(root, BEST_ROWS)
-        runs = experiment_reader.recent_runs(root, CURVE_RUNS)
+        best_rows = records.leaderboard(root, BEST_ROWS)
+        runs = records.recent_runs(root, CURVE_RUNS)
     except Exception as e:  # a broken file must not take the page down
         log.warning("cannot read the experiment records in %s: %s", root, e)
-        store_error = experiment_reader.store_problem(e, root)
+        store_error = store_problem(e, root)
     return render_template("admin.html", kind="admin", models=registry.facts(),
                            load_errors=registry.errors, device=registry.device,
                            stats=service.stats(), checkpoint_dir=registry.directory,
@@ -105,7 +107,7 @@ def curves(run_id: str):
     key = (run_id, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     png = _cache().get(key)
     if png is None:
-        png = experiment_reader.loss_curves_png(root, run_id)
+        png = records.loss_curves_png(root, run_id)
         if png is None:  # no finite loss to draw
             abort(404)
         _cache().put(key, png)

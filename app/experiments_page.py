@@ -19,8 +19,9 @@ from pathlib import Path
 from flask import Blueprint, jsonify, render_template, request, url_for
 from werkzeug.datastructures import MultiDict
 
-from . import experiment_reader
-from .pages_common import vendor_ready
+from models_src import records
+
+from .pages_common import store_problem, vendor_ready
 from .settings import get_settings
 from .web import ADMIN_CHALLENGE, has_admin_token, json_error
 
@@ -111,7 +112,7 @@ class View:
 def build_view(root: Path, selection: Selection, curves: bool = False) -> View:
     """With ``curves``, each drawn run has its losses too ("steps", "train_loss",
     "val_loss"). Raises whatever reading the store raises (a broken file)."""
-    every = experiment_reader.run_summaries(root)
+    every = records.run_summaries(root)
     options = {name: sorted({str(run[name]) for run in every if run[name] is not None})
                for name in FILTERS}
     notes = [f"No run in the records has the {name} “{value}”."
@@ -131,7 +132,7 @@ def build_view(root: Path, selection: Selection, curves: bool = False) -> View:
                      f"{MAX_CHART_RUNS} chosen in the table are.")
         charted = charted[:MAX_CHART_RUNS]
     charted = charted or drawable[:DEFAULT_CHART_RUNS]
-    losses = experiment_reader.run_losses(root, [run["run_id"] for run in charted]) \
+    losses = records.run_losses(root, [run["run_id"] for run in charted]) \
         if curves else {}
     empty = {"steps": [], "train_loss": [], "val_loss": []}
     charted = [{**run, "colour": i, **losses.get((run["experiment"], run["run_id"]), empty)}
@@ -152,7 +153,7 @@ def _read(selection: Selection, curves: bool = False) -> tuple[View | None, str 
         return build_view(root, selection, curves), None
     except Exception as e:
         log.warning("cannot read the experiment records in %s: %s", root, e)
-        return None, experiment_reader.store_problem(e, root)
+        return None, store_problem(e, root)
 
 
 # ---- routes ---------------------------------------------------------------------------

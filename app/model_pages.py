@@ -20,11 +20,10 @@ from typing import Any
 
 from flask import Blueprint, abort, render_template, request, send_file, url_for
 
-from models_src import safe_files
+from models_src import records, safe_files
 from models_src.checkpoint import CONFIG_FILE
 from models_src.summary import layer_rows, size_mb
 
-from . import experiment_reader
 from .cards import render_card
 from .downloads import send_bounded
 from .registry import LoadedModel, get_registry
@@ -155,7 +154,7 @@ def _curve_runs(loaded: LoadedModel) -> list[dict] | None:
     summary = _summary(loaded)
     names = {loaded.name, summary.get("name")}
     try:
-        runs = experiment_reader.recent_runs(root, RUN_SCAN)
+        runs = records.recent_runs(root, RUN_SCAN)
     except Exception as e:  # a broken record must not take the page down
         log.warning("cannot read the experiment records in %s: %s", root, e)
         return []

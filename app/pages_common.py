@@ -375,3 +375,12 @@ def job_events(kind: str, done: DoneEvent) -> Iterator[str]:
             log.exception("generation with %s failed mid-stream", job.model)
             yield failed_event(f"Generation failed ({type(e).__name__}).")
         yield done(finish_note(stream, job.seed), job, stream)
+
+
+def store_problem(e: Exception, root: Path) -> str:
+    """What went wrong reading the store, in a line: file names relative to it (a page
+    never shows the server's layout)."""
+    message = (str(e) or type(e).__name__).strip().splitlines()[0]
+    for prefix in {str(root.resolve()), str(root)}:
+        message = message.replace(prefix + "/", "")
+    return f"{type(e).__name__}: {message}"

@@ -459,7 +459,7 @@ def test_infill_streams_the_middle(client):
 
 def log_run(root, experiment="exp-a", model="tiny-gpt", losses=((1, 3.0, 2.9), (2, 2.5, 2.4)),
             bits_per_char=None):
-    from training.experiments import ExperimentLog
+    from models_src.records import ExperimentLog
     log = ExperimentLog(root, experiment, config={"lr": 1e-3})
     for step, train, val in losses:
         log.log(model=model, architecture="gpt", parameters=16064, step=step, epoch=0.1 * step,

@@ -106,7 +106,7 @@ def screenshot_page(browser):
 
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory) -> Path:
-    from training.experiments import ExperimentLog
+    from models_src.records import ExperimentLog
 
     root = tmp_path_factory.mktemp("experiments")
     log = ExperimentLog(root, "tiny-stories", config={})

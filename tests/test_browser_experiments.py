@@ -32,7 +32,7 @@ def log_curve(root, experiment, model, architecture, parameters, steps, final_tr
               start, run_id=None, tokens_per_s=None, **final):
     """A run whose losses fall from ``start`` towards their final values at ``steps``;
     ``final`` figures (bits_per_char, token_accuracy) scale with the validation loss."""
-    from training.experiments import ExperimentLog
+    from models_src.records import ExperimentLog
 
     log = ExperimentLog(root, experiment, run_id, config={})
     last = steps[-1]

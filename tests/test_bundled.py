@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from models_src import records
+
 from models_src.checkpoint import load_checkpoint, read_card, suggested_prompt
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
@@ -67,13 +69,11 @@ WITH_RECORDS = ("tinystories-gpt", "tinystories-gpt-mini", "char-gpt-shakespeare
 
 @pytest.mark.parametrize("name", WITH_RECORDS)
 def test_a_bundled_model_brings_the_record_of_the_run_that_made_it(name):
-    from app import experiment_reader
-
     training = json.loads((BUNDLED[0].parent / name / "config.json").read_text())["training"]
-    runs = {run["run_id"]: run for run in experiment_reader.run_summaries(EXPERIMENTS)}
+    runs = {run["run_id"]: run for run in records.run_summaries(EXPERIMENTS)}
     run = runs[training["run_id"]]
     assert run["model"] == training["name"] and run["last_step"] == training["step"]
-    [curve] = experiment_reader.run_losses(EXPERIMENTS, [training["run_id"]]).values()
+    [curve] = records.run_losses(EXPERIMENTS, [training["run_id"]]).values()
     assert len(curve["steps"]) >= 5  # a curve, not a point
     assert curve["val_loss"][-1] == pytest.approx(training["val_loss"])  # its final evaluation
 

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from training import experiments
-from training.experiments import (SCHEMA, ExperimentLog, best, compare, connect, git_commit,
-                                  leaderboard,
-                                  main, new_run_id, plot_curves, query, summary_table)
+from models_src import records
+from models_src.records import (SCHEMA, ExperimentLog, best, compare, connect, git_commit, leaderboard,
+                                new_run_id, query)
+from training.experiments import main, plot_curves, summary_table
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -100,7 +100,7 @@ def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path, monkeypa
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(experiments.pq, "write_table", half_write)
+        patch.setattr(records.pq, "write_table", half_write)
         with pytest.raises(OSError, match="disk full"):
             log.log(**required(10), train_loss=2.0)
 

@@ -23,7 +23,7 @@ HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 def record(root, experiment, model="tiny-gpt", architecture="gpt", parameters=16064,
            losses=((10, 3.0, 2.9), (20, 2.5, 2.4), (30, 2.2, 2.3)), **extra):
     """One run of ``experiment``: (step, train loss, val loss) evaluations; its id."""
-    from training.experiments import ExperimentLog
+    from models_src.records import ExperimentLog
 
     run = ExperimentLog(root, experiment, config={})
     for step, train, val in losses:

@@ -14,7 +14,7 @@ from models_src import health
 from models_src.checkpoint import load_checkpoint
 from training import inspect as inspect_cli
 from training.config import load_config
-from training.experiments import connect
+from models_src.records import connect
 from training.train import Trainer
 from training_runs import raw_config
 

@@ -15,7 +15,7 @@ import pytest
 
 from training import train as train_module
 from training.config import ConfigError, load_config
-from training.experiments import query
+from models_src.records import query
 from training.report import RunReport
 from training.train import Trainer
 from training_runs import make_corpus, raw_config, write_config

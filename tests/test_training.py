@@ -23,7 +23,7 @@ from training import train as train_module
 from training.config import ConfigError, load_config
 from training.data import DataConfig, TokenizerConfig
 from training.evaluate import evaluate
-from training.experiments import query
+from models_src.records import query
 from training.state import TrainState
 from training.train import Trainer, TrainingError
 from training_runs import make_corpus, raw_config, write_config

@@ -23,9 +23,9 @@ from models_src.checkpoint import CheckpointError, load_checkpoint
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
 from models_src.summary import count_parameters
+from models_src.records import ExperimentLog
 
 from .data import DataConfig, DataError, encode_documents, load_documents, read_all_documents
-from .experiments import ExperimentLog
 from .infill_eval import GIVEN, generated_middles, middle_scores, story_parts
 from .lossy import dropped_bits
 from .metrics import score, score_documents

@@ -25,10 +25,10 @@ from models_src import health
 from models_src.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
+from models_src.records import HealthLog
 
 from .data import DataError
 from .evaluate import documents_for
-from .experiments import HealthLog
 
 #: Columns of the per-layer table: (metric, heading); attention heads show their lowest.
 COLUMNS = (("grad_norm", "grad norm"), ("update_ratio", "update"), ("weight_std", "weight std"),

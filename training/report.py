@@ -11,8 +11,10 @@ import sys
 
 from tqdm import tqdm
 
+from models_src.records import ExperimentLog, HealthLog
+
 from .config import RunConfig
-from .experiments import ExperimentLog, HealthLog, plot_curves
+from .experiments import plot_curves
 from .loggers import Loggers
 
 
