@@ -34,11 +34,12 @@ from models_src import ModelConfig, build_model, health
 from models_src.checkpoint import CheckpointError
 from models_src.summary import count_parameters
 
+from .batches import batch_source
 from .checkpoints import RunCheckpoints, TrainingError
 from .config import DEFAULT_MINUTES, RECIPES, ConfigError, RunConfig, load_config, recipe_config
-from .data import DataError, SequentialBatches, check_enough_tokens, load_documents, prepare, random_batch
+from .data import DataError, load_documents, prepare
 from .evaluate import score_text
-from .examples import as_stream, example_batch, in_order, prepare_examples
+from .examples import in_order
 from .metrics import score, score_batches
 from .optimizers import build_optimizer
 from .model_card import write_card
@@ -110,44 +111,20 @@ class Trainer:
         if not self.recurrent and self.seq_len > model_cfg.block_size:
             raise ConfigError(f"data.max_seq_len ({self.seq_len}) exceeds model.block_size ({model_cfg.block_size})")
         # Truncated BPTT: an RNN carries its state from window to window of a stream.
-        self.tbptt = self.recurrent if self.t.tbptt is None else self.t.tbptt
-        self.examples = None  # whole-example tasks (infilling): batches of examples, or their stream
-        if cfg.data.task != "lm":
-            if self.tbptt and cfg.data.middle_only:
-                raise ConfigError("data.middle_only needs batches of whole examples: set training.tbptt=false")
-            self.examples = prepare_examples(cfg.data, self.data, None if self.tbptt else self.seq_len)
-            if not len(self.examples["train"]) or not len(self.examples.get("validation", ())):
-                raise DataError(f"{self.data.source}: no {cfg.data.task} examples in train or validation "
-                                f"({self.examples['train'].skipped} stories had no middle)")
-        else:
-            check_enough_tokens(self.data, self.t.batch_size, self.seq_len)
+        tbptt = self.recurrent if self.t.tbptt is None else self.t.tbptt
+        self.batches, self.examples = batch_source(cfg, self.data, self.seq_len, tbptt,
+                                                   rank=self.dist.rank, world=self.dist.world)
 
         self.optimizer = self._optimizer()
         self.network = self._wrap(torch.compile(self.model) if self.t.compile else self.model)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if uses_bfloat16(self.t.precision, self.device) else contextlib.nullcontext())
 
-        if self.examples is None:
-            train = self.data.splits["train"]
-        elif self.tbptt:  # whole examples, one after another, read like a stream
-            train = as_stream(self.examples["train"], self.t.seed)
-        else:
-            train = self.examples["train"].tokens
-        rows_per_step = self.t.batch_size * self.t.grad_accum * self.dist.world
-        if self.examples is not None and not self.tbptt:  # whole examples: rows of their own length
-            self.steps_per_epoch = max(1, len(self.examples["train"]) // rows_per_step)
-            self.tokens_per_step = round(len(train) / len(self.examples["train"]) * rows_per_step)
-        else:
-            self.tokens_per_step = rows_per_step * self.seq_len
-            self.steps_per_epoch = max(1, len(train) // self.tokens_per_step)
+        self.tokens_per_step, self.steps_per_epoch = self.batches.tokens_per_step, self.batches.steps_per_epoch
         if self.t.max_steps or self.t.epochs:
             self.max_steps = self.t.max_steps or math.ceil(self.t.epochs * self.steps_per_epoch)
         else:  # a time budget alone: the clock ends the run
             self.max_steps = 10**12
-        if self.tbptt:
-            shard = len(train) // self.dist.world
-            self.windows = SequentialBatches(train[self.dist.rank * shard:(self.dist.rank + 1) * shard],
-                                             self.t.batch_size, self.seq_len)
 
         self.run_dir = cfg.run_dir
         self.report = RunReport(cfg, main=self.dist.main, quiet=quiet)
@@ -184,23 +161,12 @@ class Trainer:
         return self.t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.t.learning_rate - self.t.min_lr)
 
     def next_batch(self):
-        s = self.state
-        if self.examples is not None and not self.tbptt:
-            x, y = example_batch(self.examples["train"], self.t.batch_size, s.generator,
-                                 self.tokenizer.pad_id, self.cfg.data.middle_only)
-            return x.to(self.device), y.to(self.device)
-        if not self.tbptt:
-            x, y = random_batch(self.data.splits["train"], self.t.batch_size, self.seq_len, s.generator)
-            return x.to(self.device), y.to(self.device)
-        if s.window >= len(self.windows):  # a new epoch starts from a fresh state
-            s.window, s.hidden = 0, None
-        x, y = self.windows[s.window]
-        s.window += 1
+        x, y = self.batches.next(self.state)
         return x.to(self.device), y.to(self.device)
 
     def forward(self, x, y):
         with self.autocast:
-            if not self.tbptt:
+            if not self.batches.carries_state:
                 try:
                     return self.network(x, y)[1]
                 except torch._dynamo.exc.BackendCompilerFailed as e:
