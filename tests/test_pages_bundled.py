@@ -19,6 +19,7 @@ import torch
 
 from models_src.checkpoint import read_config, suggested_prompt
 from models_src.infill import trained_to_infill
+from models_src.sampling_defaults import GENERATION_CONFIG, SamplingDefaults
 from models_src.tokenization import Tokenizer
 from test_browser import ROOT, TIMEOUT_MS, browser, fill_form, serve, sync_api  # noqa: F401
 
@@ -34,6 +35,12 @@ def _infills(path) -> bool:
 
 def _bits(path) -> float:
     return read_config(path)["evaluation"]["bits_per_char"]
+
+
+def own_settings(name: str) -> str:
+    """How a bundled model samples, in the words the pages use."""
+    config = json.loads((CHECKPOINTS / name / GENERATION_CONFIG).read_text())
+    return SamplingDefaults.from_hf(config).described()
 
 
 INFILLERS = [p.name for p in BUNDLED if _infills(p)]
@@ -173,10 +180,10 @@ def test_the_button_is_in_view_with_the_sampling_options_folded_away(page, url, 
     assert page.locator("details.sampling").get_attribute("open") is None
     # the summary says how the chosen model samples, and follows the picker
     summary = page.locator("details.sampling > summary")
-    assert "temperature 1, min-p 0.1" in summary.text_content()  # the story model's own
+    assert own_settings(BEST) in summary.text_content()  # the story model's own
     if path == "/":
         page.check("input[name=model][value='char-lstm-shakespeare']")
-        sync_api.expect(summary).to_contain_text("temperature 0.6, min-p 0.1")
+        sync_api.expect(summary).to_contain_text(own_settings("char-lstm-shakespeare"))
         page.check("input[name=model][value='tinystories-gpt']")
     box = page.locator(button).bounding_box()
     assert box["y"] + box["height"] <= 900  # above the fold of a 1280 x 900 window
