@@ -60,13 +60,16 @@
     }
   });
 
-  /* The prompt box offers the chosen model's suggested prompt (its data-prompt), and the
-     sampling options say how it samples (data-sampling). */
+  /* The prompt box starts with the chosen model's suggested prompt (its data-prompt) and,
+     while nobody has edited it, follows the picker to the next model's; the sampling
+     options say how the model samples (data-sampling). */
   document.addEventListener("change", function (event) {
     var radio = event.target;
     if (radio.name !== "model" || !radio.form) { return; }
-    var box = radio.form.querySelector("textarea[name='prompt']");
-    if (box) { box.placeholder = radio.dataset.prompt; }
+    var box = radio.form.querySelector("textarea[name='prompt'][data-example]");
+    if (box && box.value === box.dataset.example && radio.dataset.prompt !== undefined) {
+      box.value = box.dataset.example = radio.dataset.prompt;
+    }
     var sampling = radio.form.querySelector(".model-sampling");  /* and says how it samples */
     if (sampling) { sampling.textContent = radio.dataset.sampling; }
   });

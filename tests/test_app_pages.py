@@ -401,7 +401,7 @@ def test_the_pages_start_on_the_default_model_when_one_is_set(make_app, caplog):
     html = client.get("/").get_data(as_text=True)
     assert 'value="tiny-lstm" checked' in html
     # a model without a card offers the fallback prompt
-    assert 'placeholder="Once upon a time"' in html
+    assert re.search(r'<textarea id="field-prompt"[^>]*>\nOnce upon a time</textarea>', html)
     # the infill page cannot start on a model that does not infill: the best one that does
     assert 'value="tiny-gpt" checked' in client.get("/infill").get_data(as_text=True)
     client = make_app(FABLE_DEFAULT_MODEL="no-such-model").test_client()

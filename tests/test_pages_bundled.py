@@ -130,11 +130,28 @@ def test_the_pages_start_on_the_best_model_with_its_suggested_prompt(page, url):
     page.goto(url + "/")
     assert page.locator("input[name=model]:checked").get_attribute("value") == BEST == "tinystories-gpt"
     prompt = page.locator("#field-prompt")
-    assert prompt.get_attribute("placeholder") == suggested_prompt(CHECKPOINTS / BEST)
-    for path in BUNDLED:  # choosing another model offers that model's prompt
+    assert prompt.input_value() == suggested_prompt(CHECKPOINTS / BEST)  # real text, not a placeholder
+    for path in BUNDLED:  # choosing another model offers that model's prompt, while untouched
         page.check(f"input[name=model][value='{path.name}']")
-        assert prompt.get_attribute("placeholder") == suggested_prompt(path)
+        assert prompt.input_value() == suggested_prompt(path)
     assert suggested_prompt(CHECKPOINTS / "char-gpt-shakespeare") == "ROMEO:"
+    prompt.fill("My own words")  # once edited, the text is the user's
+    page.check(f"input[name=model][value='{BEST}']")
+    assert prompt.input_value() == "My own words"
+
+
+@pytest.mark.parametrize("path, button", [("/", "#generate-submit"), ("/infill", "#infill-submit")])
+def test_a_first_click_writes_from_the_examples(page, url, path, button):
+    """The examples are real text: the button works before anything is typed (the infill
+    page used to answer a first click with "'first' is required")."""
+    page.goto(url + path)
+    page.click(button)
+    page.wait_for_selector("#result .status .status-text:not(.is-streaming)", timeout=120_000)
+    assert page.locator(".field-error").count() == 0
+    text = page.locator("#result .output[aria-live]").text_content()
+    example = ["Lily wanted to fly a kite.", "best friends."] if path == "/infill" \
+        else [suggested_prompt(CHECKPOINTS / BEST)]
+    assert all(part in text for part in example) and len(text) > 80, text
 
 
 def test_the_picker_compares_models_by_bits_per_character(page, url):
