@@ -236,6 +236,23 @@ def test_models_index_and_admin_link_every_model(client):
         assert f'href="/models/{name}"' in admin  # a "model page" link in its row
 
 
+def test_the_models_list_says_what_each_writes_and_offers_to_try_it(client):
+    """As Ollama's and LM Studio's lists do: size, context, what it writes, a Try button."""
+    from conftest import INFILL_MODELS
+
+    index = client.get("/models").get_data(as_text=True)
+    rows = {row.split('href="/models/')[1].split('"')[0]: row for row in index.split("<tr>")[2:]}
+    assert sorted(rows) == sorted(MODELS)
+    for name, row in rows.items():
+        assert f'href="/?model={name}' in row  # Try: the generate page on it
+        writes = "continues and infills" if name in INFILL_MODELS else "continues"
+        assert f"<td>{writes}</td>" in row
+        assert (f'href="/infill?model={name}"' in row) == (name in INFILL_MODELS)
+        assert "tokens</td>" in row or "unbounded (recurrent)" in row  # its context
+    for heading in ("Writes", "Parameters", "Context", "Tokenizer", "Bits/char"):
+        assert f">{heading}</th>" in index
+
+
 # ---- downloads ------------------------------------------------------------------------------
 
 def test_every_checkpoint_file_downloads_as_an_attachment(pages_client, pages_dir):

@@ -258,5 +258,11 @@ def test_a_phone_sees_whole_names_no_shortcut_and_a_pressed_token_view(browser, 
         # it looks pressed (polled: the button's colours ease in)
         page.wait_for_function("before => getComputedStyle(document.querySelector('.token-toggle'))"
                                ".backgroundColor !== before", arg=before)
+        # the models list fits the phone: its table scrolls inside its own box, the page not
+        page.goto(url + "/models")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.locator(".models-table a.button").first.click()
+        page.wait_for_url("**/?model=*")
+        assert page.locator("#field-prompt").input_value()
     finally:
         context.close()
