@@ -80,6 +80,21 @@ def describe(value: Any) -> str:
     return str(value)
 
 
+GENERIC_FILES = {"input.txt", "train.txt", "valid.txt", "validation.txt", "test.txt", "data.txt"}
+
+
+def dataset(value: Any) -> str:
+    """A training summary's data source as a dataset's name: the corpus folder (not a
+    server path, nor the file inside it that every corpus calls the same); a hub name or a
+    file of one's own as it is."""
+    if not isinstance(value, str) or not value:
+        return describe(value)
+    parts = [part for part in value.replace("\\", "/").split("/") if part not in ("", ".", "..")]
+    if len(parts) >= 2 and parts[-1].lower() in GENERIC_FILES:
+        parts.pop()
+    return parts[-1] if parts else value
+
+
 def arch(value: str | None) -> str:
     return ARCHITECTURES.get(value or "", value or DASH)
 
@@ -120,5 +135,6 @@ def register(app: Flask) -> None:
     for name, function in (("count", count), ("params", params), ("metric", metric),
                            ("duration", duration), ("describe", describe), ("arch", arch),
                            ("tokenizer_kind", tokenizer_kind), ("filesize", filesize),
-                           ("shown_path", shown_path), ("sampling", sampling), ("said_of", said_of)):
+                           ("shown_path", shown_path), ("sampling", sampling), ("said_of", said_of),
+                           ("dataset", dataset)):
         app.add_template_filter(function, name)

@@ -63,6 +63,9 @@ class ModelFacts:
     context: int | None  # longest context an attention model sees; None for RNNs
     n_layer: int
     n_embd: int
+    # its width as its family names it: hidden units for a recurrent model, the embedding
+    # (the residual stream) for an attention model
+    width: int
     dtype: str  # how the weights are stored on disk (they are served as float32)
     device: str
     size_bytes: int  # the checkpoint directory's files
@@ -351,6 +354,7 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
         context=checkpoint.model.max_context,
         n_layer=config.n_layer,
         n_embd=config.n_embd,
+        width=config.n_hidden if checkpoint.model.max_context is None else config.n_embd,
         dtype=str(stored.get("dtype", "float32")),
         device=device,
         size_bytes=sum(s.st_size for s in stats),

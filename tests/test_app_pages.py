@@ -479,7 +479,7 @@ def test_admin_lists_models_facts_and_load_errors(make_app, tmp_path):
     assert f"{SUMMARY['val_perplexity']:.2f}" in html and f"{SUMMARY['bits_per_char']:.3f}" in html
     assert "12.3K" in html  # tokens seen: SUMMARY's 12345
     assert "1.5 s" in html  # training time
-    assert SUMMARY["data"] in html
+    assert ">conftest.py<" in html  # its data source, by the dataset's name
     assert "broken" in html and "invalid JSON" in html  # the checkpoint that failed
     assert "No experiment has been recorded yet" in html  # an empty store: empty state
 
@@ -501,7 +501,7 @@ def test_admin_shows_each_models_saved_health_report(make_app, tmp_path, checkpo
         as_text=True)
     rows = {name: html.split(f'<th scope="row"><a href="/models/{name}">{name}</a>', 1)[1].split("</tr>", 1)[0]
             for name in ("tiny-gpt", "tiny-lstm", "endless")}
-    assert "healthy" in rows["tiny-gpt"] and "checked 2026-12-03" in rows["tiny-gpt"]
+    assert "healthy" in rows["tiny-gpt"] and ">2026-12-03<" in rows["tiny-gpt"]
     assert "1 problem<" in rows["tiny-lstm"] and "98% of its gate values are &lt;saturated&gt;" \
         in rows["tiny-lstm"]
     assert "not inspected" in rows["endless"]
@@ -662,3 +662,14 @@ def test_a_wrong_method_on_a_page_keeps_its_allow_header(client):
     response = client.delete("/infill")
     assert response.status_code == 405 and "GET" in response.headers["Allow"]
     assert "Method Not Allowed" in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("source, name", [
+    ("../shared/data/tinystories", "tinystories"), ("tinyshakespeare/input.txt", "tinyshakespeare"),
+    ("/home/someone/.cache/fable/data/wikitext-2/valid.txt", "wikitext-2"), ("my_text.txt", "my_text.txt"),
+    ("/srv/corpora/novels", "novels"), ("roneneldan/TinyStories", "TinyStories"), (None, "–"),
+])
+def test_a_data_source_is_shown_by_its_dataset_s_name(source, name):
+    from app.filters import dataset
+
+    assert dataset(source) == name

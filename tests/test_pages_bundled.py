@@ -223,6 +223,27 @@ def test_the_admin_page_shows_no_server_path(page, url):
     assert note.startswith("records") and "/" not in note
 
 
+def test_the_admin_table_fits_1280_px_with_dataset_names_and_one_size_convention(page, url):
+    """The models table shows every column at 1280 px (the Health column was clipped),
+    datasets by name, not as paths, and recurrent models by their hidden units, as README
+    and the model pages give them."""
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(url + "/admin")
+    wrap = page.locator(".table-wrap").first
+    assert wrap.evaluate("w => w.scrollWidth <= w.clientWidth")
+    rows = {row.locator("th a").text_content(): row for row in wrap.locator("tbody tr").all()}
+    for name, row in rows.items():
+        cells = row.locator("td")
+        dataset = cells.nth(3).text_content().strip()
+        assert dataset in ("tinystories", "tinyshakespeare", "books"), (name, dataset)
+        size = cells.nth(0).locator(".sub").text_content()
+        config = read_config(CHECKPOINTS / name)["model"]
+        if config["arch"] == "lstm":
+            assert size == f"{config['n_layer']} × {config['n_hidden']} hidden", (name, size)
+        else:
+            assert size.startswith(f"{config['n_layer']} × {config['n_embd']} · context"), (name, size)
+
+
 #: Where each .model-name's text wraps: the characters that end a line, but the last.
 LINE_ENDS = """() => Array.from(document.querySelectorAll('.model-name')).map(name => {
   const text = name.firstChild, ends = [];
