@@ -287,3 +287,17 @@ def test_a_phone_sees_whole_names_no_shortcut_and_a_pressed_token_view(browser, 
         assert page.locator("#field-prompt").input_value()
     finally:
         context.close()
+
+
+def test_an_empty_state_with_code_in_it_reads_as_one_sentence(page, url):
+    """The empty records' note keeps its code span in the line it belongs to (as grid items,
+    the text before it, the code and the rest each took a line of their own)."""
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(url + "/admin")
+    state = page.locator(".empty-state", has=page.locator("code")).first
+    same_line = state.evaluate("""p => {
+        const range = document.createRange();
+        range.setStart(p.firstChild, 0); range.setEnd(p.firstChild, 1);
+        return Math.abs(range.getBoundingClientRect().top - p.querySelector('code').getBoundingClientRect().top) < 8;
+    }""")
+    assert same_line, state.text_content()
