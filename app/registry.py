@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -87,6 +88,7 @@ class ModelFacts:
     data: Any = None
     step: int | None = None
     hardware: Any = None
+    trained_on: str | None = None  # the day its training run started (its run id), YYYY-MM-DD
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,8 +368,16 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
         health=_health(path),
         data=summary.get("data"),
         hardware=summary.get("hardware"),
+        trained_on=_run_day(summary.get("run_id")),
         **numeric,
     )
+
+
+def _run_day(run_id: object) -> str | None:
+    """``20261207-101323-8f93eb`` (the records' run ids start with the UTC start time) ->
+    ``2026-12-07``; None for anything else."""
+    match = re.match(r"^(\d{4})(\d{2})(\d{2})-\d{6}-", run_id) if isinstance(run_id, str) else None
+    return "-".join(match.groups()) if match else None
 
 
 def _health(path: Path) -> dict | None:

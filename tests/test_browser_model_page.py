@@ -62,7 +62,8 @@ def test_model_page_shows_the_card_the_table_and_downloads(watched, model_url, p
     assert card.locator("script, img, [onclick], [onerror]").count() == 0
     assert page.evaluate("() => typeof window.__pwned") == "undefined"
     assert card.locator("a[href^='javascript'], a[href^='data']").count() == 0
-    # the per-layer table
+    # the per-layer table, folded away until asked for
+    page.click(".model-page-layers > summary")
     rows = page.locator("#layer-table tbody tr")
     assert rows.count() >= 3 and rows.first.locator("th").text_content() == "wte"
     assert page.locator("#layer-table tfoot td.num").text_content() == "16,064"
@@ -94,8 +95,10 @@ def test_model_page_without_javascript(watched, model_url):
     page.wait_for_load_state()
     assert page.url.endswith(f"/models/{HOSTILE}")
     assert page.locator(".model-page-card").is_visible()
+    assert not page.locator("#layer-table").is_visible()  # folded away, opened without script
+    page.click(".model-page-layers > summary")
     assert page.locator("#layer-table").is_visible()
-    assert page.locator(".model-page-samples li").count() == 2
+    assert page.locator(".model-page-card blockquote", has_text="The second sample.").count() == 1
 
 
 # ---- the screenshot for the docs ------------------------------------------------------------

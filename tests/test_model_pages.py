@@ -201,11 +201,9 @@ def test_the_card_is_rendered_and_kept_inert(pages_client):
 
 def test_samples_health_and_evaluation_from_the_checkpoint(pages_client):
     html = pages_client.get(page_url(HOSTILE)).get_data(as_text=True)
-    samples = html[html.index('class="model-page-samples"'):html.index("</ol>")]
-    items = re.findall(r'<li class="output">(.*?)</li>', samples, re.S)
-    assert items == ["Once upon a time &lt;script&gt;alert(5)&lt;/script&gt;\nthere was a dog.",
-                     "The second sample."]
-    assert "The beginning of each, from the model card (temperature 0.8, seeds 1, 2)." in html
+    # the card holds the samples: they are read there, once, escaped; no second panel
+    assert "model-page-samples" not in html and html.count("The second sample.") == 1
+    assert "&lt;script&gt;alert(5)&lt;/script&gt;" in html and "<script>alert(5)" not in html
     # the suggested prompt from the card's widget, escaped, and the link that preselects it
     assert "<q>Lily &lt;b&gt;said&lt;/b&gt;</q>" in html
     assert "/?model=hostile&amp;prompt=Lily+%3Cb%3Esaid%3C/b%3E" in html

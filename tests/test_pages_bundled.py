@@ -301,3 +301,17 @@ def test_an_empty_state_with_code_in_it_reads_as_one_sentence(page, url):
         return Math.abs(range.getBoundingClientRect().top - p.querySelector('code').getBoundingClientRect().top) < 8;
     }""")
     assert same_line, state.text_content()
+
+
+def test_the_model_page_reads_once_through(page, url):
+    """The card is the page's body and holds the samples, read once; the per-layer table is
+    folded away; the date is the training run's, not the clone's (it was 5,805 px tall)."""
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(url + f"/models/{BEST}")
+    assert page.locator(".model-page-samples").count() == 0
+    assert page.locator(".model-page-card blockquote").count() >= 3  # the card's samples
+    run_id = read_config(CHECKPOINTS / BEST)["training"]["run_id"]
+    day = f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"
+    assert f"trained {day}" in page.locator(".model-page-facts").first.text_content()
+    assert not page.locator("#layer-table").is_visible()
+    assert page.evaluate("document.documentElement.scrollHeight") < 4500
