@@ -93,6 +93,7 @@ def test_fable_serve_refuses_a_missing_folder_of_models(tmp_path, monkeypatch, c
     assert "no folder of models at checkpoints" in capsys.readouterr().err
 
 
+@pytest.mark.server
 def test_gunicorn_listens_on_this_machine_unless_fable_host_says_otherwise(tmp_path):
     def bind(**env) -> str:
         environment = {k: v for k, v in os.environ.items()

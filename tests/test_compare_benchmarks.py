@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,6 +28,7 @@ def test_compare_in_process(checkpoint_dir):
         assert line in out, out
 
 
+@pytest.mark.server
 def test_compare_over_http(checkpoint_dir):
     out = run("compare_http.py", "--checkpoints", str(checkpoint_dir), "--workers", "1",
               "--rounds", "1", "--new-tokens", "4")

@@ -45,33 +45,42 @@ from training.train import Trainer
 
 # ---- SIGTERM: graceful drain ------------------------------------------------------------
 
-def configured(name: str, env: dict[str, str]) -> object:
-    """The value gunicorn.conf.py gives setting ``name`` in the server environment ``env``
-    (read in a fresh interpreter, as gunicorn's master reads it)."""
-    code = ("import json, runpy; "
-            f"print(json.dumps(runpy.run_path('gunicorn.conf.py')[{name!r}]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=server_environment(0, env),
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+def configured(*cases: tuple[str, dict[str, str]]) -> list:
+    """The value gunicorn.conf.py gives each (setting, server environment) case, as
+    gunicorn's master reads it: in one fresh interpreter, the file run anew per case."""
+    code = ("import json, os, runpy, sys\n"
+            "out = []\n"
+            "for name, env in json.load(sys.stdin):\n"
+            "    os.environ.clear(); os.environ.update(env)\n"
+            "    out.append(runpy.run_path('gunicorn.conf.py')[name])\n"
+            "print(json.dumps(out))")
+    jobs = [(name, server_environment(0, env)) for name, env in cases]
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps(jobs),
+                          env=server_environment(0, {}), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
 def test_graceful_timeout_covers_the_generation_deadline():
-    assert configured("graceful_timeout", {}) >= 60  # FABLE_REQUEST_TIMEOUT_S's default
-    assert configured("graceful_timeout", {"FABLE_REQUEST_TIMEOUT_S": "120"}) >= 120
-    assert configured("graceful_timeout", {"FABLE_REQUEST_TIMEOUT_S": "2.5"}) >= 2.5
-    assert configured("graceful_timeout", {"GUNICORN_GRACEFUL_TIMEOUT": "7"}) == 7  # still wins
+    default, longer, shorter, given = configured(
+        ("graceful_timeout", {}), ("graceful_timeout", {"FABLE_REQUEST_TIMEOUT_S": "120"}),
+        ("graceful_timeout", {"FABLE_REQUEST_TIMEOUT_S": "2.5"}),
+        ("graceful_timeout", {"GUNICORN_GRACEFUL_TIMEOUT": "7"}))
+    assert default >= 60  # FABLE_REQUEST_TIMEOUT_S's default
+    assert longer >= 120 and shorter >= 2.5
+    assert given == 7  # still wins
 
 
 def test_gunicorn_reads_the_apps_settings():
     """gunicorn.conf.py takes workers and its thread pool from the app's settings, so each
     default is written once (app/settings.py)."""
-    assert configured("workers", {}) == 1
-    assert configured("workers", {"WEB_CONCURRENCY": "3"}) == 3
-    assert configured("workers", {"WEB_CONCURRENCY": "3", "FABLE_WORKERS": "2"}) == 2
+    workers, workers_3, workers_2, threads, threads_small, threads_8 = configured(
+        ("workers", {}), ("workers", {"WEB_CONCURRENCY": "3"}),
+        ("workers", {"WEB_CONCURRENCY": "3", "FABLE_WORKERS": "2"}),
+        ("threads", {}), ("threads", {"FABLE_MAX_BATCH": "4", "FABLE_MAX_QUEUE": "6"}),
+        ("threads", {"FABLE_THREADS": "8"}))
+    assert (workers, workers_3, workers_2) == (1, 3, 2)
     # every decoding row and queued request, and spare threads for the rest (a 503, /healthz)
-    assert configured("threads", {}) == 16 + 48 + 16
-    assert configured("threads", {"FABLE_MAX_BATCH": "4", "FABLE_MAX_QUEUE": "6"}) == 10 + 16
-    assert configured("threads", {"FABLE_THREADS": "8"}) == 8
+    assert (threads, threads_small, threads_8) == (16 + 48 + 16, 10 + 16, 8)
 
 
 def read_stream(url: str, body: dict, lines: list, times: list, failures: list) -> None:
