@@ -1,6 +1,6 @@
 """Which sampling settings should a model's requests get by default? A sweep over
 temperature, top-p and min-p: for each setting the model writes one story per seed from
-the same prompt, to the end of its context, and three things are counted.
+the same prompt, to the end of its context, and four things are counted.
 
     python benchmarks/sampling_defaults.py --checkpoint checkpoints/tinystories-gpt --seeds 40
     python benchmarks/sampling_defaults.py ... --write     # the choice into generation_config.json
@@ -11,6 +11,9 @@ its training run split it; ``--data`` points elsewhere.
 - **ended**: stories that ended by themselves (end-of-text before the context was full);
 - **distinct-2**: distinct word pairs over all word pairs of the setting's stories, a
   measure of how different the stories are from each other (low: the same story again);
+- **repeated 4-grams**: word 4-grams that already stood earlier in the same story, a
+  measure of a story looping on itself ("she waved it and waved it"), which distinct-2,
+  counted across stories, sees only in part;
 - **the judge**: word pairs no story of the training corpus has (a word pair a few million
   words of human-edited text never uses is most often a slip: "the zoo and a little
   rabbit went", "I am their compassionate man"), and words the corpus never uses
@@ -19,9 +22,10 @@ its training run split it; ``--data`` points elsewhere.
   slips (the validation stories have some), so the judge is read together with diversity.
 
 The validation stories are the reference row. The setting chosen is the one with the
-fewest unseen word pairs among those where at least 90 % of stories end by themselves and
+fewest unseen word pairs among those where at least 90 % of stories end by themselves,
 whose distinct-2 is at least half the validation stories' (below that, the stories are
-one story told again).
+one story told again) and whose repeated 4-grams are at most twice theirs (above that, a
+story loops).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 CUTS = ({}, {"top_p": 0.9}, {"top_p": 0.95}, {"min_p": 0.05}, {"min_p": 0.1})
 MIN_ENDED = 90.0  # % of stories that must end by themselves
 DIVERSITY_FLOOR = 0.5  # distinct-2 at least this share of the validation stories'
+# repeated 4-grams within a text at most this many times the validation stories' (and
+# never held under 1 %: a short reference may repeat nothing), so that no text loops
+REPEAT_CEILING = 2.0
 
 
 def words(text: str) -> list[str]:
@@ -67,6 +74,17 @@ def pairs(text: str) -> list[tuple[str, str]]:
     return found
 
 
+def repeats(text: str) -> tuple[int, int]:
+    """(word 4-grams that already stood earlier in the same text, all its 4-grams): a text
+    that loops on a phrase ("she waved it and waved it and waved it") has many."""
+    w = words(text)
+    seen, repeated = set(), 0
+    for gram in zip(w, w[1:], w[2:], w[3:]):
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated, max(0, len(w) - 3)
+
+
 class Judge:
     """What the training corpus says of a text's words and word pairs."""
 
@@ -78,7 +96,9 @@ class Judge:
         all_words = [w for t in texts for w in words(t)]
         all_pairs = [p for t in texts for p in pairs(t)]
         counts = Counter(all_pairs)
-        return {"unseen_pairs": 100 * sum(p not in self.pairs for p in all_pairs) / max(1, len(all_pairs)),
+        grams = [repeats(t) for t in texts]
+        return {"repeats": 100 * sum(r for r, _ in grams) / max(1, sum(n for _, n in grams)),
+                "unseen_pairs": 100 * sum(p not in self.pairs for p in all_pairs) / max(1, len(all_pairs)),
                 "unknown_words": 100 * sum(w not in self.words for w in all_words) / max(1, len(all_words)),
                 "distinct2": len(counts) / max(1, len(all_pairs)),
                 "words": len(all_words) / max(1, len(texts))}
@@ -160,21 +180,22 @@ def main() -> None:
     words_each = round(sum(r["words"] for r in rows) / len(rows))
     reference, documents = reference_texts(splits["validation"], args.seeds, words_each)
     ref = judge.score(reference)
-    print("| setting | ended by themselves | distinct-2 | unseen word pairs | unknown words "
+    print("| setting | ended by themselves | distinct-2 | repeated 4-grams | unseen word pairs | unknown words "
           "| words per text | seconds |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| validation {'stories' if documents else 'text'} (reference) | "
-          f"{'100 %' if documents else '–'} | {ref['distinct2']:.3f} | {ref['unseen_pairs']:.2f} % | "
-          f"{ref['unknown_words']:.2f} % | {ref['words']:.0f} | |")
+          f"{'100 %' if documents else '–'} | {ref['distinct2']:.3f} | {ref['repeats']:.1f} % | "
+          f"{ref['unseen_pairs']:.2f} % | {ref['unknown_words']:.2f} % | {ref['words']:.0f} | |")
     for r in rows:
-        print(f"| {label(r['setting'])} | {r['ended']:.0f} % | {r['distinct2']:.3f} | "
+        print(f"| {label(r['setting'])} | {r['ended']:.0f} % | {r['distinct2']:.3f} | {r['repeats']:.1f} % | "
               f"{r['unseen_pairs']:.2f} % | {r['unknown_words']:.2f} % | {r['words']:.0f} | "
               f"{r['seconds']:.0f} |")
     # a text read as one stream has no ends to reach: there only diversity and the judge count
     eligible = [r for r in rows if (not documents or r["ended"] >= MIN_ENDED)
-                and r["distinct2"] >= DIVERSITY_FLOOR * ref["distinct2"]]
+                and r["distinct2"] >= DIVERSITY_FLOOR * ref["distinct2"]
+                and r["repeats"] <= REPEAT_CEILING * max(ref["repeats"], 0.5)]
     if not eligible:
-        sys.exit("no setting ends often enough and stays diverse enough; nothing chosen")
+        sys.exit("no setting ends often enough, stays diverse enough and keeps from looping; nothing chosen")
     best = min(eligible, key=lambda r: r["unseen_pairs"])
     print(f"chosen: {label(best['setting'])}")
     if args.write:

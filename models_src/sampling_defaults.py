@@ -112,5 +112,5 @@ NEUTRAL = SamplingDefaults()
 #: What a newly trained model is published with, until a sweep chooses its own
 #: (``benchmarks/sampling_defaults.py --write``): the sweep's choice for the first bundled
 #: TinyStories GPT, which keeps most models' text together (benchmarks/README.md,
-#: "Sampling defaults"; the Muon model that replaced it chose a colder setting).
+#: "Sampling defaults"; the Muon model that replaced it chose min-p 0.05).
 STARTING = SamplingDefaults(temperature=1.0, min_p=0.1)
