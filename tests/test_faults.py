@@ -104,7 +104,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(checkpoint_dir, t
     deadline_s = 6
     env = {"FABLE_REQUEST_TIMEOUT_S": str(deadline_s), "FABLE_MAX_NEW_TOKENS": "1000000",
            "FABLE_TORCH_THREADS": "1"}
-    graceful_timeout = configured("graceful_timeout", env)
+    [graceful_timeout] = configured(("graceful_timeout", env))
     assert graceful_timeout >= deadline_s
     server = GunicornServer(checkpoint_dir, env=env, log_path=tmp_path / "server.log").start()
     try:
