@@ -82,8 +82,8 @@ def completions():
     if req.score_only:
         return _completions(requests, [echo])
     tokenizer = get_service().model(req.model).tokenizer
-    # text_offset counts from the text's start, the prompt's as OpenAI's does
-    formatted = _TextLogprobs(tokenizer, len(echo["text"] if echo else _prompt_text(req, tokenizer)))
+    prompt = _prompt_text(req, tokenizer)
+    formatted = _TextLogprobs(tokenizer, len(prompt))  # text_offset counts from the prompt's start, as OpenAI's
 
     def logprobs(stream: GenerationStream, entries: list) -> dict:
         return formatted([e.token_id for e in entries], entries)
@@ -91,7 +91,7 @@ def completions():
     def choice(text: str, finish_reason: str | None, logprobs: dict | None,
                first: bool = False) -> dict:
         if first and echo:  # the echoed prompt leads the text (and its log-probabilities)
-            text, logprobs = echo["text"] + text, _joined(echo["logprobs"], logprobs)
+            text, logprobs = prompt + text, _joined(echo["logprobs"], logprobs)
         return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
     return _respond(req, "cmpl", "text_completion", "text_completion", choice, logprobs)
 
@@ -101,14 +101,14 @@ def _prompt_text(req: GenerationRequest, tokenizer) -> str:
 
 
 def _echo(req: GenerationRequest) -> dict:
-    """The prompt as it comes back with ``echo``: its text and, when asked, each token's
-    log-probability given those before it (one forward pass, in a row of its own)."""
+    """The prompt as it comes back with ``echo``: when asked, each token's log-probability
+    given those before it (one forward pass, in a row of its own), and its token count."""
     service = get_service()
     top = req.sampling.get("logprobs")
     ids, entries = service.score(req.model, req.prompt, top or 0)
     tokenizer = service.model(req.model).tokenizer
     logprobs = _TextLogprobs(tokenizer, 0)(ids, entries) if top is not None else None
-    return {"text": _prompt_text(req, tokenizer), "logprobs": logprobs, "tokens": len(ids)}
+    return {"logprobs": logprobs, "tokens": len(ids)}
 
 
 def _completions(requests: tuple[GenerationRequest, ...], echoes: list | None = None):
@@ -122,7 +122,7 @@ def _completions(requests: tuple[GenerationRequest, ...], echoes: list | None = 
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, (req, stream, echo) in enumerate(zip(requests, streams, echoes)):
             tokenizer = get_service().model(req.model).tokenizer
-            start = len(echo["text"]) if echo else len(_prompt_text(req, tokenizer))
+            prompt = _prompt_text(req, tokenizer)
             text, logprobs, finish = "", None, "length"
             if stream is not None:
                 completion = stream.collect()
@@ -131,11 +131,11 @@ def _completions(requests: tuple[GenerationRequest, ...], echoes: list | None = 
                 completion_tokens += completion.completion_tokens
                 if stream.wants_logprobs:
                     entries = completion.logprobs or []
-                    logprobs = _TextLogprobs(tokenizer, start)([e.token_id for e in entries], entries)
+                    logprobs = _TextLogprobs(tokenizer, len(prompt))([e.token_id for e in entries], entries)
             else:
                 prompt_tokens += echo["tokens"]
             if echo:
-                text, logprobs = echo["text"] + text, _joined(echo["logprobs"], logprobs)
+                text, logprobs = prompt + text, _joined(echo["logprobs"], logprobs)
             choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish})
     finally:
         for stream in streams:
