@@ -19,7 +19,7 @@ ENV HF_HOME=$HOME/.cache/huggingface \
     XDG_CACHE_HOME=$HOME/.cache \
     MPLCONFIGDIR=$HOME/.cache/matplotlib \
     TORCHINDUCTOR_CACHE_DIR=$HOME/.cache/torchinductor
-# Serving settings (see app/settings.py and gunicorn.conf.py); a Space's variables override them.
+# Serving settings (see app/platform/settings.py and gunicorn.conf.py); a Space's variables override them.
 # Two workers for the free CPU Space's two vCPUs: each decodes its own batch on one torch
 # thread, so neither waits for the other's GIL; at 16 clients ~1.3x and at 64 ~1.7x the
 # tokens/s of one worker, a lone request as fast, twice the models' memory

@@ -1,7 +1,7 @@
 """gunicorn settings for serving Fable: ``gunicorn -c gunicorn.conf.py 'app:create_app()'``.
 
 gthread workers, each loading the models after the fork (no preload: CUDA and torch's
-thread pools cannot survive a fork); sized from the app's own settings (app/settings.py),
+thread pools cannot survive a fork); sized from the app's own settings (app/platform/settings.py),
 so every value can be changed from the environment.
 """
 
@@ -16,7 +16,7 @@ import time
 # In a checkout the app is beside this file; `pip install .` puts this file under
 # <prefix>/share/fable and the app in site-packages (`fable serve` finds both).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from app.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
+from app.platform.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
 
 settings = Settings.load()
 
@@ -79,15 +79,18 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
 control_socket_disable = True
 
 # The workers' shared runtime folder, named here before any worker starts: Prometheus's
-# multiprocess samples (app/metrics.py) and the reload stamp every worker follows
-# (app/reload.py).
+# multiprocess samples (app/platform/metrics.py) and the reload stamp every worker follows
+# (app/serving/reload.py).
 _RUNTIME = tempfile.mkdtemp(prefix="fable-run-")
 _OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_RUNTIME, "metrics")
-os.environ["FABLE_RELOAD_STAMP"] = os.path.join(_RUNTIME, "reload")
+# A stamp the caller names wins: replicas (servers that share a checkpoint directory) that
+# name one file all follow a reload asked of any of them (docs/scaling.md).
+if not os.environ.get("FABLE_RELOAD_STAMP", "").strip():
+    os.environ["FABLE_RELOAD_STAMP"] = os.path.join(_RUNTIME, "reload")
 
-# The key that signs the pages' job tokens (app/pages_common.py), made here when it is
+# The key that signs the pages' job tokens (app/pages/jobs.py), made here when it is
 # not set, so that every worker accepts the others' tokens; a restart makes a new one.
 # Never logged.
 if not os.environ.get("FABLE_SECRET_KEY", "").strip():
@@ -102,7 +105,7 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """SIGHUP to the master reloads the models in every worker, in place (app/reload.py),
+    """SIGHUP to the master reloads the models in every worker, in place (app/serving/reload.py),
     instead of gunicorn's restart of every worker: a checkpoint that fails to load then
     leaves its loaded version serving. (Settings change with a restart.)"""
     def reload_models():

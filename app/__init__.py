@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app, make_response, render_template, request
-from werkzeug.exceptions import (BadRequest, HTTPException, InternalServerError, MethodNotAllowed,
-                                 RequestEntityTooLarge)
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 __version__ = "0.1.0"
@@ -40,14 +39,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The app; ``test_config`` overrides ``FABLE_*`` settings and Flask config keys."""
     import torch
 
+    from app.pages import filters
+    from app.pages.jobs import job_token_signer
+    from app.platform import metrics, security, telemetry
+    from app.platform.settings import Settings, SettingsError, resolve_device
+    from app.serving.registry import ModelRegistry
+    from app.serving.reload import Reloader, environment_stamp, read_stamp
+    from app.serving.service import GenerationService
     from models_src.chat import ChatTemplateError
-
-    from . import filters, metrics, security, telemetry
-    from .pages_common import job_token_signer
-    from .registry import ModelRegistry
-    from .reload import Reloader, environment_stamp, read_stamp
-    from .service import GenerationService
-    from .settings import Settings, SettingsError, resolve_device
 
     app = Flask(__name__, static_folder=str(_folder("static")),
                 template_folder=str(_folder("templates")))
@@ -98,19 +97,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from . import admin, api, model_pages, openai_api, ui
+    from app.apis import ollama_api, openai_api, tokenizer_api
+    from app.pages import admin, compare, experiments, models, story
 
-    app.register_blueprint(api.bp)
-    app.register_blueprint(openai_api.bp)
-    app.register_blueprint(ui.bp)  # the pages: / (generate) and /infill
-    app.register_blueprint(admin.bp)  # /admin
-    from . import compare
-    app.register_blueprint(compare.bp)  # /compare: 2-4 models side by side
-    app.register_blueprint(model_pages.bp)  # /models, /models/<name>, its files
-    from . import experiments_page
-    app.register_blueprint(experiments_page.bp)  # /experiments: runs, filters, loss curves
-    from . import tokenizer_api
+    app.register_blueprint(ollama_api.bp)  # /api/* (Ollama's), /healthz, /openapi.json
+    app.register_blueprint(openai_api.bp)  # /v1/*
     app.register_blueprint(tokenizer_api.bp)  # /tokenize, /detokenize, /tokenizer_info (vLLM's)
+    app.register_blueprint(story.bp)  # the pages: / (generate) and /infill
+    app.register_blueprint(compare.bp)  # /compare: 2-4 models side by side
+    app.register_blueprint(models.bp)  # /models, /models/<name>, its files
+    app.register_blueprint(experiments.bp)  # /experiments: runs, filters, loss curves
+    app.register_blueprint(admin.bp)  # /admin
 
 
 def _configure_logging(app: Flask) -> None:
@@ -145,7 +142,7 @@ def _read_chunked_body() -> None:
 
 
 def _register_error_handlers(app: Flask) -> None:
-    from .web import json_error, wants_json
+    from app.platform.web import json_error, wants_json
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

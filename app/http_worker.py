@@ -42,9 +42,9 @@ from functools import partial
 import h11
 from gunicorn.http import get_parser
 from gunicorn.http2 import negotiation
-from gunicorn.workers.gthread import ThreadWorker, TConn
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from .settings import Settings
+from app.platform.settings import Settings
 
 #: Largest request head (request line and header fields), as nginx's default buffers.
 MAX_HEAD_BYTES = 32 * 1024
@@ -63,7 +63,7 @@ SEND_BUFFER_BYTES = 128 * 1024
 def error_response(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP/1.1 answer that closes the connection: ``{"error": message}`` with the
     security headers every page of the app carries."""
-    from .security import SECURITY_HEADERS  # not at import: the master loads this module
+    from app.platform.security import SECURITY_HEADERS  # not at import: the master loads this module
 
     body = json.dumps({"error": message}).encode()
     head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",

@@ -6,7 +6,7 @@
 
 In process, through the app itself (``create_app``: its registry, service, scheduler and
 engine loop): each bundled model alone, then all of them at once, the way ``/compare``
-runs them (``app.compare.run_comparison``: one ordinary generation per model, each read
+runs them (``app.pages.comparison.run_comparison``: one ordinary generation per model, each read
 by its own thread, with the token view's log-probabilities), for the same prompt,
 settings and seed (exactly ``--new-tokens`` tokens each: ``ignore_eos``). One app per
 ``--decode-threads`` value (``FABLE_DECODE_THREADS``: how many models may step at once);
@@ -36,9 +36,9 @@ import torch
 from _common import ROOT, environment  # puts the repository on sys.path
 
 from app import create_app
-from app.compare import Comparison, run_comparison
-from app.pages_common import TOKEN_VIEW_ALTERNATIVES, Job
-from app.settings import available_cores
+from app.pages.comparison import Comparison, run_comparison
+from app.pages.jobs import TOKEN_VIEW_ALTERNATIVES, Job
+from app.platform.settings import available_cores
 from models_src.checkpoint import load_checkpoint
 from models_src.generation import generate
 from models_src.sampling import SamplingParams

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from _common import ROOT, environment
-from app.settings import MAX_INFILL_CANDIDATES, Settings
+from app.platform.settings import MAX_INFILL_CANDIDATES, Settings
 from models_src.checkpoint import load_checkpoint
 from models_src.infill import infill_prompt_ids
 from models_src.infill_candidates import best_middle, copies_ending, ending_logprobs

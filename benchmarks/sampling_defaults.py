@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from _common import ROOT, environment
-from app.settings import Settings
+from app.platform.settings import Settings
 from models_src.checkpoint import load_checkpoint, suggested_prompt
 from models_src.generation import Batch
 from models_src.sampling import encode_prompt

@@ -137,7 +137,7 @@ def app(make_app):
 @pytest.fixture
 def started(monkeypatch) -> list[str]:
     """The model of every generation started from now on."""
-    from app.service import GenerationService
+    from app.serving.service import GenerationService
 
     calls: list[str] = []
     real = GenerationService._start
@@ -163,7 +163,7 @@ class ScriptedTicket:
     prompt_ids = ()
 
     def __init__(self, pieces, delay=0.0, error=None, reason="stop"):
-        from app.engine_loop import Failed, Finished
+        from app.serving.engine_loop import Failed, Finished
         from models_src.sampling import Completion
 
         self._items = list(pieces) + [
@@ -189,7 +189,7 @@ class ScriptedTicket:
 def script(monkeypatch):
     """``script(pieces, delay=0, error=None, reason="stop")``: every generation (after the
     usual checks of model and parameters) writes exactly these pieces."""
-    from app.service import GenerationService, GenerationStream
+    from app.serving.service import GenerationService, GenerationStream
 
     def install(pieces, **kwargs):
         def start(self, loaded, prompt_ids, params, *, strip=False):

@@ -36,7 +36,7 @@ GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 DEFAULT_COMMAND = [GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"]
 #: Variables of the caller's environment that would change the server's settings.
 SERVER_VARIABLES = ("FABLE_", "GUNICORN", "WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR")
-#: The line app/registry.py logs, through gunicorn's error log, for each model a worker loads.
+#: The line app/serving/registry.py logs, through gunicorn's error log, for each model a worker loads.
 LOADED_LINE = re.compile(r"\[(\d+)\] \[INFO\] loaded \S+ \(")
 
 

@@ -1,5 +1,5 @@
 """API keys and CORS for the JSON APIs, and keys for the pages that generate when
-FABLE_PROTECT_PAGES asks (app/api_access.py)."""
+FABLE_PROTECT_PAGES asks (app/platform/api_access.py)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_a_protected_page_refusal_is_json_for_json_clients(protected):
 
 
 def test_protecting_the_pages_needs_keys(make_app):
-    from app.settings import SettingsError
+    from app.platform.settings import SettingsError
 
     with pytest.raises(SettingsError, match="FABLE_PROTECT_PAGES needs FABLE_API_KEYS"):
         make_app(FABLE_PROTECT_PAGES=True)
@@ -142,7 +142,7 @@ def test_protecting_the_pages_needs_keys(make_app):
 
 
 def test_weak_keys_are_refused_at_start(make_app):
-    from app.settings import SettingsError
+    from app.platform.settings import SettingsError
 
     with pytest.raises(SettingsError, match="FABLE_API_KEYS must list keys of at least 16 characters"):
         make_app(FABLE_API_KEYS=f"{KEY},short")
@@ -188,7 +188,7 @@ def test_a_star_allows_every_origin(make_app):
 
 
 def test_a_malformed_origin_is_refused_at_start(make_app):
-    from app.settings import SettingsError
+    from app.platform.settings import SettingsError
 
     with pytest.raises(SettingsError, match="FABLE_CORS_ORIGINS must be \\* or origins"):
         make_app(FABLE_CORS_ORIGINS="a.example/path")

@@ -15,9 +15,9 @@ import time
 import jsonschema
 import pytest
 
-from app.schema import check_form, request_models, requested, sampling_values
-from app.service import GenerationService, ServerBusy, UnknownModel
-from app.settings import Limits, Settings, SettingsError
+from app.serving.schema import check_form, request_models, requested, sampling_values
+from app.serving.service import GenerationService, ServerBusy, UnknownModel
+from app.platform.settings import Limits, Settings, SettingsError
 from models_src.generation import Batch
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY, hold_row
 
@@ -50,7 +50,7 @@ def generate(client, **body):
 
 @pytest.fixture(scope="module")
 def spec():
-    from app.openapi import build_spec
+    from app.apis.openapi import build_spec
     return build_spec("test", Limits(4000, 512, 64))
 
 
@@ -99,7 +99,7 @@ def test_models_gives_every_fact_and_reports_the_broken_checkpoint(client, spec,
     assert gpt["context"] == 64 and lstm["context"] is None
     assert gpt["device"] == "cpu" and gpt["can_infill"] is True and lstm["can_infill"] is False
     assert lstm["val_perplexity"] is None  # no summary: unknown, not invented
-    from app.registry import ModelRegistry
+    from app.serving.registry import ModelRegistry
     from models_src.summary import count_parameters
     loaded = ModelRegistry.load(checkpoint_dir).get("tiny-lstm")
     assert lstm["parameters"] == count_parameters(loaded.model)
@@ -178,21 +178,45 @@ def test_openapi_document_covers_every_json_route(client, app, spec):
     assert options["num_predict"]["anyOf"][0]["maximum"] == 512
 
 
-def test_no_blueprint_imports_another():
-    """Blueprints share app.web (HTTP helpers), app.schema and app.filters, never each other."""
+#: Which wings of app/ each wing may import: platform is the base, serving runs the models,
+#: and the two faces (apis, pages) stand on both without touching each other.
+WING_MAY_IMPORT = {"platform": {"platform"}, "serving": {"platform", "serving"},
+                   "apis": {"platform", "serving", "apis"}, "pages": {"platform", "serving", "pages"}}
+
+
+def _app_imports(path) -> set[str]:
     import ast
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("app."):
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # a module or a name in it
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("app.")}
+    return found
+
+
+def test_each_wing_imports_only_the_wings_below_it_and_no_blueprint_another():
     from pathlib import Path
 
-    blueprints = {"api", "openai_api", "ui", "admin", "compare", "model_pages", "experiments_page"}
-    for name in blueprints:
-        tree = ast.parse((Path(__file__).parent.parent / "app" / f"{name}.py").read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                imported |= {node.module} if node.module else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("app"):
-                imported |= {(node.module or "").removeprefix("app.")}
-        assert not imported & (blueprints - {name}), (name, imported)
+    from flask import Blueprint
+
+    app_dir = Path(__file__).parent.parent / "app"
+    blueprints = set()
+    for path in app_dir.glob("*/*.py"):
+        module = f"app.{path.parent.name}.{path.stem}"
+        if isinstance(getattr(__import__(module, fromlist=["bp"]), "bp", None), Blueprint):
+            blueprints.add(module)
+    assert len(blueprints) == 9, blueprints  # 3 APIs, 5 pages and /metrics
+    for path in app_dir.glob("*/*.py"):
+        wing, module = path.parent.name, f"app.{path.parent.name}.{path.stem}"
+        imported = _app_imports(path)
+        wings = {name.split(".")[1] for name in imported}
+        assert wings <= WING_MAY_IMPORT[wing], (module, wings - WING_MAY_IMPORT[wing])
+        if module in blueprints:
+            others = {name for name in imported for bp in blueprints - {module}
+                      if name == bp or name.startswith(bp + ".")}
+            assert not others, (module, others)
 
 
 # ---- Ollama generate ----------------------------------------------------------------------
@@ -398,7 +422,7 @@ def outside(checkpoint_dir):
 def test_unknown_model_is_404_and_never_a_path(client, monkeypatch, outside, name):
     def no_disk(*args, **kwargs):
         raise AssertionError("a request must not load anything")
-    monkeypatch.setattr("app.registry.load_checkpoint", no_disk)
+    monkeypatch.setattr("app.serving.registry.load_checkpoint", no_disk)
     monkeypatch.setattr("models_src.checkpoint.load_checkpoint", no_disk)
     response = generate(client, model=name, prompt="hi")
     if len(name) > 256:
@@ -871,7 +895,7 @@ def test_settings_from_the_environment(monkeypatch):
     assert settings.max_new_tokens == 100 and settings.default_new_tokens is None  # the model's
     assert settings.request_timeout_s == 9 and settings.device == "cpu"
     assert settings.max_body_bytes == 65536 and settings.admin_token is None
-    from app.settings import available_cores
+    from app.platform.settings import available_cores
     assert settings.max_batch == 16 and settings.max_queue == 48
     assert settings.torch_threads == max(1, (available_cores() - 1) // 2)  # two workers share the cores but one
     for name, value, words in [("FABLE_MAX_NEW_TOKENS", "lots", "must be an integer"),

@@ -22,8 +22,8 @@ from unittest import mock
 import pytest
 from itsdangerous import TimestampSigner
 
-from app import ui
-from app.pages_common import JOB_TTL_S
+from app.pages import jobs, render
+from app.pages.jobs import JOB_TTL_S
 from conftest import ENDLESS_CHAR, MODELS, SUMMARY, hold_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_pages_reference_vendored_htmx_only_when_installed(make_app, tmp_path):
     app = make_app()
     html = app.test_client().get("/").get_data(as_text=True)
     with app.test_request_context():
-        installed = ui.vendor_ready()  # after `make assets` (npm ci + copy), or not
+        installed = render.vendor_ready()  # after `make assets` (npm ci + copy), or not
     assert ("/static/vendor/htmx.min.js" in html) == installed
     assert ("/static/vendor/sse.js" in html) == installed
     assert "unpkg.com" not in html and "cdn" not in html.lower()
@@ -371,8 +371,8 @@ def test_huge_incompressible_prompt_is_answered_without_streaming(client):
     rng = random.Random(0)
     prompt = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(4000))
     with client.application.app_context():  # the app's key signs it
-        token = ui.Job("generate", "endless", {"prompt": prompt}, {"seed": 1}).to_token()
-    assert len(token) > ui.MAX_JOB_CHARS
+        token = jobs.Job("generate", "endless", {"prompt": prompt}, {"seed": 1}).to_token()
+    assert len(token) > jobs.MAX_JOB_CHARS
     response = client.post("/generate/start", data={**FORM, "prompt": prompt,
                                                     "max_new_tokens": "3"})
     html = response.get_data(as_text=True)
@@ -634,7 +634,7 @@ def test_a_link_chooses_the_model_and_fills_the_text_without_running(client):
 
 
 def test_the_sampling_boxes_take_their_limits_from_the_schema(make_app):
-    from app.schema import MAX_STOP_CHARS, MAX_TEMPERATURE, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+    from app.serving.schema import MAX_STOP_CHARS, MAX_TEMPERATURE, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
     html = make_app(FABLE_MAX_NEW_TOKENS=77).test_client().get("/").get_data(as_text=True)
     def box(name):
@@ -670,6 +670,6 @@ def test_a_wrong_method_on_a_page_keeps_its_allow_header(client):
     ("/srv/corpora/novels", "novels"), ("roneneldan/TinyStories", "TinyStories"), (None, "–"),
 ])
 def test_a_data_source_is_shown_by_its_dataset_s_name(source, name):
-    from app.filters import dataset
+    from app.pages.filters import dataset
 
     assert dataset(source) == name

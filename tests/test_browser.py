@@ -76,7 +76,7 @@ def served(app_config: dict, **settings):
 
 
 def watch_csp(page) -> list[str]:
-    """The violations of the app's CSP (served with every page: app/security.py) that
+    """The violations of the app's CSP (served with every page: app/platform/security.py) that
     ``page`` reports from now on."""
     violations: list[str] = []
     page.on("console", lambda message: "Content Security Policy" in message.text
@@ -270,8 +270,8 @@ def test_forms_work_without_javascript(browser, base_url):
 
 def test_pages_run_under_the_apps_content_security_policy(page, base_url):
     """No inline script, style or eval anywhere: the pages work under the app's own strict
-    CSP (app/security.py) and the browser reports no violation."""
-    from app import security
+    CSP (app/platform/security.py) and the browser reports no violation."""
+    from app.platform import security
 
     violations = watch_csp(page)
     page.on("pageerror", lambda error: violations.append(str(error)))
@@ -320,7 +320,7 @@ def test_an_infill_never_shows_a_sentence_cut_into_the_ending(page, base_url, mo
     """Both candidates run on into the ending mid-sentence (the engine faked, the choice and
     the cut real): the page shows the middle up to its last whole sentence, then the
     ending, and says that no candidate ended."""
-    from app.service import CandidatesTicket, GenerationService, GenerationStream, InfillStream
+    from app.serving.service import CandidatesTicket, GenerationService, GenerationStream, InfillStream
     from conftest import ScriptedTicket
 
     def start(self, loaded, prompt_ids, rows, *, strip=False):

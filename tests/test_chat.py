@@ -91,7 +91,7 @@ def test_ollama_chat_replies_as_the_assistant(client):
 
 def test_the_reply_stops_at_the_next_turn_and_has_no_whitespace_at_its_ends(client, script,
                                                                           monkeypatch):
-    from app.service import GenerationService
+    from app.serving.service import GenerationService
 
     script([" Hello", " there. "])
     scripted, asked = GenerationService._start, []
@@ -168,7 +168,7 @@ def test_a_role_openai_calls_developer_is_the_system_prompt(client):
 
 
 def test_the_server_template_is_a_setting_and_a_broken_one_stops_the_start(make_app):
-    from app.settings import SettingsError
+    from app.platform.settings import SettingsError
 
     client = make_app(FABLE_CHAT_TEMPLATE=CHATML).test_client()
     body = {"model": "endless", "messages": MESSAGES[1:], "max_tokens": 1}

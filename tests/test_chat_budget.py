@@ -266,7 +266,7 @@ def test_a_model_whose_template_is_a_bomb_gets_a_4xx_naming_it_and_the_others_st
 
 
 def test_a_server_template_over_the_budget_stops_the_start(make_app):
-    from app.settings import SettingsError
+    from app.platform.settings import SettingsError
 
     with pytest.raises(SettingsError, match="FABLE_CHAT_TEMPLATE: the chat template went over "
                                             "its budget: `center` was asked for"):

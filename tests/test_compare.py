@@ -168,7 +168,7 @@ def test_the_figures_are_the_completions_own(app):
     the text's characters, the same as the completion's own log-probabilities give."""
     from werkzeug.datastructures import MultiDict
 
-    from app.compare import read_comparison, run_comparison
+    from app.pages.comparison import read_comparison, run_comparison
     from models_src.sampling import SamplingParams
 
     args = MultiDict([("models", "tiny-gpt"), ("models", "tiny-lstm"), ("prompt", "Once"),
@@ -340,7 +340,7 @@ def test_generate_and_infill_streams_end_with_the_token_view(client):
 
 
 def test_no_js_pages_ask_for_no_log_probabilities(client, monkeypatch):
-    from app.service import GenerationService
+    from app.serving.service import GenerationService
 
     asked = []
     original = GenerationService._start
@@ -365,7 +365,7 @@ def entries(tokenizer, text):
 def test_tokens_spell_the_text_whatever_the_tokenizer(kind):
     from models_src.tokenization import Tokenizer
 
-    from app.token_view import token_pieces, tokens_of
+    from app.pages.token_view import token_pieces, tokens_of
 
     tokenizer = {"char": lambda: Tokenizer.train_char([TEXT]),
                  "word": lambda: Tokenizer.train_word([TEXT]),
@@ -389,7 +389,7 @@ def test_tokens_spell_the_text_whatever_the_tokenizer(kind):
 def test_an_infilled_middle_loses_the_whitespace_at_its_ends_in_tokens_too():
     from models_src.tokenization import Tokenizer
 
-    from app.token_view import tokens_of
+    from app.pages.token_view import tokens_of
 
     tokenizer = Tokenizer.train_char([TEXT])
     tokens = tokens_of(tokenizer, [], entries(tokenizer, " \nLily ran. \n"), "Lily ran.",
@@ -398,7 +398,7 @@ def test_an_infilled_middle_loses_the_whitespace_at_its_ends_in_tokens_too():
 
 
 def test_token_data_is_escaped_and_reads_back_as_the_text():
-    from app.token_view import Token, token_data
+    from app.pages.token_view import Token, token_data
 
     nasty = '<script>alert("x")</script>\'&'
     html = str(token_data([Token(nasty, -0.25, [(nasty, -0.25), ("<eos>", -3.0)])]))

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from app.engine_loop import EngineLoop
-from app.service import GenerationService
+from app.serving.engine_loop import EngineLoop
+from app.serving.service import GenerationService
 from models_src.generation import Batch
 from models_src.sampling import SamplingParams
 
@@ -141,7 +141,7 @@ def test_at_least_one_thread():
 
 
 def test_the_default_keeps_decoding_and_torch_threads_within_the_cores(monkeypatch):
-    from app.settings import Settings, available_cores
+    from app.platform.settings import Settings, available_cores
     for name in ("FABLE_DECODE_THREADS", "FABLE_TORCH_THREADS", "FABLE_WORKERS", "WEB_CONCURRENCY"):
         monkeypatch.delenv(name, raising=False)
     cores = available_cores()

@@ -14,7 +14,7 @@ from html import unescape
 
 import pytest
 
-from app import security
+from app.platform import security
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -186,7 +186,7 @@ def test_at_most_eight_runs_are_drawn(make_app, tmp_path):
 
 
 def test_without_javascript_the_admin_plots_stand_in(client, store, monkeypatch):
-    from app import experiments_page
+    from app.pages import experiments as experiments_page
 
     _, runs = store
     html = page(client, f"?run={runs['gpt']}")

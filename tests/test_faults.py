@@ -72,7 +72,7 @@ def test_graceful_timeout_covers_the_generation_deadline():
 
 def test_gunicorn_reads_the_apps_settings():
     """gunicorn.conf.py takes workers and its thread pool from the app's settings, so each
-    default is written once (app/settings.py)."""
+    default is written once (app/platform/settings.py)."""
     workers, workers_3, workers_2, threads, threads_small, threads_8 = configured(
         ("workers", {}), ("workers", {"WEB_CONCURRENCY": "3"}),
         ("workers", {"WEB_CONCURRENCY": "3", "FABLE_WORKERS": "2"}),
@@ -292,7 +292,7 @@ def test_broken_checkpoints_at_start_up_are_skipped_and_reported(checkpoint_dir,
                                                                   make_app, caplog):
     directory = tmp_path / "checkpoints"
     expected = broken_checkpoints(checkpoint_dir, directory)
-    with caplog.at_level("WARNING", logger="app.registry"):
+    with caplog.at_level("WARNING", logger="app.serving.registry"):
         client = make_app(FABLE_CHECKPOINT_DIR=str(directory)).test_client()
 
     assert [m["name"] for m in client.get("/api/tags").json["models"]] == ["tiny-gpt"]

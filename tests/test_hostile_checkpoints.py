@@ -224,16 +224,16 @@ def test_files_over_their_caps_are_refused_naming_the_file_and_the_cap(make_app,
 
 def test_a_stuck_load_fails_after_the_time_limit_and_the_others_load(tmp_path, checkpoint_dir,
                                                                        monkeypatch):
-    import app.registry
-    from app.registry import ModelRegistry
+    import app.serving.registry
+    from app.serving.registry import ModelRegistry
 
-    real, release = app.registry.load_checkpoint, threading.Event()
+    real, release = app.serving.registry.load_checkpoint, threading.Event()
 
     def stuck(path, **kwargs):
         if Path(path).name == "tiny-lstm":
             release.wait(30)  # stands for a read that never returns
         return real(path, **kwargs)
-    monkeypatch.setattr(app.registry, "load_checkpoint", stuck)
+    monkeypatch.setattr(app.serving.registry, "load_checkpoint", stuck)
     for name in GOOD:
         shutil.copytree(checkpoint_dir / name, tmp_path / name)
     start = time.monotonic()
@@ -245,8 +245,8 @@ def test_a_stuck_load_fails_after_the_time_limit_and_the_others_load(tmp_path, c
 
 
 def test_the_load_time_limit_is_a_setting(make_app, tmp_path):
-    from app.registry import ModelRegistry
-    from app.settings import Settings, SettingsError
+    from app.serving.registry import ModelRegistry
+    from app.platform.settings import Settings, SettingsError
 
     assert Settings.load({}).load_timeout_s == 60.0
     assert ModelRegistry.load(tmp_path).load_timeout_s == 60.0  # the setting's default
@@ -257,15 +257,15 @@ def test_the_load_time_limit_is_a_setting(make_app, tmp_path):
 
 
 def test_a_failed_checkpoint_is_not_tried_again_until_its_files_change(hostile, monkeypatch):
-    import app.registry
-    from app.registry import ModelRegistry
+    import app.serving.registry
+    from app.serving.registry import ModelRegistry
 
-    tries, real = [], app.registry.load_checkpoint
+    tries, real = [], app.serving.registry.load_checkpoint
 
     def counted(path, **kwargs):
         tries.append(Path(path).name)
         return real(path, **kwargs)
-    monkeypatch.setattr(app.registry, "load_checkpoint", counted)
+    monkeypatch.setattr(app.serving.registry, "load_checkpoint", counted)
     registry = within(60, lambda: ModelRegistry.load(hostile))
     first = dict(registry.errors)
     for _ in range(3):
@@ -282,7 +282,7 @@ MEMORY_AFTER_FAILED_LOADS = """
 import json, os, sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
-from app.registry import ModelRegistry
+from app.serving.registry import ModelRegistry
 from conftest import TEXT
 from models_src import ModelConfig, build_model
 from models_src.checkpoint import save_checkpoint

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ENDLESS_CHAR, hold_row
 
-from app.service import InfillStream, ServerBusy, TooManyCandidates
-from app.settings import MAX_INFILL_CANDIDATES, Settings, SettingsError
+from app.serving.service import InfillStream, ServerBusy, TooManyCandidates
+from app.platform.settings import MAX_INFILL_CANDIDATES, Settings, SettingsError
 from models_src.checkpoint import load_checkpoint
 from models_src.infill import infill
 from models_src.infill_candidates import (
@@ -242,7 +242,7 @@ def write_candidates(monkeypatch):
     are these texts (the engine faked, the choice and the cut real)."""
     from conftest import ScriptedTicket
 
-    from app.service import CandidatesTicket, GenerationService, GenerationStream
+    from app.serving.service import CandidatesTicket, GenerationService, GenerationStream
 
     def install(*middles):
         def start(self, loaded, prompt_ids, rows, *, strip=False):
@@ -348,9 +348,9 @@ def test_the_apis_take_candidates_with_a_suffix(client, path, length):
 
 
 def test_an_api_infill_writes_the_candidates_it_asks_for(app):
-    from app.schema import parse_openai_completion
-    from app.settings import get_settings
-    from app.web import open_stream
+    from app.serving.schema import parse_openai_completion
+    from app.platform.settings import get_settings
+    from app.serving.service import open_stream
 
     with app.test_request_context():
         [req] = parse_openai_completion({"model": "endless", "prompt": FIRST, "suffix": LAST,

@@ -1,4 +1,4 @@
-"""Signed job tokens (app/pages_common.py): a token that this server did not write, or
+"""Signed job tokens (app/pages/jobs.py): a token that this server did not write, or
 wrote and someone altered (its model, prompt, settings or timestamp), or signed with
 another key (another server, or this one before a restart without FABLE_SECRET_KEY) is
 an invalid link, and one older than JOB_TTL_S has expired; neither generates. The
@@ -18,8 +18,8 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_decode, base64_encode, bytes_to_int, int_to_bytes
 
-from app.pages_common import JOB_TOKEN_SALT, JOB_TTL_S, job_token_signer
-from app.settings import SettingsError
+from app.pages.jobs import JOB_TOKEN_SALT, JOB_TTL_S, job_token_signer
+from app.platform.settings import SettingsError
 from conftest import ENDLESS_CHAR, MODELS
 from gunicorn_server import GunicornServer
 from test_app_pages import FORM, INFILL, parse_sse, stream_url, texts, unsigned_token

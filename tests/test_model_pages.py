@@ -1,4 +1,4 @@
-"""The model pages (app/model_pages.py, app/cards.py) through Flask's test client: what a
+"""The model pages (app/pages/models.py, app/pages/cards.py) through Flask's test client: what a
 page shows, a hostile model card kept inert, the per-layer table, the checkpoint
 downloads and every way of asking for a file outside them, 404s, and the training
 curves shown to admins only."""
@@ -137,7 +137,7 @@ def test_model_page_shows_the_facts_the_table_and_the_files(client, app):
         assert shown in html, shown
     # the per-layer table: one row per module with parameters, summing to the total
     with app.app_context():
-        from app.registry import get_registry
+        from app.serving.registry import get_registry
         model = get_registry().get("tiny-gpt").model
         modules = [n for n, m in model.named_modules() if list(m.parameters(recurse=False))]
     start = html.index('id="layer-table"')
@@ -363,13 +363,13 @@ def test_a_broken_experiment_store_does_not_take_the_page_down(make_app, tmp_pat
     ("mailto:a@b.c", False), ("ftp://x", False),
 ])
 def test_links_are_http_or_relative_only(url, allowed):
-    from app.cards import safe_link
+    from app.pages.cards import safe_link
 
     assert safe_link(url) is allowed
 
 
 def test_a_card_too_big_or_not_utf8_is_not_rendered(tmp_path):
-    from app.cards import MAX_CARD_BYTES, render_card
+    from app.pages.cards import MAX_CARD_BYTES, render_card
 
     (tmp_path / "README.md").write_bytes(b"\xff\xfe not utf-8")
     assert "cannot be read" in render_card(tmp_path, "x").problem

@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from app.schema import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+from app.serving.schema import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 from models_src.sampling import RowSettings, SamplingParams, sample, uniforms
 from models_src.tokenization import Tokenizer
 
@@ -142,7 +142,7 @@ def logits_and_params(draw):
         temperature=draw(st.floats(0, BIG)),
         top_k=draw(FIELDS["top_k"][0]),
         top_p=draw(FIELDS["top_p"][0]),
-        # the app's bounds (app/schema.py); far smaller penalties overflow float32
+        # the app's bounds (app/serving/schema.py); far smaller penalties overflow float32
         repetition_penalty=draw(st.floats(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)))
     return logits, params, seen, draw(st.integers(0, 2**32))
 

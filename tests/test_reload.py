@@ -1,5 +1,5 @@
 """Models without restarts: ModelRegistry.refresh, the reload routes, and generations that
-run across a reload (app/reload.py). Across gunicorn workers: tests/test_app_server.py."""
+run across a reload (app/serving/reload.py). Across gunicorn workers: tests/test_app_server.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def generate(client, model, n=3, **extra):
 
 
 def test_refresh_loads_new_reloads_changed_and_unloads_removed_models(folder):
-    from app.registry import ModelRegistry
+    from app.serving.registry import ModelRegistry
 
     registry = ModelRegistry.load(folder)
     assert registry.names() == list(MODELS)
@@ -45,7 +45,7 @@ def test_refresh_loads_new_reloads_changed_and_unloads_removed_models(folder):
 
 
 def test_a_changed_checkpoint_that_fails_to_load_leaves_the_old_one_serving(folder):
-    from app.registry import ModelRegistry
+    from app.serving.registry import ModelRegistry
 
     registry = ModelRegistry.load(folder)
     before = registry.get("tiny-gpt")
@@ -81,7 +81,7 @@ def test_reloading_needs_the_admin_token_when_one_is_set(make_app, folder):
 
 def test_a_generation_running_across_a_reload_keeps_the_weights_it_started_with(make_app,
                                                                                        folder):
-    from app.service import get_service
+    from app.serving.service import get_service
     from models_src.sampling import SamplingParams
 
     app = make_app(FABLE_CHECKPOINT_DIR=str(folder), FABLE_REQUEST_TIMEOUT_S=600)
@@ -102,8 +102,8 @@ def test_a_stamp_makes_another_worker_follow(folder, tmp_path):
     """Two reloaders on one stamp stand for two workers: the second follows the first."""
     import time
 
-    from app.registry import ModelRegistry
-    from app.reload import Reloader
+    from app.serving.registry import ModelRegistry
+    from app.serving.reload import Reloader
 
     stamp = tmp_path / "reload"
     here, there = ModelRegistry.load(folder), ModelRegistry.load(folder)
@@ -118,8 +118,8 @@ def test_a_stamp_makes_another_worker_follow(folder, tmp_path):
 
 
 def test_a_reload_asked_for_while_a_worker_loads_is_not_missed(folder, tmp_path):
-    from app.registry import ModelRegistry
-    from app.reload import Reloader, read_stamp
+    from app.serving.registry import ModelRegistry
+    from app.serving.reload import Reloader, read_stamp
 
     stamp = tmp_path / "reload"
     seen = read_stamp(stamp)  # as create_app does, before loading

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.service import GenerationService, ServerBusy
+from app.serving.service import GenerationService, ServerBusy
 from conftest import ENDLESS_CHAR
 from models_src.generation import Batch
 from models_src.gpt import GPT
@@ -128,7 +128,7 @@ def test_a_collecting_reader_is_sent_only_the_end(service):
 
 
 def test_admission_hands_rows_out_first_come_first_served():
-    from app.scheduler import QueueFull, QueueTimeout, Scheduler
+    from app.serving.scheduler import QueueFull, QueueTimeout, Scheduler
 
     scheduler = Scheduler(max_batch=1, max_queue=2)
     scheduler.acquire(0)
@@ -161,7 +161,7 @@ def test_a_request_for_several_rows_gets_them_all_at_once_in_its_turn():
     """An infill's candidates: rows handed all at once, first come first served, so no
     request holds part of its rows while it waits (two that did waited for each other until
     both timed out); ``try_acquire`` takes only rows that are free with nobody waiting."""
-    from app.scheduler import QueueTimeout, Scheduler
+    from app.serving.scheduler import QueueTimeout, Scheduler
 
     scheduler = Scheduler(max_batch=4, max_queue=4)
     scheduler.acquire(0, rows=3)

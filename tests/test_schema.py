@@ -24,8 +24,8 @@ from schemathesis.core.failures import FailureGroup  # noqa: E402
 from schemathesis.core.transport import Response  # noqa: E402
 
 from app import __version__  # noqa: E402
-from app.openapi import build_spec  # noqa: E402
-from app.settings import Limits  # noqa: E402
+from app.apis.openapi import build_spec  # noqa: E402
+from app.platform.settings import Limits  # noqa: E402
 
 MAX_EXAMPLES = 25  # per operation: the whole file runs in well under a minute
 LIMITS = Limits(max_prompt_chars=64, max_new_tokens=4, default_new_tokens=2)

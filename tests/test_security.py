@@ -1,5 +1,5 @@
 """Security: response headers, CSRF, the rate limit, bad model names, hostile checkpoints,
-escaping and the admin token (app/security.py, app/csrf.py, app/ratelimit.py).
+escaping and the admin token (app/platform/security.py, app/platform/csrf.py, app/platform/ratelimit.py).
 
 What other files already cover is not repeated here: prompt markup and generated markup
 in the generate page's event stream (tests/test_app_pages.py), generated markup never
@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import csrf, security
-from app.ratelimit import TokenBuckets
-from app.settings import Settings, SettingsError
+from app.platform import csrf
+
+from app.platform import security
+from app.platform.ratelimit import TokenBuckets
+from app.platform.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "security-test-token-0123456789"
@@ -170,7 +172,7 @@ def test_pages_need_nothing_the_csp_forbids(client, script):
 def test_a_form_posted_from_another_site_is_refused(client, path, form, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("a refused form must not generate")
-    monkeypatch.setattr("app.service.GenerationService._start", no_generation)
+    monkeypatch.setattr("app.serving.service.GenerationService._start", no_generation)
     for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
                     {"Origin": "http://localhost.evil.example"},
                     {"Origin": "http://localhost:8080"}, {"Origin": "https://localhost"},
@@ -236,7 +238,7 @@ def test_without_a_proxy_x_forwarded_host_is_ignored(make_app):
 
 def test_the_json_apis_have_their_own_origin_check(client):
     """Not the forms' (their answer is JSON in the API's shape, and clients without an
-    Origin pass): app/api_access.py, tests/test_api_access.py."""
+    Origin pass): app/platform/api_access.py, tests/test_api_access.py."""
     evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
     refused = client.post("/api/generate", json=GEN_BODY, headers=evil)
     assert refused.status_code == 403 and refused.json["error"].startswith("cross-site requests")
@@ -510,7 +512,7 @@ def opened(monkeypatch):
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(io, "open", spy_open)
     monkeypatch.setattr(os, "open", spy_os_open)
-    for target in ("app.registry.load_checkpoint", "models_src.checkpoint.load_checkpoint",
+    for target in ("app.serving.registry.load_checkpoint", "models_src.checkpoint.load_checkpoint",
                    "models_src.checkpoint.load_file", "torch.load"):
         monkeypatch.setattr(target, refuse)
     return paths
@@ -558,8 +560,8 @@ def test_hostile_model_names_in_page_forms_are_400_and_open_nothing(app, opened,
 
 
 def test_static_files_never_leave_the_static_folder(client):
-    for path in ("/static/../app/settings.py", "/static/..%2fapp%2fsettings.py",
-                 "/static/%2e%2e/app/settings.py", "/static/vendor/../../app/settings.py",
+    for path in ("/static/../app/platform/settings.py", "/static/..%2fapp%2fsettings.py",
+                 "/static/%2e%2e/app/platform/settings.py", "/static/vendor/../../app/platform/settings.py",
                  "/static//etc/passwd", "/static/app.js%00.png"):
         response = client.get(path, follow_redirects=True)
         assert response.status_code in (400, 404), path
@@ -752,7 +754,7 @@ def test_a_hostile_unsigned_token_is_refused_before_it_is_read(app, monkeypatch)
     never even inflated (the signature is checked first)."""
     import zlib
 
-    from app.ui import FormErrors, job_from_token
+    from app.pages.jobs import FormErrors, job_from_token
 
     deep = zlib.compress(b'{"kind": "generate", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 9)
     bomb = zlib.compress(b" " * 10_000_000, 9)

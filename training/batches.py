@@ -76,7 +76,8 @@ class SequentialWindows:
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, rows_per_step: int,
                  rank: int = 0, world: int = 1) -> None:
         shard = len(tokens) // world
-        self.windows = SequentialBatches(tokens[rank * shard:(rank + 1) * shard], batch_size, seq_len)
+        self.shard = (rank * shard, (rank + 1) * shard)  # this rank's tokens: [start, end)
+        self.windows = SequentialBatches(tokens[slice(*self.shard)], batch_size, seq_len)
         self.tokens_per_step = rows_per_step * seq_len
         self.steps_per_epoch = max(1, len(tokens) // self.tokens_per_step)
 
@@ -86,6 +87,13 @@ class SequentialWindows:
         x, y = self.windows[state.window]
         state.window += 1
         return x, y
+
+
+def describe_reads(source: BatchSource, seed: int) -> str:
+    """What one rank reads, for the line each rank prints at start-up under DDP."""
+    if isinstance(source, SequentialWindows):
+        return f"training tokens [{source.shard[0]}, {source.shard[1]}) in order"
+    return f"random batches, generator seed {seed}"
 
 
 def batch_source(cfg: RunConfig, data: PreparedData, seq_len: int, sequential: bool, *,

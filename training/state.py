@@ -47,6 +47,9 @@ class TrainState:
 
     def __post_init__(self) -> None:
         self.start_clock()
+        # Under DDP, every rank's place() as gathered for the last save (rank 0 saves them
+        # all); None in a single process, or when rank 0 saved alone (Ctrl-C).
+        self.places: list[dict] | None = None
 
     def start_clock(self) -> None:
         self.loop_started = time.perf_counter()
@@ -61,7 +64,8 @@ class TrainState:
         return {**saved, **_global_rng(), "loop_time": self.elapsed(),
                 "hidden": None if self.hidden is None else self.hidden.layers,
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "plateau": self.plateau.state_dict() if self.plateau else None}
+                "plateau": self.plateau.state_dict() if self.plateau else None,
+                **({"places": self.places} if self.places else {})}
 
     def load_state_dict(self, saved: dict) -> None:
         for f in fields(self):
@@ -74,7 +78,31 @@ class TrainState:
         if self.plateau and saved["plateau"]:
             self.plateau.load_state_dict(saved["plateau"])
         _set_global_rng(saved)
+        self.places = saved.get("places")  # absent from single-process runs and older files
         self.start_clock()
+
+    def place(self) -> dict:
+        """Where this rank is in its own data, which differs from rank to rank under DDP:
+        its batch generator, window and recurrent state (on the CPU, to travel)."""
+        hidden = None if self.hidden is None else self.hidden.to(torch.device("cpu")).layers
+        return {"generator": self.generator.get_state(), "window": self.window, "hidden": hidden}
+
+    def restore_place(self, rank: int, seed: int, device: torch.device) -> bool:
+        """Put this rank back where it was at the save (False when ``places`` holds no place
+        for it). Without one, it must not read rank 0's batches again, which the state loaded
+        holds: it draws from a generator of its own (seeded from ``seed`` and the step) and
+        starts its recurrent state afresh."""
+        place = self.places[rank] if self.places and rank < len(self.places) else None
+        if place is None and rank == 0:
+            return True  # the state loaded is rank 0's own
+        if place is None:
+            self.generator.manual_seed(seed + 1_000_003 * self.step)
+            self.hidden = None
+            return False
+        self.generator.set_state(place["generator"])
+        self.window = place["window"]
+        self.hidden = None if place["hidden"] is None else RecurrentState(place["hidden"]).to(device)
+        return True
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)

@@ -34,7 +34,7 @@ from models_src import ModelConfig, build_model, health
 from models_src.checkpoint import CheckpointError
 from models_src.summary import count_parameters
 
-from .batches import batch_source
+from .batches import batch_source, describe_reads
 from .checkpoints import RunCheckpoints, TrainingError
 from .config import DEFAULT_MINUTES, RECIPES, ConfigError, RunConfig, load_config, recipe_config
 from .data import DataError, load_documents, prepare
@@ -70,6 +70,15 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def gather(self, obj):
+        """Every rank's ``obj`` in rank order, on rank 0 (None on the others, and in a single
+        process); a collective: every rank calls it."""
+        if self.world == 1:
+            return None
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -136,6 +145,10 @@ class Trainer:
         # Each rank draws its own batches from its own generator.
         generator = torch.Generator().manual_seed(self.t.seed + self.dist.rank)
         self.state = TrainState(self.optimizer, generator, plateau, run_id=self.report.run_id)
+        if self.dist.world > 1:  # one line from every rank, even --quiet: who reads what, where
+            print(f"rank {self.dist.rank} of {self.dist.world} (node {os.environ.get('GROUP_RANK', 0)}, "
+                  f"local rank {self.dist.local_rank}): "
+                  f"{describe_reads(self.batches, self.t.seed + self.dist.rank)}", file=sys.stderr, flush=True)
 
     # --- pieces -------------------------------------------------------------------------
 
@@ -239,6 +252,9 @@ class Trainer:
         if resume:
             self.checkpoints.resume(s, self.device)
             self.report.reopen(s.run_id)
+            if self.dist.world > 1 and not s.restore_place(self.dist.rank, t.seed + self.dist.rank, self.device):
+                print(f"warning: {self.run_dir / 'last'} holds no place in the data for rank {self.dist.rank} "
+                      "(saved at Ctrl-C, or by fewer ranks): it draws new batches", file=sys.stderr)
         self.report.say(
             f"{self.cfg.name}: {self.model.config.arch}, {count_parameters(self.model):,} parameters, "
             f"{self.tokenizer.kind} tokenizer ({self.tokenizer.vocab_size} tokens), "
@@ -291,8 +307,8 @@ class Trainer:
                 if s.step % t.eval_every == 0 or s.step == self.max_steps:
                     metrics = self.evaluate(t.eval_batches)
                     stop = self.after_eval(metrics, lr)
-                if s.step % t.save_every == 0 and main:
-                    self.checkpoints.save("last", self.summary(metrics), s)
+                if s.step % t.save_every == 0:
+                    self.save_last(self.summary(metrics))
                 if t.max_time_s and s.elapsed() >= t.max_time_s:
                     stop = True  # out of time: what follows is the usual final evaluation
                 if stop:
@@ -301,13 +317,13 @@ class Trainer:
             interrupted = True
             s.rewind(before)
             self.optimizer.zero_grad(set_to_none=True)
-            if main:  # at once, so that a second Ctrl-C during the evaluation loses nothing
-                self.checkpoints.save("last", self.summary(metrics), s)
+            # at once, so that a second Ctrl-C during the evaluation loses nothing
+            self.save_last(self.summary(metrics), every_rank=False)
         self.report.close_bar()
         final = self.evaluate(None)
         summary = self.summary(final, finished=not interrupted)
+        self.save_last(summary, every_rank=not interrupted)
         if main:
-            self.checkpoints.save("last", summary, s)
             self.checkpoints.save("final", summary)
             if self.cfg.publish_dir:  # the small copy the app serves (fp16 halves the file)
                 self.checkpoints.write(self.cfg.publish_dir, summary, dtype=torch.float16)
@@ -322,6 +338,16 @@ class Trainer:
             raise TrainingInterrupted(f"interrupted at step {s.step}: saved {self.run_dir / 'last'} and "
                                       f"{self.run_dir / 'final'} (--resume continues the run)")
         return summary
+
+    def save_last(self, summary: dict, *, every_rank: bool = True) -> None:
+        """``last/`` with the trainer state, written by rank 0 alone. Under DDP it also holds
+        every rank's own place in the data, gathered here (so every rank calls this), so that
+        --resume puts each rank back where it was, not where rank 0 was. After Ctrl-C
+        (``every_rank=False``) the ranks may not all get here: rank 0 saves its own alone."""
+        s = self.state
+        s.places = self.dist.gather(s.place()) if every_rank else None
+        if self.dist.main:
+            self.checkpoints.save("last", summary, s)
 
     def after_eval(self, metrics: dict, lr: float) -> bool:
         """Record, keep the best, step the plateau schedule; True when early stopping says stop."""
@@ -384,7 +410,7 @@ def hardware(device: torch.device, world: int) -> str:
 
 # A checkpoint's folder name, which the app shows as the model's name (no hidden folders).
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# Where the app looks for models unless FABLE_CHECKPOINT_DIR says otherwise (app/settings.py).
+# Where the app looks for models unless FABLE_CHECKPOINT_DIR says otherwise (app/platform/settings.py).
 SERVED_CHECKPOINTS = "checkpoints"
 
 
