@@ -1,6 +1,6 @@
 # Fable on a Hugging Face Space (Docker SDK): gunicorn serving the bundled checkpoints on
 # port 7860, as uid 1000. Build: docker build -t fable . ; run: docker run -p 7860:7860 fable
-# tests/test_app_server.py runs this file's CMD with its ENV (no Docker engine needed).
+# tests/apis/test_app_server.py runs this file's CMD with its ENV (no Docker engine needed).
 
 FROM python:3.11-slim
 

@@ -31,12 +31,12 @@ $(STAMP): $(SERVE_STAMP) requirements-dev.txt $(TF4_STAMP)
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-# transformers 4.x beside .venv's 5.x, for the export tests (tests/test_hf_interop.py): its own
+# transformers 4.x beside .venv's 5.x, for the export tests (tests/interop/test_hf_interop.py): its own
 # transformers, huggingface_hub and tokenizers; torch and the rest read from .venv (a .pth file)
-$(TF4_STAMP): tests/requirements-transformers4.txt | $(SERVE_STAMP)
+$(TF4_STAMP): tests/interop/requirements-transformers4.txt | $(SERVE_STAMP)
 	$(PYTHON) -m venv $(TF4)
 	$(TF4)/bin/python -c "import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_path('purelib'), 'fable-venv.pth').write_text(sys.argv[1] + '\n')" "$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))")"
-	$(TF4)/bin/python -m pip install -r tests/requirements-transformers4.txt
+	$(TF4)/bin/python -m pip install -r tests/interop/requirements-transformers4.txt
 	touch $@
 
 install: $(SERVE_STAMP)
@@ -72,8 +72,8 @@ test-all: $(STAMP) assets
 # docs/screenshots/*.png from the bundled models (and experiments/'s records, where there are any)
 screenshots: $(STAMP) assets
 	FABLE_SCREENSHOTS=1 FABLE_SCREENSHOTS_CHECKPOINTS=checkpoints \
-		$(PY) -m pytest tests/test_browser.py tests/test_browser_compare.py \
-		tests/test_browser_model_page.py tests/test_browser_experiments.py -k screenshot -o addopts=""
+		$(PY) -m pytest tests/pages/test_browser.py tests/pages/test_browser_compare.py \
+		tests/pages/test_browser_model_page.py tests/pages/test_browser_experiments.py -k screenshot -o addopts=""
 
 results: $(STAMP)
 	$(PY) benchmarks/results.py

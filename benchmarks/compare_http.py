@@ -23,15 +23,13 @@ import argparse
 import html
 import http.client
 import re
-import sys
 import threading
 import time
 
 import httpx
 from _common import ROOT, environment  # puts the repository on sys.path
 
-sys.path.insert(0, str(ROOT / "tests"))
-from gunicorn_server import GunicornServer  # noqa: E402  (the path above)
+from tests.gunicorn_server import GunicornServer  # noqa: E402  (the repository is on sys.path)
 
 from compare import PROMPT, SEED, TEMPERATURE, span  # noqa: E402  (the in-process one's)
 

@@ -59,8 +59,8 @@ from urllib.parse import urlsplit
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from gunicorn_server import GunicornServer, Memory  # noqa: E402  (the path above)
+sys.path.insert(0, str(ROOT))
+from tests.gunicorn_server import GunicornServer, Memory  # noqa: E402  (the path above)
 
 PROMPTS = ("ROMEO:", "Once upon a time", "The king said", "First Citizen:\n")
 TARGET_SPEEDUP, TARGET_LATENCY = 4.0, 3.0  # tokens/s 16 / 1 at least; p99 16 / lone at most

@@ -128,10 +128,10 @@ def main() -> None:
     print(f"training {cfg.model.arch} on {data} for {args.steps} steps")
     summary = Trainer(cfg, quiet=True).fit()  # its final evaluation scores all of validation
 
-    loss, perplexity = summary["val_loss"], summary["val_perplexity"]
+    loss, perplexity = summary.val_loss, summary.val_perplexity
     print(f"validation loss {loss:.4f} nats/token, perplexity {perplexity:.2f} "
-          f"(guessing uniformly over the {summary['vocab_size']} characters scores "
-          f"{summary['vocab_size']})")
+          f"(guessing uniformly over the {summary.vocab_size} characters scores "
+          f"{summary.vocab_size})")
 
     # The run saved final/ like any checkpoint: load it back and sample from it.
     checkpoint = load_checkpoint(cfg.run_dir / "final")

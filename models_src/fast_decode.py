@@ -6,7 +6,7 @@ costs more than their arithmetic. So in eval mode the GPT's ``step``, ``prefill`
 ``join_step`` run the same operations as the module path (``Block.forward``), in the
 same order, on the step's tokens flattened to (N, C) rows, reading weights from the
 parameter dicts directly and laid out (in, out) for one-row products. Module hooks do
-not fire. ``tests/test_models.py`` holds it to the module path. The figures are in
+not fire. ``tests/models/test_models.py`` holds it to the module path. The figures are in
 benchmarks/README.md.
 """
 

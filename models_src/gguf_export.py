@@ -36,7 +36,7 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 _KEPT_UNQUANTIZED = {"position_embd.weight"}
 # llama.cpp's gpt2 graph runs ggml_gelu, GELU's tanh approximation; Fable's "gelu" is exact.
 # On the bundled TinyStories GPT that moves logits by < 0.004 and no greedy token
-# (tests/test_gguf.py compares the texts through llama.cpp), so both GELUs are exported.
+# (tests/interop/test_gguf.py compares the texts through llama.cpp), so both GELUs are exported.
 
 # Why the other architectures Fable trains cannot be GGUF files: llama.cpp runs a file
 # only through a compute graph written in C++ for the file's architecture.

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from conftest import ENDLESS_CHAR, INFILL_MODELS, MODELS
-from gunicorn_server import GunicornServer
+from tests.app_support import ENDLESS_CHAR, INFILL_MODELS, MODELS
+from tests.gunicorn_server import GunicornServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
