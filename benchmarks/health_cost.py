@@ -50,7 +50,7 @@ def train(config: str, steps: int, threads: int, health_every: int) -> tuple[flo
 
         trainer.report.step = timed_step
         summary = trainer.fit()
-    return summary["tokens_seen"] / summary["training_time_s"], seconds
+    return summary.tokens_seen / summary.training_time_s, seconds
 
 
 def in_run_cost(seconds: dict[int, float]) -> float:

@@ -62,8 +62,8 @@ def train(job: tuple) -> Path:
     torch.set_num_threads(args.threads)
     config = run_config(name, *MODELS[name], args, tmp, stories)
     summary = Trainer(config, quiet=True).fit()
-    print(f"  trained {name} ({stories or 'all'} stories): {summary['step']} steps "
-          f"in {summary['training_time_s']:.0f} s", flush=True)
+    print(f"  trained {name} ({stories or 'all'} stories): {summary.step} steps "
+          f"in {summary.training_time_s:.0f} s", flush=True)
     return config.run_dir / "final"
 
 

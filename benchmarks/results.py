@@ -18,6 +18,7 @@ from pathlib import Path
 
 from _common import ROOT
 from models_src.checkpoint import read_config
+from models_src.records import TrainingSummary
 
 CONFIGS = ["char_gpt_shakespeare", "char_lstm_shakespeare", "word_lstm_books", "tinystories_gpt",
            "tinystories_word_lstm", "tinystories_lstm", "word_lstm_wikitext", "bpe_lstm_tinystories",
@@ -41,16 +42,16 @@ def main() -> None:
         config = f"training/configs/{name}.yaml"
         if not args.skip_training:
             run("training.train", "--config", config, "--quiet")
-        summary = read_config(ROOT / "runs" / _run_name(config) / "final")["training"]
+        summary = TrainingSummary.from_dict(read_config(ROOT / "runs" / _run_name(config) / "final")["training"])
         result = json.loads(run("training.evaluate", "--checkpoint", f"runs/{_run_name(config)}/final",
                                 "--samples", "0", "--json"))
-        model = summary["config"]["model"]
+        model = summary.config_section("model")
         shape = (f"{model['arch']} {model['n_layer']}x{model.get('n_hidden') or model.get('n_embd')}")
-        data = "/".join(Path(summary["data"]).parts[-2:])
-        print(f"| `{name}` | {shape} | {summary['parameters'] / 1e6:.2f}M | {data} "
-              f"| {summary['tokenizer']} ({result['vocab_size']:,}) | {result['perplexity']:.2f} "
+        data = "/".join(Path(summary.data).parts[-2:])
+        print(f"| `{name}` | {shape} | {summary.parameters / 1e6:.2f}M | {data} "
+              f"| {summary.tokenizer} ({result['vocab_size']:,}) | {result['perplexity']:.2f} "
               f"| {result['bits_per_char']:.3f} | {result['token_accuracy']:.1%} "
-              f"| {summary['training_time_s'] / 60:.1f} min | {summary['hardware']} |", flush=True)
+              f"| {summary.training_time_s / 60:.1f} min | {summary.hardware} |", flush=True)
 
 
 def _run_name(config: str) -> str:

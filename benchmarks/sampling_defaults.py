@@ -128,7 +128,7 @@ def label(setting: dict) -> str:
 def corpus(checkpoint, path: str | None) -> dict[str, list[str]]:
     """The training and validation documents, split as the checkpoint's training run split
     them (its config's data section; ``path`` moves the corpus)."""
-    data = dict(checkpoint.summary.get("config", {}).get("data") or {})
+    data = dict(checkpoint.training.config_section("data"))
     if path is not None or not (data.get("path") or data.get("corpus")):
         data = {"path": path or str(CORPUS)}
     if data.get("path") and not Path(data["path"]).is_absolute():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from _common import ROOT, environment
+from models_src.records import TrainingSummary
 from training.config import load_config
 from training.data import random_batch
 from training.train import Trainer
@@ -104,7 +105,7 @@ def ours_tokens_per_s(corpus: Path, tmp: Path, sizes: dict, batch: int, steps: i
         trainer = Trainer(load_config(raw=raw), quiet=True)
         trainer.evaluate = lambda max_batches: {"loss": 0.0, "perplexity": 1.0, "token_accuracy": 0.0}
         summary = trainer.fit()
-        return summary["tokens_seen"], summary["training_time_s"]
+        return summary.tokens_seen, summary.training_time_s
     short_tokens, short_time = run(5)
     long_tokens, long_time = run(5 + steps)
     return (long_tokens - short_tokens) / (long_time - short_time)
@@ -169,10 +170,12 @@ def run_nanogpt(nanogpt: Path, text: str, threads: int) -> tuple[float, float, f
     return wall, b["batch_size"] * b["block_size"] / (np.median(iter_ms) / 1000), val
 
 
-def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int, lr: float) -> dict:
+def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int,
+                            lr: float) -> tuple[TrainingSummary, float]:
     """Our trainer, nanoGPT's shape and hyper-parameters (no biases, as its baby config), with
     nanoGPT's wall-clock as its budget: ``training.max_time_s`` ends the loop and the cosine
-    schedule follows the clock, start-up and the final evaluation counted against it."""
+    schedule follows the clock, start-up and the final evaluation counted against it. Its
+    summary, and the seconds it took in all."""
     b = BABY
     raw = {"name": "baby", "model": {"arch": "gpt", "dropout": 0.0, "bias": False, "n_layer": b["n_layer"],
                                      "n_head": b["n_head"], "n_embd": b["n_embd"], "block_size": b["block_size"]},
@@ -186,9 +189,7 @@ def run_ours_same_wallclock(corpus: Path, tmp: Path, wall: float, threads: int, 
     trainer = Trainer(load_config(raw=raw), quiet=True)
     final_eval = 5.0  # seconds kept for the final evaluation and checkpoints
     trainer.t.max_time_s = wall - (time.perf_counter() - started) - final_eval
-    summary = trainer.fit()
-    summary["wall"] = time.perf_counter() - started
-    return summary
+    return trainer.fit(), time.perf_counter() - started
 
 
 def main() -> None:
@@ -214,13 +215,13 @@ def main() -> None:
             compare_with_hf(args, corpus, tmp)
         if args.nanogpt:
             wall, nano_tps, nano_val = run_nanogpt(args.nanogpt.resolve(), corpus.read_text(), args.threads)
-            ours = run_ours_same_wallclock(corpus, tmp, wall, args.threads, args.lr)
-            ours_tps = ours["tokens_seen"] / ours["training_time_s"]
+            ours, ours_wall = run_ours_same_wallclock(corpus, tmp, wall, args.threads, args.lr)
+            ours_tps = ours.tokens_seen / ours.training_time_s
             print(f"\nnanoGPT baby, {BABY['iters']} iterations: {wall:.0f} s wall, {nano_tps:,.0f} tokens/s, "
                   f"val loss {nano_val:.4f} (20 random batches)")
-            print(f"ours, same shape and wall-clock, learning rate {args.lr:g}: {ours['step']} steps in "
-                  f"{ours['wall']:.0f} s, "
-                  f"{ours_tps:,.0f} tokens/s ({ours_tps / nano_tps:.2f}x), val loss {ours['val_loss']:.4f} "
+            print(f"ours, same shape and wall-clock, learning rate {args.lr:g}: {ours.step} steps in "
+                  f"{ours_wall:.0f} s, "
+                  f"{ours_tps:,.0f} tokens/s ({ours_tps / nano_tps:.2f}x), val loss {ours.val_loss:.4f} "
                   f"(whole validation split)")
 
 

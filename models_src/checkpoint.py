@@ -1,6 +1,7 @@
 """The checkpoint format: one directory per model, no pickles.
 
     <dir>/config.json         format version, model config, tokenizer kind, training summary
+                              and evaluation (models_src.records.TrainingSummary, Evaluation)
     <dir>/model.safetensors   the weights (tied weights stored once); over MAX_SHARD_BYTES,
                               model-0000k-of-0000n.safetensors and their index
                               model.safetensors.index.json (Hugging Face's sharded layout)
@@ -45,6 +46,7 @@ from . import hf_import, safe_files
 from .registry import build_model
 from .base import LanguageModel
 from .config import ModelConfig
+from .records import Evaluation, TrainingSummary
 from .safe_files import MAX_CARD_BYTES, UnsafeFile
 from .sampling_defaults import GENERATION_CONFIG, NEUTRAL, SamplingDefaults
 from .tokenization import Tokenizer
@@ -77,13 +79,19 @@ class Checkpoint:
     model: LanguageModel
     tokenizer: Tokenizer
     config: ModelConfig
-    summary: dict = field(default_factory=dict)  # training facts: perplexity, tokens seen, ...
+    training: TrainingSummary = field(default_factory=TrainingSummary)  # perplexity, tokens seen, ...
+    evaluation: Evaluation = field(default_factory=Evaluation)  # the model card's figures
     path: Path | None = None
     defaults: SamplingDefaults = NEUTRAL  # what a request leaves unset (generation_config.json)
 
     @property
     def name(self) -> str:
         return self.path.name if self.path else "model"
+
+    @property
+    def summary(self) -> dict:
+        """The training summary as config.json holds it, for callers that read it as a dict."""
+        return self.training.to_dict()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,10 +114,11 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
-                    summary: dict | None = None, *, dtype: torch.dtype | None = None,
+                    summary: TrainingSummary | dict | None = None, *, dtype: torch.dtype | None = None,
                     defaults: SamplingDefaults | None = None,
                     write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write a checkpoint atomically; ``dtype`` (e.g. torch.float16) shrinks the weights;
+    """Write a checkpoint atomically; ``summary``: its ``training`` section (a dict is
+    written as it is); ``dtype`` (e.g. torch.float16) shrinks the weights;
     ``defaults``: the model's sampling settings (none: generation_config.json is not written).
 
     ``write_extra(tmp_dir)`` may add files (the trainer's resume state) before the
@@ -123,7 +132,7 @@ def save_checkpoint(directory, model: LanguageModel, tokenizer: Tokenizer,
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
-        "training": summary or {},
+        "training": summary.to_dict() if isinstance(summary, TrainingSummary) else summary or {},
     }
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in _unique_state(model).items()}
@@ -500,8 +509,9 @@ def _load(directory: Path, device, dtype: torch.dtype, deadline: float | None) -
     model = build_model(model_config)
     model.load_state_dict(tensors, strict=False)  # tied aliases are filled by the tie itself
     model.to(device=device, dtype=dtype).eval()
-    return Checkpoint(model, tokenizer, model_config, config.get("training", {}), directory,
-                      read_defaults(directory))
+    return Checkpoint(model, tokenizer, model_config, path=directory, defaults=read_defaults(directory),
+                      training=TrainingSummary.from_dict(config.get("training")),
+                      evaluation=Evaluation.from_dict(config.get("evaluation")))
 
 
 def read_defaults(directory: Path) -> SamplingDefaults:

@@ -14,30 +14,29 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .generation import Stream, generate, stream
+from .records import TrainingSummary
 from .sampling import Completion, SamplingParams
 
 
-def trained_to_infill(summary: dict, tokenizer) -> bool:
+def trained_to_infill(summary: TrainingSummary | dict, tokenizer) -> bool:
     """Whether a checkpoint infills: its tokenizer has the markers AND it learned the format.
 
     Every Fable tokenizer has ``<blank>``/``<sep>``, so the markers alone say nothing. It
     learned the format when its training ran the infilling task (``data.task: infill``, or
     ``infill+lm`` with some ``infill_fraction``), or when an imported model declares it
-    (``"infill": true`` in its training summary).
+    (``"infill": true`` in its training summary). ``summary`` may be config.json's section
+    as read.
     """
     try:
         if tokenizer.blank_id is None or tokenizer.sep_id is None:
             return False
     except (AttributeError, KeyError):
         return False
-    if not isinstance(summary, dict):
-        return False
-    if isinstance(summary.get("infill"), bool):
-        return summary["infill"]
-    config = summary.get("config")
-    data = config.get("data") if isinstance(config, dict) else None
-    if not isinstance(data, dict):
-        return False
+    if not isinstance(summary, TrainingSummary):
+        summary = TrainingSummary.from_dict(summary)
+    if summary.infill is not None:
+        return summary.infill
+    data = summary.config_section("data")
     fraction = data.get("infill_fraction")  # a saved config lists every field
     return data.get("task") == "infill" or (
         data.get("task") == "infill+lm" and isinstance(fraction, (int, float)) and fraction > 0)

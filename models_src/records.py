@@ -13,6 +13,11 @@ Every file has the same ordered, typed columns, so a glob over the root is one t
 view ``health``.
 
 Every query reads the store through ``connect``; a missing or empty store reads as no rows.
+
+A checkpoint keeps its own records in its ``config.json``: the run's summary (section
+``training``, ``TrainingSummary``) and the evaluation the model card shows (section
+``evaluation``, ``Evaluation``), typed here once for the trainer, the evaluator, the app
+and the benchmarks.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Self
 
 import duckdb
 import pyarrow as pa
@@ -327,3 +335,121 @@ def loss_curves_png(root: Path | str, run_id: str) -> bytes | None:
     png = io.BytesIO()
     figure.savefig(png, format="png")
     return png.getvalue()
+
+
+# ---- a checkpoint's records: config.json's "training" and "evaluation" sections ---------
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _mapping(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _described(value: Any) -> bool:
+    """Free-form: text, a list or a mapping (an imported model's card may say either)."""
+    return isinstance(value, (str, list, dict))
+
+
+def _known(accepts: Callable[[Any], bool]) -> Any:
+    """A field old checkpoints may lack (None); ``from_dict`` reads a value only where
+    ``accepts`` takes it."""
+    return field(default=None, metadata={"accepts": accepts})
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Section:
+    """One config.json section as typed fields, None where the file lacks a value."""
+
+    #: What the file held that no field does, verbatim: unknown keys, and known ones whose
+    #: value was unreadable (a string for a number, NaN, null). A re-save writes it back.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        """The section as any Fable wrote it, or a hostile file holds it: never raises; a
+        value of the wrong type is read as missing (and kept in ``extra``)."""
+        raw = raw if isinstance(raw, dict) else {}
+        typed = {f.name: raw[f.name] for f in fields(cls)
+                 if "accepts" in f.metadata and f.name in raw and f.metadata["accepts"](raw[f.name])}
+        return cls(**typed, extra={k: v for k, v in raw.items() if k not in typed})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as config.json holds it (fields left None are left out)."""
+        written = {f.name: getattr(self, f.name) for f in fields(self)
+                   if "accepts" in f.metadata and getattr(self, f.name) is not None}
+        return written | {k: v for k, v in self.extra.items() if k not in written}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSummary(_Section):
+    """config.json ``training``: what the trainer knew of its run when it saved the checkpoint
+    (fields in the order it writes them), and what an imported model may declare."""
+
+    name: str | None = _known(_text)  # the run's name (the checkpoint folder may differ)
+    finished: bool | None = _known(_flag)  # False: stopped early (Ctrl-C), resumable
+    step: int | None = _known(_count)
+    parameters: int | None = _known(_count)
+    epoch: float | None = _known(_finite)
+    tokens_seen: int | None = _known(_count)
+    train_loss: float | None = _known(_finite)
+    val_loss: float | None = _known(_finite)
+    val_perplexity: float | None = _known(_finite)
+    token_accuracy: float | None = _known(_finite)
+    bits_per_char: float | None = _known(_finite)
+    best_val_loss: float | None = _known(_finite)  # inf before the first evaluation
+    training_time_s: float | None = _known(_finite)
+    data: str | list | dict | None = _known(_described)  # the corpus's path or hub name
+    tokenizer: str | None = _known(_text)  # its kind: char, word, bpe, ...
+    vocab_size: int | None = _known(_count)
+    seq_len: int | None = _known(_count)  # tokens per training sequence
+    hardware: str | list | dict | None = _known(_described)
+    #: The run's whole config (training.config.RunConfig.to_dict()): its shape belongs to
+    #: the trainer of its day, so it stays a mapping; ``config_section`` reads a part.
+    config: dict[str, Any] | None = _known(_mapping)
+    command: str | None = _known(_text)  # what trains it again
+    run_id: str | None = _known(_text)  # its rows in the experiment records
+    infill: bool | None = _known(_flag)  # an imported model declares it learned the format
+    bleu: float | None = _known(_finite)
+    samples: list[str] | None = _known(_texts)
+
+    def config_section(self, name: str) -> dict[str, Any]:
+        """A section of the run's config (``data``, ``model``, ``output``...); {} without one."""
+        section = (self.config or {}).get(name)
+        return section if isinstance(section, dict) else {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation(_Section):
+    """config.json ``evaluation``: what ``python -m training.model_card`` measured with
+    ``training.evaluate`` (the model card's figures); BLEU and samples where added."""
+
+    split: str | None = _known(_text)
+    tokens: int | None = _known(_count)
+    characters: int | None = _known(_count)
+    loss: float | None = _known(_finite)
+    perplexity: float | None = _known(_finite)
+    bits_per_char: float | None = _known(_finite)
+    token_accuracy: float | None = _known(_finite)
+    reads: str | None = _known(_text)  # "stream" or "documents"
+    command: str | None = _known(_text)
+    date: str | None = _known(_text)  # ISO 8601, as written
+    bleu: float | None = _known(_finite)
+    samples: list[str] | None = _known(_texts)

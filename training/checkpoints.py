@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from models_src.records import TrainingSummary
 from models_src.sampling_defaults import STARTING
 
 from .state import TrainState
@@ -29,14 +30,14 @@ class RunCheckpoints:
         self.run_dir, self.model, self.tokenizer = run_dir, model, tokenizer
         self.dtype = dtype  # of best/ and final/; last/ stays float32 for an exact resume
 
-    def save(self, which: str, summary: dict, state: TrainState | None = None) -> Path:
+    def save(self, which: str, summary: TrainingSummary, state: TrainState | None = None) -> Path:
         """``which`` ("last", "best" or "final"); with ``state``, float32 and the trainer state."""
         if state is None:
             return self.write(self.run_dir / which, summary, dtype=self.dtype)
         return self.write(self.run_dir / which, summary,
                           write_extra=lambda directory: state.save(directory / TRAINER_STATE))
 
-    def write(self, path: Path, summary: dict, **options) -> Path:
+    def write(self, path: Path, summary: TrainingSummary, **options) -> Path:
         """save_checkpoint, with a failed write (a full disk, a lost mount) turned into a
         TrainingError. The previous checkpoint at ``path`` is still whole then. Every
         checkpoint of a run samples with the starting defaults until a sweep picks its own."""
@@ -45,12 +46,12 @@ class RunCheckpoints:
                                    defaults=STARTING, **options)
         except OSError as e:
             try:
-                step = read_config(path)["training"].get("step")
+                step = TrainingSummary.from_dict(read_config(path).get("training")).step
                 at = f" (step {step})" if step is not None else ""
                 previous = f"the previous checkpoint there{at} is intact"
-            except (CheckpointError, KeyError, AttributeError, OSError):
+            except (CheckpointError, OSError):
                 previous = "there was no previous checkpoint there"
-            raise TrainingError(f"could not write the checkpoint {path} at step {summary['step']}: "
+            raise TrainingError(f"could not write the checkpoint {path} at step {summary.step}: "
                                 f"{e.strerror or e}; {previous}. Training stopped.") from e
 
     def resume(self, state: TrainState, device: torch.device) -> None:

@@ -35,7 +35,7 @@ DEFAULT_PROMPTS = ("", "Once upon a time", "The ")
 
 def _trained_data(checkpoint) -> dict:
     """The ``data`` section of the config the checkpoint was trained with ({} if none)."""
-    return checkpoint.summary.get("config", {}).get("data", {})
+    return checkpoint.training.config_section("data")
 
 
 def documents_for(checkpoint, data_path: str | None, split: str) -> tuple[list[str], list[str]]:
@@ -127,7 +127,7 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
         if experiments_dir:
             record(experiments_dir, checkpoint, result, kind=f"infill:{given}")
         return result
-    seq_len = checkpoint.summary.get("seq_len") or checkpoint.config.block_size
+    seq_len = checkpoint.training.seq_len or checkpoint.config.block_size
     by_document = _trained_data(checkpoint).get("task", "lm") != "lm"
     result = {"checkpoint": str(checkpoint.path), "split": split,
               **score_text(checkpoint.model, checkpoint.tokenizer, docs, train_docs, seq_len,
@@ -147,14 +147,15 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
 
 def record(experiments_dir: str, checkpoint, result: dict, kind: str) -> None:
     """One experiment row for this evaluation."""
-    name = checkpoint.summary.get("name", checkpoint.name)  # the run's name, not "final"
-    log = ExperimentLog(experiments_dir, name, config=checkpoint.summary.get("config"))
+    trained = checkpoint.training
+    name = trained.name or checkpoint.name  # the run's name, not "final"
+    log = ExperimentLog(experiments_dir, name, config=trained.config)
     log.log(model=name, architecture=checkpoint.config.arch,
-            parameters=count_parameters(checkpoint.model), step=checkpoint.summary.get("step", 0),
-            epoch=float(checkpoint.summary.get("epoch", 0.0)), val_loss=result["loss"],
+            parameters=count_parameters(checkpoint.model), step=trained.step or 0,
+            epoch=float(trained.epoch or 0.0), val_loss=result["loss"],
             val_perplexity=result["perplexity"], token_accuracy=result["token_accuracy"],
             bits_per_char=result.get("bits_per_char"), bleu=result.get("bleu"),
-            tokens_seen=checkpoint.summary.get("tokens_seen"),
+            tokens_seen=trained.tokens_seen,
             wall_time_s=result["seconds"], split=result["split"], kind=kind)
 
 

@@ -91,9 +91,9 @@ def checkup(model: torch.nn.Module, batch: torch.Tensor) -> list[health.Record]:
 
 def recorded(checkpoint: Checkpoint) -> tuple[int | None, list[health.Record]]:
     """The last training-health records of the run that made the checkpoint, if found."""
-    summary = checkpoint.summary
-    run_id, name = summary.get("run_id"), summary.get("name")
-    root = summary.get("config", {}).get("output", {}).get("experiments_dir")
+    summary = checkpoint.training
+    run_id, name = summary.run_id, summary.name
+    root = summary.config_section("output").get("experiments_dir")
     if not (run_id and name and root):
         return None, []
     step, records = HealthLog(root, name, run_id).latest()

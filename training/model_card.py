@@ -22,12 +22,12 @@ from pathlib import Path
 
 import yaml
 
-from models_src.checkpoint import CARD_FILE, CheckpointError, load_checkpoint
+from models_src.checkpoint import CARD_FILE, load_checkpoint
 from models_src.generation import generate
 from models_src.infill import trained_to_infill
+from models_src.records import Evaluation, TrainingSummary
 from models_src.sampling import encode_prompt
 
-from .data import DataError
 from .evaluate import evaluate
 
 SAMPLE_SEEDS = (1, 2, 3)
@@ -60,6 +60,11 @@ CORPORA = {
 }
 
 
+def _data_path(summary: TrainingSummary) -> str:
+    """The corpus a run read, as corpus_of takes it ("" when the summary gives no path)."""
+    return summary.data if isinstance(summary.data, str) else ""
+
+
 def corpus_of(data_path: str) -> dict:
     for key, corpus in CORPORA.items():
         if key in data_path.replace("-", "").replace("_", "").lower():
@@ -82,18 +87,34 @@ def write_json_atomically(path: Path, value: dict) -> None:
         raise
 
 
-def evaluation_record(checkpoint_dir: Path, batch_size: int = 16) -> dict:
+def evaluation_record(checkpoint_dir: Path, batch_size: int = 16) -> Evaluation:
     """Evaluate on the validation split; the figures as stored in config.json."""
     result = evaluate(str(checkpoint_dir), split="validation", batch_size=batch_size, samples=0,
                       experiments_dir=None)
-    return {
-        "split": "validation", "tokens": result["tokens"], "characters": result["characters"],
-        "loss": round(result["loss"], 4), "perplexity": round(result["perplexity"], 3),
-        "bits_per_char": round(result["bits_per_char"], 4),
-        "token_accuracy": round(result["token_accuracy"], 4), "reads": result["reads"],
-        "command": f"python -m training.evaluate --checkpoint {checkpoint_dir}",
-        "date": date.today().isoformat(),
-    }
+    return Evaluation(
+        split="validation", tokens=result["tokens"], characters=result["characters"],
+        loss=round(result["loss"], 4), perplexity=round(result["perplexity"], 3),
+        bits_per_char=round(result["bits_per_char"], 4),
+        token_accuracy=round(result["token_accuracy"], 4), reads=result["reads"],
+        command=f"python -m training.evaluate --checkpoint {checkpoint_dir}",
+        date=date.today().isoformat(),
+    )
+
+
+#: What a card states of its evaluation: a card is not written without all of them.
+CARD_FIGURES = ("tokens", "characters", "loss", "perplexity", "bits_per_char", "token_accuracy",
+                "command", "date")
+
+
+def card_evaluation(config: dict) -> Evaluation:
+    """config.json's evaluation; a ValueError names the first figure the card states that
+    it lacks (or holds as something other than a figure)."""
+    evaluation = Evaluation.from_dict(config.get("evaluation"))
+    missing = [name for name in CARD_FIGURES if getattr(evaluation, name) is None]
+    if missing:
+        raise ValueError(f"the evaluation in config.json has no {missing[0]} "
+                         f"(evaluate again: leave out --no-evaluate)")
+    return evaluation
 
 
 def samples(checkpoint, prompt: str) -> list[str]:
@@ -109,14 +130,13 @@ def samples(checkpoint, prompt: str) -> list[str]:
     return out
 
 
-def front_matter(name: str, config: dict, corpus: dict) -> dict:
-    ev, arch = config["evaluation"], config["model"]["arch"]
-    vocab = config["model"]["vocab_size"]
+def front_matter(name: str, config: dict, ev: Evaluation, corpus: dict) -> dict:
+    arch, vocab = config["model"]["arch"], config["model"]["vocab_size"]
     metrics = [
-        {"type": "bits_per_character", "value": ev["bits_per_char"], "name": "Bits per character"},
-        {"type": "perplexity", "value": ev["perplexity"], "name": f"Perplexity ({vocab:,}-token vocabulary)"},
-        {"type": "loss", "value": ev["loss"], "name": "Cross-entropy (nats per token)"},
-        {"type": "accuracy", "value": ev["token_accuracy"], "name": "Next-token accuracy"},
+        {"type": "bits_per_character", "value": ev.bits_per_char, "name": "Bits per character"},
+        {"type": "perplexity", "value": ev.perplexity, "name": f"Perplexity ({vocab:,}-token vocabulary)"},
+        {"type": "loss", "value": ev.loss, "name": "Cross-entropy (nats per token)"},
+        {"type": "accuracy", "value": ev.token_accuracy, "name": "Next-token accuracy"},
     ]
     dataset = {"type": corpus["hub"] or corpus["name"], "name": corpus["name"], "split": "validation"}
     meta = {
@@ -149,15 +169,15 @@ def describe(config: dict) -> str:
 def render(name: str, config: dict, sample_texts: list[str], infills: bool,
            sampling: str = "temperature 1") -> str:
     """The card; ``sampling``: how the samples were drawn, in words (SamplingDefaults.described)."""
-    t, ev = config["training"], config["evaluation"]
-    corpus = corpus_of(t.get("data") or "")
-    run = t.get("config", {})
-    hours, minutes = divmod(round(t.get("training_time_s", 0) / 60), 60)
+    t, ev = TrainingSummary.from_dict(config.get("training")), card_evaluation(config)
+    corpus = corpus_of(_data_path(t))
+    run = t.config or {}
+    hours, minutes = divmod(round((t.training_time_s or 0) / 60), 60)
     duration = f"{hours} h {minutes} min" if hours else f"{minutes} min"
-    command = t.get("command") or (
+    command = t.command or (
         f"python -m training.train --config training/configs/{run.get('name', name).replace('-', '_')}.yaml")
     lines = [
-        "---", yaml.safe_dump(front_matter(name, config, corpus), sort_keys=False).strip(), "---", "",
+        "---", yaml.safe_dump(front_matter(name, config, ev, corpus), sort_keys=False).strip(), "---", "",
         f"# {name}", "",
         f"{describe(config)[0].upper()}{describe(config)[1:]}, {config['parameters']:,} parameters, "
         f"trained with Fable on {corpus['name']}.", "",
@@ -167,19 +187,19 @@ def render(name: str, config: dict, sample_texts: list[str], infills: bool,
         "```",
         command,
         "```", "",
-        f"- Hardware: {t.get('hardware')}; training time {duration} ({t.get('training_time_s')} s).",
-        f"- {t.get('step'):,} optimizer steps, {t.get('tokens_seen'):,} tokens seen "
-        f"({t.get('epoch', 0):.2f} epochs).",
+        f"- Hardware: {t.hardware}; training time {duration} ({t.training_time_s} s).",
+        f"- {t.step or 0:,} optimizer steps, {t.tokens_seen or 0:,} tokens seen "
+        f"({t.epoch or 0:.2f} epochs).",
         "- The whole configuration it ran with:", "",
         "```yaml", yaml.safe_dump(run, sort_keys=False).strip(), "```", "",
         "## Evaluation", "",
-        f"On the validation split ({ev['characters']:,} characters, {ev['tokens']:,} tokens), "
-        f"with `{ev['command']}` on {ev['date']}:", "",
+        f"On the validation split ({ev.characters:,} characters, {ev.tokens:,} tokens), "
+        f"with `{ev.command}` on {ev.date}:", "",
         "| metric | value |", "| --- | ---: |",
-        f"| bits per character | {ev['bits_per_char']} |",
-        f"| perplexity | {ev['perplexity']} |",
-        f"| cross-entropy, nats per token | {ev['loss']} |",
-        f"| next-token accuracy | {ev['token_accuracy']} |", "",
+        f"| bits per character | {ev.bits_per_char} |",
+        f"| perplexity | {ev.perplexity} |",
+        f"| cross-entropy, nats per token | {ev.loss} |",
+        f"| next-token accuracy | {ev.token_accuracy} |", "",
         "Bits per character compare models whatever their vocabulary; perplexity only between "
         "models with the same tokenizer.", "",
         "## Intended use and limits", "",
@@ -206,12 +226,12 @@ def write_card(checkpoint_dir: Path, *, evaluate_again: bool = True) -> Path:
     config_path = checkpoint_dir / "config.json"
     config = json.loads(config_path.read_text())
     if evaluate_again or "evaluation" not in config:
-        config["evaluation"] = evaluation_record(checkpoint_dir)
+        config["evaluation"] = evaluation_record(checkpoint_dir).to_dict()
         write_json_atomically(config_path, config)
     checkpoint = load_checkpoint(checkpoint_dir)
-    corpus = corpus_of(config["training"].get("data") or "")
+    corpus = corpus_of(_data_path(checkpoint.training))
     card = render(checkpoint_dir.name, config, samples(checkpoint, corpus["prompt"]),
-                  trained_to_infill(checkpoint.summary, checkpoint.tokenizer),
+                  trained_to_infill(checkpoint.training, checkpoint.tokenizer),
                   checkpoint.defaults.described())
     path = checkpoint_dir / CARD_FILE
     path.write_text(card)
@@ -227,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for directory in args.checkpoint:
             print(write_card(directory, evaluate_again=not args.no_evaluate))
-    except (CheckpointError, DataError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:  # CheckpointError and DataError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

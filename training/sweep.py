@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg.name = f"{base.name}-sweep"
             print(f"== {name}", file=sys.stderr)
             summary = Trainer(cfg).fit()
-            rows.append({"variant": name, "parameters": summary["parameters"],
-                         "val_loss": summary["val_loss"], "val_perplexity": summary["val_perplexity"],
-                         "bits_per_char": summary["bits_per_char"],
-                         "token_accuracy": summary["token_accuracy"],
-                         "tokens_per_s": summary["tokens_seen"] / max(summary["training_time_s"], 1e-9),
-                         "training_time_s": summary["training_time_s"]})
+            rows.append({"variant": name, "parameters": summary.parameters,
+                         "val_loss": summary.val_loss, "val_perplexity": summary.val_perplexity,
+                         "bits_per_char": summary.bits_per_char,
+                         "token_accuracy": summary.token_accuracy,
+                         "tokens_per_s": summary.tokens_seen / max(summary.training_time_s, 1e-9),
+                         "training_time_s": summary.training_time_s})
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

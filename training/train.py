@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from models_src import ModelConfig, build_model, health
 from models_src.checkpoint import CheckpointError
+from models_src.records import TrainingSummary
 from models_src.summary import count_parameters
 
 from .batches import batch_source, describe_reads
@@ -226,20 +227,20 @@ class Trainer:
                 "val_perplexity": metrics.get("perplexity"), "token_accuracy": metrics.get("token_accuracy"),
                 "bits_per_char": metrics.get("bits_per_char")}
 
-    def summary(self, metrics: dict | None = None, finished: bool = False) -> dict:
+    def summary(self, metrics: dict | None = None, finished: bool = False) -> TrainingSummary:
         """What a checkpoint records about the run."""
-        return {
-            "name": self.cfg.name, "finished": finished, **self.progress(metrics or {}),
-            "best_val_loss": self.state.best_val, "training_time_s": round(self.state.train_time, 1),
-            "data": self.data.source, "tokenizer": self.tokenizer.kind,
-            "vocab_size": self.tokenizer.vocab_size, "seq_len": self.seq_len,
-            "hardware": hardware(self.device, self.dist.world), "config": self.cfg.to_dict(),
-            "command": self.command, "run_id": self.report.run_id,
-        }
+        return TrainingSummary(
+            name=self.cfg.name, finished=finished, **self.progress(metrics or {}),
+            best_val_loss=self.state.best_val, training_time_s=round(self.state.train_time, 1),
+            data=self.data.source, tokenizer=self.tokenizer.kind,
+            vocab_size=self.tokenizer.vocab_size, seq_len=self.seq_len,
+            hardware=hardware(self.device, self.dist.world), config=self.cfg.to_dict(),
+            command=self.command, run_id=self.report.run_id,
+        )
 
     # --- the loop -----------------------------------------------------------------------
 
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False) -> TrainingSummary:
         """Train (from ``<run dir>/last`` with ``resume``); the final checkpoint's summary.
         However the run ends, its loggers are flushed and closed."""
         try:
@@ -247,7 +248,7 @@ class Trainer:
         finally:
             self.report.close()
 
-    def _fit(self, resume: bool) -> dict:
+    def _fit(self, resume: bool) -> TrainingSummary:
         s, t, main = self.state, self.t, self.dist.main
         if resume:
             self.checkpoints.resume(s, self.device)
@@ -339,7 +340,7 @@ class Trainer:
                                       f"{self.run_dir / 'final'} (--resume continues the run)")
         return summary
 
-    def save_last(self, summary: dict, *, every_rank: bool = True) -> None:
+    def save_last(self, summary: TrainingSummary, *, every_rank: bool = True) -> None:
         """``last/`` with the trainer state, written by rank 0 alone. Under DDP it also holds
         every rank's own place in the data, gathered here (so every rank calls this), so that
         --resume puts each rank back where it was, not where rank 0 was. After Ctrl-C

@@ -26,7 +26,6 @@ from app.platform.settings import get_settings
 from app.platform.web import has_admin_token
 from app.serving.registry import LoadedModel, get_registry
 from models_src import records, safe_files
-from models_src.checkpoint import CONFIG_FILE
 from models_src.summary import layer_rows, size_mb
 
 log = logging.getLogger(__name__)
@@ -93,53 +92,25 @@ def layer_table(model) -> tuple[list[dict[str, Any]], float]:
     return rows, size_mb(model)
 
 
-def _stored_config(directory: Path) -> dict:
-    try:
-        config = safe_files.read_json(directory, CONFIG_FILE)
-    except (OSError, ValueError):  # UnsafeFile is a ValueError
-        return {}
-    return config if isinstance(config, dict) else {}
+def _texts(values: list[str] | None) -> list[str]:
+    return [v.strip() for v in values or [] if v.strip()]
 
 
-def _number(value: Any) -> float | None:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _summary(loaded: LoadedModel) -> dict:
-    summary = loaded.checkpoint.summary
-    return summary if isinstance(summary, dict) else {}
-
-
-def _section(config: dict, key: str) -> dict:
-    value = config.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _texts(value: Any) -> list[str]:
-    return [v.strip() for v in value if isinstance(v, str) and v.strip()] \
-        if isinstance(value, list) else []
-
-
-def _evaluation(loaded: LoadedModel, stored: dict) -> dict[str, Any]:
+def _evaluation(loaded: LoadedModel) -> dict[str, Any]:
     """What ``python -m training.evaluate`` stored (config.json "evaluation"), with BLEU
     from there or the training summary; the figures themselves come from ModelFacts."""
-    evaluation = _section(stored, "evaluation")
-    summary = _summary(loaded)
-    bleu = _number(evaluation.get("bleu"))
-    return {"bleu": bleu if bleu is not None else _number(summary.get("bleu")),
-            "split": evaluation.get("split"), "date": evaluation.get("date"),
-            "tokens": _number(evaluation.get("tokens")),
-            "characters": _number(evaluation.get("characters")),
-            "command": evaluation.get("command") if isinstance(evaluation.get("command"), str)
-            else None}
+    evaluation, summary = loaded.checkpoint.evaluation, loaded.checkpoint.training
+    return {"bleu": evaluation.bleu if evaluation.bleu is not None else summary.bleu,
+            "split": evaluation.split, "date": evaluation.date, "tokens": evaluation.tokens,
+            "characters": evaluation.characters, "command": evaluation.command}
 
 
-def _samples(card_samples: list[str], stored: dict, loaded: LoadedModel) -> list[str]:
+def _samples(card_samples: list[str], loaded: LoadedModel) -> list[str]:
     """The card's samples, else any stored with the evaluation or the training summary;
     cut to SAMPLE_CHARS each."""
-    summary = _summary(loaded)
-    evaluation = _section(stored, "evaluation")
-    samples = card_samples or _texts(evaluation.get("samples")) or _texts(summary.get("samples"))
+    checkpoint = loaded.checkpoint
+    samples = (card_samples or _texts(checkpoint.evaluation.samples)
+               or _texts(checkpoint.training.samples))
     return [s if len(s) <= SAMPLE_CHARS else s[:SAMPLE_CHARS].rsplit(None, 1)[0] + " …"
             for s in samples]
 
@@ -150,8 +121,7 @@ def _curve_runs(loaded: LoadedModel) -> list[dict] | None:
     if not has_admin_token(basic=True):
         return None
     root = get_settings().experiments_dir
-    summary = _summary(loaded)
-    names = {loaded.name, summary.get("name")}
+    names = {loaded.name, loaded.checkpoint.training.name}
     try:
         runs = records.recent_runs(root, RUN_SCAN)
     except Exception as e:  # a broken record must not take the page down
@@ -172,15 +142,14 @@ def index():
 def model_page(name: str):
     loaded = _loaded(name)
     directory = _directory(loaded)
-    stored = _stored_config(directory)
     card = render_card(directory, loaded.name)
     layers, memory_mb = layer_table(loaded.model)
     facts = loaded.facts
     try_args = {"model": facts.name} | ({"prompt": facts.prompt} if facts.prompt else {})
     html = render_template(
         "model.html", kind="models", vendor=False, m=facts, config=loaded.checkpoint.config,
-        card=card, layers=layers, size_mb=memory_mb, evaluation=_evaluation(loaded, stored),
-        samples=_samples(card.samples, stored, loaded), curves=_curve_runs(loaded),
+        card=card, layers=layers, size_mb=memory_mb, evaluation=_evaluation(loaded),
+        samples=_samples(card.samples, loaded), curves=_curve_runs(loaded),
         files=checkpoint_files(directory), file_note=file_note,
         generate_url=url_for("ui.generate_page", **try_args),
         infill_url=url_for("ui.infill_page", model=facts.name) if facts.can_infill else None)

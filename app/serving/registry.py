@@ -43,15 +43,6 @@ from models_src.summary import count_parameters
 
 log = logging.getLogger(__name__)
 
-#: Training facts copied from a checkpoint's summary (``config.json`` "training").
-SUMMARY_KEYS = ("val_perplexity", "val_loss", "bits_per_char", "token_accuracy", "tokens_seen",
-                "training_time_s", "data", "step", "hardware")
-#: The same figures as ``python -m training.evaluate`` stored them (``config.json``
-#: "evaluation", which the model card shows); they win over the trainer's last evaluation.
-EVALUATION_KEYS = {"val_perplexity": "perplexity", "val_loss": "loss",
-                   "bits_per_char": "bits_per_char", "token_accuracy": "token_accuracy"}
-
-
 def short_count(n: int) -> str:
     """Parameter counts as people (and Ollama) say them: 7.2B, 124.4M, 85.3K."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -315,7 +306,7 @@ def _relative(message: str, directory: Path) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """Summary values as strict JSON: NaN/inf (which json.dumps would write) become None."""
+    """Free-form summary values as strict JSON: NaN/inf (which json.dumps would write) become None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -323,10 +314,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _number(value: Any) -> Any:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _digest(path: Path, files: list[str], deadline: float | None) -> str:
@@ -348,12 +335,7 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
     stats = list(files.values())
     newest = max((s.st_mtime for s in stats), default=os.lstat(path).st_mtime)
     config, tok = checkpoint.config, checkpoint.tokenizer
-    summary = _json_safe(checkpoint.summary if isinstance(checkpoint.summary, dict) else {})
-    stored = read_config(path)
-    evaluation = stored.get("evaluation") if isinstance(stored.get("evaluation"), dict) else {}
-    numeric = {k: _number(summary.get(k)) for k in SUMMARY_KEYS if k not in ("data", "hardware")}
-    numeric |= {k: _number(evaluation[e]) for k, e in EVALUATION_KEYS.items()
-                if _number(evaluation.get(e)) is not None}
+    summary = checkpoint.training
     return ModelFacts(
         name=path.name,
         architecture=config.arch,
@@ -364,7 +346,7 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
         n_layer=config.n_layer,
         n_embd=config.n_embd,
         width=config.n_hidden if checkpoint.model.max_context is None else config.n_embd,
-        dtype=str(stored.get("dtype", "float32")),
+        dtype=str(read_config(path).get("dtype", "float32")),
         device=device,
         size_bytes=sum(s.st_size for s in stats),
         modified_at=datetime.fromtimestamp(newest, timezone.utc).isoformat().replace("+00:00", "Z"),
@@ -373,14 +355,29 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
         sampling=asdict(checkpoint.defaults),
         prompt=suggested_prompt(path),
         health=_health(path),
-        data=summary.get("data"),
-        hardware=summary.get("hardware"),
-        trained_on=_run_day(summary.get("run_id")),
-        **numeric,
+        data=_json_safe(summary.data),
+        hardware=_json_safe(summary.hardware),
+        trained_on=_run_day(summary.run_id),
+        tokens_seen=summary.tokens_seen,
+        training_time_s=summary.training_time_s,
+        step=summary.step,
+        **_figures(checkpoint),
     )
 
 
-def _run_day(run_id: object) -> str | None:
+def _figures(checkpoint: Checkpoint) -> dict[str, float | None]:
+    """Loss, perplexity, bits per character and accuracy as ``python -m training.evaluate``
+    stored them (config.json "evaluation", which the model card shows), else as the
+    trainer's last evaluation left them."""
+    ev, summary = checkpoint.evaluation, checkpoint.training
+    pairs = {"val_perplexity": (ev.perplexity, summary.val_perplexity),
+             "val_loss": (ev.loss, summary.val_loss),
+             "bits_per_char": (ev.bits_per_char, summary.bits_per_char),
+             "token_accuracy": (ev.token_accuracy, summary.token_accuracy)}
+    return {name: stored if stored is not None else trained for name, (stored, trained) in pairs.items()}
+
+
+def _run_day(run_id: str | None) -> str | None:
     """``20261207-101323-8f93eb`` (the records' run ids start with the UTC start time) ->
     ``2026-12-07``; None for anything else."""
     match = re.match(r"^(\d{4})(\d{2})(\d{2})-\d{6}-", run_id) if isinstance(run_id, str) else None

@@ -8,6 +8,7 @@ import torch
 
 from models_src import ARCHITECTURES, ModelConfig, build_model
 from models_src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models_src.records import TrainingSummary
 from models_src.tokenization import Tokenizer
 from training.model_card import write_json_atomically
 
@@ -31,10 +32,10 @@ def small_model(tokenizer, arch="gpt", **overrides):
 def test_round_trip_preserves_outputs_exactly(tmp_path, tokenizer, arch):
     model = small_model(tokenizer, arch)
     ids = torch.tensor([tokenizer.encode(TEXT[:30])])
-    path = save_checkpoint(tmp_path / "m", model, tokenizer, {"val_perplexity": 3.5})
+    path = save_checkpoint(tmp_path / "m", model, tokenizer, TrainingSummary(val_perplexity=3.5))
     loaded = load_checkpoint(path)
     assert torch.equal(model(ids)[0], loaded.model(ids)[0])
-    assert loaded.summary == {"val_perplexity": 3.5}
+    assert loaded.training == TrainingSummary(val_perplexity=3.5)
     assert loaded.config == model.config
     assert loaded.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
     assert not loaded.model.training
@@ -72,9 +73,9 @@ def test_overwrite_is_atomic_and_leaves_no_temporary_dirs(tmp_path, tokenizer, m
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(path, small_model(tokenizer, n_layer=1), tokenizer, {"step": 2})
     monkeypatch.undo()
-    assert load_checkpoint(path).summary == {"step": 1}
+    assert load_checkpoint(path).training.step == 1
     save_checkpoint(path, small_model(tokenizer), tokenizer, {"step": 3})
-    assert load_checkpoint(path).summary == {"step": 3}
+    assert load_checkpoint(path).training.step == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

@@ -37,15 +37,16 @@ pytestmark = pytest.mark.train  # every test here runs the trainer
 def test_tiny_run_writes_checkpoints_and_experiment_rows(tmp_path, arch):
     cfg = load_config(raw=raw_config(tmp_path, arch))
     summary = Trainer(cfg, quiet=True).fit()
-    assert summary["finished"] and summary["step"] == 30
-    assert summary["val_loss"] < math.log(summary["vocab_size"])  # learned something
+    assert summary.finished and summary.step == 30
+    assert summary.val_loss < math.log(summary.vocab_size)  # learned something
     run = tmp_path / "runs" / f"tiny-{arch}"
     for which in ("last", "best", "final"):
         loaded = load_checkpoint(run / which)
         assert loaded.config.arch == arch
     final = load_checkpoint(run / "final")
-    assert final.summary["val_perplexity"] == pytest.approx(math.exp(final.summary["val_loss"]))
-    assert final.summary["bits_per_char"] > 0
+    assert final.summary == json.loads(json.dumps(summary.to_dict()))  # all of it, as it was written
+    assert final.training.val_perplexity == pytest.approx(math.exp(final.training.val_loss))
+    assert final.training.bits_per_char > 0
     rows = query(tmp_path / "exp", "SELECT step, kind, val_loss, architecture FROM experiments ORDER BY step, kind")
     assert [(r["step"], r["kind"]) for r in rows] == [(10, "train_eval"), (20, "train_eval"),
                                                       (30, "final"), (30, "train_eval")]
@@ -59,7 +60,7 @@ def test_publish_writes_a_float16_copy_for_the_app(tmp_path):
     Trainer(load_config(raw=raw), quiet=True).fit()
     published = load_checkpoint(tmp_path / "checkpoints/tiny-gpt")
     assert json.loads((tmp_path / "checkpoints/tiny-gpt/config.json").read_text())["dtype"] == "float16"
-    assert published.summary["finished"] and published.summary["val_perplexity"] > 1
+    assert published.training.finished and published.training.val_perplexity > 1
 
 
 def test_cli_overrides_and_clear_errors(tmp_path, capsys):
@@ -142,7 +143,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(TrainingError, match=r"loss became nan at step 8.*last"):
         trainer.fit()
     last = load_checkpoint(tmp_path / "runs/tiny-gpt/last")
-    assert last.summary["step"] == 5 and all(torch.isfinite(p).all() for p in last.model.parameters())
+    assert last.training.step == 5 and all(torch.isfinite(p).all() for p in last.model.parameters())
 
 
 def test_early_stopping(tmp_path, monkeypatch):
@@ -152,8 +153,8 @@ def test_early_stopping(tmp_path, monkeypatch):
     real = trainer.evaluate
     monkeypatch.setattr(trainer, "evaluate", lambda n: {**real(1), "loss": next(losses)} if n else real(n))
     summary = trainer.fit()
-    assert summary["step"] == 20  # evals at 5, 10 (best), 15, 20: two without improvement
-    assert summary["best_val_loss"] == 2.0
+    assert summary.step == 20  # evals at 5, 10 (best), 15, 20: two without improvement
+    assert summary.best_val_loss == 2.0
 
 
 def same(a, b) -> bool:
@@ -244,18 +245,18 @@ def test_ctrl_c_saves_last_and_final_and_resume_ends_as_the_uninterrupted_run(
     assert train_module.main(["--config", str(config), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert err == f"interrupted at step 2: saved {run / 'last'} and {run / 'final'} (--resume continues the run)\n"
-    last, final = load_checkpoint(run / "last").summary, load_checkpoint(run / "final").summary
-    assert last["step"] == final["step"] == 2 and not final["finished"]
-    assert final["val_loss"] == last["val_loss"] and final["bits_per_char"] > 0  # evaluated
+    last, final = load_checkpoint(run / "last").training, load_checkpoint(run / "final").training
+    assert last.step == final.step == 2 and not final.finished
+    assert final.val_loss == last.val_loss and final.bits_per_char > 0  # evaluated
     assert (run / "last" / "trainer_state.pt").is_file() and (run / "loss.png").is_file()
     run_rows = "SELECT step, kind FROM experiments WHERE run_id != ? ORDER BY step, kind"
     assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
         (2, "final")]
     monkeypatch.undo()
     assert train_module.main(["--config", str(config), "--quiet", "--resume"]) == 0
-    resumed = load_checkpoint(run / "final").summary
-    assert resumed["step"] == 30 and resumed["finished"]
-    assert abs(resumed["val_loss"] - uninterrupted["val_loss"]) < 1e-6
+    resumed = load_checkpoint(run / "final").training
+    assert resumed.step == 30 and resumed.finished
+    assert abs(resumed.val_loss - uninterrupted.val_loss) < 1e-6
     assert [(r["step"], r["kind"]) for r in query(tmp_path / "exp", run_rows, [first["run_id"]])] == [
         (2, "final"), (10, "train_eval"), (20, "train_eval"), (30, "final"), (30, "train_eval")]
 
@@ -274,7 +275,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_embedding_head_and_vectors
     assert "blocks.0.attn.c_attn.weight" in on_muon and "blocks.0.ln_1.weight" in on_adamw
     assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
     summary = trainer.fit()
-    assert summary["val_loss"] < math.log(summary["vocab_size"])
+    assert summary.val_loss < math.log(summary.vocab_size)
 
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path):
@@ -332,15 +333,15 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, arch):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = load_checkpoint(last).summary["step"]  # whole, never half-written
+    killed_at = load_checkpoint(last).training.step  # whole, never half-written
     assert 0 < killed_at < 80 and not (last.parent / "final").exists()
 
     resumed = run_cli(config, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()
-    final = load_checkpoint(last.parent / "final").summary
-    assert final["step"] == 80
-    assert abs(final["val_loss"] - uninterrupted["val_loss"]) < 1e-6
+    final = load_checkpoint(last.parent / "final").training
+    assert final.step == 80
+    assert abs(final.val_loss - uninterrupted.val_loss) < 1e-6
     rows = query(tmp_path / "exp", "SELECT DISTINCT run_id FROM experiments WHERE kind = 'final'")
     assert len(rows) == 2  # the uninterrupted run and the killed-then-resumed one
 
@@ -353,8 +354,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
                            "--quiet"], cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     final = load_checkpoint(tmp_path / "runs/tiny-gpt/final")
-    assert final.summary["hardware"].startswith("2 x ")
-    assert final.summary["tokens_seen"] == 6 * 8 * 32 * 2
+    assert final.training.hardware.startswith("2 x ")
+    assert final.training.tokens_seen == 6 * 8 * 32 * 2
     runs = query(tmp_path / "exp", "SELECT count(DISTINCT run_id) AS n FROM experiments")
     assert runs[0]["n"] == 1  # only rank 0 records
 
@@ -412,8 +413,8 @@ def test_a_time_budget_ends_the_run_and_the_schedule(tmp_path, monkeypatch):
     raw = raw_config(tmp_path, max_time_s=2.0, eval_every=10**6)
     del raw["training"]["max_steps"]
     summary = Trainer(load_config(raw=raw), quiet=True).fit()
-    assert 5 < summary["step"] < 20
-    assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").summary["finished"]
+    assert 5 < summary.step < 20
+    assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").training.finished
 
 
 def test_preset_recommendation_follows_the_machine(capsys):
