@@ -14,7 +14,7 @@ TF4_STAMP := $(TF4)/.installed
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: install install-test assets data serve test test-all bench load soak screenshots results docker-test clean
+.PHONY: install install-test assets data serve test quick test-all bench load soak screenshots results docker-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ serve: $(SERVE_STAMP) assets
 test: $(STAMP) assets
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The unit tests alone, in seconds: no server, browser, training, child process or bundled model
+quick: $(STAMP)
+	$(PY) -m pytest -m "not slow and not server and not browser and not train and not subprocess and not bundled and not interop"
 
 test-all: $(STAMP) assets
 	$(PY) -m pytest -m ""

@@ -11,6 +11,8 @@ from models_src.checkpoint import load_checkpoint, read_card, suggested_prompt
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
 
+pytestmark = pytest.mark.bundled
+
 BUNDLED = sorted(p for p in (Path(__file__).resolve().parent.parent / "checkpoints").iterdir()
                  if p.is_dir() and not p.name.startswith("."))
 

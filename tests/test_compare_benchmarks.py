@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.bundled]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,7 +18,7 @@ from tests.gunicorn_server import GunicornServer
 
 lm_eval = pytest.importorskip("lm_eval")
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.interop]
 
 QUESTIONS = [
     {"question": "The cat sat on the", "choices": [" mat", " sky", " ball"], "answer": 0},

@@ -18,6 +18,8 @@ from models_src.gguf_export import export_to_gguf
 from models_src.sampling import SamplingParams
 from models_src.tokenization import SPECIAL_TOKENS, Tokenizer
 
+pytestmark = pytest.mark.interop
+
 CARD = "---\nmodel-index:\n- name: tiny-story\n---\n# tiny-story\nA test card.\n"
 BUNDLED = Path(__file__).resolve().parents[2] / "checkpoints" / "tinystories-gpt"
 PAD = 3  # extra model rows past the tokenizer's ids, as a vocabulary padded for speed

@@ -21,6 +21,8 @@ from models_src.sampling_defaults import SamplingDefaults
 from models_src.tokenization import Tokenizer
 from training.export import main as export_main
 
+pytestmark = pytest.mark.interop
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "checkpoints" / "tinystories-gpt"
 # GPT-2's own tokenizer files, from the shared read-only data ($FABLE_DATA_DIR, else ../shared/data)

@@ -152,6 +152,7 @@ def test_the_shapes_checked_before_building_are_those_of_the_built_model(tokeniz
     assert all(v.device.type == "meta" for v in expected.values())
 
 
+@pytest.mark.subprocess
 def test_loading_never_imports_torch_dynamo(tmp_path, tokenizer):
     """A random initialiser on the meta device imports torch._dynamo (a second of every
     worker's start-up): the shape check must not run one."""

@@ -47,6 +47,7 @@ def same_json(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+@pytest.mark.bundled
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.parent.name)
 def test_every_bundled_section_is_typed_whole_and_written_back_as_it_was(path):
     config = json.loads(path.read_text())

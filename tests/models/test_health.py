@@ -127,6 +127,7 @@ def test_a_learning_rate_100_times_too_high_is_named(tmp_path, arch, named, caps
             assert status == 0 and "No problems found" in out, out
 
 
+@pytest.mark.bundled
 @pytest.mark.parametrize("name", BUNDLED)
 def test_the_bundled_models_are_healthy(name, monkeypatch):
     """Probed on their validation text where ../shared has it, else on text they write."""

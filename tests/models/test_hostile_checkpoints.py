@@ -309,6 +309,7 @@ print(before, rss())
 """
 
 
+@pytest.mark.subprocess
 def test_memory_from_ten_failed_loads_is_given_back(tmp_path):
     """A checkpoint refused after its model was built (its health report is over the cap,
     read last) and retried on every reload, its files touched each time: a fresh process,

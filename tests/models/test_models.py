@@ -67,6 +67,7 @@ def test_ragged_batch_prefill_matches_rows_alone(arch):
             assert (after[i] - alone_after[0]).abs().max() < 1e-5
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_few_steps_lower_the_loss(arch):
     text = ("the cat sat on the mat. " * 40).encode()

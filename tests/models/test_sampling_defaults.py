@@ -74,6 +74,7 @@ def test_a_checkpoint_loads_its_defaults_and_names_a_bad_file(checkpoint_dir, tm
         load_checkpoint(tiny_checkpoint)
 
 
+@pytest.mark.subprocess
 def test_the_sweep_prints_its_table_and_writes_the_choice(checkpoint_dir, tmp_path):
     import subprocess
     import sys

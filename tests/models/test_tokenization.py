@@ -243,6 +243,7 @@ def test_save_load_round_trip(any_tok: Tokenizer, tmp_path: Path) -> None:
     assert loaded.encode_batch(texts) == any_tok.encode_batch(texts)
 
 
+@pytest.mark.interop
 def test_transformers_loads_a_saved_tokenizer(any_tok: Tokenizer, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -496,6 +496,7 @@ def test_admin_survives_an_unreadable_store(make_app, tmp_path):
     assert str(tmp_path) not in alert  # file names relative to the store
 
 
+@pytest.mark.subprocess
 def test_the_app_imports_no_trainer(checkpoint_dir, tmp_path):
     """The admin page reads the experiment records itself: serving it imports nothing from
     training/ (whose package sets THP_MEM_ALLOC_ENABLE), in a fresh interpreter."""

@@ -60,6 +60,7 @@ def configured(*cases: tuple[str, dict[str, str]]) -> list:
     return json.loads(done.stdout)
 
 
+@pytest.mark.subprocess
 def test_graceful_timeout_covers_the_generation_deadline():
     default, longer, shorter, given = configured(
         ("graceful_timeout", {}), ("graceful_timeout", {"FABLE_REQUEST_TIMEOUT_S": "120"}),
@@ -70,6 +71,7 @@ def test_graceful_timeout_covers_the_generation_deadline():
     assert given == 7  # still wins
 
 
+@pytest.mark.subprocess
 def test_gunicorn_reads_the_apps_settings():
     """gunicorn.conf.py takes workers and its thread pool from the app's settings, so each
     default is written once (app/platform/settings.py)."""

@@ -313,6 +313,7 @@ def _run_benchmark(*args):
                           text=True, timeout=300, check=False)
 
 
+@pytest.mark.subprocess
 def test_the_benchmark_prints_the_issues_three_lines(checkpoint_dir, tmp_path):
     stories = tmp_path / "stories.txt"
     stories.write_text("Tom ran. Mia sat. It was fun.\n<|endoftext|>\nToo short.\n<|endoftext|>\n"
@@ -330,6 +331,7 @@ def test_the_benchmark_prints_the_issues_three_lines(checkpoint_dir, tmp_path):
     assert "2 stories of stories.txt" in done.stdout  # the one without a middle is left out
 
 
+@pytest.mark.subprocess
 def test_the_benchmark_says_clearly_when_the_stories_are_missing(tmp_path):
     done = _run_benchmark("--data", str(tmp_path / "valid.txt"))
     assert done.returncode != 0
