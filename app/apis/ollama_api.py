@@ -1,6 +1,7 @@
 """Ollama's API (``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``,
 ``/api/version``) and the server's own
-JSON routes (``/api/models``, ``/healthz``, ``/openapi.json``). Errors are Ollama's
+JSON routes (``/api/models``, ``/healthz``, ``/openapi.json``). Each answer is built as
+the model that documents it (app/apis/responses.py). Errors are Ollama's
 ``{"error": "..."}``; routes and status codes: docs/web-app.md.
 """
 
@@ -12,9 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from functools import wraps
+from typing import NamedTuple
 
 from flask import Blueprint, jsonify, request
+from pydantic import BaseModel
 
+from app.apis.responses import (ChatChunk, ChatFinal, ChatLoaded, Error, GenerateChunk, GenerateFinal,
+                                GenerateLoaded, Health, Models, Process, Processes, Reloaded, Show,
+                                Stencil, Tag, Tags, Version, timestamp, to_json, wire)
 from app.platform.ratelimit import rate_limited
 from app.platform.settings import get_settings
 from app.platform.web import has_admin_token, ollama_error, retry_headers, streamed
@@ -53,12 +59,29 @@ def admin_required(view: Callable) -> Callable:
 
 # ---- Ollama ---------------------------------------------------------------------------
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
-def _ndjson(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False) + "\n"
+def _ndjson(answer: BaseModel) -> str:
+    return to_json(answer) + "\n"
+
+
+class _Answers(NamedTuple):
+    """The models of one API's answers: a streamed chunk, the last object, a load or unload;
+    and where a chunk's text is in its JSON."""
+    chunk: type[GenerateChunk | ChatChunk]
+    final: type[GenerateFinal | ChatFinal]
+    loaded: type[GenerateLoaded | ChatLoaded]
+    text: tuple[str, ...]
+
+
+_GENERATE = _Answers(GenerateChunk, GenerateFinal, GenerateLoaded, ("response",))
+_CHAT = _Answers(ChatChunk, ChatFinal, ChatLoaded, ("message", "content"))
+
+
+def _answers(req: GenerationRequest) -> _Answers:
+    return _CHAT if req.messages is not None else _GENERATE
 
 
 def _text(req: GenerationRequest, text: str) -> dict:
@@ -69,7 +92,8 @@ def _text(req: GenerationRequest, text: str) -> dict:
 
 
 def _logprobs(stream: GenerationStream, entries) -> dict:
-    """Ollama's ``logprobs`` for these tokens (nothing when the request did not ask)."""
+    """Ollama's ``logprobs`` for these tokens (left unset, so left out, when the request did
+    not ask)."""
     if not stream.wants_logprobs:
         return {}
     token = stream.token_text
@@ -79,23 +103,23 @@ def _logprobs(stream: GenerationStream, entries) -> dict:
 
 
 def _final(req: GenerationRequest, stream: GenerationStream, received_ns: int,
-           text: str, logprobs: list) -> dict:
+           text: str, logprobs: list) -> GenerateFinal | ChatFinal:
     """Ollama's last object: the reason and the counts; durations in nanoseconds
     (load_duration is the wait for a generation slot: models are loaded at start-up)."""
     completion = stream.completion
     end = stream.finished_ns or time.perf_counter_ns()
     first = stream.first_piece_ns or end
-    return {
-        "model": req.model, "created_at": _now(), **_text(req, text), "done": True,
-        "done_reason": completion.finish_reason,
-        "total_duration": time.perf_counter_ns() - received_ns,
-        "load_duration": stream.queued_ns,
-        "prompt_eval_count": completion.prompt_tokens,
-        "prompt_eval_duration": first - stream.started_ns,
-        "eval_count": completion.completion_tokens,
-        "eval_duration": end - first,
+    return _answers(req).final(
+        model=req.model, created_at=_now(), **_text(req, text), done=True,
+        done_reason=completion.finish_reason,
+        total_duration=time.perf_counter_ns() - received_ns,
+        load_duration=stream.queued_ns,
+        prompt_eval_count=completion.prompt_tokens,
+        prompt_eval_duration=first - stream.started_ns,
+        eval_count=completion.completion_tokens,
+        eval_duration=end - first,
         **_logprobs(stream, logprobs),
-    }
+    )
 
 
 @bp.post("/api/generate")
@@ -118,25 +142,40 @@ def _respond(req: GenerationRequest, received: int):
     load and unload (nothing to generate from) one object at once, as Ollama answers them."""
     if req.housekeeping is not None:
         get_service().model(req.model)  # an unknown model is a 404, as Ollama's
-        return jsonify({"model": req.model, "created_at": _now(), **_text(req, ""), "done": True,
-                        "done_reason": req.housekeeping})
+        return jsonify(wire(_answers(req).loaded(model=req.model, created_at=_now(), **_text(req, ""),
+                                                 done=True, done_reason=req.housekeeping)))
     stream = open_stream(req)
     if not req.stream:
         completion = stream.collect()
-        return jsonify(_final(req, stream, received, completion.text, completion.logprobs or []))
+        return jsonify(wire(_final(req, stream, received, completion.text, completion.logprobs or [])))
 
     def lines() -> Iterator[str]:
         try:
-            for piece in stream:
-                yield _ndjson({"model": req.model, "created_at": _now(), **_text(req, piece),
-                               "done": False, **_logprobs(stream, stream.new_logprobs())})
+            yield from _chunks(req, stream)
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")
             yield _ndjson(_final(req, stream, received, "", stream.new_logprobs()))
         except Exception as e:  # the status line is gone: report in the stream
             log.exception("generation with %s failed mid-stream", req.model)
-            yield _ndjson({"error": f"generation failed ({type(e).__name__})"})
+            yield _ndjson(Error(error=f"generation failed ({type(e).__name__})"))
     return streamed(lines(), stream, "application/x-ndjson")
+
+
+def _chunks(req: GenerationRequest, stream: GenerationStream) -> Iterator[str]:
+    """A line per piece. Without log-probabilities the chunks differ only in their time and
+    text, so the first, built in full, is the stencil of the rest."""
+    answers = _answers(req)
+
+    def chunk(piece: str) -> GenerateChunk | ChatChunk:
+        return answers.chunk(model=req.model, created_at=_now(), **_text(req, piece), done=False,
+                             **_logprobs(stream, stream.new_logprobs()))
+    if stream.wants_logprobs:
+        yield from (_ndjson(chunk(piece)) for piece in stream)
+        return
+    stencil = None
+    for piece in stream:
+        stencil = stencil or Stencil(chunk(piece), ("created_at",), answers.text)
+        yield stencil(timestamp(_now()), piece) + "\n"
 
 
 def _details(facts) -> dict:
@@ -147,9 +186,9 @@ def _details(facts) -> dict:
 
 @bp.get("/api/tags")
 def tags():
-    return jsonify(models=[{"name": f.name, "model": f.name, "modified_at": f.modified_at,
-                            "size": f.size_bytes, "digest": f.digest, "details": _details(f)}
-                           for f in get_registry().facts()])
+    return jsonify(wire(Tags(models=[
+        Tag(name=f.name, model=f.name, modified_at=f.modified_at, size=f.size_bytes, digest=f.digest,
+            details=_details(f)) for f in get_registry().facts()])))
 
 
 #: What /api/ps says a model's keep-alive ends at: never (every model stays loaded).
@@ -160,10 +199,10 @@ LOADED_UNTIL = "9999-12-31T23:59:59Z"
 def ps():
     """The loaded models, as Ollama lists those in memory: all of them, for good."""
     on_gpu = get_registry().device.startswith("cuda")
-    return jsonify(models=[{"name": f.name, "model": f.name, "size": f.size_bytes,
-                            "digest": f.digest, "details": _details(f), "expires_at": LOADED_UNTIL,
-                            "size_vram": f.size_bytes if on_gpu else 0, "context_length": f.context}
-                           for f in get_registry().facts()])
+    return jsonify(wire(Processes(models=[
+        Process(name=f.name, model=f.name, size=f.size_bytes, digest=f.digest, details=_details(f),
+                expires_at=LOADED_UNTIL, size_vram=f.size_bytes if on_gpu else 0,
+                context_length=f.context) for f in get_registry().facts()])))
 
 
 @bp.post("/api/show")
@@ -187,9 +226,9 @@ def show():
         info[f"{arch}.context_length"] = facts.context
     modelfile = "\n".join([f"FROM {facts.name}", f'TEMPLATE """{template}"""',
                            *(f"PARAMETER {line}" for line in parameters.splitlines())]) + "\n"
-    return jsonify(modelfile=modelfile, parameters=parameters, template=template,
-                   details=_details(facts), model_info=info, modified_at=facts.modified_at,
-                   capabilities=["completion", *(["insert"] if facts.can_infill else [])])
+    return jsonify(wire(Show(modelfile=modelfile, parameters=parameters, template=template,
+                             details=_details(facts), model_info=info, modified_at=facts.modified_at,
+                             capabilities=["completion", *(["insert"] if facts.can_infill else [])])))
 
 
 def _parameters(defaults, context: int | None, tokenizer) -> str:
@@ -210,15 +249,15 @@ def _parameters(defaults, context: int | None, tokenizer) -> str:
 @bp.get("/api/version")
 def version():
     from app import __version__
-    return jsonify(version=__version__)
+    return jsonify(wire(Version(version=__version__)))
 
 
 @bp.get("/api/models")
 @admin_required
 def models():
     registry, service = get_registry(), get_service()
-    return jsonify(models=[f.to_dict() for f in registry.facts()], errors=registry.errors,
-                   device=registry.device, service=service.stats())
+    return jsonify(wire(Models(models=registry.facts(), errors=registry.errors,
+                               device=registry.device, service=service.stats())))
 
 
 @bp.post("/api/models/reload")
@@ -227,9 +266,10 @@ def reload_models():
     """Match the checkpoint directory in every worker (app/serving/reload.py): what changed here."""
     report = get_reloader().reload()
     registry = get_registry()
-    return jsonify(added=report["added"], reloaded=report["reloaded"], removed=report["removed"],
-                   failed={name: registry.errors.get(name, "") for name in report["failed"]},
-                   unchanged=report["unchanged"], models=registry.names())
+    return jsonify(wire(Reloaded(
+        added=report["added"], reloaded=report["reloaded"], removed=report["removed"],
+        failed={name: registry.errors.get(name, "") for name in report["failed"]},
+        unchanged=report["unchanged"], models=registry.names())))
 
 
 @bp.get("/healthz")
@@ -242,10 +282,10 @@ def healthz():
     service = get_service()
     stats = service.stats()
     full = stats["active"] >= stats["max_batch"] and stats["queued"] >= stats["max_queue"]
-    body = {"status": "ok" if len(registry) else "no models loaded", "models": len(registry),
-            "errors": len(registry.errors), "active": stats["active"], "queued": stats["queued"],
-            "full": full}
-    return jsonify(body), 200 if len(registry) else 503
+    body = Health(status="ok" if len(registry) else "no models loaded", models=len(registry),
+                  errors=len(registry.errors), active=stats["active"], queued=stats["queued"],
+                  full=full)
+    return jsonify(wire(body)), 200 if len(registry) else 503
 
 
 @bp.get("/openapi.json")

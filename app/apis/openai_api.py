@@ -1,19 +1,23 @@
 """OpenAI's API for the official ``openai`` client: ``/v1/completions``,
-``/v1/chat/completions`` and ``/v1/models``. Errors are OpenAI's shape; every
-deterministic refusal is a 4xx (the client retries 5xx): docs/web-app.md.
+``/v1/chat/completions`` and ``/v1/models``, each answer built as the model that documents
+it (app/apis/responses.py). Errors are OpenAI's shape; every deterministic refusal is a 4xx
+(the client retries 5xx): docs/web-app.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import datetime
+from typing import NamedTuple, get_args
 
 from flask import Blueprint, jsonify, request
+from pydantic import BaseModel
 
+from app.apis.responses import (ChatCompletion, ChatCompletionChunk, Completion, OpenAIError, OpenAIModel,
+                                OpenAIModelList, Stencil, Usage, to_json, wire)
 from app.platform.ratelimit import rate_limited
 from app.platform.settings import get_settings
 from app.platform.web import openai_error, retry_headers, streamed
@@ -38,8 +42,26 @@ def _service_error(e: ServiceError):
     return openai_error(e.status, e.message, param=e.param, code=code, headers=retry_headers(e))
 
 
-def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(event: BaseModel | str) -> str:
+    return f"data: {event if isinstance(event, str) else to_json(event)}\n\n"
+
+
+def _object(answer: type[BaseModel]) -> str:
+    """The ``object`` an answer's model allows (its one value)."""
+    return get_args(answer.model_fields["object"].annotation)[0]
+
+
+class _Kind(NamedTuple):
+    """One API's answers: their ids' prefix, the whole answer's model, a streamed chunk's,
+    and where a chunk's text is in its JSON."""
+    prefix: str
+    whole: type[Completion | ChatCompletion]
+    chunk: type[Completion | ChatCompletionChunk]
+    text: tuple[str | int, ...]
+
+
+_COMPLETION = _Kind("cmpl", Completion, Completion, ("choices", 0, "text"))
+_CHAT = _Kind("chatcmpl", ChatCompletion, ChatCompletionChunk, ("choices", 0, "delta", "content"))
 
 
 class _TextLogprobs:
@@ -94,7 +116,7 @@ def completions():
         if first and echo:  # the echoed prompt leads the text (and its log-probabilities)
             text, logprobs = prompt + text, _joined(echo["logprobs"], logprobs)
         return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _respond(req, "cmpl", "text_completion", "text_completion", choice, logprobs)
+    return _respond(req, _COMPLETION, choice, logprobs)
 
 
 def _prompt_text(req: GenerationRequest, tokenizer) -> str:
@@ -142,10 +164,11 @@ def _completions(requests: tuple[GenerationRequest, ...], echoes: list | None = 
         for stream in streams:
             if stream is not None:
                 stream.close()
-    return jsonify({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                    "created": int(time.time()), "model": requests[0].model, "choices": choices,
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}})
+    return jsonify(wire(Completion(
+        id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()),
+        model=requests[0].model, choices=choices,
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens))))
 
 
 @bp.post("/chat/completions")
@@ -171,11 +194,11 @@ def chat_completions():
         # a stream's first delta names the role; the last one (finish_reason set) is empty
         delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _respond(req, "chatcmpl", "chat.completion", "chat.completion.chunk", choice, logprobs)
+    return _respond(req, _CHAT, choice, logprobs)
 
 
-def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_object: str,
-             choice: Callable[..., dict], logprobs: Callable[[GenerationStream, list], dict]):
+def _respond(req: GenerationRequest, kind: _Kind, choice: Callable[..., dict],
+             logprobs: Callable[[GenerationStream, list], dict]):
     """A completion, or its stream of chunks (server-sent events), in OpenAI's shape;
     ``logprobs`` formats token log-probabilities (null when the request did not ask);
     ``choice(..., first=True)`` makes the first (or only) one."""
@@ -183,54 +206,70 @@ def _respond(req: GenerationRequest, prefix: str, whole_object: str, chunk_objec
 
     def asked(entries: list | None) -> dict | None:
         return logprobs(stream, entries or []) if stream.wants_logprobs else None
-    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": whole_object,
+    head = {"id": f"{kind.prefix}-{uuid.uuid4().hex}", "object": _object(kind.whole),
             "created": int(time.time()), "model": req.model}
 
-    def usage() -> dict:
+    def usage() -> Usage:
         c = stream.completion
-        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens}
+        return Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                     total_tokens=c.prompt_tokens + c.completion_tokens)
 
     if not req.stream:
         completion = stream.collect()
-        return jsonify({**head, "choices": [choice(completion.text, completion.finish_reason,
-                                                   asked(completion.logprobs), True)],
-                        "usage": usage()})
+        return jsonify(wire(kind.whole(**head, choices=[choice(completion.text, completion.finish_reason,
+                                                               asked(completion.logprobs), True)],
+                                       usage=usage())))
 
-    head["object"] = chunk_object
+    head["object"] = _object(kind.chunk)
     # With include_usage every chunk carries "usage": null and one last chunk, with no
     # choices, carries the totals (OpenAI's documented behaviour).
     extra = {"usage": None} if req.include_usage else {}
 
+    def chunk(text: str, finish_reason: str | None = None,
+              first: bool = False) -> Completion | ChatCompletionChunk:
+        return kind.chunk(**head, choices=[choice(text, finish_reason, asked(stream.new_logprobs()),
+                                                  first)], **extra)
+
     def events() -> Iterator[str]:
         try:
-            sent = False
-            for piece in stream:
-                yield _sse({**head, "choices": [choice(piece, None, asked(stream.new_logprobs()),
-                                                       not sent)], **extra})
-                sent = True
+            sent = yield from _pieces(stream, chunk, kind.text)
             if stream.completion is None:
                 raise RuntimeError("generation ended without a completion")
-            yield _sse({**head, "choices": [choice("", stream.completion.finish_reason,
-                                                   asked(stream.new_logprobs()), not sent)], **extra})
+            yield _sse(chunk("", stream.completion.finish_reason, not sent))
             if req.include_usage:
-                yield _sse({**head, "choices": [], "usage": usage()})
+                yield _sse(kind.chunk(**head, choices=[], usage=usage()))
             yield _sse("[DONE]")
         except Exception as e:  # headers are sent: the client raises on an "error" event
             log.exception("completion with %s failed mid-stream", req.model)
-            yield _sse({"error": {"message": f"generation failed ({type(e).__name__})",
-                                  "type": "server_error", "param": None, "code": None}})
+            yield _sse(OpenAIError(error={"message": f"generation failed ({type(e).__name__})",
+                                          "type": "server_error", "param": None, "code": None}))
     return streamed(events(), stream, "text/event-stream")
 
 
-def _model(facts) -> dict:
+def _pieces(stream: GenerationStream, chunk: Callable[..., BaseModel],
+            text: tuple[str | int, ...]) -> Generator[str, None, bool]:
+    """An event per piece; returns whether there was one. After the first, a chunk without
+    log-probabilities differs from the one before only in its text (when it has one: chat's
+    empty delta has none), so the first such, built in full, is the stencil of the rest."""
+    stencil, sent = None, False
+    for piece in stream:
+        if sent and piece and not stream.wants_logprobs:
+            stencil = stencil or Stencil(chunk(piece), text)
+            yield f"data: {stencil(piece)}\n\n"
+        else:
+            yield _sse(chunk(piece, first=not sent))
+        sent = True
+    return sent
+
+
+def _model(facts) -> OpenAIModel:
     created = int(datetime.fromisoformat(facts.modified_at.replace("Z", "+00:00")).timestamp())
-    return {"id": facts.name, "object": "model", "created": created, "owned_by": "fable"}
+    return OpenAIModel(id=facts.name, object="model", created=created, owned_by="fable")
 
 
 @bp.get("/models")
 def list_models():
-    return jsonify(object="list", data=[_model(f) for f in get_registry().facts()])
+    return jsonify(wire(OpenAIModelList(object="list", data=[_model(f) for f in get_registry().facts()])))
 
 
 @bp.get("/models/<path:model>")
@@ -239,4 +278,4 @@ def retrieve_model(model: str):
     if loaded is None:
         return openai_error(404, f"The model {model[:100]!r} does not exist", param="model",
                             code="model_not_found")
-    return jsonify(_model(loaded.facts))
+    return jsonify(wire(_model(loaded.facts)))

@@ -1,128 +1,32 @@
 """The OpenAPI 3.1 description of every JSON route, served at ``GET /openapi.json``.
 
 Request bodies are the pydantic models that validate them (app.serving.schema, with the running
-server's limits); responses are the models below. Precise enough for schemathesis to
-test the server against it (tests/test_schema.py).
+server's limits; the tokenizer routes' and /api/show's, which are read by hand, below);
+responses are the models the routes build them from (app.apis.responses). Precise enough
+for schemathesis to test the server against it (tests/apis/test_schema.py).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
+from app.apis.responses import (ChatChunk, ChatCompletion, ChatCompletionChunk, ChatFinal, ChatLoaded,
+                                Completion, Detokenized, Error, GenerateChunk, GenerateFinal,
+                                GenerateLoaded, Health, Models, OpenAIError, OpenAIModel,
+                                OpenAIModelList, Processes, Reloaded, Show, Tags, Tokenized,
+                                TokenizerInfo, Version)
 from app.platform.settings import Limits
-from app.serving.registry import ModelFacts
-from app.serving.schema import MAX_PROMPTS, request_models
-
-Count = Annotated[int, Field(ge=0)]
-Reason = Literal["stop", "length"]
+from app.serving.schema import request_models
 
 
 class _Shape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class OllamaTokenLogprob(_Shape):
-    token: str
-    logprob: float
-
-
-class OllamaLogprob(OllamaTokenLogprob):
-    """A generated token's log-probability under the model (before temperature and the
-    other processors), and the likeliest tokens at its position"""
-    top_logprobs: list[OllamaTokenLogprob]
-
-
-OllamaLogprobs = Annotated[list[OllamaLogprob] | None,
-                           Field(description="With logprobs true: the tokens of this object")]
-
-
-class _Ollama(_Shape):
-    model: str
-    created_at: datetime
-    logprobs: OllamaLogprobs = None
-
-
-class _OllamaFinal(_Ollama):
-    """Durations in nanoseconds; load_duration is the wait for a generation slot"""
-    done: Literal[True]
-    done_reason: Reason
-    total_duration: Count
-    load_duration: Count
-    prompt_eval_count: Count
-    prompt_eval_duration: Count
-    eval_count: Count
-    eval_duration: Count
-
-
-class AssistantMessage(_Shape):
-    role: Literal["assistant"]
-    content: str
-
-
-class GenerateChunk(_Ollama):
-    response: str
-    done: Literal[False]
-
-
-class GenerateFinal(_OllamaFinal):
-    response: str = Field(description="Whole text (stream false), else empty")
-
-
-class ChatChunk(_Ollama):
-    message: AssistantMessage
-    done: Literal[False]
-
-
-class ChatFinal(_OllamaFinal):
-    message: AssistantMessage = Field(description="Whole reply (stream false), else empty")
-
-
-class _Housekeeping(_Shape):
-    """Ollama's answer to a request with nothing to generate from: "load", or "unload" with
-    keep_alive 0 (every model stays loaded here either way)"""
-    model: str
-    created_at: datetime
-    done: Literal[True]
-    done_reason: Literal["load", "unload"]
-
-
-class GenerateLoaded(_Housekeeping):
-    response: Literal[""]
-
-
-class ChatLoaded(_Housekeeping):
-    message: AssistantMessage
-
-
-class Error(_Shape):
-    error: str
-
-
-class TagDetails(_Shape):
-    parent_model: str = ""
-    format: str
-    family: str
-    families: list[str] = []
-    parameter_size: str
-    quantization_level: str = ""
-
-
-class Tag(_Shape):
-    name: str
-    model: str
-    modified_at: datetime
-    size: Count
-    digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
-    details: TagDetails
-
-
-class Tags(_Shape):
-    models: list[Tag]
-
+# The bodies of the routes that read theirs by hand (documented only)
 
 class TokenizeRequest(_Shape):
     model: str = Field(min_length=1, description="A loaded model (may be left out when the server "
@@ -133,223 +37,15 @@ class TokenizeRequest(_Shape):
     return_token_strs: bool | None = None
 
 
-class Tokenized(_Shape):
-    count: Count
-    max_model_len: Count | None = Field(description="The model's context (null: a recurrent model)")
-    tokens: list[Count]
-    token_strs: list[str] | None
-
-
 class DetokenizeRequest(_Shape):
     model: str = Field(min_length=1, description="A loaded model (may be left out when the server "
                                                  "has one)")
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
-class Detokenized(_Shape):
-    prompt: str
-
-
-class TokenizerInfo(_Shape):
-    model: str
-    tokenizer_class: str
-    kind: str = Field(description="char, word, bpe, gpt2 or hf")
-    vocab_size: Count
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    unk_token: str | None
-    add_bos_token: bool
-    model_max_length: Count | None
-    chat_template: str | None
-
-
 class ShowRequest(_Shape):
     model: str = Field(min_length=1, description="A loaded model's name (Ollama's older clients send 'name')")
     verbose: bool | None = None
-
-
-class Show(_Shape):
-    modelfile: str = Field(description="A Modelfile that would make this model in Ollama")
-    parameters: str = Field(description="The model's sampling defaults, one 'name value' a line")
-    template: str = Field(description="Its chat template where its tokenizer has one, else "
-                                      "'{{ .Prompt }}' (the text passes unchanged)")
-    details: TagDetails
-    model_info: dict[str, str | int] = Field(description="Its shape: architecture, parameters, "
-                                                         "width, depth, context, tokenizer")
-    modified_at: datetime
-    capabilities: list[Literal["completion", "insert"]] = Field(
-        description="'insert': it infills (a suffix is welcome)")
-
-
-class Process(_Shape):
-    name: str
-    model: str
-    size: Count
-    digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
-    details: TagDetails
-    expires_at: datetime = Field(description="Never: every model stays loaded")
-    size_vram: Count
-    context_length: int | None
-
-
-class Processes(_Shape):
-    models: list[Process]
-
-
-class Version(_Shape):
-    version: str
-
-
-class ServiceStats(BaseModel):
-    active: Count = 0
-    queued: Count = 0
-    max_batch: Count = 0
-    max_queue: Count = 0
-    queue_timeout_s: float = 0
-    request_timeout_s: float = 0
-
-
-class Models(_Shape):
-    models: list[ModelFacts]
-    errors: dict[str, str] = Field(description="Checkpoint directories that failed to load "
-                                               "-> why")
-    device: str
-    service: ServiceStats | None = None
-
-
-class Reloaded(_Shape):
-    """What changed in the worker that answered; every other worker follows within a
-    second"""
-    added: list[str]
-    reloaded: list[str]
-    removed: list[str]
-    failed: dict[str, str] = Field(description="Checkpoints that failed to load -> why (a "
-                                               "loaded version stays)")
-    unchanged: list[str]
-    models: list[str] = Field(description="The models now loaded")
-
-
-class Health(_Shape):
-    """Liveness and load: ``full`` while every decoding row and queue place is taken (up,
-    but refusing generations with 503)"""
-    status: str
-    models: Count
-    errors: Count
-    active: Count = 0
-    queued: Count = 0
-    full: bool = False
-
-
-class CompletionLogprobs(_Shape):
-    """With logprobs n: each token, its log-probability, the n likeliest tokens at its
-    position (a token -> log-probability map) and where it starts in prompt + text. With
-    echo the prompt's tokens come first; its first token has none (null)"""
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[Count]
-
-
-class CompletionChoice(_Shape):
-    text: str
-    index: Annotated[int, Field(ge=0, lt=MAX_PROMPTS, description="Which prompt of a list")]
-    logprobs: CompletionLogprobs | None
-    finish_reason: Reason | None
-
-
-class Usage(_Shape):
-    prompt_tokens: Count
-    completion_tokens: Count
-    total_tokens: Count
-
-
-class _OpenAI(_Shape):
-    """What every OpenAI answer object starts with"""
-    id: str
-    created: Count
-    model: str
-
-
-class Completion(_OpenAI):
-    """Also the shape of each streamed chunk (usage only on the last one, with
-    stream_options.include_usage)"""
-    object: Literal["text_completion"]
-    choices: Annotated[list[CompletionChoice], Field(max_length=MAX_PROMPTS)]
-    usage: Usage | None = None
-
-
-class ChatTokenLogprob(_Shape):
-    token: str
-    logprob: float
-    bytes: list[Annotated[int, Field(ge=0, le=255)]]
-
-
-class ChatLogprob(ChatTokenLogprob):
-    top_logprobs: list[ChatTokenLogprob]
-
-
-class ChatLogprobs(_Shape):
-    """With logprobs true (and top_logprobs n): each token of the text"""
-    content: list[ChatLogprob]
-    refusal: None = None
-
-
-class ChatCompletionChoice(_Shape):
-    index: Literal[0]
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: Reason
-
-
-class ChatCompletion(_OpenAI):
-    object: Literal["chat.completion"]
-    choices: Annotated[list[ChatCompletionChoice], Field(min_length=1, max_length=1)]
-    usage: Usage
-
-
-class ChatDelta(_Shape):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(_Shape):
-    index: Literal[0]
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: Reason | None
-
-
-class ChatCompletionChunk(_OpenAI):
-    """One streamed chunk: the first delta names the role, the last one carries
-    finish_reason; with stream_options.include_usage a final chunk with no choices
-    carries usage"""
-    object: Literal["chat.completion.chunk"]
-    choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]
-    usage: Usage | None = None
-
-
-class OpenAIErrorBody(_Shape):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class OpenAIError(_Shape):
-    error: OpenAIErrorBody
-
-
-class OpenAIModel(_Shape):
-    id: str
-    object: Literal["model"]
-    created: Count
-    owned_by: str
-
-
-class OpenAIModelList(_Shape):
-    object: Literal["list"]
-    data: list[OpenAIModel]
 
 
 RESPONSES = (GenerateChunk, GenerateFinal, ChatChunk, ChatFinal, GenerateLoaded, ChatLoaded, Error,

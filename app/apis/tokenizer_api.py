@@ -2,13 +2,15 @@
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``. Each names its model
 (``model`` in the body, or in the query for ``/tokenizer_info``); a server with one model
 loaded also answers without it, as vLLM, which serves one, does (lm-evaluation-harness
-sends none). Errors are OpenAI's shape, as vLLM's are.
+sends none). Answers are the models of app/apis/responses.py; errors are OpenAI's shape,
+as vLLM's are.
 """
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from app.apis.responses import Detokenized, Tokenized, TokenizerInfo, wire
 from app.platform.ratelimit import rate_limited
 from app.platform.settings import get_settings
 from app.platform.web import openai_error
@@ -82,7 +84,8 @@ def tokenize():
     ids = encode_prompt(tokenizer, prompt) if _flag(body, "add_special_tokens", True) else tokenizer.encode(prompt)
     strings = [tokenizer.decode([i], skip_special_tokens=False) for i in ids] \
         if _flag(body, "return_token_strs", False) else None
-    return jsonify(count=len(ids), max_model_len=loaded.model.max_context, tokens=ids, token_strs=strings)
+    return jsonify(wire(Tokenized(count=len(ids), max_model_len=loaded.model.max_context, tokens=ids,
+                                  token_strs=strings)))
 
 
 @bp.post("/detokenize")
@@ -102,7 +105,7 @@ def detokenize():
     if outside:
         raise RequestError("tokens", f"'tokens' holds the id {outside[0]}, which is not in model "
                                      f"{loaded.name!r}'s vocabulary (ids 0 to {vocab - 1})")
-    return jsonify(prompt=loaded.tokenizer.decode(ids))
+    return jsonify(wire(Detokenized(prompt=loaded.tokenizer.decode(ids))))
 
 
 @bp.get("/tokenizer_info")
@@ -110,9 +113,8 @@ def tokenizer_info():
     """The tokenizer's special tokens, context and chat template, as vLLM lists them."""
     loaded = _model(request.args.get("model"))
     tokenizer, special = loaded.tokenizer, loaded.tokenizer.special_tokens
-    return jsonify(model=loaded.name, tokenizer_class="PreTrainedTokenizerFast", kind=tokenizer.kind,
-                   vocab_size=tokenizer.vocab_size, bos_token=special.get("bos"),
-                   eos_token=special.get("eos"), pad_token=special.get("pad"),
-                   unk_token=special.get("unk"), add_bos_token=tokenizer.adds_bos,
-                   model_max_length=loaded.model.max_context,
-                   chat_template=getattr(tokenizer, "chat_template", None))
+    return jsonify(wire(TokenizerInfo(
+        model=loaded.name, tokenizer_class="PreTrainedTokenizerFast", kind=tokenizer.kind,
+        vocab_size=tokenizer.vocab_size, bos_token=special.get("bos"), eos_token=special.get("eos"),
+        pad_token=special.get("pad"), unk_token=special.get("unk"), add_bos_token=tokenizer.adds_bos,
+        model_max_length=loaded.model.max_context, chat_template=getattr(tokenizer, "chat_template", None))))
