@@ -249,7 +249,36 @@ class Trainer:
             self.report.close()
 
     def _fit(self, resume: bool) -> TrainingSummary:
-        s, t, main = self.state, self.t, self.dist.main
+        s, t = self.state, self.t
+        self._start(resume)
+        metrics: dict = {}
+        interrupted, before = False, s.mark()
+        self.model.train()
+        try:
+            while s.step < self.max_steps:
+                before = s.mark()  # what Ctrl-C puts back if it cuts this step short
+                self._step()
+                stop = False
+                if s.step % t.eval_every == 0 or s.step == self.max_steps:
+                    metrics = self.evaluate(t.eval_batches)
+                    stop = self.after_eval(metrics, self.optimizer.param_groups[0]["lr"])
+                if s.step % t.save_every == 0:
+                    self.save_last(self.summary(metrics))
+                if t.max_time_s and s.elapsed() >= t.max_time_s:
+                    stop = True  # out of time: what follows is the usual final evaluation
+                if stop:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: evaluate and save, as at the end of a run
+            interrupted = True
+            s.rewind(before)
+            self.optimizer.zero_grad(set_to_none=True)
+            # at once, so that a second Ctrl-C during the evaluation loses nothing
+            self.save_last(self.summary(metrics), every_rank=False)
+        return self._finish(interrupted)
+
+    def _start(self, resume: bool) -> None:
+        """Back to where ``last/`` left off (when resuming), then the run's one-line header."""
+        s, t = self.state, self.t
         if resume:
             self.checkpoints.resume(s, self.device)
             self.report.reopen(s.run_id)
@@ -264,67 +293,54 @@ class Trainer:
             + f" on {self.device}" + (f" x{self.dist.world}" if self.dist.world > 1 else ""))
         self.report.start_bar(self.max_steps if self.max_steps < 10**12 else None, s.step)
         s.start_clock()
-        metrics: dict = {}
-        interrupted, before = False, s.mark()
-        self.model.train()
-        try:
-            while s.step < self.max_steps:
-                before = s.mark()  # what Ctrl-C puts back if it cuts this step short
-                started = time.perf_counter()
-                lr = self.lr_at(s.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                total = 0.0
-                checkup = main and t.health_every and (s.step + 1) % t.health_every == 0
-                for micro in range(t.grad_accum):
-                    x, y = self.next_batch()
-                    sync = micro == t.grad_accum - 1 or self.dist.world == 1
-                    with contextlib.nullcontext() if sync else self.network.no_sync():
-                        loss = self.forward(x, y)
-                        (loss / t.grad_accum).backward()
-                    total += loss.item() / t.grad_accum
-                if not math.isfinite(total):
-                    raise TrainingError(
-                        f"the loss became {total} at step {s.step + 1}; stopped. The last good "
-                        f"checkpoint is {self.run_dir / 'last'} (lower training.learning_rate or raise "
-                        f"training.warmup_steps, then --resume)")
-                if checkup:  # gradients before clipping, and the weights before the step
-                    records, weights = health.gradient_stats(self.model), health.snapshot(self.model)
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.optimizer.step()
-                s.step += 1
-                if checkup:
-                    records += health.update_ratios(weights, self.model)
-                    records += health.weight_stats(self.model) + health.probe(self.model, x)
-                    self.report.health(s.step, records)
-                self.optimizer.zero_grad(set_to_none=True)
-                s.last_train_loss = total
-                elapsed = time.perf_counter() - started
-                s.train_time += elapsed
-                self.report.step(total, lr, self.tokens_per_step / elapsed, step=s.step)
 
-                stop = False
-                if s.step % t.eval_every == 0 or s.step == self.max_steps:
-                    metrics = self.evaluate(t.eval_batches)
-                    stop = self.after_eval(metrics, lr)
-                if s.step % t.save_every == 0:
-                    self.save_last(self.summary(metrics))
-                if t.max_time_s and s.elapsed() >= t.max_time_s:
-                    stop = True  # out of time: what follows is the usual final evaluation
-                if stop:
-                    break
-        except KeyboardInterrupt:  # Ctrl-C: evaluate and save, as at the end of a run
-            interrupted = True
-            s.rewind(before)
-            self.optimizer.zero_grad(set_to_none=True)
-            # at once, so that a second Ctrl-C during the evaluation loses nothing
-            self.save_last(self.summary(metrics), every_rank=False)
+    def _step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches, its health checkup when one
+        is due, and its line in the report."""
+        s, t = self.state, self.t
+        started = time.perf_counter()
+        lr = self.lr_at(s.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        checkup = self.dist.main and t.health_every and (s.step + 1) % t.health_every == 0
+        for micro in range(t.grad_accum):
+            x, y = self.next_batch()
+            sync = micro == t.grad_accum - 1 or self.dist.world == 1
+            with contextlib.nullcontext() if sync else self.network.no_sync():
+                loss = self.forward(x, y)
+                (loss / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+        if not math.isfinite(total):
+            raise TrainingError(
+                f"the loss became {total} at step {s.step + 1}; stopped. The last good "
+                f"checkpoint is {self.run_dir / 'last'} (lower training.learning_rate or raise "
+                f"training.warmup_steps, then --resume)")
+        if checkup:  # gradients before clipping, and the weights before the step
+            records, weights = health.gradient_stats(self.model), health.snapshot(self.model)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        s.step += 1
+        if checkup:
+            records += health.update_ratios(weights, self.model)
+            records += health.weight_stats(self.model) + health.probe(self.model, x)
+            self.report.health(s.step, records)
+        self.optimizer.zero_grad(set_to_none=True)
+        s.last_train_loss = total
+        elapsed = time.perf_counter() - started
+        s.train_time += elapsed
+        self.report.step(total, lr, self.tokens_per_step / elapsed, step=s.step)
+
+    def _finish(self, interrupted: bool) -> TrainingSummary:
+        """The final evaluation, ``last/`` and ``final/`` (and the published copy), the
+        report's last row and plot; an interrupted run then says how to resume."""
+        s = self.state
         self.report.close_bar()
         final = self.evaluate(None)
         summary = self.summary(final, finished=not interrupted)
         self.save_last(summary, every_rank=not interrupted)
-        if main:
+        if self.dist.main:
             self.checkpoints.save("final", summary)
             if self.cfg.publish_dir:  # the small copy the app serves (fp16 halves the file)
                 self.checkpoints.write(self.cfg.publish_dir, summary, dtype=torch.float16)
