@@ -38,7 +38,7 @@ def main() -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     # Every Fable tokenizer has the <blank>/<sep> markers; only a model trained on the
     # infilling task knows what to do with them (its training summary says so).
-    if not trained_to_infill(checkpoint.summary, checkpoint.tokenizer):
+    if not trained_to_infill(checkpoint.training, checkpoint.tokenizer):
         sys.exit(f"{checkpoint.name} was not trained to infill: its middles would be noise")
 
     # Sampled rather than greedy: greedy middles of this small model loop ("He jumped and

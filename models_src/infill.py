@@ -18,22 +18,19 @@ from .records import TrainingSummary
 from .sampling import Completion, SamplingParams
 
 
-def trained_to_infill(summary: TrainingSummary | dict, tokenizer) -> bool:
+def trained_to_infill(summary: TrainingSummary, tokenizer) -> bool:
     """Whether a checkpoint infills: its tokenizer has the markers AND it learned the format.
 
     Every Fable tokenizer has ``<blank>``/``<sep>``, so the markers alone say nothing. It
     learned the format when its training ran the infilling task (``data.task: infill``, or
     ``infill+lm`` with some ``infill_fraction``), or when an imported model declares it
-    (``"infill": true`` in its training summary). ``summary`` may be config.json's section
-    as read.
+    (``"infill": true`` in its training summary).
     """
     try:
         if tokenizer.blank_id is None or tokenizer.sep_id is None:
             return False
     except (AttributeError, KeyError):
         return False
-    if not isinstance(summary, TrainingSummary):
-        summary = TrainingSummary.from_dict(summary)
     if summary.infill is not None:
         return summary.infill
     data = summary.config_section("data")

@@ -30,7 +30,7 @@ def test_bundled_checkpoint_loads_and_generates(path):
     ckpt = load_checkpoint(path)
     # the Hub takes files over 10 MB only through Git LFS: larger weights are sharded
     assert all(f.stat().st_size <= 10_000_000 for f in path.iterdir())
-    assert ckpt.summary.get("val_perplexity"), "the admin page lists every model's perplexity"
+    assert ckpt.training.val_perplexity, "the admin page lists every model's perplexity"
     out = generate(ckpt.model, ckpt.tokenizer, "The ", SamplingParams(max_new_tokens=20, seed=0))[0]
     assert out.completion_tokens > 0 and out.text
 

@@ -14,6 +14,7 @@ from models_src.base import LanguageModel
 from models_src.infill import (infill, infill_example_ids, infill_prompt_ids, stream_infill,
                                trained_to_infill)
 from models_src.config import ModelConfig
+from models_src.records import TrainingSummary
 from models_src.sampling import SamplingParams
 from models_src.tokenization import Tokenizer
 from training import generate as generate_cli
@@ -249,11 +250,11 @@ def test_an_epoch_of_whole_examples_is_each_example_once(tmp_path):
 def test_a_model_infills_only_when_it_learned_the_format():
     tok = Tokenizer.train_char(["Lily saw a ball. The end."])
     def trained_on(**data):
-        return {"config": {"data": data}}
+        return TrainingSummary(config={"data": data})
     assert trained_to_infill(trained_on(task="infill", infill_fraction=0.5), tok)
     assert trained_to_infill(trained_on(task="infill+lm", infill_fraction=0.3), tok)
     assert not trained_to_infill(trained_on(task="infill+lm", infill_fraction=0.0), tok)
     assert not trained_to_infill(trained_on(task="lm", infill_fraction=0.5), tok)
-    assert not trained_to_infill({}, tok)  # no record of its training: the markers alone say nothing
-    assert trained_to_infill({"infill": True}, tok)  # an imported model declares it
-    assert not trained_to_infill({"infill": False, **trained_on(task="infill")}, tok)
+    assert not trained_to_infill(TrainingSummary(), tok)  # no record of its training: the markers alone say nothing
+    assert trained_to_infill(TrainingSummary(infill=True), tok)  # an imported model declares it
+    assert not trained_to_infill(TrainingSummary(infill=False, config={"data": {"task": "infill"}}), tok)

@@ -19,6 +19,7 @@ import torch
 
 from models_src.checkpoint import read_config, suggested_prompt
 from models_src.infill import trained_to_infill
+from models_src.records import TrainingSummary
 from models_src.sampling_defaults import GENERATION_CONFIG, SamplingDefaults
 from models_src.tokenization import Tokenizer
 from tests.pages.browser import ROOT, TIMEOUT_MS, browser, fill_form, serve, sync_api  # noqa: F401
@@ -30,7 +31,7 @@ BUNDLED = sorted(p for p in CHECKPOINTS.iterdir() if p.is_dir() and not p.name.s
 
 
 def _infills(path) -> bool:
-    return trained_to_infill(read_config(path)["training"], Tokenizer.load(path))
+    return trained_to_infill(TrainingSummary.from_dict(read_config(path)["training"]), Tokenizer.load(path))
 
 
 def _bits(path) -> float:

@@ -216,7 +216,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(
     if succeed:
         assert "the previous checkpoint there (step 10) is intact" in error
         assert snapshot(last) == failing.before  # byte-identical
-        assert load_checkpoint(last).summary["step"] == 10
+        assert load_checkpoint(last).training.step == 10
     else:
         assert "there was no previous checkpoint there" in error
         assert not last.exists()
@@ -232,7 +232,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         Trainer(load_config(raw=raw), quiet=True).fit()
     monkeypatch.undo()
-    assert snapshot(last) == failing.before and load_checkpoint(last).summary["step"] == 10
+    assert snapshot(last) == failing.before and load_checkpoint(last).training.step == 10
     assert leftovers(last.parent) == []
 
 
@@ -257,7 +257,7 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output error"):
         save_checkpoint(target, model, tokenizer, {"step": 2})
     monkeypatch.undo()
-    assert snapshot(target) == before and load_checkpoint(target).summary == {"step": 1}
+    assert snapshot(target) == before and load_checkpoint(target).training.to_dict() == {"step": 1}
     assert leftovers(tmp_path) == []
 
 

@@ -44,7 +44,7 @@ def test_tiny_run_writes_checkpoints_and_experiment_rows(tmp_path, arch):
         loaded = load_checkpoint(run / which)
         assert loaded.config.arch == arch
     final = load_checkpoint(run / "final")
-    assert final.summary == json.loads(json.dumps(summary.to_dict()))  # all of it, as it was written
+    assert final.training.to_dict() == json.loads(json.dumps(summary.to_dict()))  # all of it, as it was written
     assert final.training.val_perplexity == pytest.approx(math.exp(final.training.val_loss))
     assert final.training.bits_per_char > 0
     rows = query(tmp_path / "exp", "SELECT step, kind, val_loss, architecture FROM experiments ORDER BY step, kind")
