@@ -133,7 +133,7 @@ class Tokenizer:
         """torchtext's ``basic_english`` + ``build_vocab_from_iterator(min_freq, specials)``:
         the specials, then the words seen at least ``min_freq`` times, most frequent first
         (ties alphabetical); other words encode to ``unk_id``. ``max_size`` caps the whole
-        vocabulary, specials included. ``decode`` joins words with single spaces."""
+        vocabulary, specials included. ``decode`` joins the words as prose (``_detokenize``)."""
         if max_size is not None and max_size < len(SPECIAL_TOKENS):
             raise ValueError(f"max_size={max_size} leaves no room for the special tokens")
         normalizer, pre_tokenizer = _basic_english_pipeline()
@@ -336,14 +336,16 @@ class Tokenizer:
                 and not pre.get("add_prefix_space"))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _detokenize(text) if self.kind == "word" else text
 
     def decode_batch(
         self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = True
     ) -> list[str]:
-        return self.backend.decode_batch(
+        texts = self.backend.decode_batch(
             [list(ids) for ids in batch], skip_special_tokens=skip_special_tokens
         )
+        return [_detokenize(text) for text in texts] if self.kind == "word" else texts
 
     # ---- vocabulary -------------------------------------------------------------------
 
@@ -391,6 +393,26 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+# The word kind's text as prose: its words come back joined by spaces and lowercased
+# ("mr . holmes , i said"). Only the spaces basic_english itself puts around . , ! ? ( )
+# and ' are taken out, so the prose encodes back to the same words (a continued text, a
+# pasted one). Each rule looks at two neighbouring words at most, so a stream that decodes
+# each new word with the one before it (models_src.sampling) writes the same text as
+# decoding the whole: "mr. holmes, I said".
+_DETOKENIZE = [
+    (re.compile(r" (?=[.,!?)'])"), ""),  # no space before closing punctuation
+    (re.compile(r"(?<=[(']) "), ""),  # nor after "(" (and "don ' t" is one word again)
+    (re.compile(r"(?<=[.,!?)']) (?=”)"), ""),  # a closing quote after the punctuation it closes
+    (re.compile(r"(?<![^ “(])i(?![^ .,!?’”)'])"), "I"),  # the pronoun
+]
+
+
+def _detokenize(text: str) -> str:
+    for pattern, replacement in _DETOKENIZE:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _unique_tokens(special_tokens: dict[str, str | None]) -> list[str]:
