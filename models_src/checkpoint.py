@@ -88,11 +88,6 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.name if self.path else "model"
 
-    @property
-    def summary(self) -> dict:
-        """The training summary as config.json holds it, for callers that read it as a dict."""
-        return self.training.to_dict()
-
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind torch.compile or DDP wrappers (no `_orig_mod.` prefixes)."""
