@@ -66,11 +66,12 @@ test: $(STAMP) assets
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-# The unit tests alone, in about a minute: no server, browser, training, child process or
-# bundled model; test by test to the two workers (no module here shares costly fixtures)
+# The unit tests alone, in under a minute: no server, browser, training, child process,
+# bundled model or property test; test by test to the two workers (no module here shares
+# costly fixtures)
 quick: $(STAMP)
-	$(PY) -m pytest --dist load \
-		-m "not slow and not server and not browser and not train and not subprocess and not bundled and not interop"
+	$(PY) -m pytest --dist load -m "not slow and not server and not browser and not train \
+		and not subprocess and not bundled and not interop and not fuzz"
 
 test-all: $(STAMP) assets
 	$(PY) -m pytest -m ""

@@ -26,6 +26,14 @@ import torch
 from tests.app_support import ScriptedTicket, build_checkpoints
 
 
+def pytest_collection_modifyitems(items):
+    """Every property test (hypothesis) is marked ``fuzz``: it tries a hundred inputs or more,
+    which the suite wants and the edit-test loop (``make quick``) can leave out."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.fuzz)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _test_process(app_config):
     """The test process, set up once. Every test app's registry collects garbage once the

@@ -33,6 +33,7 @@ SETTINGS = {"FABLE_MAX_PROMPT_CHARS": LIMITS.max_prompt_chars,
             "FABLE_MAX_NEW_TOKENS": LIMITS.max_new_tokens,
             "FABLE_DEFAULT_NEW_TOKENS": LIMITS.default_new_tokens}
 
+pytestmark = pytest.mark.fuzz  # schemathesis: generated requests for every operation
 schema = schemathesis.openapi.from_dict(build_spec(__version__, LIMITS))
 
 
