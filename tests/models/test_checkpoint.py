@@ -191,6 +191,7 @@ def test_legacy_pickles_are_never_unpickled(tmp_path, tokenizer):
     assert "likely succeed" not in str(refused.value)
 
 
+@pytest.mark.interop  # transformers loads the export
 def test_export_to_hugging_face_gives_the_same_logits(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
