@@ -249,3 +249,11 @@ class Balancer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---- training across nodes ------------------------------------------------------------
+
+def node_args(endpoint: str, run_id: str) -> list[str]:
+    """One node of two, one process on it; c10d gives the node ranks in order of arrival."""
+    return ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]

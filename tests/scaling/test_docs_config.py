@@ -3,8 +3,7 @@ word for word (with the docs' ports and host): a change to one must reach the ot
 
 from __future__ import annotations
 
-from .cluster import ROOT, site
-from .test_multinode import node_args
+from .cluster import ROOT, node_args, site
 
 DOCS = ROOT / "docs" / "scaling.md"
 

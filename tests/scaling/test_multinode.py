@@ -28,6 +28,7 @@ import yaml
 from models_src.checkpoint import load_checkpoint
 from models_src.records import query
 
+from .cluster import node_args
 from .processes import Tracked, alive, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,12 +84,6 @@ def launch(config: Path, cwd: Path, log: Path, torchrun: list[str], *extra: str)
         return Tracked([sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "training.train",
                         "--config", str(config), "--quiet", *extra],
                        cwd=cwd, env=environment(), stdout=out, stderr=subprocess.STDOUT)
-
-
-def node_args(endpoint: str, run_id: str) -> list[str]:
-    """One node of two, one process on it; c10d gives the node ranks in order of arrival."""
-    return ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]
 
 
 def start_nodes(config: Path, cwds: list[Path], logs: list[Path], *extra: str) -> list[Tracked]:
