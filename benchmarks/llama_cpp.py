@@ -2,11 +2,13 @@
 concurrent generations.
 
     python benchmarks/llama_cpp.py [--checkpoint checkpoints/tinystories-gpt]
-        [--threads 1] [--new-tokens 256] [--concurrent 16] [--rounds 5]
+        [--threads 1] [--new-tokens 256] [--concurrent 16] [--rounds 5] [--precision f32]
 
 The checkpoint is exported to GGUF (float32, the precision Fable computes in) with
-``models_src.gguf_export``; llama.cpp runs it through llama-cpp-python's C API (an
-optional package, built from source: see README). Both sides get the same prompt ids
+``models_src.gguf_export``; with ``--precision int8`` Fable decodes with int8 products
+(``decode_precision: int8``) and llama.cpp runs the ``q8_0`` export, its 8-bit format.
+llama.cpp runs through llama-cpp-python's C API (an optional package, built from source:
+see README; ``LLAMA_CPP_LIB_PATH`` points it at another build of the library). Both sides get the same prompt ids
 (``[bos] + encode(prompt)``), decode greedily over the whole vocabulary, ignore eos, and
 generate the same number of new tokens; the clock covers the prompt and every new token.
 Fable runs its engine (``models_src.generation``, the one the server uses); llama.cpp runs
@@ -42,6 +44,7 @@ from models_src.sampling import SamplingParams
 # path, ``import llama_cpp`` finds llama-cpp-python, not this file.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+GGUF_OF = {"f32": "f32", "int8": "q8_0"}  # --precision: the GGUF llama.cpp runs
 PROMPTS = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a boy named Tom",
            "The sun was", "Mom said", "There was a big tree", "Ben and Mia"]
 
@@ -124,16 +127,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--precision", choices=sorted(GGUF_OF), default="f32",
+                        help="f32: both in float32; int8: Fable's int8 products against q8_0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    checkpoint = load_checkpoint(args.checkpoint, dtype=torch.float32)
+    checkpoint = load_checkpoint(args.checkpoint, dtype=torch.float32,
+                                 decode_precision="int8" if args.precision == "int8" else "float32")
     model, tokenizer = checkpoint.model.eval(), checkpoint.tokenizer
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
-    print(f"# Fable against llama.cpp: {checkpoint.name}, float32, {args.threads} thread(s), "
-          f"greedy, {args.new_tokens} new tokens -- {environment()}")
+    print(f"# Fable ({model.decode_precision}) against llama.cpp ({GGUF_OF[args.precision]}): "
+          f"{checkpoint.name}, {args.threads} thread(s), greedy, {args.new_tokens} new tokens "
+          f"-- {environment()}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_to_gguf(model, tokenizer, Path(tmp) / "model.gguf", dtype="f32")
+        path = export_to_gguf(model, tokenizer, Path(tmp) / "model.gguf", dtype=GGUF_OF[args.precision])
         n_ctx = max(len(tokenizer.encode(p)) + 1 for p in PROMPTS) + args.new_tokens
         for rows in (1, args.concurrent):
             # a context sized for the rows, as a llama.cpp user would make it

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from . import hf_import, safe_files
+from .fast_decode import PRECISIONS
 from .registry import build_model
 from .base import LanguageModel
 from .config import ModelConfig
@@ -461,19 +462,34 @@ def _load_refusal(error: Exception) -> str:
 
 def load_checkpoint(directory, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, *,
-                    deadline: float | None = None) -> Checkpoint:
+                    deadline: float | None = None,
+                    decode_precision: str | None = None) -> Checkpoint:
     """Load, validate and return a checkpoint's model (in eval mode) and tokenizer.
 
     ``deadline`` (a ``time.monotonic()`` value): past it, loading stops at its next step
-    with a CheckpointError."""
+    with a CheckpointError. ``decode_precision`` ("float32" or "int8": the inference path's
+    products, GPTs only) overrides the checkpoint's own ``decode_precision``."""
     directory = Path(directory)
     try:
-        return _load(directory, device, dtype, deadline)
+        return _load(directory, device, dtype, deadline, decode_precision)
     except UnsafeFile as e:
         raise CheckpointError(str(e)) from None
 
 
-def _load(directory: Path, device, dtype: torch.dtype, deadline: float | None) -> Checkpoint:
+def _decode_precision(directory: Path, config: dict, model: LanguageModel, asked: str | None) -> str:
+    """The checkpoint's decode_precision (config.json), or the one ``asked``, checked."""
+    precision = asked or config.get("decode_precision", "float32")
+    if precision not in PRECISIONS:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: decode_precision must be one of "
+                              f"{', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "float32" and not hasattr(model, "decode_precision"):
+        raise CheckpointError(f"{directory}: decode_precision {precision!r} is for GPT models; "
+                              f"this one is a {model.config.arch}")
+    return precision
+
+
+def _load(directory: Path, device, dtype: torch.dtype, deadline: float | None,
+          decode_precision: str | None) -> Checkpoint:
     restore_set_aside(directory)  # before the folder is looked at: it may be the set-aside one
     check_files(directory)
     config = read_config(directory)
@@ -504,6 +520,9 @@ def _load(directory: Path, device, dtype: torch.dtype, deadline: float | None) -
     model = build_model(model_config)
     model.load_state_dict(tensors, strict=False)  # tied aliases are filled by the tie itself
     model.to(device=device, dtype=dtype).eval()
+    precision = _decode_precision(directory, config, model, decode_precision)
+    if precision != "float32":
+        model.decode_precision = precision
     return Checkpoint(model, tokenizer, model_config, path=directory, defaults=read_defaults(directory),
                       training=TrainingSummary.from_dict(config.get("training")),
                       evaluation=Evaluation.from_dict(config.get("evaluation")))

@@ -8,9 +8,17 @@ same order, on the step's tokens flattened to (N, C) rows, reading weights from 
 parameter dicts directly and laid out (in, out) for one-row products. Module hooks do
 not fire. ``tests/models/test_models.py`` holds it to the module path. The figures are in
 benchmarks/README.md.
+
+``model.decode_precision`` (a checkpoint's ``decode_precision``) picks the products' kernel:
+"float32" (the default, the module path's numbers to ~1e-6) or "int8": each weight matrix
+quantized per output row, the activations per call (fbgemm's dynamic-quantization kernel,
+through ``torch.ops.quantized``), for about half the bytes read per token.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,7 +45,7 @@ def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]
          + torch.embedding(modules["wpe"]._parameters["weight"], positions))
     approximate = ACTIVATIONS[model.config.activation]  # the GELU the module path uses
     for i, block in enumerate(modules["blocks"]._modules.values()):
-        x = _block(block, x, caches, i, approximate)
+        x = _block(block, x, caches, i, approximate, model.decode_precision)
     for cache in caches:
         cache.end()
     if rows is not None:
@@ -46,46 +54,82 @@ def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]
     # torch.layer_norm, not F.layer_norm: the same op without the Python wrapper
     x = torch.layer_norm(x, ln_f.normalized_shape, ln_f._parameters["weight"],
                          ln_f._parameters["bias"], ln_f.eps)
-    head, = decode_weights(model, [modules["lm_head"]._parameters["weight"]])
-    return torch.mm(x, head)
+    head, = decode_products(model, [(modules["lm_head"]._parameters["weight"], None)],
+                            model.decode_precision)
+    return head(x)
 
 
-def _block(block, x, caches: list[KVCache], layer: int, approximate: str) -> torch.Tensor:
+def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
+           precision: str) -> torch.Tensor:
     """``Block.forward(x, cache=cache, layer=layer)`` in eval mode on (N, C) rows."""
     modules = block._modules
     attn, mlp = modules["attn"], modules["mlp"]
     ln_1, ln_2 = modules["ln_1"], modules["ln_2"]
     c_attn, proj = attn._modules["c_attn"]._parameters, attn._modules["c_proj"]._parameters
     fc, mlp_proj = mlp._modules["c_fc"]._parameters, mlp._modules["c_proj"]._parameters
-    w_attn, w_proj, w_fc, w_mlp = decode_weights(
-        block, [c_attn["weight"], proj["weight"], fc["weight"], mlp_proj["weight"]])
+    qkv_of, proj_of, fc_of, mlp_of = decode_products(
+        block, [(c_attn["weight"], c_attn["bias"]), (proj["weight"], proj["bias"]),
+                (fc["weight"], fc["bias"]), (mlp_proj["weight"], mlp_proj["bias"])], precision)
     C = x.size(1)
     h = torch.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
-    qkv = _affine(h, w_attn, c_attn["bias"])
+    qkv = qkv_of(h)
     if len(caches) == 1:
         y = caches[0].attend(layer, qkv, attn.n_head)
     else:
         parts = qkv.split([c.step_rows for c in caches])
         y = torch.cat([c.attend(layer, part, attn.n_head) for c, part in zip(caches, parts)])
-    x = x + _affine(y, w_proj, proj["bias"])
+    x = x + proj_of(y)
     h = torch.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
-    h = _gelu_(_affine(h, w_fc, fc["bias"]), approximate)
-    return x + _affine(h, w_mlp, mlp_proj["bias"])
+    h = _gelu_(fc_of(h), approximate)
+    return x + mlp_of(h)
 
 
-def decode_weights(module: nn.Module, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``weights`` (nn.Linear's (out, in)) as contiguous (in, out) copies, kept on
-    ``module`` and made again when any of them changes (a training step, a load, a move
-    to another dtype or device). MKL multiplies one row faster from this layout; the
-    sums come out in another order, so logits differ from the module path's in the last
-    bits (~1e-6)."""
-    key = [(w.data_ptr(), w._version, w.dtype, w.device) for w in weights]
-    cached = module.__dict__.get("_decode_weights")
+Product = Callable[[torch.Tensor], torch.Tensor]
+PRECISIONS = ("float32", "int8")
+
+
+def decode_products(module: nn.Module, linears: list[tuple[torch.Tensor, torch.Tensor | None]],
+                    precision: str = "float32") -> list[Product]:
+    """``x -> F.linear(x, weight, bias)`` for each (weight, bias) (nn.Linear's (out, in)
+    weight), at ``precision``; what they need is kept on ``module`` and made again when
+    any weight or bias changes (a training step, a load, a move to another dtype or
+    device) or the precision does."""
+    tensors = [t for pair in linears for t in pair if t is not None]
+    key = ([(t.data_ptr(), t._version, t.dtype, t.device) for t in tensors], precision)
+    cached = module.__dict__.get("_decode_products")
     if cached is None or cached[0] != key:
+        # fbgemm is a CPU kernel: elsewhere (a GPU) the products stay in floating point
+        int8 = precision == "int8" and all(t.device.type == "cpu" for t in tensors)
+        make = _int8_product if int8 else _float_product
         with torch.no_grad():
-            cached = (key, [w.detach().t().contiguous() for w in weights])
-        module.__dict__["_decode_weights"] = cached
+            cached = (key, [make(w.detach(), None if b is None else b.detach()) for w, b in linears])
+        module.__dict__["_decode_products"] = cached
     return cached[1]
+
+
+def _float_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+    """From a contiguous (in, out) copy: MKL multiplies one row faster from this layout;
+    the sums come out in another order, so logits differ from the module path's in the
+    last bits (~1e-6)."""
+    weight_t = weight.t().contiguous()
+    if bias is None:
+        return lambda x: torch.mm(x, weight_t)
+    return lambda x: torch.addmm(bias, x, weight_t)
+
+
+def _int8_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+    """fbgemm's int8 product: the weight symmetric per output row, the activations
+    quantized by the kernel on each call over their own range. ``reduce_range``, as
+    torch's dynamic quantization sets it on x86: 7-bit activations keep AVX2's paired
+    8-bit multiplies from saturating their 16-bit sums."""
+    weight, bias = weight.float(), None if bias is None else bias.float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # quantized tensors are deprecated, not yet replaced on CPU
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long),
+                                       0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(q, bias)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
 def _gelu_(h: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -96,7 +140,3 @@ def _gelu_(h: torch.Tensor, approximate: str) -> torch.Tensor:
     torch._C._nn.gelu_(h.view(2, -1).t(), approximate=approximate)
     return h
 
-
-def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight_t.t(), bias)`` for a weight laid out (in, out)."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)

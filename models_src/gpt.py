@@ -29,6 +29,10 @@ class GeluMLP(MLP):
 
 
 class GPT(LanguageModel):
+    # the inference path's products: "float32" or "int8" (fast_decode; a checkpoint's
+    # decode_precision), the module path is always in the weights' own dtype
+    decode_precision = "float32"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.max_context = config.block_size

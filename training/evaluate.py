@@ -20,6 +20,7 @@ import sacrebleu
 import torch
 
 from models_src.checkpoint import CheckpointError, load_checkpoint
+from models_src.fast_decode import PRECISIONS
 from models_src.generation import generate
 from models_src.sampling import SamplingParams
 from models_src.summary import count_parameters
@@ -116,9 +117,10 @@ def evaluate_infill(checkpoint, docs: list[str], given: str, batch_size: int, bl
 def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validation",
              stride: int | None = None, batch_size: int = 16, samples: int = 3, bleu: int = 0,
              experiments_dir: str | None = "experiments", device: str = "cpu",
-             task: str = "lm", given: str = "first+last") -> dict:
+             task: str = "lm", given: str = "first+last",
+             decode_precision: str | None = None) -> dict:
     started = time.perf_counter()
-    checkpoint = load_checkpoint(checkpoint_dir, device=device)
+    checkpoint = load_checkpoint(checkpoint_dir, device=device, decode_precision=decode_precision)
     docs, train_docs = documents_for(checkpoint, data, split)
     if task == "infill":
         result = evaluate_infill(checkpoint, docs, given, batch_size, bleu)
@@ -133,6 +135,9 @@ def evaluate(checkpoint_dir: str, data: str | None = None, split: str = "validat
               **score_text(checkpoint.model, checkpoint.tokenizer, docs, train_docs, seq_len,
                            by_document=by_document, batch_size=batch_size, stride=stride,
                            split=split)}
+    precision = getattr(checkpoint.model, "decode_precision", "float32")
+    if precision != "float32":
+        result["decode_precision"] = precision
     if bleu:
         result["bleu"] = continuation_bleu(checkpoint, docs, bleu)
     if samples:
@@ -214,12 +219,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="infill: score story middles (training.infill_eval)")
     parser.add_argument("--given", default="first+last", choices=list(GIVEN),
                         help="infill: what the middle is conditioned on")
+    parser.add_argument("--decode-precision", choices=PRECISIONS,
+                        help="score a GPT through its inference path at this precision, as the "
+                        "server would with this decode_precision (default: the checkpoint's own)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.data, args.split, args.stride, args.batch_size,
                           args.samples, args.bleu, args.experiments_dir or None, args.device,
-                          args.task, args.given)
+                          args.task, args.given, args.decode_precision)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

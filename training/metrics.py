@@ -90,12 +90,17 @@ def evaluating(model, autocast=None):
 
 
 def score_batches(model, batches, *, device=None, autocast=None) -> Scores:
-    """Score (x, y) batches with ``model`` (in eval mode; its previous mode is restored)."""
+    """Score (x, y) batches with ``model`` (in eval mode; its previous mode is restored).
+    A GPT whose inference path is not float32 (``decode_precision``) is scored through that
+    path, from a fresh cache per batch: the numbers it serves with."""
     device = device or model.device
     scores = Scores()
+    served = getattr(model, "decode_precision", "float32") != "float32"
     with evaluating(model, autocast):
         for x, y in batches:
-            scores.add(model(x.to(device))[0], y.to(device))
+            x = x.to(device)
+            logits = model.step(x, model.init_state(x.size(0)))[0] if served else model(x)[0]
+            scores.add(logits, y.to(device))
     return scores
 
 

@@ -67,6 +67,7 @@ class ModelFacts:
     width: int
     dtype: str  # how the weights are stored on disk (they are served as float32)
     device: str
+    decode_precision: str  # the inference path's products: float32, or int8 (on a CPU)
     size_bytes: int  # the checkpoint directory's files
     modified_at: str  # ISO 8601, UTC: newest file in the directory
     digest: str  # sha256 (hex) over the directory's files, names included
@@ -348,6 +349,7 @@ def _facts(path: Path, checkpoint: Checkpoint, device: str,
         width=config.n_hidden if checkpoint.model.max_context is None else config.n_embd,
         dtype=str(read_config(path).get("dtype", "float32")),
         device=device,
+        decode_precision=getattr(checkpoint.model, "decode_precision", "float32"),
         size_bytes=sum(s.st_size for s in stats),
         modified_at=datetime.fromtimestamp(newest, timezone.utc).isoformat().replace("+00:00", "Z"),
         digest=_digest(path, list(files), deadline),
