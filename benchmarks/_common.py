@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# the starts of stories that the comparisons with llama.cpp give both sides
+STORY_PROMPTS = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a boy named Tom",
+                 "The sun was", "Mom said", "There was a big tree", "Ben and Mia"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

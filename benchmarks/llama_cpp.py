@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import ROOT, environment  # puts the repository on sys.path
+from _common import ROOT, STORY_PROMPTS as PROMPTS, environment  # puts the repository on sys.path
 from models_src.checkpoint import load_checkpoint
 from models_src.generation import generate
 from models_src.gguf_export import export_to_gguf
@@ -45,8 +45,6 @@ from models_src.sampling import SamplingParams
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 GGUF_OF = {"f32": "f32", "int8": "q8_0"}  # --precision: the GGUF llama.cpp runs
-PROMPTS = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a boy named Tom",
-           "The sun was", "Mom said", "There was a big tree", "Ben and Mia"]
 
 
 class LlamaCppGreedy:
