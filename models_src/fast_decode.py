@@ -122,6 +122,7 @@ def _int8_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
     quantized by the kernel on each call over their own range. ``reduce_range``, as
     torch's dynamic quantization sets it on x86: 7-bit activations keep AVX2's paired
     8-bit multiplies from saturating their 16-bit sums."""
+    dtype = weight.dtype
     weight, bias = weight.float(), None if bias is None else bias.float()
     scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
     with warnings.catch_warnings():  # quantized tensors are deprecated, not yet replaced on CPU
@@ -129,6 +130,8 @@ def _int8_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
         q = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long),
                                        0, torch.qint8)
     packed = torch.ops.quantized.linear_prepack(q, bias)
+    if dtype != torch.float32:  # the kernel takes and gives float32 rows
+        return lambda x: torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(dtype)
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 

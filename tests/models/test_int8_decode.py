@@ -47,6 +47,16 @@ def test_int8_products_stay_within_a_few_percent_of_float32_in_every_decode_call
     assert torch.equal(got_step.argmax(-1), want_step.argmax(-1))
 
 
+def test_int8_decodes_a_model_kept_in_bfloat16():
+    model = small_model(96)
+    with torch.inference_mode():
+        want, _ = model.step(torch.tensor([[5, 9, 12, 40]]), model.init_state(1))
+        model.to(torch.bfloat16).decode_precision = "int8"
+        got, _ = model.step(torch.tensor([[5, 9, 12, 40]]), model.init_state(1))
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got.float(), want) < 0.05
+
+
 def test_int8_products_follow_weight_changes_and_the_precision():
     model = small_model(96)
     ids = torch.tensor([[5, 9, 12, 40]])
