@@ -81,6 +81,20 @@ class Distributed:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def agree(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (``value`` itself in a single process); a
+        collective: every rank calls it. Each rank's clock is its own, and decisions taken
+        from a clock (a time budget's end, its learning rate) must be the same on every
+        rank: a rank that stopped alone would leave the others waiting in DDP's all-reduce,
+        and ranks with different learning rates would train different models."""
+        if self.world == 1:
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        agreed = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.broadcast(agreed, src=0)
+        return float(agreed.item())
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -164,14 +178,19 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def lr_at(self, step: int) -> float:
+    def clock(self) -> float:
+        """Seconds of training so far, as every rank agrees (rank 0's clock)."""
+        return self.dist.agree(self.state.elapsed())
+
+    def lr_at(self, step: int, elapsed: float = 0.0) -> float:
+        """The learning rate of ``step``; with a time budget, also of ``elapsed`` seconds."""
         if self.t.schedule != "cosine":
             return self.optimizer.param_groups[0]["lr"]  # constant, or whatever the plateau set
         if step < self.t.warmup_steps:
             return self.t.learning_rate * (step + 1) / self.t.warmup_steps
         progress = min(1.0, (step - self.t.warmup_steps) / max(1, self.max_steps - self.t.warmup_steps))
         if self.t.max_time_s:  # with a time budget the schedule follows the clock
-            progress = max(progress, min(1.0, self.state.elapsed() / self.t.max_time_s))
+            progress = max(progress, min(1.0, elapsed / self.t.max_time_s))
         return self.t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.t.learning_rate - self.t.min_lr)
 
     def next_batch(self):
@@ -264,7 +283,7 @@ class Trainer:
                     stop = self.after_eval(metrics, self.optimizer.param_groups[0]["lr"])
                 if s.step % t.save_every == 0:
                     self.save_last(self.summary(metrics))
-                if t.max_time_s and s.elapsed() >= t.max_time_s:
+                if t.max_time_s and self.clock() >= t.max_time_s:
                     stop = True  # out of time: what follows is the usual final evaluation
                 if stop:
                     break
@@ -299,7 +318,7 @@ class Trainer:
         is due, and its line in the report."""
         s, t = self.state, self.t
         started = time.perf_counter()
-        lr = self.lr_at(s.step)
+        lr = self.lr_at(s.step, self.clock() if t.max_time_s else 0.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0

@@ -417,6 +417,39 @@ def test_a_time_budget_ends_the_run_and_the_schedule(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "runs/tiny-gpt/final").training.finished
 
 
+def test_a_time_budget_reads_the_clock_every_rank_agrees_on(tmp_path, monkeypatch):
+    """Under torchrun each rank has its own clock; the budget's end and its learning rate
+    follow rank 0's (``Distributed.agree``), so no rank stops alone (leaving the others in
+    DDP's all-reduce) and all take the same steps. Here the agreed clock runs 100 s ahead
+    of this process's own: the run ends after its first step, and that step's learning
+    rate is the one 100 s into a 200 s cosine budget."""
+    agreed: list[float] = []
+
+    def rank_zeros_clock(self, value):
+        agreed.append(value + 100.0)
+        return agreed[-1]
+
+    monkeypatch.setattr(train_module.Distributed, "agree", rank_zeros_clock)
+    raw = raw_config(tmp_path, max_time_s=200.0, eval_every=10**6, schedule="cosine",
+                     warmup_steps=0)
+    del raw["training"]["max_steps"]
+    trainer = Trainer(load_config(raw=raw), quiet=True)
+    lrs: list[float] = []
+    real_step = trainer._step
+
+    def step():
+        real_step()
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        if len(lrs) == 1:  # from the next reading on, rank 0 is past the budget
+            monkeypatch.setattr(train_module.Distributed, "agree", lambda self, value: value + 500.0)
+    trainer._step = step
+    summary = trainer.fit()
+    assert summary.step == 1 and len(agreed) == 1
+    t = trainer.t
+    halfway = t.min_lr + 0.5 * (1 + math.cos(math.pi * agreed[0] / 200.0)) * (t.learning_rate - t.min_lr)
+    assert lrs == [pytest.approx(halfway)]
+
+
 def test_preset_recommendation_follows_the_machine(capsys):
     from training import presets
     assert presets.recommend({"cores": 2, "ram_gb": 16, "gpu": None, "gpu_gb": 0})[0] == "micro"
