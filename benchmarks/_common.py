@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # the starts of stories that the comparisons with llama.cpp give both sides
 STORY_PROMPTS = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a boy named Tom",
                  "The sun was", "Mom said", "There was a big tree", "Ben and Mia"]
+# --precision of the comparisons with llama.cpp: the GGUF it runs (Fable's f32, or int8 against q8_0)
+GGUF_OF = {"f32": "f32", "int8": "q8_0"}
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

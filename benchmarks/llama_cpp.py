@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import ROOT, STORY_PROMPTS as PROMPTS, environment  # puts the repository on sys.path
+from _common import GGUF_OF, ROOT, STORY_PROMPTS as PROMPTS, environment  # puts the repository on sys.path
 from models_src.checkpoint import load_checkpoint
 from models_src.generation import generate
 from models_src.gguf_export import export_to_gguf
@@ -44,7 +44,6 @@ from models_src.sampling import SamplingParams
 # path, ``import llama_cpp`` finds llama-cpp-python, not this file.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-GGUF_OF = {"f32": "f32", "int8": "q8_0"}  # --precision: the GGUF llama.cpp runs
 
 
 class LlamaCppGreedy:

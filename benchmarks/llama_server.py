@@ -33,13 +33,12 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import ROOT, STORY_PROMPTS as PROMPTS, environment  # puts the repository on sys.path
+from _common import GGUF_OF, ROOT, STORY_PROMPTS as PROMPTS, environment  # puts the repository on sys.path
 
+from models_src.checkpoint import read_config  # noqa: E402
 from models_src.gguf_export import export_checkpoint as export_gguf  # noqa: E402
 from tests.gunicorn_server import GunicornServer, free_port  # noqa: E402
 from training.export import export_fable  # noqa: E402
-
-GGUF_OF = {"f32": "f32", "int8": "q8_0"}
 
 
 class LlamaServer:
@@ -128,17 +127,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
-    fable_precision = {"f32": "f32", "int8": "int8"}[args.precision]
     print(f"# Fable against llama-server over HTTP: {args.checkpoint.name}, Fable "
-          f"{fable_precision} / llama.cpp {GGUF_OF[args.precision]}, {args.threads} thread(s), "
+          f"{args.precision} / llama.cpp {GGUF_OF[args.precision]}, {args.threads} thread(s), "
           f"greedy, max_tokens {args.max_tokens}, {args.seconds:g} s a level and round "
           f"-- {environment()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gguf = export_gguf(args.checkpoint, tmp / "model.gguf", GGUF_OF[args.precision])
         model = args.checkpoint.name
-        export_fable(args.checkpoint, tmp / "checkpoints" / model, fable_precision)
-        context = json.loads((args.checkpoint / "config.json").read_text())["model"]["block_size"]
+        export_fable(args.checkpoint, tmp / "checkpoints" / model, args.precision)
+        context = read_config(args.checkpoint)["model"]["block_size"]
         env = {"FABLE_TORCH_THREADS": str(args.threads), "FABLE_THREADS": str(4 * max(args.levels))}
         with GunicornServer(tmp / "checkpoints", env=env) as fable, \
                 LlamaServer(args.llama_server, gguf, args.threads, max(args.levels), context) as llama:

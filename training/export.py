@@ -43,7 +43,6 @@ def export_gguf(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
 def export_fable(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
     """A copy of the checkpoint decoded at ``dtype`` (decode_precision), written beside
     ``out`` and renamed into place, so that a server watching the folder never loads half."""
-    import json
     import shutil
     import tempfile
 
@@ -53,7 +52,8 @@ def export_fable(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
     precision = DECODE_PRECISIONS.get(dtype)
     if precision is None:
         raise ValueError(f"--format fable takes --dtype {' or '.join(DECODE_PRECISIONS)}, not {dtype}")
-    if "imported" in read_config(checkpoint_dir):
+    config = read_config(checkpoint_dir)
+    if "imported" in config:
         raise ValueError(f"{checkpoint_dir} is a Hugging Face directory: only a Fable checkpoint "
                          "has a decode_precision")
     load_checkpoint(checkpoint_dir, decode_precision=precision)  # refuses what it cannot serve
@@ -64,9 +64,7 @@ def export_fable(checkpoint_dir: Path, out: Path, dtype: str) -> Path:
     try:
         shutil.copytree(checkpoint_dir, staged, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("last", ".*"))  # not a training's resume state
-        config = json.loads((staged / CONFIG_FILE).read_text())
-        config["decode_precision"] = precision
-        write_json_atomically(staged / CONFIG_FILE, config)
+        write_json_atomically(staged / CONFIG_FILE, {**config, "decode_precision": precision})
         staged.chmod(0o755)  # mkdtemp's folder is private; a checkpoint is not
         staged.rename(out)
     except BaseException:
