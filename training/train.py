@@ -273,18 +273,22 @@ class Trainer:
         metrics: dict = {}
         interrupted, before = False, s.mark()
         self.model.train()
+        # with a time budget, one reading of the agreed clock a step: the next step's
+        # learning rate and whether there is a next step
+        elapsed = self.clock() if t.max_time_s else 0.0
         try:
             while s.step < self.max_steps:
                 before = s.mark()  # what Ctrl-C puts back if it cuts this step short
-                self._step()
+                self._step(elapsed)
                 stop = False
                 if s.step % t.eval_every == 0 or s.step == self.max_steps:
                     metrics = self.evaluate(t.eval_batches)
                     stop = self.after_eval(metrics, self.optimizer.param_groups[0]["lr"])
                 if s.step % t.save_every == 0:
                     self.save_last(self.summary(metrics))
-                if t.max_time_s and self.clock() >= t.max_time_s:
-                    stop = True  # out of time: what follows is the usual final evaluation
+                if t.max_time_s:
+                    elapsed = self.clock()
+                    stop = stop or elapsed >= t.max_time_s  # out of time: the usual final evaluation follows
                 if stop:
                     break
         except KeyboardInterrupt:  # Ctrl-C: evaluate and save, as at the end of a run
@@ -313,12 +317,13 @@ class Trainer:
         self.report.start_bar(self.max_steps if self.max_steps < 10**12 else None, s.step)
         s.start_clock()
 
-    def _step(self) -> None:
-        """One optimizer step over ``grad_accum`` micro-batches, its health checkup when one
-        is due, and its line in the report."""
+    def _step(self, elapsed: float = 0.0) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches (``elapsed``: the agreed
+        clock, for a time budget's learning rate), its health checkup when one is due, and
+        its line in the report."""
         s, t = self.state, self.t
         started = time.perf_counter()
-        lr = self.lr_at(s.step, self.clock() if t.max_time_s else 0.0)
+        lr = self.lr_at(s.step, elapsed)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0

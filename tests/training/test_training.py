@@ -437,8 +437,8 @@ def test_a_time_budget_reads_the_clock_every_rank_agrees_on(tmp_path, monkeypatc
     lrs: list[float] = []
     real_step = trainer._step
 
-    def step():
-        real_step()
+    def step(elapsed=0.0):
+        real_step(elapsed)
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
         if len(lrs) == 1:  # from the next reading on, rank 0 is past the budget
             monkeypatch.setattr(train_module.Distributed, "agree", lambda self, value: value + 500.0)
