@@ -162,6 +162,10 @@ class TrainingConfig:
     # per-layer gradient, update, weight, activation and attention figures every N steps
     # (models_src.health; benchmarks/README.md has their cost); 0 turns them off
     health_every: int = 100
+    # a text the model writes (to the loggers, and to the terminal unless --quiet) after every
+    # sample_every-th evaluation: how the model is doing, in words; 0 turns it off
+    sample_every: int = 0
+    sample_tokens: int = 200  # tokens each sample runs to (fewer if the model ends it)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -185,11 +189,17 @@ class TrainingConfig:
                 raise ConfigError(f"training.{name} must be at least 1")
         if self.health_every < 0:
             raise ConfigError("training.health_every must be 0 (off) or a number of steps")
+        if self.sample_every < 0:
+            raise ConfigError("training.sample_every must be 0 (off) or a number of evaluations")
+        if self.sample_tokens < 1:
+            raise ConfigError("training.sample_tokens must be at least 1")
         if self.learning_rate <= 0:
             raise ConfigError("training.learning_rate must be positive")
 
 
-LOGGERS = ("tensorboard", "wandb")  # output.loggers: optional packages, imported only when listed
+# output.loggers (training.loggers): jsonl needs nothing; the others are optional packages,
+# imported only when listed
+LOGGERS = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclass

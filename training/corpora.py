@@ -3,6 +3,7 @@
     fable data fetch tinyshakespeare [NAME ...]   # `--all` (or `make data`) for every one
     fable data fetch tinyshakespeare --from ~/Downloads/input.txt   # a copy you already have
     fable data list                               # what there is, what it costs, where it is
+    fable data list --json                        # the same for programs, file by file (below)
 
 A config names a corpus as ``data.corpus: tinyshakespeare/input.txt`` (the corpus, then a
 path inside it). Corpora are looked for in ``../shared/data`` beside the checkout first,
@@ -13,6 +14,12 @@ against the SHA-256 pinned here, into a ``.part`` file renamed into place only w
 and right. ``FABLE_DATA_MIRROR=http://host/prefix`` moves every source URL to
 ``http://host/prefix/<original host>/<original path>``: a mirror (or a test's local server)
 holds the files under their original addresses. Nothing is downloaded but by this command.
+
+``list --json`` is what the app reads to offer the corpora present on the machine: a list
+of ``{"name", "about", "licence", "size_mb", "files": [{"reference", "path", "bytes"}]}``,
+one object per corpus and one file entry per file a config reads (``reference`` is what
+``data.corpus`` and ``--corpus`` take; ``path``, absolute, and ``bytes`` are null when the
+file is not here). Its fields are a stable format: add fields, never rename or drop one.
 """
 
 from __future__ import annotations
@@ -306,7 +313,28 @@ def _sources(corpus: Corpus, given: Path | None) -> dict[str, Path]:
 # ---- the command ----------------------------------------------------------------------------
 
 
-def list_corpora() -> None:
+def file_entry(reference: str) -> dict:
+    """Where ``reference`` is, found as a config finds it, and its size; nulls when absent."""
+    try:
+        path = locate(reference).resolve()
+    except CorpusError:
+        path = None
+    if path is None or not path.is_file():
+        return {"reference": reference, "path": None, "bytes": None}
+    return {"reference": reference, "path": str(path), "bytes": path.stat().st_size}
+
+
+def corpus_entries() -> list[dict]:
+    """``list --json``'s objects (the module docstring): every corpus, present or not."""
+    return [{"name": c.name, "about": c.about, "licence": c.licence, "size_mb": c.size_mb,
+             "files": [file_entry(f"{c.name}/{name}") for name in c.files()]}
+            for c in CORPORA.values()]
+
+
+def list_corpora(as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(corpus_entries(), indent=2))
+        return
     print(f"{'corpus':16} {'download':>9}  {'where':40} about")
     for corpus in CORPORA.values():
         try:
@@ -326,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="a local copy (a file, or a folder of the files by name) instead of the network")
     get.add_argument("--dir", type=Path, help=f"where to put it (default $FABLE_DATA_DIR, here {data_dir()})")
     get.add_argument("--quiet", action="store_true", help="no progress bars")
-    commands.add_parser("list", help="the corpora, their size and where they are")
+    listing = commands.add_parser("list", help="the corpora, their size and where they are")
+    listing.add_argument("--json", action="store_true",
+                         help="a JSON list with each file a config reads: its path (null when absent) and size")
     args = parser.parse_args(argv)
     if args.command == "list":
-        list_corpora()
+        list_corpora(args.json)
         return 0
     names = list(CORPORA) if args.all else args.names
     unknown = [n for n in names if n not in CORPORA]

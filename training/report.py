@@ -1,6 +1,7 @@
 """What a training run tells as it goes: its opening and closing lines, the progress bar,
-one experiment row per evaluation (``training.experiments``) and, when ``output.loggers``
-lists them, the same figures to TensorBoard and W&B (``training.loggers``).
+one experiment row per evaluation (``training.experiments``), the text samples of
+``training.sample_every`` and, when ``output.loggers`` lists them, the same figures (and
+samples) to metrics.jsonl, TensorBoard and W&B (``training.loggers``).
 
 Only rank 0 reports. ``quiet`` leaves out the lines and the bar, never the rows.
 """
@@ -54,6 +55,12 @@ class RunReport:
     def scalars(self, step: int, values: dict[str, float], group: str) -> None:
         """Any named figures (``<group>/<name>``) to every configured logger, at an optimizer step."""
         self.loggers.scalars(step, values, group)
+
+    def sample(self, step: int, text: str) -> None:
+        """A text the model wrote at optimizer step ``step``: to the loggers, and above the bar."""
+        self.loggers.text(step, "text", text)
+        if self.talks:
+            tqdm.write(f"sample at step {step}:\n{text}\n", file=sys.stderr)
 
     def close_bar(self) -> None:
         self.bar.close()

@@ -3,14 +3,17 @@
     python -m training.train --config training/configs/char_gpt_shakespeare.yaml [key=value ...]
     python -m training.train --config ... --resume          # continue from runs/<name>/last
     python -m training.train --preset char-gpt --data my_text.txt --name my-model --minutes 10
+    python -m training.train --preset char-gpt --corpus tinyshakespeare/input.txt --name my-model
+    python -m training.train --preset char-gpt --data my_text.txt --name my-model --check  # only check
     torchrun --nproc_per_node 2 -m training.train --config ...   # data-parallel (gloo on CPU, NCCL on GPU)
 
 The command line, the set-up (device, DDP, data, model, optimizer) and the loop, which
 reads top to bottom in ``Trainer.fit``. Where a run stands is ``training.state``, its
 checkpoints ``training.checkpoints``, what it prints and records ``training.report``.
 The one command (``--preset``) makes a config of a recipe (``training.config.RECIPES``)
-and a text file, checks both before anything is written, and publishes the checkpoint with
-its model card where the app finds it.
+and a text file (``--data``, or ``--corpus``: a file of a corpus ``fable data fetch`` got),
+checks both before anything is written, and publishes the checkpoint with its model card
+where the app finds it.
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ import torch.distributed as dist
 
 from models_src import ModelConfig, build_model, health
 from models_src.checkpoint import CheckpointError
+from models_src.generation import generate
 from models_src.records import TrainingSummary
+from models_src.sampling import SamplingParams
 from models_src.summary import count_parameters
 
 from .batches import batch_source, describe_reads
 from .checkpoints import RunCheckpoints, TrainingError
 from .config import DEFAULT_MINUTES, RECIPES, ConfigError, RunConfig, load_config, recipe_config
+from .corpora import CORPORA, CorpusError, locate
 from .data import DataError, load_documents, prepare
 from .evaluate import score_text
 from .examples import in_order
@@ -52,6 +58,10 @@ __all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "main"]
 
 # Tokens per truncated back-propagation window of a recurrent model without data.max_seq_len.
 RECURRENT_WINDOW = 128
+# training.sample_every's samples: the first tokens of the validation text, continued at a
+# temperature that reads better than 1.0 and still shows what the model has not learned
+SAMPLE_PROMPT_TOKENS = 8
+SAMPLE_TEMPERATURE = 0.8
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -403,11 +413,43 @@ class Trainer:
         self.report.row(self.progress(metrics), kind="train_eval", lr=lr, train_time=s.train_time)
         if improved and self.dist.main:
             self.checkpoints.save("best", self.summary(metrics))
+        if self.sample_due():
+            self.report.sample(s.step, self.sample_text())
         patience = self.t.early_stopping_patience
         if patience is not None and s.bad_evals >= patience:
             self.report.say(f"\nearly stopping at step {s.step}: no improvement in {patience} evaluations")
             return True
         return False
+
+    def sample_due(self) -> bool:
+        """After every ``sample_every``-th periodic evaluation, on rank 0 alone. Counted from
+        the step (evaluations fall on multiples of eval_every), so a resumed run keeps the rhythm."""
+        every = self.t.sample_every * self.t.eval_every
+        return bool(every) and self.state.step % every == 0 and self.dist.main
+
+    def sample_prompt(self) -> str:
+        """The first few tokens of the validation split's first document, as text."""
+        ids = self.data.splits["validation"][:SAMPLE_PROMPT_TOKENS + 1].tolist()
+        if self.tokenizer.eos_id in ids:  # a first document shorter than that
+            ids = ids[:ids.index(self.tokenizer.eos_id)]
+        return self.tokenizer.decode(ids[:SAMPLE_PROMPT_TOKENS])
+
+    def sample_text(self) -> str:
+        """The prompt and the model's continuation of it, ``training.sample_tokens`` long.
+        Its draws come from a generator of its own, seeded the same every time (so samples
+        differ only as the model does), never from torch's global one, which dropout draws
+        from: a run trains the same with samples as without."""
+        prompt = self.sample_prompt()
+        params = SamplingParams(max_new_tokens=self.t.sample_tokens, temperature=SAMPLE_TEMPERATURE,
+                                seed=self.t.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                [completion] = generate(self.model, self.tokenizer, prompt, params)
+        finally:
+            self.model.train(was_training)
+        return prompt + completion.text
 
 
 def uses_bfloat16(precision: str, device: torch.device) -> bool:
@@ -508,17 +550,36 @@ def check_text(path: Path, cfg: RunConfig, recipe: str) -> None:
                 f"{context}; give at least {need:,} characters of text")
 
 
+def corpus_text(reference: str) -> Path:
+    """``--corpus tinyshakespeare/input.txt``: the file, found where configs find their corpus
+    (``training.corpora.locate``); a DataError says how to fetch a corpus that is not here."""
+    corpus = next(iter(Path(reference).parts), "")
+    if corpus not in CORPORA:
+        raise DataError(f"--corpus {reference}: unknown corpus {corpus!r}; Fable fetches "
+                        f"{', '.join(CORPORA)} (for a file of your own, use --data)")
+    try:
+        path = locate(reference)
+    except CorpusError as e:
+        raise DataError(str(e)) from None
+    if path.is_dir():
+        files = ", ".join(f"{corpus}/{name}" for name in CORPORA[corpus].files())
+        raise DataError(f"--corpus {reference} is a folder: name a text file in it ({files})")
+    return path
+
+
 def own_text_config(args: argparse.Namespace) -> RunConfig:
-    """The recipe's config for the text file; refuses a taken name or unusable text."""
+    """The recipe's config for the text file (--data, or --corpus's); refuses a taken name
+    or unusable text."""
+    data = str(corpus_text(args.corpus)) if args.corpus else args.data
     served = args.checkpoint_dir or os.environ.get("FABLE_CHECKPOINT_DIR") or SERVED_CHECKPOINTS
     checkpoint = Path(served) / args.name
     publish = str(checkpoint).replace("{", "{{").replace("}", "}}")  # output.publish is formatted
-    raw = recipe_config(args.preset, data=args.data, name=args.name, publish_dir=publish,
+    raw = recipe_config(args.preset, data=data, name=args.name, publish_dir=publish,
                         minutes=args.minutes, steps=args.steps)
     cfg = load_config(raw=raw, overrides=args.overrides)
     if not (args.overwrite or args.resume):
         check_name(args.name, checkpoint, cfg.run_dir)
-    check_text(Path(args.data), cfg, args.preset)
+    check_text(Path(data), cfg, args.preset)
     return cfg
 
 
@@ -547,8 +608,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog="presets: " + "; ".join(f"{name}: {r['about']}" for name, r in RECIPES.items()))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config file")
-    source.add_argument("--preset", choices=RECIPES, help="a whole recipe, trained on --data")
-    parser.add_argument("--data", help="with --preset: a UTF-8 text file to train on")
+    source.add_argument("--preset", choices=RECIPES, help="a whole recipe, trained on --data or --corpus")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--data", help="with --preset: a UTF-8 text file to train on")
+    text.add_argument("--corpus", metavar="CORPUS/FILE",
+                      help="with --preset, instead of --data: a file of a corpus `fable data fetch` "
+                           "got, e.g. tinyshakespeare/input.txt (`fable data list` shows them)")
     parser.add_argument("--name", help="with --preset: the model's name, its folder's name")
     parser.add_argument("--checkpoint-dir", help="with --preset: where the app's models are "
                         f"(default $FABLE_CHECKPOINT_DIR, else {SERVED_CHECKPOINTS})")
@@ -560,14 +625,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="a budget of optimizer steps")
     parser.add_argument("--resume", action="store_true", help="continue from <run dir>/last")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config (with --preset: the text and the name too), "
+                             "write nothing and exit: 0 when the run would start")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config key, e.g. training.max_steps=100")
     args = parser.parse_args(argv)
-    if args.preset and not (args.data and args.name):
-        parser.error("--preset needs --data FILE and --name NAME")
-    if args.config and (args.data or args.name or args.checkpoint_dir or args.overwrite):
-        parser.error("--data, --name, --checkpoint-dir and --overwrite go with --preset "
-                     "(a config sets data.path, name and output.publish)")
+    if args.preset and not ((args.data or args.corpus) and args.name):
+        parser.error("--preset needs --data FILE (or --corpus CORPUS/FILE) and --name NAME")
+    if args.config and (args.data or args.corpus or args.name or args.checkpoint_dir or args.overwrite):
+        parser.error("--data, --corpus, --name, --checkpoint-dir and --overwrite go with --preset "
+                     "(a config sets data.path or data.corpus, name and output.publish)")
     if args.minutes is not None and args.minutes <= 0 or args.steps is not None and args.steps < 1:
         parser.error("--minutes and --steps must be positive")
     try:
@@ -577,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
             budget = [f"training.max_time_s={args.minutes * 60:g}"] if args.minutes else []
             budget += [f"training.max_steps={args.steps}"] if args.steps else []
             cfg = load_config(args.config, [*args.overrides, *budget])
+        if args.check:
+            print(f"{cfg.name}: the config{' and the text' if args.preset else ''} are usable")
+            return 0
         command = shlex.join(["python", "-m", "training.train", *argv]) if args.preset else None
         trainer = Trainer(cfg, quiet=args.quiet, command=command)
         trainer.fit(resume=args.resume)

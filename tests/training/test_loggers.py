@@ -216,7 +216,7 @@ def test_no_logger_needs_neither_package(tmp_path, monkeypatch):
 
 def test_unknown_loggers_are_named(tmp_path, capsys):
     raw = raw_config(tmp_path)
-    unknown = "output.loggers: unknown logger 'mlflow' (known: tensorboard, wandb)"
+    unknown = "output.loggers: unknown logger 'mlflow' (known: jsonl, tensorboard, wandb)"
     with pytest.raises(ConfigError, match=f"^{re.escape(unknown)}$"):
         load_config(raw=raw, overrides=["output.loggers=[tensorboard, mlflow]"])
     with pytest.raises(ConfigError, match=r"^output.loggers must be a list such as \[tensorboard\], "
