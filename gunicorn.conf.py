@@ -16,6 +16,7 @@ import time
 # In a checkout the app is beside this file; `pip install .` puts this file under
 # <prefix>/share/fable and the app in site-packages (`fable serve` finds both).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from app.pages import training_runs  # noqa: E402  (the standard library only)
 from app.platform.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
 
 settings = Settings.load()
@@ -98,10 +99,14 @@ if not os.environ.get("FABLE_SECRET_KEY", "").strip():
 
 
 def on_starting(server):
-    """Start from an empty metrics folder: no earlier server's counts carry over."""
+    """Start from an empty metrics folder: no earlier server's counts carry over. A
+    training an earlier server left running (it was killed, not stopped) is stopped, and
+    the training page's runs that never ended are marked stopped."""
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
+    for name in training_runs.settle(settings.train_dir):
+        server.log.warning("training %s did not finish under the last server: marked stopped", name)
 
 
 def when_ready(server):
@@ -116,6 +121,11 @@ def when_ready(server):
 
 
 def on_exit(server):
+    """A training started from the training page stops with the server: no process is
+    left behind, and the run says it was stopped."""
+    name = training_runs.stop_running(settings.train_dir)
+    if name:
+        server.log.info("training %s stopped with the server", name)
     shutil.rmtree(_RUNTIME, ignore_errors=True)
 
 

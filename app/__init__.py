@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, current_app, make_response, render_template, request
+from flask import Flask, make_response, render_template, request
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -85,7 +85,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     security.init_app(app, settings)  # headers, CSRF Origin check, rate limit
     filters.register(app)
-    app.before_request(_read_chunked_body)  # first: nothing may read the body before it
+    app.before_request(_apply_body_limit)  # first: nothing may read the body before them
+    app.before_request(_read_chunked_body)
     _register_blueprints(app)
     metrics.init_app(app)  # /metrics, and every answer counted
     telemetry.load_errors(registry)
@@ -98,7 +99,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 def _register_blueprints(app: Flask) -> None:
     from app.apis import ollama_api, openai_api, tokenizer_api
-    from app.pages import admin, compare, experiments, models, story
+    from app.pages import admin, compare, experiments, models, story, train
 
     app.register_blueprint(ollama_api.bp)  # /api/* (Ollama's), /healthz, /openapi.json
     app.register_blueprint(openai_api.bp)  # /v1/*
@@ -107,6 +108,7 @@ def _register_blueprints(app: Flask) -> None:
     app.register_blueprint(compare.bp)  # /compare: 2-4 models side by side
     app.register_blueprint(models.bp)  # /models, /models/<name>, its files
     app.register_blueprint(experiments.bp)  # /experiments: runs, filters, loss curves
+    app.register_blueprint(train.bp)  # /train: training runs from the browser
     app.register_blueprint(admin.bp)  # /admin
 
 
@@ -120,6 +122,25 @@ def _configure_logging(app: Flask) -> None:
         package_log.propagate = False
 
 
+def _apply_body_limit() -> None:
+    """``before_request``: this request's body limit, larger for the training page's upload
+    by a client allowed to train (app.platform.web.is_train_upload, the rule the worker
+    applied to the head, so it buffered that much); a body declared over it is a 413 here,
+    whatever the path, as a chunked one is in ``_read_chunked_body``."""
+    from app.platform.settings import get_settings
+    from app.platform.web import is_train_upload
+
+    settings = get_settings()
+    # script_root + path: the path as the client sent it, as the worker judged it (gunicorn
+    # strips a SCRIPT_NAME from PATH_INFO)
+    if is_train_upload(request.method, request.script_root + request.path,
+                       request.headers.get("Authorization"), settings.admin_token):
+        request.max_content_length = settings.train_upload_bytes
+    limit = request.max_content_length
+    if limit is not None and (request.content_length or 0) > limit:
+        raise RequestEntityTooLarge()
+
+
 def _read_chunked_body() -> None:
     """``before_request``: a body sent without Content-Length (chunked) is read here, to
     one byte past the limit: over it is a 413, as it would be with a Content-Length
@@ -130,7 +151,7 @@ def _read_chunked_body() -> None:
         return
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    limit = request.max_content_length  # this request's: _apply_body_limit's
     try:
         body = environ["wsgi.input"].read(limit + 1)
     except Exception as e:  # the server's parser refused the framing (its own error types)
@@ -153,7 +174,7 @@ def _register_error_handlers(app: Flask) -> None:
             405: f"method {request.method} is not allowed on {request.path}"
                  + (f"; use {', '.join(sorted(e.valid_methods))}"
                     if isinstance(e, MethodNotAllowed) and e.valid_methods else ""),
-            413: f"request body too large; the limit is {app.config['MAX_CONTENT_LENGTH']} bytes",
+            413: f"request body too large; the limit is {request.max_content_length} bytes",
         }
         response = json_error(e.code or 500, messages.get(e.code, e.description or e.name))
         for name, value in e.get_headers():

@@ -13,10 +13,14 @@ once its head and body have arrived; a waiting connection costs a buffer, not a 
   prefixed chunk size, a bad field, both Content-Length and Transfer-Encoding) gets 400
   from the main loop and never reaches gunicorn's parser or a thread.
 - A head, chunk-size line or trailer over ``MAX_HEAD_BYTES`` gets 431 (400 after the
-  head). A body over ``FABLE_MAX_BODY_BYTES`` goes to the app, which refuses it (413, in
-  each API's error shape) from what is already held, and the connection then closes:
-  nothing is ever read from a slow client in a thread. Chunked framing counts too: past
+  head). A body over its limit goes to the app, which refuses it (413, in each API's
+  error shape) from what is already held, and the connection then closes: nothing is
+  ever read from a slow client in a thread. Chunked framing counts too: past
   ``MAX_HEAD_BYTES`` of it on top of the body limit, 413 from the main loop.
+- The body limit is ``FABLE_MAX_BODY_BYTES``, decided from the head: only the training
+  page's upload (POST /train) from a client allowed to train may send
+  ``FABLE_TRAIN_UPLOAD_BYTES``, so an anonymous client never makes a worker buffer more
+  (``body_limit_for``; the app decides with the same rule).
 - An answer's writes have a deadline, ``FABLE_WRITE_TIMEOUT_S``: a client that stops
   reading is dropped, and its generation cancelled.
 - Closing lingers in the main loop too (the kernel would otherwise answer a client still
@@ -37,14 +41,17 @@ import logging
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 
 import h11
 from gunicorn.http import get_parser
 from gunicorn.http2 import negotiation
+from gunicorn.util import split_request_uri, unquote_to_wsgi_str
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from app.platform.settings import Settings
+from app.platform.web import is_train_upload  # the app's rule; adds no module the master lacks
 
 #: Largest request head (request line and header fields), as nginx's default buffers.
 MAX_HEAD_BYTES = 32 * 1024
@@ -72,6 +79,35 @@ def error_response(status: int, reason: str, message: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+def body_limit_for(settings: Settings) -> Callable[[h11.Request], int]:
+    """Each request's body limit, from its head: ``FABLE_TRAIN_UPLOAD_BYTES`` for the
+    training page's upload by a client allowed to train (app.platform.web.is_train_upload,
+    the rule the app applies too), else ``FABLE_MAX_BODY_BYTES``."""
+    def body_limit(request: h11.Request) -> int:
+        upload = is_train_upload(request.method.decode("latin-1"), app_path(request.target),
+                                 authorization(request), settings.admin_token)
+        return settings.train_upload_bytes if upload else settings.max_body_bytes
+    return body_limit
+
+
+def app_path(target: bytes) -> str:
+    """The path the app will see for a request target: gunicorn's PATH_INFO (the target's
+    path, percent-decoded) as werkzeug reads it. The worker must not judge a target
+    differently from the app (``/tr%61in``, ``//train``, ``http://host/train``)."""
+    try:
+        path = unquote_to_wsgi_str(split_request_uri(target.decode("latin-1")).path)
+    except ValueError:  # gunicorn refuses it too
+        return ""
+    return "/" + path.encode("latin-1").decode(errors="replace").lstrip("/")
+
+
+def authorization(request: h11.Request) -> str | None:
+    """The Authorization header as the app reads it: repeated fields joined with ","
+    (as gunicorn joins them), decoded as latin-1 (as WSGI does); None when absent."""
+    values = [value for name, value in request.headers if name == b"authorization"]
+    return b",".join(values).decode("latin-1") if values else None
+
+
 class Pending:
     """What a waiting connection has sent so far, and whether it makes a whole request.
 
@@ -79,11 +115,17 @@ class Pending:
     a maintained HTTP/1.1 parser, fed each piece as it arrives: a client that sends a byte
     at a time costs the main loop no more than one that sends it all, and no line is
     buffered past ``MAX_HEAD_BYTES``. gunicorn's parser later reads the same bytes; only a
-    request h11 found well framed (or over the body limit) ever reaches it."""
+    request h11 found well framed (or over the body limit) ever reaches it.
 
-    def __init__(self, data: bytes, deadline: float) -> None:
+    ``body_limit`` gives the body limit of a request from its head (``body_limit_for``);
+    it holds for the rest of that request."""
+
+    def __init__(self, data: bytes, deadline: float,
+                 body_limit: Callable[[h11.Request], int]) -> None:
         self.data = bytearray(data)
         self.deadline = deadline
+        self.body_limit = body_limit
+        self.max_body: int | None = None  # the limit once the head is in
         self.sent_continue = False  # answered "Expect: 100-continue" ourselves
         self.whole = False
         self.expects_continue = False
@@ -94,7 +136,7 @@ class Pending:
         self._body_start: int | None = None  # where the head ended
         self._content = 0  # body content (chunked: without its framing) read so far
 
-    def state(self, max_body: int) -> str:
+    def state(self) -> str:
         """"more" (wait), "ready" (submit: whole, or the app can refuse it from what is
         here) or "refused" (``refusal`` says how to answer: malformed framing, a head or
         a chunk line too long, a body whose framing passes the limit)."""
@@ -109,11 +151,12 @@ class Pending:
             self._parser.receive_data(bytes(self.data[self._fed:]))
             self._fed = len(self.data)
         try:
-            verdict = self._read_events(max_body)
+            verdict = self._read_events()
         except h11.RemoteProtocolError as e:
             return self._refuse(*self._explain(e))
         if verdict or self._body_start is None:
             return verdict or "more"
+        max_body = self.max_body  # set with _body_start, from the head
         if self._content > max_body:
             return "ready"  # the app refuses it from what is here (413, in its API's shape)
         # Framing counts too: chunk-size lines, extensions and trailers get the head's
@@ -124,20 +167,21 @@ class Pending:
                                 f"with more than {MAX_HEAD_BYTES} bytes of chunked framing")
         return "more"
 
-    def _read_events(self, max_body: int) -> str | None:
+    def _read_events(self) -> str | None:
         while True:
             event = self._parser.next_event()
             if event is h11.NEED_DATA:
                 return None
             if isinstance(event, h11.Request):
                 self._body_start = self._fed - len(self._parser.trailing_data[0])
+                self.max_body = self.body_limit(event)
                 self.expects_continue = self._parser.they_are_waiting_for_100_continue
                 fields = {name for name, _ in event.headers}
                 if b"content-length" in fields and b"transfer-encoding" in fields:
                     return self._refuse(400, "Bad Request", "a request may not have both "
                                         "Content-Length and Transfer-Encoding")
                 length = dict(event.headers).get(b"content-length")
-                if length is not None and int(length) > max_body:
+                if length is not None and int(length) > self.max_body:
                     return "ready"  # refused from its Content-Length alone
             elif isinstance(event, h11.Data):
                 self._content += len(event.data)
@@ -202,7 +246,7 @@ class BufferingThreadWorker(ThreadWorker):
 
     def init_process(self) -> None:
         settings = Settings.load()
-        self.max_body = settings.max_body_bytes
+        self.body_limit = body_limit_for(settings)
         self.read_timeout = settings.read_timeout_s
         self.write_timeout = settings.write_timeout_s
         self.waiting: dict[TConn, Pending] = {}
@@ -235,7 +279,7 @@ class BufferingThreadWorker(ThreadWorker):
         if not self._buffers(conn):
             return super().enqueue_req(conn)
         held = conn.parser.unreader.take_buffered() if conn.parser else b""
-        pending = Pending(held, time.monotonic() + self.read_timeout)
+        pending = Pending(held, time.monotonic() + self.read_timeout, self.body_limit)
         conn.sock.setblocking(False)
         self.waiting[conn] = pending
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
@@ -256,7 +300,7 @@ class BufferingThreadWorker(ThreadWorker):
         self._advance(conn, pending)
 
     def _advance(self, conn: TConn, pending: Pending) -> None:
-        state = pending.state(self.max_body)
+        state = pending.state()
         if state == "more":
             if pending.expects_continue and not pending.sent_continue:
                 pending.sent_continue = _send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -81,6 +81,8 @@ def app_config(checkpoint_dir) -> dict:
         "FABLE_MAX_BATCH": 4,
         "FABLE_QUEUE_TIMEOUT_S": 5,
         "FABLE_REQUEST_TIMEOUT_S": 30,
+        "FABLE_TRAIN_DIR": str(checkpoint_dir.parent / "training-page-runs"),
+        "FABLE_TRAIN_THREADS": 1,
     }
 
 

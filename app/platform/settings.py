@@ -189,6 +189,21 @@ class Settings(BaseSettings):
                                                  "the logs")
     rate_limit: Integer = Field(0, ge=0, description="generation requests a minute per client "
                                                      "address and worker (then 429); 0: no limit")
+    train_dir: Folder = Field(Path("runs/studio"), description="the training page's runs: "
+                              "each one's record, log, upload and working checkpoints")
+    # A training beside serving leaves the request threads and the model a core
+    # (benchmarks/README.md, "Serving beside a training").
+    train_threads: Integer = Field(
+        default_factory=lambda data: max(1, available_cores() - 1), ge=1,
+        description="torch threads of a training started from the training page: cores - 1, "
+                    "at least 1; it also runs at a lower CPU priority (nice 10)")
+    train_upload_bytes: Integer = Field(
+        4 * 1024 * 1024, ge=1024, description="largest text file the training page takes "
+        "(the upload's request body; with FABLE_ADMIN_TOKEN set, only a request carrying the "
+        "token may send more than FABLE_MAX_BODY_BYTES)")
+    train_quota_bytes: Integer = Field(
+        512 * 1024 * 1024, ge=1024 * 1024, description="disk the training page's models and "
+        "runs may take together; at it, a new run is refused until a trained model is deleted")
     space_id: str | None = Field(None, validation_alias="SPACE_ID", exclude=True,
                                  description="set by Hugging Face on a Space")
     proxy_hops: Integer = Field(

@@ -10,6 +10,7 @@ import hmac
 from collections.abc import Callable, Iterator
 
 from flask import Response, current_app, jsonify, request
+from werkzeug.datastructures import Authorization
 
 from app.platform.settings import get_settings
 
@@ -74,17 +75,43 @@ ADMIN_CHALLENGE = {"WWW-Authenticate": 'Basic realm="Fable admin", charset="UTF-
 def has_admin_token(*, basic: bool = False) -> bool:
     """True when no admin token is configured or the request carries it, as a Bearer token
     or, with ``basic`` (the admin page, which browsers sign in to), as a Basic password."""
-    token = get_settings().admin_token
+    return admin_credentials_match(request.headers.get("Authorization"),
+                                   get_settings().admin_token, basic=basic)
+
+
+def admin_credentials_match(authorization: str | None, token: str | None, *,
+                            basic: bool) -> bool:
+    """The admin check on an ``Authorization`` header's value, outside any request: the
+    worker (app/http_worker.py) asks it of a request's head, before its body is read.
+    True when ``token`` is None or the header carries it (see ``has_admin_token``)."""
     if token is None:
         return True
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, credentials = (authorization or "").partition(" ")
     if scheme.lower() == "bearer":
         given = credentials.strip()
-    elif scheme.lower() == "basic" and basic and request.authorization is not None:
-        given = request.authorization.password or ""
+    elif scheme.lower() == "basic" and basic:
+        parsed = Authorization.from_header(authorization)  # as request.authorization reads it
+        if parsed is None:  # not base64, or not UTF-8
+            return False
+        given = parsed.password or ""
     else:
         return False
     return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+
+
+#: The training page's upload: the one request that may send FABLE_TRAIN_UPLOAD_BYTES.
+TRAIN_UPLOAD = ("POST", "/train")
+
+
+def is_train_upload(method: str, path: str, authorization: str | None,
+                    token: str | None) -> bool:
+    """A request that may send FABLE_TRAIN_UPLOAD_BYTES rather than FABLE_MAX_BODY_BYTES:
+    the training page's upload (``path``: without the query string) from a client allowed
+    to train (the admin token, when set, as a Bearer token or a Basic password). The
+    worker and the app must both decide with this: the worker buffers a body only up to
+    the limit it decided, and a larger limit in the app would read the rest in a thread."""
+    return ((method.upper(), path) == TRAIN_UPLOAD
+            and admin_credentials_match(authorization, token, basic=True))
 
 
 #: What a page route that generates answers a browser without the key (FABLE_PROTECT_PAGES):

@@ -31,7 +31,7 @@ def parse_sse(text: str) -> list[dict]:
     for block in text.split("\n\n")[:-1]:
         event = {"event": "message", "data": [], "id": None}
         lines = block.split("\n")
-        if all(line.startswith(":") for line in lines):
+        if all(line.startswith((":", "retry:")) for line in lines):
             continue
         for line in lines:
             name, _, value = line.partition(":")

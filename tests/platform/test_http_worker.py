@@ -6,6 +6,7 @@ test_hostile_clients.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -16,18 +17,24 @@ from gunicorn.http.parser import RequestParser
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from app.http_worker import MAX_HEAD_BYTES, Pending, error_response
+from app.http_worker import MAX_HEAD_BYTES, Pending, app_path, body_limit_for, error_response
+from app.platform.settings import Settings
 
 LIMIT = 1000
 CHUNKED = b"POST /api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-def fed(*parts: bytes) -> tuple[list[str], Pending]:
+def limited(limit: int = LIMIT):
+    """A ``body_limit`` that gives every request the same limit."""
+    return lambda request: limit
+
+
+def fed(*parts: bytes, body_limit=limited()) -> tuple[list[str], Pending]:
     """The states after each part arrives."""
-    pending, states = Pending(b"", deadline=0), []
+    pending, states = Pending(b"", deadline=0, body_limit=body_limit), []
     for part in parts:
         pending.data += part
-        states.append(pending.state(LIMIT))
+        states.append(pending.state())
     return states, pending
 
 
@@ -90,12 +97,12 @@ def test_malformed_framing_is_refused_at_once(request_bytes, status):
 def test_an_endless_chunk_size_line_or_trailer_is_refused_at_the_head_limit():
     """Bounded by the head's limit, however large the body limit."""
     for opening in (b"1;", b"0\r\nX-Trailer: "):
-        pending = Pending(CHUNKED + opening, deadline=0)
-        state, sent = pending.state(10**9), len(CHUNKED + opening)
+        pending = Pending(CHUNKED + opening, deadline=0, body_limit=limited(10**9))
+        state, sent = pending.state(), len(CHUNKED + opening)
         while state == "more":
             pending.data += b"a" * 4096
             sent += 4096
-            state = pending.state(10**9)
+            state = pending.state()
         assert state == "refused" and pending.refusal[0] == 400
         assert sent <= len(CHUNKED) + MAX_HEAD_BYTES + 2 * 4096
 
@@ -118,6 +125,90 @@ def test_expect_continue_is_seen_on_http_11_only():
     assert pending.expects_continue
     _, pending = fed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
     assert not pending.expects_continue
+
+
+# ---- the training page's upload: a larger limit, decided from the head --------------------
+
+TOKEN = "t" * 20
+USUAL = 1024  # FABLE_MAX_BODY_BYTES (its least)
+UPLOAD_LIMIT = 4 * USUAL
+BEARER = f"Authorization: Bearer {TOKEN}\r\n".encode()
+BASIC = b"Authorization: Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()) + b"\r\n"
+
+
+def upload_limits(token: str | None = TOKEN):
+    """The worker's ``body_limit`` with FABLE_MAX_BODY_BYTES at USUAL and the training
+    page's uploads at UPLOAD_LIMIT."""
+    return body_limit_for(Settings.load(environ={}, overrides={
+        "FABLE_ADMIN_TOKEN": token or "", "FABLE_MAX_BODY_BYTES": USUAL,
+        "FABLE_TRAIN_UPLOAD_BYTES": UPLOAD_LIMIT}))
+
+
+def upload(target: bytes = b"/train", fields: bytes = BEARER, method: bytes = b"POST",
+           length: int = 3 * USUAL) -> bytes:
+    return (method + b" " + target + b" HTTP/1.1\r\nHost: x\r\n" + fields
+            + b"Content-Length: %d\r\n\r\n" % length)
+
+
+@pytest.mark.parametrize("head", [
+    upload(), upload(fields=BASIC), upload(b"/train?step=1"), upload(b"/tr%61in"),
+    upload(b"//train"), upload(b"http://x/train"), upload(fields=BEARER.lower()),
+], ids=["bearer", "basic", "query", "percent", "slashes", "absolute", "lower-case"])
+def test_a_train_upload_with_the_token_waits_for_a_body_past_the_usual_limit(head):
+    """Bearer or Basic (any user name), whatever spelling of the path the app reads as
+    /train: the worker buffers the whole body, up to FABLE_TRAIN_UPLOAD_BYTES."""
+    states, pending = fed(head, b"x" * 2 * USUAL, b"x" * USUAL, body_limit=upload_limits())
+    assert states == ["more", "more", "ready"] and pending.whole
+    assert pending.max_body == UPLOAD_LIMIT
+
+
+@pytest.mark.parametrize("head", [
+    upload(fields=b""),  # no token
+    upload(fields=BEARER.replace(b"t\r\n", b"x\r\n")),  # a wrong one
+    upload(fields=b"Authorization: Basic !!!\r\n"),  # a malformed Basic
+    upload(fields=BEARER + BEARER),  # repeated: the app reads "Bearer t...,Bearer t..."
+    upload(b"/train/x"), upload(b"/trains"), upload(b"/api/generate"), upload(b"/"),
+    upload(method=b"PUT"), upload(method=b"GET"),
+], ids=["no-token", "wrong-token", "bad-basic", "repeated", "/train/x", "/trains",
+        "/api/generate", "/", "PUT", "GET"])
+def test_any_other_request_keeps_the_usual_limit(head):
+    """Refused from its Content-Length at once (the app answers 413), never buffered."""
+    states, pending = fed(head, body_limit=upload_limits())
+    assert states == ["ready"] and not pending.whole and pending.max_body == USUAL
+
+
+def test_without_an_admin_token_every_train_upload_may_send_more():
+    states, pending = fed(upload(fields=b""), b"x" * 3 * USUAL, body_limit=upload_limits(None))
+    assert states == ["more", "ready"] and pending.whole
+    states, _ = fed(upload(b"/api/generate", b""), body_limit=upload_limits(None))
+    assert states == ["ready"]
+
+
+def test_the_upload_limit_holds_for_its_body_and_no_more():
+    states, pending = fed(upload(length=UPLOAD_LIMIT + 1), body_limit=upload_limits())
+    assert states == ["ready"] and not pending.whole
+
+
+def test_a_chunked_train_upload_counts_against_the_larger_limit_only_with_the_token():
+    head = b"POST /train HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    chunk = b"1f4\r\n" + b"x" * 500 + b"\r\n"  # 3000 bytes in all
+    states, pending = fed(head + BEARER + b"\r\n", chunk * 6, b"0\r\n\r\n",
+                          body_limit=upload_limits())
+    assert states == ["more", "more", "ready"] and pending.whole
+    states, pending = fed(head + b"\r\n", chunk * 6, body_limit=upload_limits())
+    assert states == ["more", "ready"] and not pending.whole  # for the app to refuse
+    states, pending = fed(head + BEARER + b"\r\n", b"1;aaaaaaaaaa=bbbbbbbbbbbbbbbbbbbb\r\nx\r\n"
+                          * 3000, body_limit=upload_limits())  # framing: the head's allowance
+    assert states == ["more", "refused"] and f"over {UPLOAD_LIMIT} bytes" in pending.refusal[2]
+
+
+@pytest.mark.parametrize("target, path", [
+    (b"/train", "/train"), (b"/train?a=b", "/train"), (b"/tr%61in", "/train"),
+    (b"//train", "/train"), (b"http://host:1/train?x", "/train"), (b"/train/", "/train/"),
+    (b"/%2Ftrain", "/train"), (b"/caf%C3%A9", "/caf\u00e9"), (b"http://[x/train", ""),
+])
+def test_the_worker_reads_a_target_as_the_app_will(target, path):
+    assert app_path(target) == path
 
 
 def test_error_responses_are_json_that_close_the_connection():
@@ -187,14 +278,14 @@ def test_fuzzed_chunked_framing_reaches_the_app_whole_or_gets_a_4xx(request, cut
     every call returns at once; a well-framed request is whole and gunicorn reads the same
     content from the same bytes; anything else is refused here (4xx) or by gunicorn."""
     data, content = request
-    pending, state, start = Pending(b"", deadline=0), "more", 0
+    pending, state, start = Pending(b"", deadline=0, body_limit=limited()), "more", 0
     for cut in sorted({c for c in cuts if c < len(data)}) + [len(data)]:
         if state != "more":
             break
         pending.data += data[start:cut]
         start = cut
         began = time.perf_counter()
-        state = pending.state(LIMIT)
+        state = pending.state()
         assert time.perf_counter() - began < 0.5
     if state == "refused":
         assert 400 <= pending.refusal[0] < 500 and not isinstance(content, bytes), pending.refusal

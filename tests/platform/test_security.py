@@ -327,11 +327,12 @@ def test_pages_that_generate_nothing_load_from_anywhere(client, started):
 
 def test_every_route_that_generates_is_marked(app):
     """The checks find the routes by their mark (web.generates): every page POST (but the
-    admin page's) and every start or stream GET has it, one added later too."""
+    admin and training pages', behind the admin token) and every start or stream GET has
+    it, one added later too."""
     def marked(rule) -> bool:
         return hasattr(app.view_functions[rule.endpoint], "fable_generates")
     rules = [rule for rule in app.url_map.iter_rules() if not csrf.exempt(rule.rule)]
-    posts = [r for r in rules if "POST" in r.methods and not r.rule.startswith("/admin")]
+    posts = [r for r in rules if "POST" in r.methods and not r.rule.startswith(("/admin", "/train"))]
     gets = [r for r in rules if "GET" in r.methods and r.rule.endswith(("/start", "/stream"))]
     assert len(posts) == 4 and len(gets) == 4
     assert all(marked(rule) for rule in posts + gets), [r.rule for r in posts + gets
