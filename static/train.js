@@ -123,9 +123,9 @@
       state.className = "tag train-state train-" + outcome.state;
     }
     box.setAttribute("data-state", outcome.state);
-    ["train-progress", "train-progress-text", "train-cancel"].forEach(function (id) {
+    ["train-progress", "train-progress-text", "train-actions"].forEach(function (id) {
       var node = byId(id);
-      if (node) { (node.form || node).hidden = true; }
+      if (node) { node.hidden = true; }
     });
     if (outcome.message) {
       var message = byId("train-message");

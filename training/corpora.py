@@ -16,7 +16,8 @@ and right. ``FABLE_DATA_MIRROR=http://host/prefix`` moves every source URL to
 holds the files under their original addresses. Nothing is downloaded but by this command.
 
 ``list --json`` is what the app reads to offer the corpora present on the machine: a list
-of ``{"name", "about", "licence", "size_mb", "files": [{"reference", "path", "bytes"}]}``,
+of ``{"name", "about", "licence", "size_mb", "text", "files": [{"reference", "path",
+"bytes"}]}`` (``text``: false for a corpus of tokenizer files, not text to train on),
 one object per corpus and one file entry per file a config reads (``reference`` is what
 ``data.corpus`` and ``--corpus`` take; ``path``, absolute, and ``bytes`` are null when the
 file is not here). Its fields are a stable format: add fields, never rename or drop one.
@@ -78,6 +79,7 @@ class Corpus:
     # makes the files the configs read (``built``) from the downloads; none: they are the downloads
     build: Callable[[Path], None] | None = field(default=None, compare=False)
     built: tuple[str, ...] = ()
+    text: bool = True  # text to train on (False: gpt2's tokenizer files)
 
     def files(self) -> list[str]:
         """The files a config reads, once fetched."""
@@ -131,7 +133,7 @@ CORPORA = {c.name: c for c in (
                       1_042_301),
                      ("merges.txt", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                       456_318))),
-           1.5),
+           1.5, text=False),
 )}
 
 
@@ -327,7 +329,7 @@ def file_entry(reference: str) -> dict:
 def corpus_entries() -> list[dict]:
     """``list --json``'s objects (the module docstring): every corpus, present or not."""
     return [{"name": c.name, "about": c.about, "licence": c.licence, "size_mb": c.size_mb,
-             "files": [file_entry(f"{c.name}/{name}") for name in c.files()]}
+             "text": c.text, "files": [file_entry(f"{c.name}/{name}") for name in c.files()]}
             for c in CORPORA.values()]
 
 

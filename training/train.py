@@ -650,15 +650,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         command = shlex.join(["python", "-m", "training.train", *argv]) if args.preset else None
         trainer = Trainer(cfg, quiet=args.quiet, command=command)
-        trainer.fit(resume=args.resume)
+        try:
+            trainer.fit(resume=args.resume)
+        except TrainingInterrupted as e:
+            print(e, file=sys.stderr)
+            if args.preset and trainer.dist.main:  # Ctrl-C published the model as it is
+                finish_own_model(cfg)
+            return 130  # what a shell reports for Ctrl-C
         if args.preset and trainer.dist.main:
             finish_own_model(cfg)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
-    except TrainingInterrupted as e:
-        print(e, file=sys.stderr)
-        return 130  # what a shell reports for Ctrl-C
     return 0
 
 

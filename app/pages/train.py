@@ -66,9 +66,9 @@ def get_runs() -> TrainingRuns:
 
 
 def bundled_texts() -> dict[str, tuple[str, int]]:
-    """The corpora on this machine a run can train on: reference -> (label, bytes), as
-    ``fable data list --json`` finds them (asked once per worker: the app imports no
-    training code)."""
+    """The corpora on this machine a run can train on: reference -> (what it is, bytes),
+    as ``fable data list --json`` finds them (asked once per worker: the app imports no
+    training code). Text files only, and none too big to prepare for a page's run."""
     cached = current_app.extensions.get("fable.training.bundled")
     if cached is not None:
         return cached
@@ -82,12 +82,12 @@ def bundled_texts() -> dict[str, tuple[str, int]]:
         log.warning("cannot list the bundled corpora: %s", e)
         corpora = []
     for corpus in corpora:
+        if not corpus.get("text"):
+            continue
         for file in corpus.get("files", []):
             size = file.get("bytes")
-            if file.get("path") and size and size <= BUNDLED_MAX_BYTES \
-                    and file["reference"].endswith(".txt"):
-                label = f"{corpus['about'].split(',')[0].split(' (')[0]} — {file['reference']}"
-                found[file["reference"]] = (label, size)
+            if file.get("path") and size and size <= BUNDLED_MAX_BYTES:
+                found[file["reference"]] = (corpus["about"], size)
     current_app.extensions["fable.training.bundled"] = found
     return found
 
@@ -137,7 +137,7 @@ def start():
             if problem:
                 errors["upload"] = problem
     elif text in bundled_texts():
-        corpus, label = text, bundled_texts()[text][0]
+        corpus, label = text, text
     else:
         errors["text"] = "Choose a bundled text or upload one."
     if not errors:
@@ -175,8 +175,8 @@ def _reload_when_done():
     """``on_exit`` for a run: a model that was written is loaded by every worker."""
     reloader = get_reloader()
 
-    def after(name: str, code: int) -> None:
-        if code == 0:
+    def after(status) -> None:
+        if status.state == "done":
             reloader.reload()
     return after
 
@@ -207,6 +207,13 @@ def run_page(name: str):
 def cancel(name: str):
     _status_or_404(name)
     get_runs().cancel(name)
+    return redirect(url_for("train.run_page", name=name), 303)
+
+
+@bp.post("/<name>/finish")
+def finish(name: str):
+    _status_or_404(name)
+    get_runs().finish(name)
     return redirect(url_for("train.run_page", name=name), 303)
 
 

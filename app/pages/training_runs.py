@@ -10,7 +10,8 @@ finds a run again:
     <train dir>/<name>/text.txt    an uploaded text
     <train dir>/<name>/log.txt     the training's output
     <train dir>/<name>/work/       its run folder: metrics.jsonl (curves, samples), checkpoints
-    <train dir>/<name>/cancel      made by Cancel
+    <train dir>/<name>/cancel      made by Cancel (stop, keep nothing)
+    <train dir>/<name>/finish      made by Finish now (stop, keep the model as it is)
     <train dir>/<name>/exit.json   how it ended, written once
 
 The lock is taken by the worker that starts a run and handed to the training process as an
@@ -40,7 +41,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
-RUN, TEXT, LOG, WORK, CANCEL, EXIT = "run.json", "text.txt", "log.txt", "work", "cancel", "exit.json"
+RUN, TEXT, LOG, WORK, EXIT = "run.json", "text.txt", "log.txt", "work", "exit.json"
+CANCEL, FINISH = "cancel", "finish"
 METRICS = "metrics.jsonl"  # what the training's jsonl logger writes in its run folder
 #: The folder name of a model (as training.train checks it): no hidden or nested folders.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -55,9 +57,10 @@ PRESETS = {
     "char-lstm": "Character LSTM",
     "bpe-gpt": "BPE GPT (a 2,048-token tokenizer trained on the text)",
 }
-#: How often a studio run evaluates and writes a sample: often enough that a 20-second
-#: run draws a curve, cheap enough (10 batches) to cost a few per cent of a long one.
-EVAL_EVERY, EVAL_BATCHES, SAMPLE_EVERY = 50, 10, 2
+#: How often a run evaluates (10 batches) and writes a sample (every other evaluation):
+#: every 20 steps a budgeted minute, at most every 200, so that the first minute of any
+#: run draws a curve and a long one spends a few per cent of its time on it.
+EVAL_STEPS_A_MINUTE, MAX_EVAL_EVERY, EVAL_BATCHES, SAMPLE_EVERY = 20, 200, 10, 2
 
 
 class RunRefused(Exception):
@@ -199,9 +202,14 @@ class TrainingRuns:
             # its process ended with nobody to record it: a server that stopped meanwhile
             ended = {"returncode": None, "time": None}
         code, when = ended.get("returncode"), ended.get("time")
-        if code == 0:
+        finished_early = (folder / FINISH).exists()
+        if code == 0 or finished_early and not cancelled:
             if self.published(name):
-                return RunStatus(name, "done", asked, ended=when)
+                return RunStatus(name, "done", asked, "Finished early, as asked."
+                                 if finished_early and code != 0 else None, when)
+            if finished_early:
+                return RunStatus(name, "cancelled", asked, "Stopped before its first step: "
+                                 "there was no model to keep.", when)
             return RunStatus(name, "failed", asked, "The training ended, but its model was "
                              "not written (the log says why).", when)
         if cancelled:
@@ -266,15 +274,16 @@ class TrainingRuns:
                    "--quiet",
                    f"output.dir={folder / WORK}", f"output.experiments_dir={self.experiments}",
                    "output.loggers=[jsonl]", f"training.num_threads={self.threads}",
-                   f"training.eval_every={EVAL_EVERY}", f"training.eval_batches={EVAL_BATCHES}",
+                   f"training.eval_every={min(MAX_EVAL_EVERY, EVAL_STEPS_A_MINUTE * minutes)}",
+                   f"training.eval_batches={EVAL_BATCHES}",
                    f"training.sample_every={SAMPLE_EVERY}"]
         return command + ["--check"] if check else command
 
     def start(self, name: str, preset: str, minutes: int, *, upload: bytes | None = None,
               corpus: str | None = None, corpus_label: str | None = None,
-              on_exit: Callable[[str, int], None] | None = None) -> RunStatus:
+              on_exit: Callable[[RunStatus], None] | None = None) -> RunStatus:
         """Check, then start the run in the background; RunRefused says why it cannot.
-        ``on_exit(name, returncode)`` runs in a thread of this process when it ends."""
+        ``on_exit(status)`` runs in a thread of this process when it ends."""
         if preset not in PRESETS:
             raise RunRefused(f"Choose one of the presets ({', '.join(PRESETS)}).", "preset")
         if not MIN_MINUTES <= minutes <= MAX_MINUTES:
@@ -294,7 +303,7 @@ class TrainingRuns:
 
     def _start(self, lock: int, name: str, preset: str, minutes: int, upload: bytes | None,
                corpus: str | None, corpus_label: str | None,
-               on_exit: Callable[[str, int], None] | None) -> RunStatus:
+               on_exit: Callable[[RunStatus], None] | None) -> RunStatus:
         self.check_name(name)  # again, under the lock: two starts of one name
         used = self.used_bytes() + len(upload or b"")
         if used >= self.quota_bytes:
@@ -360,31 +369,45 @@ class TrainingRuns:
         return [nice, "-n", str(NICE), *command] if nice else command
 
     def _wait(self, process: subprocess.Popen, name: str,
-              on_exit: Callable[[str, int], None] | None) -> None:
+              on_exit: Callable[[RunStatus], None] | None) -> None:
         code = process.wait()
         folder = self.root / name
         if not (folder / EXIT).exists():
             _write_once(folder / EXIT, {"returncode": code, "time": time.time()})
-        if code == 0 and not (folder / CANCEL).exists():
-            # the full-precision checkpoints stay only while the run trains: the model
-            # is served from its published copy
-            for part in ("last", "best", "final"):
-                shutil.rmtree(folder / WORK / part, ignore_errors=True)
-        log.info("training %s ended with exit code %d", name, code)
-        if on_exit is not None:
+        # the full-precision checkpoints are for resuming, which a page's run never does:
+        # its model is served from the published copy
+        for part in ("last", "best", "final"):
+            shutil.rmtree(folder / WORK / part, ignore_errors=True)
+        status = self.status(name)
+        log.info("training %s ended with exit code %d: %s", name, code, status.state)
+        if on_exit is not None and status is not None:
             try:
-                on_exit(name, code)
+                on_exit(status)
             except Exception:  # noqa: BLE001 - a reload that fails is logged, the run stands
                 log.exception("after training %s", name)
 
     # -- stopping ----------------------------------------------------------------------------
 
     def cancel(self, name: str) -> bool:
-        """Stop the running ``name``; False when it is not running."""
+        """Stop the running ``name`` and keep nothing; False when it is not running."""
         if running_name(self.root) != name:
             return False
         (self.folder(name) / CANCEL).touch()
         _stop(self.root, name)
+        return True
+
+    def finish(self, name: str) -> bool:
+        """Stop the running ``name`` now and keep its model as it is: Ctrl-C for the
+        training command (SIGINT), which evaluates, publishes and writes the card. False
+        when it is not running."""
+        pid = (_read(self.folder(name) / RUN) or {}).get("pid")
+        if running_name(self.root) != name or not pid:
+            return False
+        (self.folder(name) / FINISH).touch()
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return False
         return True
 
     def delete(self, name: str) -> None:

@@ -136,6 +136,12 @@ def page(browser):
     assert not errors, errors
 
 
+#: Every compare column has finished streaming.
+ALL_DONE = ("() => document.querySelectorAll('.compare-column').length > 0 && Array.from("
+            "document.querySelectorAll('.compare-column')).every(c => c.querySelector("
+            "'.status .status-text:not(.is-streaming)'))")
+
+
 #: Records each SSE message as the page gets it: the event, the text length then, whether
 #: the submit button was disabled, and when.
 RECORD_EVENTS = """

@@ -2,7 +2,8 @@
 tests: it takes the same arguments, answers ``--check`` and writes the records the real
 command writes (metrics.jsonl in its output.dir), in a fraction of a second. What it
 does then is ``FAKE_TRAINER``: ``finish`` (publish a copy of ``FAKE_MODEL`` with a model
-card), ``fail`` (an ``error:`` line, exit 1) or ``hang`` (train until killed).
+card), ``fail`` (an ``error:`` line, exit 1) or ``hang`` (train until killed; on SIGINT,
+publish and exit 130, as the real one does).
 The real command runs in tests/pages/test_browser_train.py and the restart test.
 """
 
@@ -58,12 +59,20 @@ def main(argv: list[str]) -> int:
         print("error: the fake training failed on purpose", file=sys.stderr)
         return 1
     if mode == "hang":
-        while True:
-            time.sleep(1)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:  # Ctrl-C (Finish now): publish what there is
+            publish(options)
+            return 130
+    publish(options)
+    return 0
+
+
+def publish(options: dict) -> None:
     target = Path(options["--checkpoint-dir"]) / options["--name"]
     shutil.copytree(os.environ["FAKE_MODEL"], target)
     (target / "README.md").write_text(f"# {options['--name']}\n")
-    return 0
 
 
 if __name__ == "__main__":

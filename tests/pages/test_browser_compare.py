@@ -19,7 +19,7 @@ import pytest
 from tests.app_support import ENDLESS_CHAR
 # test_browser's module-level skips apply here too, through this import: no Chromium, no
 # htmx in static/vendor/ or no Playwright skips this module as it skips that one
-from tests.pages.browser import (TIMEOUT_MS, base_url, browser, experiments, fill_form,  # noqa: F401
+from tests.pages.browser import (ALL_DONE, TIMEOUT_MS, base_url, browser, experiments, fill_form,  # noqa: F401
                           page, screenshot_page, screenshots, served, sync_api, watch_csp)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,9 +39,6 @@ document.addEventListener("htmx:sseMessage", function (e) {
                         t: performance.now()});
 });
 """
-ALL_DONE = ("() => document.querySelectorAll('.compare-column').length > 0 && Array.from("
-            "document.querySelectorAll('.compare-column')).every(c => c.querySelector("
-            "'.status .status-text:not(.is-streaming)'))")
 
 
 def tick_models(page, names) -> None:

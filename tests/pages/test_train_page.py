@@ -64,6 +64,14 @@ def wait_for(runs: TrainingRuns, name: str, state: str, timeout: float = 20) -> 
         time.sleep(0.05)
 
 
+def wait_served(app, name: str, served: bool = True, timeout: float = 20) -> None:
+    """The run's thread reloads the models just after it records the end."""
+    deadline = time.monotonic() + timeout
+    while (name in app.extensions["fable.registry"]) != served:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -101,7 +109,7 @@ def test_a_run_trains_streams_its_records_and_is_served(studio):
     assert json.loads(events[-1]["data"]) == {"state": "done", "message": None,
                                               "model": "/models/my-fox"}
     # the reload that followed: served here, and linked from the page
-    assert "my-fox" in app.extensions["fable.registry"]
+    wait_served(app, "my-fox")
     page = client.get("/train/my-fox").text
     assert 'href="/?model=my-fox"' in page and 'id="train-done"' in page
     assert "To be, or not" in page and "3.600" in page  # the latest sample and figures
@@ -174,6 +182,23 @@ def test_a_second_run_is_refused_while_one_trains_and_cancel_stops_it(studio, mo
     training_runs.stop_running(runs.root)
 
 
+def test_finish_now_keeps_the_model_as_it_is(studio, monkeypatch):
+    monkeypatch.setenv("FAKE_TRAINER", "hang")
+    app, runs = studio
+    client = app.test_client()
+    upload(client, "early")
+    deadline = time.monotonic() + 10
+    while not runs.metrics_path("early").exists():  # its Ctrl-C handler is in place
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert client.post("/train/early/finish").status_code == 303
+    wait_for(runs, "early", "done")
+    assert runs.status("early").message == "Finished early, as asked."
+    wait_served(app, "early")  # reloaded, as at the end of a run
+    assert client.post("/train/early/finish").status_code == 303  # not running: nothing to do
+
+
 def test_a_failed_run_says_why_in_the_commands_words(studio, monkeypatch):
     monkeypatch.setenv("FAKE_TRAINER", "fail")
     app, runs = studio
@@ -233,6 +258,7 @@ def test_the_disk_quota_refuses_a_run_until_a_model_is_deleted(studio):
     client = app.test_client()
     upload(client, "kept")
     wait_for(runs, "kept", "done")
+    wait_served(app, "kept")
     runs.quota_bytes = runs.used_bytes()
     refused = upload(client, "more")
     assert refused.status_code == 409 and "delete one to train another" in refused.text

@@ -1,0 +1,117 @@
+"""The training page in a real browser, with the real training command: a text uploaded,
+about twenty seconds of training watched (the curve gains points, a sample appears),
+the run finished early and its model used on / and /compare; and the page at 375 px and
+under the app's CSP. Skips as tests/pages/browser.py says."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+
+from tests.pages.browser import (ALL_DONE, browser, fill_form, page, served, sync_api,  # noqa: F401 (fixtures)
+                                 watch_csp)
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
+WORDS = ("the fox ran to the old mill and saw a cat by the door . she said hello and "
+         "they walked home under the tall trees while the sun went down .").split()
+
+
+def story_text(chars: int = 40_000) -> str:
+    """Prose-like text a character model learns quickly: a small vocabulary in shuffled
+    sentences."""
+    rng, sentences = random.Random(7), []
+    while sum(map(len, sentences)) < chars:
+        sentences.append(" ".join(rng.sample(WORDS, 9)).capitalize() + ".")
+    return "\n".join(sentences) + "\n"
+
+
+@pytest.fixture
+def studio_url(app_config, checkpoint_dir, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(checkpoint_dir / "tiny-gpt", models / "tiny-gpt")
+    with served(app_config, FABLE_CHECKPOINT_DIR=str(models), FABLE_TRAIN_DIR=str(tmp_path / "runs"),
+                FABLE_EXPERIMENTS_DIR=str(tmp_path / "experiments")) as (_, url):
+        yield url
+
+
+def chart_points(page, name: str = "data-points") -> int:
+    return int(page.locator("#train-chart").get_attribute(name) or 0)
+
+
+def test_a_text_trains_live_and_its_model_writes_on_the_story_and_compare_pages(page, studio_url, tmp_path):
+    violations = watch_csp(page)
+    text = tmp_path / "fox.txt"
+    text.write_text(story_text())
+    page.goto(studio_url + "/train")
+    page.check("#text-upload")
+    page.set_input_files("#field-upload", str(text))
+    page.check("input[name=preset][value='char-gpt']")
+    page.fill("#field-minutes", "1")
+    page.fill("#field-name", "browser-fox")
+    page.click("#train-submit")
+    page.wait_for_url("**/train/browser-fox")
+    assert page.locator("#train-state").text_content() == "running"
+
+    # about twenty seconds of training: validation points and a sample arrive
+    page.wait_for_function("() => +(document.querySelector('#train-chart').dataset"
+                           ".validationPoints || 0) >= 2 && document.querySelector("
+                           "'#train-samples li')", timeout=90_000)
+    before = chart_points(page)
+    page.wait_for_function(f"() => +(document.querySelector('#train-chart').dataset.points"
+                           f" || 0) > {before}", timeout=30_000)
+    assert page.locator("#train-samples li pre").first.text_content().strip()
+    assert page.locator("#train-chart canvas").count() == 1  # uPlot drew it
+    assert float(page.locator("#figure-validation").text_content()) > 0
+    assert page.locator("#train-progress").is_visible()
+
+    # a second run is refused while this one trains
+    page2 = page.context.new_page()
+    page2.goto(studio_url + "/train")
+    assert page2.locator("#train-submit").is_disabled()
+    assert "browser-fox is training now" in page2.locator("#running-note").text_content()
+    page2.close()
+
+    page.click("#train-finish")  # stop now, keep the model
+    page.wait_for_function("() => document.querySelector('#train-state').textContent === 'done'",
+                           timeout=60_000)
+    assert page.locator("#train-done").is_visible()
+    assert page.locator("#train-actions").is_hidden()
+
+    page.click("#try-generate")
+    page.wait_for_url("**/?model=browser-fox")
+    assert page.locator("input[name=model][value='browser-fox']").is_checked()
+    fill_form(page, {"prompt": "The fox", "max_new_tokens": "30"})
+    page.click("#generate-submit")
+    page.wait_for_selector(".status-text:not(.is-streaming)", timeout=30_000)
+    assert page.locator(".output-generated").text_content()
+
+    page.go_back()
+    page.click("#try-compare")
+    page.wait_for_function(ALL_DONE, timeout=30_000)
+    models = [m.text_content() for m in page.locator(".compare-column .result-model").all()]
+    assert "browser-fox" in models and len(models) == 2
+    assert all(column.locator(".output-generated").text_content()
+               for column in page.locator(".compare-column").all())
+    assert not violations, violations
+
+
+def test_the_form_fits_a_phone_and_says_what_is_wrong(browser, studio_url, tmp_path):
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(studio_url + "/train")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        binary = tmp_path / "image.txt"
+        binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+        page.check("#text-upload")
+        page.set_input_files("#field-upload", str(binary))
+        page.fill("#field-name", "phone")
+        page.click("#train-submit")
+        assert "This is a binary file" in page.locator("#error-upload").text_content()
+        assert page.locator(".error-summary").is_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    finally:
+        context.close()
