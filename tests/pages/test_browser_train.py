@@ -13,7 +13,7 @@ import pytest
 from tests.pages.browser import (ALL_DONE, browser, fill_form, page, served, sync_api,  # noqa: F401 (fixtures)
                                  watch_csp)
 
-pytestmark = [pytest.mark.browser, pytest.mark.server]
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.train]
 
 WORDS = ("the fox ran to the old mill and saw a cat by the door . she said hello and "
          "they walked home under the tall trees while the sun went down .").split()

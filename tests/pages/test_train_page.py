@@ -25,6 +25,8 @@ TOKEN = "a-training-admin-token"
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40).encode()
 SHAKESPEARE = "tinyshakespeare/input.txt"
 
+pytestmark = pytest.mark.subprocess  # each run is a process, as the page starts them
+
 
 @pytest.fixture
 def studio(make_app, checkpoint_dir, tmp_path, monkeypatch):
