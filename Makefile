@@ -82,7 +82,8 @@ test-all: $(STAMP) assets
 screenshots: $(STAMP) assets
 	FABLE_SCREENSHOTS=1 FABLE_SCREENSHOTS_CHECKPOINTS=checkpoints \
 		$(PY) -m pytest tests/pages/test_browser.py tests/pages/test_browser_compare.py \
-		tests/pages/test_browser_model_page.py tests/pages/test_browser_experiments.py -k screenshot -o addopts=""
+		tests/pages/test_browser_model_page.py tests/pages/test_browser_experiments.py \
+		tests/pages/test_browser_train.py -k screenshot -o addopts=""
 
 results: $(STAMP)
 	$(PY) benchmarks/results.py

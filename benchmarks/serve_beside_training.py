@@ -1,32 +1,32 @@
 """What a training run beside the server costs a visitor: batch-1 generation over HTTP
-with and without ``fable train`` running on the same machine.
+with and without a training started from the server's own training page.
 
     python benchmarks/serve_beside_training.py [--model tinystories-gpt]
         [--data ../shared/data/tinyshakespeare/input.txt] [--preset char-gpt]
-        [--train-threads 1] [--nice 10] [--seconds 15] [--rounds 3] [--max-tokens 128]
+        [--train-threads N] [--seconds 15] [--rounds 3] [--max-tokens 128]
 
 A real gunicorn (``make serve``'s command, tests/gunicorn_server.py) serves the bundled
 models with one worker and ``FABLE_TORCH_THREADS=1``; one client sends ``POST
 /v1/completions`` (greedy, ``max_tokens``, one of eight story starts by turn) as soon as
 its last one is answered, for ``--seconds``. Each round measures that alone and beside a
-training: ``python -m training.train --preset P --data FILE`` in its own process, with
-``training.num_threads=--train-threads`` and ``nice --nice`` (what a training page would
-start: its threads capped, below the server's priority), given a few seconds to reach its
-steps first and stopped (its process group killed) after. The order alternates between
-rounds; each round prints both figures and their ratio, then the range.
+training: ``--data`` uploaded to ``POST /train`` with ``--preset`` (the training page:
+its command in its own process, niced, ``FABLE_TRAIN_THREADS`` threads, by default the
+server's own default, cores - 1), given a few seconds to reach its steps and cancelled
+(``POST /train/<name>/cancel``) after. The order alternates between rounds; each round
+prints both figures and their ratio, then the range.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
 
 from _common import ROOT, environment  # puts the repository on sys.path
 
@@ -37,39 +37,37 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 class Training:
-    """``python -m training.train --preset ...`` in a session of its own, until the block
-    ends (then its whole process group is killed: nothing is left behind)."""
+    """A run started on the server's training page, cancelled when the block ends (the
+    page stops its process and leaves nothing behind)."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.command = [sys.executable, "-m", "training.train", "--preset", args.preset,
-                        "--data", str(args.data), "--name", "beside-the-server",
-                        "--checkpoint-dir", str(workdir / "trained"), "--overwrite",
-                        "--minutes", "30", "--quiet", f"training.num_threads={args.train_threads}",
-                        f"output.dir={workdir / 'runs' / '{name}'}",
-                        f"output.experiments_dir={workdir / 'experiments'}"]
-        self.nice, self.workdir, self.warmup = args.nice, workdir, args.train_warmup
+    def __init__(self, server: GunicornServer, runs: Path, args: argparse.Namespace,
+                 name: str) -> None:
+        self.server, self.runs, self.args, self.name = server, runs, args, name
 
     def __enter__(self) -> Training:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen(self.command, cwd=self.workdir, env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        start_new_session=True,
-                                        preexec_fn=lambda: os.nice(self.nice))
-        time.sleep(self.warmup)  # data prepared, model built, the loop under way
-        if self.process.poll() is not None:
-            raise SystemExit(f"the training exited ({self.process.returncode}): "
-                             f"{self.process.stderr.read().decode(errors='replace')[-2000:]}")
+        response = httpx.post(self.server.url + "/train", timeout=120, data={
+            "text": "upload", "preset": self.args.preset, "minutes": "30", "name": self.name},
+            files={"upload": (self.args.data.name, self.args.data.read_bytes())})
+        if response.status_code != 303:
+            raise SystemExit(f"the training page refused the run ({response.status_code})")
+        self.pid = json.loads((self.runs / self.name / "run.json").read_text())["pid"]
+        records = self.runs / self.name / "work" / self.name / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not records.exists() or b'"train"' not in records.read_bytes():
+            if time.monotonic() > deadline or not Path(f"/proc/{self.pid}").exists():
+                raise SystemExit("the training did not start: " +
+                                 (self.runs / self.name / "log.txt").read_text()[-2000:])
+            time.sleep(0.2)
+        time.sleep(self.args.train_warmup)  # past its first steps, at its own pace
         return self
 
     def cpu_seconds(self) -> float:
         """The training process's CPU time so far (user + system, from /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __exit__(self, *exc) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self.process.stderr.close()
+        httpx.post(f"{self.server.url}/train/{self.name}/cancel", timeout=60)
 
 
 def main() -> None:
@@ -78,23 +76,26 @@ def main() -> None:
     parser.add_argument("--model", default="tinystories-gpt")
     parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="the text the training reads")
     parser.add_argument("--preset", default="char-gpt")
-    parser.add_argument("--train-threads", type=int, default=1)
-    parser.add_argument("--nice", type=int, default=10)
-    parser.add_argument("--train-warmup", type=float, default=8.0,
-                        help="seconds the training gets before the clients start")
+    parser.add_argument("--train-threads", type=int,
+                        help="FABLE_TRAIN_THREADS (default: the server's, cores - 1)")
+    parser.add_argument("--train-warmup", type=float, default=3.0,
+                        help="seconds the training gets, once stepping, before the client starts")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: no such file; give --data a UTF-8 text")
+    threads = {"FABLE_TRAIN_THREADS": str(args.train_threads)} if args.train_threads else {}
     print(f"# {args.model} over HTTP, 1 client, FABLE_TORCH_THREADS=1, alone and beside "
-          f"`training.train --preset {args.preset}` ({args.train_threads} thread(s), nice "
-          f"{args.nice}), {args.seconds:g} s each -- {os.cpu_count()} CPUs -- {environment()}",
-          flush=True)
+          f"a training page's run of {args.preset} on {args.data.name} "
+          f"({args.train_threads or 'default'} thread(s)), {args.seconds:g} s each -- "
+          f"{os.cpu_count()} CPUs -- {environment()}", flush=True)
     rates: dict[str, list[float]] = {"alone": [], "beside a training": []}
     with tempfile.TemporaryDirectory() as tmp, \
-            GunicornServer(args.checkpoints, env={"FABLE_TORCH_THREADS": "1", "FABLE_WORKERS": "1"}) as server:
+            GunicornServer(args.checkpoints, env={
+                "FABLE_TORCH_THREADS": "1", "FABLE_WORKERS": "1", "FABLE_TRAIN_DIR": f"{tmp}/runs",
+                "FABLE_EXPERIMENTS_DIR": f"{tmp}/experiments", **threads}) as server:
         closed_loop(server.url, args.model, 1, 3, args.max_tokens)  # warm-up
         for round_ in range(args.rounds):
             order = list(rates) if round_ % 2 == 0 else list(rates)[::-1]
@@ -104,7 +105,8 @@ def main() -> None:
                                                        args.max_tokens)
                     trained = ""
                 else:
-                    with Training(args, Path(tmp)) as training:
+                    with Training(server, Path(tmp) / "runs", args,
+                                  f"beside-{round_ + 1}") as training:
                         before = training.cpu_seconds()
                         tokens, wall, failed = closed_loop(server.url, args.model, 1, args.seconds,
                                                            args.max_tokens)

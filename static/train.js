@@ -97,7 +97,8 @@
         steps.push(record.step); train.push(null); validation.push(values.loss);
       }
       setText("figure-validation", figure(values.loss));
-      setText("figure-bpc", figure(values.bits_per_char));
+      setText("figure-perplexity", typeof values.perplexity === "number" ?
+              values.perplexity.toFixed(2) : "–");
     } else if (record.group === "sample") {
       addSample(record);
     }

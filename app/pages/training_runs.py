@@ -9,7 +9,8 @@ finds a run again:
     <train dir>/<name>/run.json    what was asked and the process id, written once
     <train dir>/<name>/text.txt    an uploaded text
     <train dir>/<name>/log.txt     the training's output
-    <train dir>/<name>/work/       its run folder: metrics.jsonl (curves, samples), checkpoints
+    <train dir>/<name>/work/<name>/  its run folder (named as the model, as the records say):
+                                   metrics.jsonl (curves, samples), checkpoints
     <train dir>/<name>/cancel      made by Cancel (stop, keep nothing)
     <train dir>/<name>/finish      made by Finish now (stop, keep the model as it is)
     <train dir>/<name>/exit.json   how it ended, written once
@@ -235,7 +236,11 @@ class TrainingRuns:
         return (folder / "config.json").is_file() and (folder / "README.md").is_file()
 
     def metrics_path(self, name: str) -> Path:
-        return self.folder(name) / WORK / METRICS
+        return self.work(name) / METRICS
+
+    def work(self, name: str) -> Path:
+        """The training's own run folder (``output.dir``)."""
+        return self.folder(name) / WORK / name
 
     def log_path(self, name: str) -> Path:
         return self.folder(name) / LOG
@@ -268,11 +273,10 @@ class TrainingRuns:
                 corpus: str | None, *, check: bool = False) -> list[str]:
         """The training command of a run (``check``: only check the config and the text)."""
         source = ["--data", str(data)] if data is not None else ["--corpus", str(corpus)]
-        folder = self.root / name
         command = [self.python, "-m", "training.train", "--preset", preset, *source,
                    "--name", name, "--checkpoint-dir", str(self.models), "--minutes", str(minutes),
                    "--quiet",
-                   f"output.dir={folder / WORK}", f"output.experiments_dir={self.experiments}",
+                   f"output.dir={self.work(name)}", f"output.experiments_dir={self.experiments}",
                    "output.loggers=[jsonl]", f"training.num_threads={self.threads}",
                    f"training.eval_every={min(MAX_EVAL_EVERY, EVAL_STEPS_A_MINUTE * minutes)}",
                    f"training.eval_batches={EVAL_BATCHES}",
@@ -377,7 +381,7 @@ class TrainingRuns:
         # the full-precision checkpoints are for resuming, which a page's run never does:
         # its model is served from the published copy
         for part in ("last", "best", "final"):
-            shutil.rmtree(folder / WORK / part, ignore_errors=True)
+            shutil.rmtree(self.work(name) / part, ignore_errors=True)
         status = self.status(name)
         log.info("training %s ended with exit code %d: %s", name, code, status.state)
         if on_exit is not None and status is not None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 
 import pytest
 
-from tests.pages.browser import (ALL_DONE, browser, fill_form, page, served, sync_api,  # noqa: F401 (fixtures)
-                                 watch_csp)
+from tests.pages.browser import (ALL_DONE, ROOT, browser, fill_form, page, screenshots, served,  # noqa: F401
+                                 sync_api, watch_csp)
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.train]
 
@@ -98,6 +99,34 @@ def test_a_text_trains_live_and_its_model_writes_on_the_story_and_compare_pages(
     assert not violations, violations
 
 
+def test_without_javascript_a_run_starts_shows_its_figures_and_cancels(browser, studio_url, tmp_path):
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        text = tmp_path / "fox.txt"
+        text.write_text(story_text(20_000))
+        page.goto(studio_url + "/train")
+        page.check("#text-upload")
+        page.set_input_files("#field-upload", str(text))
+        page.fill("#field-minutes", "1")
+        page.fill("#field-name", "no-script")
+        page.click("#train-submit")
+        page.wait_for_url("**/train/no-script")
+        assert page.locator("#train-state").text_content() == "running"
+        deadline = time.monotonic() + 90
+        while page.locator("#figure-step").text_content() == "–":  # what a refresh shows
+            assert time.monotonic() < deadline
+            time.sleep(1)
+            page.reload()
+        assert int(page.locator("#figure-step").text_content()) > 0
+        page.click("#train-cancel")
+        page.wait_for_url("**/train/no-script")
+        assert page.locator("#train-state").text_content() == "cancelled"
+        assert page.locator("#train-actions").count() == 0
+    finally:
+        context.close()
+
+
 def test_the_form_fits_a_phone_and_says_what_is_wrong(browser, studio_url, tmp_path):
     context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
     try:
@@ -115,3 +144,32 @@ def test_the_form_fits_a_phone_and_says_what_is_wrong(browser, studio_url, tmp_p
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
     finally:
         context.close()
+
+
+def test_screenshot(screenshots, browser, app_config, tmp_path):
+    """docs/screenshots/train.png: a run in progress, a minute into a 2-minute char GPT on
+    Tiny Shakespeare (uploaded from ../shared when it is there, else generated prose)."""
+    from tests.pages.browser import screenshot_page
+
+    shakespeare = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    text = tmp_path / "input.txt"
+    text.write_text(shakespeare.read_text()[:400_000] if shakespeare.is_file() else story_text())
+    (tmp_path / "models").mkdir()
+    with served(app_config, FABLE_CHECKPOINT_DIR=str(tmp_path / "models"),
+                FABLE_TRAIN_DIR=str(tmp_path / "runs"),
+                FABLE_EXPERIMENTS_DIR=str(tmp_path / "experiments")) as (_, url), \
+            screenshot_page(browser) as page:
+        page.goto(url + "/train")
+        page.check("#text-upload")
+        page.set_input_files("#field-upload", str(text))
+        page.fill("#field-minutes", "2")
+        page.fill("#field-name", "my-shakespeare")
+        page.click("#train-submit")
+        page.wait_for_url("**/train/my-shakespeare")
+        page.wait_for_function("() => +(document.querySelector('#train-chart').dataset"
+                               ".validationPoints || 0) >= 4 && document.querySelectorAll("
+                               "'#train-samples li').length >= 2", timeout=150_000)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(screenshots / "train.png"), full_page=True)
+        page.click("#train-cancel")
+    assert (screenshots / "train.png").stat().st_size > 10_000

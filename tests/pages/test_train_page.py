@@ -119,8 +119,7 @@ def test_a_run_trains_streams_its_records_and_is_served(studio):
     assert "my-fox" in listing and "train-done" in listing
     # the run's own text stays; its working checkpoints do not
     assert runs.folder("my-fox").joinpath("text.txt").read_bytes() == TEXT
-    assert not any((runs.folder("my-fox") / "work" / part).exists()
-                   for part in ("last", "best", "final"))
+    assert not any((runs.work("my-fox") / part).exists() for part in ("last", "best", "final"))
 
 
 def test_a_bundled_corpus_is_given_to_the_command_by_reference(studio):

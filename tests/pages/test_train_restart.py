@@ -35,7 +35,7 @@ def start_run(server: GunicornServer, runs: Path, name: str) -> int:
     assert response.status_code == 303, response.text
     pid = json.loads((runs / name / "run.json").read_text())["pid"]
     deadline = time.monotonic() + 60
-    while not (runs / name / "work" / "metrics.jsonl").exists():  # the command is training
+    while not (runs / name / "work" / name / "metrics.jsonl").exists():  # the command is training
         assert time.monotonic() < deadline and alive(pid), (runs / name / "log.txt").read_text()
         time.sleep(0.1)
     return pid
