@@ -42,6 +42,7 @@ POLL_S = 0.5
 MAX_STREAMS = 8  # event streams one worker serves at once (each holds a thread)
 TAIL_BYTES = 256 * 1024  # what the page without JavaScript reads of a run's records
 BUNDLED_MAX_BYTES = 64 * 1024 * 1024  # bigger corpora take too long to prepare for a page's run
+BUNDLED_TTL_S = 300.0
 FIELDS = {"text": "Text", "upload": "Text file", "preset": "Preset", "minutes": "Minutes",
           "name": "Name"}
 
@@ -70,8 +71,8 @@ def bundled_texts() -> dict[str, tuple[str, int]]:
     as ``fable data list --json`` finds them (asked once per worker: the app imports no
     training code). Text files only, and none too big to prepare for a page's run."""
     cached = current_app.extensions.get("fable.training.bundled")
-    if cached is not None:
-        return cached
+    if cached is not None and time.monotonic() < cached[0]:
+        return cached[1]
     found: dict[str, tuple[str, int]] = {}
     try:
         done = subprocess.run([sys.executable, "-m", "training.corpora", "list", "--json"],
@@ -88,7 +89,8 @@ def bundled_texts() -> dict[str, tuple[str, int]]:
             size = file.get("bytes")
             if file.get("path") and size and size <= BUNDLED_MAX_BYTES:
                 found[file["reference"]] = (corpus["about"], size)
-    current_app.extensions["fable.training.bundled"] = found
+    # asked again now and then: a corpus fetched meanwhile shows up without a restart
+    current_app.extensions["fable.training.bundled"] = (time.monotonic() + BUNDLED_TTL_S, found)
     return found
 
 

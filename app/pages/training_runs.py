@@ -297,9 +297,11 @@ class TrainingRuns:
         self.check_name(name)
         lock = _take_lock(self.root)
         if lock is None:
-            current = running_name(self.root)
-            raise RunRefused(f"{current or 'Another run'} is training; one run at a time. "
-                             "Wait for it to end, or cancel it.")
+            current = running_name(self.root)  # none yet: another start is checking its text
+            raise RunRefused(f"{current} is training; one run at a time. Wait for it to end, "
+                             "or cancel it." if current else
+                             "Another run is starting; one run at a time.")
+        os.ftruncate(lock, 0)  # the last run's name, until this one's is written
         try:
             return self._start(lock, name, preset, minutes, upload, corpus, corpus_label, on_exit)
         finally:
@@ -325,7 +327,6 @@ class TrainingRuns:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        os.ftruncate(lock, 0)
         os.pwrite(lock, name.encode(), 0)
         with open(folder / LOG, "wb") as output:
             process = subprocess.Popen(

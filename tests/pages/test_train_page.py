@@ -41,7 +41,8 @@ def studio(make_app, checkpoint_dir, tmp_path, monkeypatch):
     runs = TrainingRuns(tmp_path / "runs", models, tmp_path / "experiments", threads=1,
                         quota_bytes=64 * 2**20, python=str(python))
     app.extensions["fable.training"] = runs
-    app.extensions["fable.training.bundled"] = {SHAKESPEARE: ("Tiny Shakespeare", 1_115_394)}
+    app.extensions["fable.training.bundled"] = (float("inf"),
+                                                {SHAKESPEARE: ("Tiny Shakespeare", 1_115_394)})
     monkeypatch.setenv("FAKE_MODEL", str(checkpoint_dir / "tiny-gpt"))
     monkeypatch.setenv("FAKE_TRAINER", "finish")
     yield app, runs
@@ -295,3 +296,36 @@ def test_stopping_the_server_stops_the_run_and_a_new_server_settles_the_rest(stu
     assert training_runs.settle(runs.root) == ["orphan"]
     assert runs.status("orphan").state == "stopped"
     assert training_runs.settle(runs.root) == []
+
+
+def test_the_bundled_texts_are_the_text_files_the_data_command_finds(make_app, monkeypatch):
+    """``fable data list --json`` is asked (in a child process: the app imports no training
+    code); present text files within the size limit are offered, tokenizer files never."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from app.pages import train
+
+    listing = [
+        {"name": "tinyshakespeare", "about": "Tiny Shakespeare", "text": True, "files": [
+            {"reference": SHAKESPEARE, "path": "/data/tinyshakespeare/input.txt", "bytes": 1_115_394}]},
+        {"name": "books", "about": "four novels", "text": True, "files": [
+            {"reference": "books/alice.txt", "path": None, "bytes": None},
+            {"reference": "books/huge.txt", "path": "/data/books/huge.txt",
+             "bytes": train.BUNDLED_MAX_BYTES + 1}]},
+        {"name": "gpt2", "about": "GPT-2's tokenizer", "text": False, "files": [
+            {"reference": "gpt2/merges.txt", "path": "/data/gpt2/merges.txt", "bytes": 456_318}]},
+    ]
+    asked = []
+
+    def run(command, **kwargs):
+        asked.append(command)
+        return SimpleNamespace(returncode=0, stdout=json.dumps(listing).encode())
+    monkeypatch.setattr(subprocess, "run", run)
+    app = make_app()
+    with app.test_request_context("/train"):
+        assert train.bundled_texts() == {SHAKESPEARE: ("Tiny Shakespeare", 1_115_394)}
+        train.bundled_texts()
+    assert len(asked) == 1 and asked[0][1:] == ["-m", "training.corpora", "list", "--json"]
+    page = app.test_client().get("/train").text
+    assert "tinyshakespeare/input.txt" in page and "merges.txt" not in page
