@@ -80,6 +80,11 @@ def test_a_text_trains_live_and_its_model_writes_on_the_story_and_compare_pages(
                            timeout=60_000)
     assert page.locator("#train-done").is_visible()
     assert page.locator("#train-actions").is_hidden()
+    page.click("#model-page")  # its card, and its curves from the run's records
+    page.wait_for_url("**/models/browser-fox")
+    assert page.locator("#curves-heading").is_visible()
+    assert page.locator("#curves-heading + p").text_content().count("1 most recent run") == 1
+    page.go_back()
 
     page.click("#try-generate")
     page.wait_for_url("**/?model=browser-fox")
