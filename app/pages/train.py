@@ -126,8 +126,10 @@ def start():
     try:
         minutes = int(form.get("minutes", ""))
     except ValueError:
-        minutes = 0
+        minutes = MIN_MINUTES  # said below; the other fields are still checked
         errors["minutes"] = f"Give a whole number of minutes, {MIN_MINUTES} to {MAX_MINUTES}."
+    for refusal in get_runs().refusals(name, preset, minutes):
+        errors.setdefault(refusal.field, refusal.message)
     upload, corpus, label = None, None, None
     if text == "upload":
         file = request.files.get("upload")

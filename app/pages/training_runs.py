@@ -269,6 +269,19 @@ class TrainingRuns:
         if os.path.lexists(self.root / name):
             raise RunRefused(f"A run named {name} exists already; choose another name.", "name")
 
+    def refusals(self, name: str, preset: str, minutes: int) -> list[RunRefused]:
+        """What is wrong with a run's name, preset and budget, field by field."""
+        found = []
+        if preset not in PRESETS:
+            found.append(RunRefused(f"Choose one of the presets ({', '.join(PRESETS)}).", "preset"))
+        if not MIN_MINUTES <= minutes <= MAX_MINUTES:
+            found.append(RunRefused(f"Give {MIN_MINUTES} to {MAX_MINUTES} minutes.", "minutes"))
+        try:
+            self.check_name(name)
+        except RunRefused as e:
+            found.append(e)
+        return found
+
     def command(self, name: str, preset: str, minutes: int, data: Path | None,
                 corpus: str | None, *, check: bool = False) -> list[str]:
         """The training command of a run (``check``: only check the config and the text)."""
@@ -288,13 +301,10 @@ class TrainingRuns:
               on_exit: Callable[[RunStatus], None] | None = None) -> RunStatus:
         """Check, then start the run in the background; RunRefused says why it cannot.
         ``on_exit(status)`` runs in a thread of this process when it ends."""
-        if preset not in PRESETS:
-            raise RunRefused(f"Choose one of the presets ({', '.join(PRESETS)}).", "preset")
-        if not MIN_MINUTES <= minutes <= MAX_MINUTES:
-            raise RunRefused(f"Give {MIN_MINUTES} to {MAX_MINUTES} minutes.", "minutes")
+        for refusal in self.refusals(name, preset, minutes):
+            raise refusal
         if (upload is None) == (corpus is None):
             raise RunRefused("Choose a bundled text or upload one.", "text")
-        self.check_name(name)
         lock = _take_lock(self.root)
         if lock is None:
             current = running_name(self.root)  # none yet: another start is checking its text

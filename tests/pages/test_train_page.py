@@ -255,6 +255,14 @@ def test_fields_are_checked(studio, fields, field, message):
     assert not runs.root.exists() or not any(p.is_dir() for p in runs.root.iterdir())
 
 
+def test_every_field_in_error_is_said_at_once(studio):
+    app, _ = studio
+    response = upload(app.test_client(), "../x", b"\0", preset="nope", minutes="99")
+    assert response.status_code == 400
+    for field in ("name", "preset", "minutes", "upload"):
+        assert f'id="error-{field}"' in response.text
+
+
 def test_the_disk_quota_refuses_a_run_until_a_model_is_deleted(studio):
     app, runs = studio
     client = app.test_client()
