@@ -337,3 +337,10 @@ def test_the_bundled_texts_are_the_text_files_the_data_command_finds(make_app, m
     assert len(asked) == 1 and asked[0][1:] == ["-m", "training.corpora", "list", "--json"]
     page = app.test_client().get("/train").text
     assert "tinyshakespeare/input.txt" in page and "merges.txt" not in page
+
+
+def test_on_a_space_the_page_says_its_disk_is_not_kept(make_app, monkeypatch):
+    assert 'id="space-note"' not in make_app().test_client().get("/train").text
+    monkeypatch.setenv("SPACE_ID", "someone/fable")
+    page = make_app().test_client().get("/train").text
+    assert 'id="space-note"' in page and "not kept across restarts" in page
