@@ -17,7 +17,7 @@ import time
 # <prefix>/share/fable and the app in site-packages (`fable serve` finds both).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from app.pages import training_runs  # noqa: E402  (the standard library only)
-from app.platform.settings import Settings  # noqa: E402  (reads FABLE_*; never imports torch)
+from app.platform.settings import Settings  # noqa: E402  (reads FABLE_*; starts no torch threads)
 
 settings = Settings.load()
 

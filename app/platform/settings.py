@@ -2,8 +2,11 @@
 
 A pydantic-settings model: each setting is declared once below, with its default and
 what it does. ``create_app(test_config)`` takes the same names (``FABLE_CHECKPOINT_DIR``,
-...), so a test sets a value exactly as a Space does. Reading settings never imports
-torch, so gunicorn's master (gunicorn.conf.py) reads the same values.
+...), so a test sets a value exactly as a Space does. gunicorn's master
+(gunicorn.conf.py) reads the same values. Importing this module imports torch (through
+models_src, for the infill default): the master then holds torch's modules, which the
+workers it forks share, but never runs anything on it; each worker sets torch's threads and
+device itself (create_app).
 """
 
 from __future__ import annotations
