@@ -61,6 +61,7 @@ RECURRENT_WINDOW = 128
 # training.sample_every's samples: the first tokens of the validation text, continued at a
 # temperature that reads better than 1.0 and still shows what the model has not learned
 SAMPLE_PROMPT_TOKENS = 8
+SAMPLE_PROMPT_LOOKAHEAD = 64  # tokens searched for the start of a line
 SAMPLE_TEMPERATURE = 0.8
 
 
@@ -428,10 +429,16 @@ class Trainer:
         return bool(every) and self.state.step % every == 0 and self.dist.main
 
     def sample_prompt(self) -> str:
-        """The first few tokens of the validation split's first document, as text."""
-        ids = self.data.splits["validation"][:SAMPLE_PROMPT_TOKENS + 1].tolist()
-        if self.tokenizer.eos_id in ids:  # a first document shorter than that
+        """The first few tokens of the validation split's first document, as text: from the
+        start of its second line when the first is cut (a split of one long text starts
+        mid-line, and a prompt that starts mid-word reads as noise)."""
+        ids = self.data.splits["validation"][:SAMPLE_PROMPT_LOOKAHEAD].tolist()
+        if self.tokenizer.eos_id in ids:  # the first document ends within it
             ids = ids[:ids.index(self.tokenizer.eos_id)]
+        text = self.tokenizer.decode(ids)
+        line = text.find("\n") + 1
+        if 0 < line and text[line:].strip():
+            ids = self.tokenizer.encode(text[line:])
         return self.tokenizer.decode(ids[:SAMPLE_PROMPT_TOKENS])
 
     def sample_text(self) -> str:

@@ -290,3 +290,24 @@ def test_data_list_json_marks_the_files_that_are_here(data_dir, capsys):
     assert all(f["path"] is None for f in listed["books"]["files"])
     assert [f["reference"] for f in listed["books"]["files"]] == \
         [f"books/{name}" for name in corpora.CORPORA["books"].files()]
+
+
+def test_a_sample_starts_at_the_start_of_a_line_when_the_split_cuts_one():
+    """A validation split of one long text starts mid-line: the prompt starts on its next
+    line; a text with no line break keeps its first tokens."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from models_src.tokenization import Tokenizer
+
+    tokenizer = Tokenizer.train_char(["ing the ball.\nLILY: Hello there, Tom.\n"])
+
+    def prompt_of(text: str) -> str:
+        ids = torch.tensor(tokenizer.encode(text))
+        fake = SimpleNamespace(data=SimpleNamespace(splits={"validation": ids}), tokenizer=tokenizer)
+        return Trainer.sample_prompt(fake)
+
+    assert prompt_of("ing the ball.\nLILY: Hello there, Tom.\n") == "LILY: He"
+    assert prompt_of("ing the ball. Hello") == "ing the "
+    assert prompt_of("ing the ball.\n") == "ing the "  # nothing after the break
