@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -68,3 +69,32 @@ def test_a_run_stops_with_the_server_and_a_killed_servers_run_is_stopped_by_the_
             assert not alive(pid)  # the next server stopped it as it started
             assert state_on_page(again, "killed") == "stopped"
             assert "did not finish under the last server" in again.log_text()
+
+
+def test_every_worker_serves_the_model_a_run_wrote(checkpoint_dir, tmp_path):
+    """Two workers: the run's end reloads the worker that started it, which tells the other
+    (the reload stamp); every answer from either lists the new model."""
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    shutil.copytree(checkpoint_dir / "tiny-gpt", models / "tiny-gpt")
+    env = {"FABLE_TRAIN_DIR": str(runs), "FABLE_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
+           "FABLE_TRAIN_THREADS": "1", "FABLE_WORKERS": "2", "FABLE_TORCH_THREADS": "1"}
+    with GunicornServer(models, env=env) as server:
+        server.wait_for_workers(2, models=1)
+        start_run(server, runs, "shared")
+        assert httpx.post(f"{server.url}/train/shared/finish", timeout=30).status_code == 303
+        deadline = time.monotonic() + 120
+        while not (runs / "shared" / "exit.json").exists():
+            assert time.monotonic() < deadline, (runs / "shared" / "log.txt").read_text()
+            time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while True:  # each connection may land on either worker
+            seen = [any(m["name"] == "shared" for m in httpx.get(
+                f"{server.url}/api/tags", timeout=10).json()["models"]) for _ in range(20)]
+            if all(seen):
+                break
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.5)
+        page = httpx.get(f"{server.url}/train/shared", timeout=30).text
+        assert 'class="tag train-state train-done"' in page
+        loaded = re.findall(r"\[(\d+)\] \[INFO\] loaded shared \(", server.log_text())
+        assert set(loaded) == set(map(str, server.worker_pids())) and len(loaded) == 2
