@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,18 @@ def studio_url(app_config, checkpoint_dir, tmp_path):
         yield url
 
 
+def start_from_form(page, url: str, text: Path, name: str, minutes: int = 1) -> None:
+    """Upload ``text`` on the training page and start a char GPT run; on its page after."""
+    page.goto(url + "/train")
+    page.check("#text-upload")
+    page.set_input_files("#field-upload", str(text))
+    page.check("input[name=preset][value='char-gpt']")
+    page.fill("#field-minutes", str(minutes))
+    page.fill("#field-name", name)
+    page.click("#train-submit")
+    page.wait_for_url(f"**/train/{name}")
+
+
 def chart_points(page, name: str = "data-points") -> int:
     return int(page.locator("#train-chart").get_attribute(name) or 0)
 
@@ -46,14 +59,7 @@ def test_a_text_trains_live_and_its_model_writes_on_the_story_and_compare_pages(
     violations = watch_csp(page)
     text = tmp_path / "fox.txt"
     text.write_text(story_text())
-    page.goto(studio_url + "/train")
-    page.check("#text-upload")
-    page.set_input_files("#field-upload", str(text))
-    page.check("input[name=preset][value='char-gpt']")
-    page.fill("#field-minutes", "1")
-    page.fill("#field-name", "browser-fox")
-    page.click("#train-submit")
-    page.wait_for_url("**/train/browser-fox")
+    start_from_form(page, studio_url, text, "browser-fox")
     assert page.locator("#train-state").text_content() == "running"
 
     # about twenty seconds of training: validation points and a sample arrive
@@ -99,8 +105,11 @@ def test_a_text_trains_live_and_its_model_writes_on_the_story_and_compare_pages(
     page.wait_for_function(ALL_DONE, timeout=30_000)
     models = [m.text_content() for m in page.locator(".compare-column .result-model").all()]
     assert "browser-fox" in models and len(models) == 2
-    assert all(column.locator(".output-generated").text_content()
-               for column in page.locator(".compare-column").all())
+    # its column wrote text (the other model, the tests' untrained tiny-gpt, may draw the
+    # end of text at once from an empty prompt: its column can be empty)
+    column = page.locator(".compare-column").nth(models.index("browser-fox"))
+    assert column.locator(".output-generated").text_content()
+    assert page.locator(".compare-column .stream-error-text").count() == 0
     assert not violations, violations
 
 
@@ -110,13 +119,7 @@ def test_without_javascript_a_run_starts_shows_its_figures_and_cancels(browser, 
         page = context.new_page()
         text = tmp_path / "fox.txt"
         text.write_text(story_text(20_000))
-        page.goto(studio_url + "/train")
-        page.check("#text-upload")
-        page.set_input_files("#field-upload", str(text))
-        page.fill("#field-minutes", "1")
-        page.fill("#field-name", "no-script")
-        page.click("#train-submit")
-        page.wait_for_url("**/train/no-script")
+        start_from_form(page, studio_url, text, "no-script")
         assert page.locator("#train-state").text_content() == "running"
         deadline = time.monotonic() + 90
         while page.locator("#figure-step").text_content() == "–":  # what a refresh shows
@@ -164,13 +167,7 @@ def test_screenshot(screenshots, browser, app_config, tmp_path):
                 FABLE_TRAIN_DIR=str(tmp_path / "runs"),
                 FABLE_EXPERIMENTS_DIR=str(tmp_path / "experiments")) as (_, url), \
             screenshot_page(browser) as page:
-        page.goto(url + "/train")
-        page.check("#text-upload")
-        page.set_input_files("#field-upload", str(text))
-        page.fill("#field-minutes", "2")
-        page.fill("#field-name", "my-shakespeare")
-        page.click("#train-submit")
-        page.wait_for_url("**/train/my-shakespeare")
+        start_from_form(page, url, text, "my-shakespeare", minutes=2)
         page.wait_for_function("() => +(document.querySelector('#train-chart').dataset"
                                ".validationPoints || 0) >= 4 && document.querySelectorAll("
                                "'#train-samples li').length >= 2", timeout=150_000)
