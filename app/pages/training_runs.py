@@ -25,6 +25,7 @@ earlier server left (``stop_running``, ``settle``; gunicorn.conf.py).
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -438,9 +439,16 @@ class TrainingRuns:
 
 
 def training_environment() -> dict[str, str]:
-    """The server's environment without its secrets: a training needs none of them."""
+    """The server's environment without its secrets (a training needs none of them), with
+    the folder that holds the ``training`` package first on PYTHONPATH: a checkout's server
+    may run from another working directory (``python -m`` looks in the current one)."""
     secret = {"FABLE_ADMIN_TOKEN", "FABLE_API_KEYS", "FABLE_SECRET_KEY"}
-    return {k: v for k, v in os.environ.items() if k not in secret}
+    env = {k: v for k, v in os.environ.items() if k not in secret}
+    spec = importlib.util.find_spec("training")  # finds it without importing it
+    if spec is not None and spec.origin:
+        home = str(Path(spec.origin).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([home, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def _stop(root: Path, name: str) -> None:

@@ -344,3 +344,17 @@ def test_on_a_space_the_page_says_its_disk_is_not_kept(make_app, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/fable")
     page = make_app().test_client().get("/train").text
     assert 'id="space-note"' in page and "not kept across restarts" in page
+
+
+def test_the_training_command_is_found_from_any_working_directory(tmp_path):
+    """A checkout's server may run elsewhere than the checkout: the command's environment
+    puts the folder holding the ``training`` package on PYTHONPATH."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "training.corpora", "list", "--json"],
+                          cwd=tmp_path, env=training_runs.training_environment(),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert {corpus["name"] for corpus in json.loads(done.stdout)} >= {"tinyshakespeare"}
+    env = training_runs.training_environment()
+    assert "FABLE_ADMIN_TOKEN" not in env and "FABLE_SECRET_KEY" not in env
