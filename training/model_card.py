@@ -69,8 +69,23 @@ def corpus_of(data_path: str) -> dict:
     for key, corpus in CORPORA.items():
         if key in data_path.replace("-", "").replace("_", "").lower():
             return corpus
-    return dict(name=data_path, hub=None, license="other", prompt="The", about=data_path,
-                data_licence="see the data's own terms")
+    return dict(name=data_path, hub=None, license="other", prompt=own_prompt(data_path),
+                about=data_path, data_licence="see the data's own terms")
+
+
+def own_prompt(data_path: str, words: int = 3) -> str:
+    """The prompt a model of someone's own text offers (its card's samples, the pages'
+    placeholder): the first words of the text's first line, which read as that text does;
+    "The" when the file cannot be read or holds no words."""
+    try:
+        with open(data_path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return "The"
+    for line in head.splitlines():
+        if line.split():
+            return " ".join(line.split()[:words])[:40]
+    return "The"
 
 
 def write_json_atomically(path: Path, value: dict) -> None:

@@ -311,3 +311,17 @@ def test_a_sample_starts_at_the_start_of_a_line_when_the_split_cuts_one():
     assert prompt_of("ing the ball.\nLILY: Hello there, Tom.\n") == "LILY: He"
     assert prompt_of("ing the ball. Hello") == "ing the "
     assert prompt_of("ing the ball.\n") == "ing the "  # nothing after the break
+
+
+def test_a_model_of_ones_own_text_offers_its_first_words_as_the_prompt(tmp_path):
+    """The card's widget prompt (the pages' placeholder and the card's samples) for an own
+    text: its first line's first words; "The" when there is nothing to read."""
+    from training.model_card import corpus_of
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n  \nFirst Citizen: Before we proceed any further, hear me speak.\n")
+    assert corpus_of(str(text))["prompt"] == "First Citizen: Before"
+    assert corpus_of(str(tmp_path / "gone.txt"))["prompt"] == "The"
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    assert corpus_of(str(tmp_path / "blank.txt"))["prompt"] == "The"
+    assert corpus_of("tinyshakespeare/input.txt")["prompt"] == "ROMEO:"  # a known corpus's own
