@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -238,15 +237,12 @@ def latest_records(path: Path) -> dict:
     end of the file only)."""
     latest: dict = {"train": None, "validation": None, "sample": None}
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - TAIL_BYTES))
-            lines = f.read().decode("utf-8", "replace").splitlines()[1 if size > TAIL_BYTES else 0:]
+        start = max(0, path.stat().st_size - TAIL_BYTES)
     except OSError:
         return latest
-    for line in lines:
-        record = _parse(line)
-        if record and record.get("group") in latest:
+    # a line cut by the start is no JSON object: _read_from leaves it out
+    for record in _read_from(path, start)[0]:
+        if record.get("group") in latest:
             latest[record["group"]] = record
     return latest
 

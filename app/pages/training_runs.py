@@ -205,20 +205,18 @@ class TrainingRuns:
             ended = {"returncode": None, "time": None}
         code, when = ended.get("returncode"), ended.get("time")
         finished_early = (folder / FINISH).exists()
-        if code == 0 or finished_early and not cancelled:
-            if self.published(name):
-                return RunStatus(name, "done", asked, "Finished early, as asked."
-                                 if finished_early and code != 0 else None, when)
-            if finished_early:
-                return RunStatus(name, "cancelled", asked, "Stopped before its first step: "
-                                 "there was no model to keep.", when)
+        if self.published(name):  # however it ended (or nobody watched it end): a model
+            return RunStatus(name, "done", asked, "Finished early, as asked."
+                             if finished_early and code != 0 else None, when)
+        if finished_early and not cancelled:
+            return RunStatus(name, "cancelled", asked, "Stopped before its first step: "
+                             "there was no model to keep.", when)
+        if code == 0:
             return RunStatus(name, "failed", asked, "The training ended, but its model was "
                              "not written (the log says why).", when)
         if cancelled:
             return RunStatus(name, "cancelled", asked, "Cancelled.", when)
         if code is None or ended.get("stopped"):
-            if self.published(name):  # finished while nobody watched
-                return RunStatus(name, "done", asked, ended=when)
             return RunStatus(name, "stopped", asked, "The server stopped while this run "
                              "trained; it did not finish.", when)
         reason = log_error(folder / LOG) or f"The training stopped with exit code {code}."
