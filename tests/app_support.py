@@ -1,6 +1,6 @@
 """What the app's tests share besides fixtures (tests/conftest.py has those): the tiny
 checkpoints they serve, the facts about them, a generation that holds its row, and a
-ticket that hands out scripted pieces.
+ticket that hands out scripted pieces; and a wait for a condition.
 """
 
 from __future__ import annotations
@@ -102,3 +102,14 @@ class ScriptedTicket:
 
     def cancel(self):
         pass
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held (a
+    wait for a condition, not a retry: the caller asserts what it needs)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -69,6 +69,18 @@ def start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]  # field 22; the name before ")" may hold spaces
 
 
+def read_answer(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout``)."""
+    sock.settimeout(timeout)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return answer
+
+
 @dataclass(frozen=True)
 class Memory:
     """One process's resident memory, in KiB, from ``/proc/<pid>/smaps_rollup``.

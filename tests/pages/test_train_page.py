@@ -18,6 +18,7 @@ import pytest
 
 from app.pages import training_runs
 from app.pages.training_runs import TrainingRuns
+from tests.app_support import wait_until
 from tests.pages.page_helpers import parse_sse
 
 FAKE = Path(__file__).with_name("fake_trainer.py")
@@ -61,18 +62,13 @@ def _file(data: bytes):
 
 
 def wait_for(runs: TrainingRuns, name: str, state: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while (status := runs.status(name)).state != state:
-        assert time.monotonic() < deadline, (status, runs.log_path(name).read_text())
-        time.sleep(0.05)
+    assert wait_until(lambda: runs.status(name).state == state, timeout), \
+        (runs.status(name), runs.log_path(name).read_text())
 
 
 def wait_served(app, name: str, served: bool = True, timeout: float = 20) -> None:
     """The run's thread reloads the models just after it records the end."""
-    deadline = time.monotonic() + timeout
-    while (name in app.extensions["fable.registry"]) != served:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: (name in app.extensions["fable.registry"]) == served, timeout)
 
 
 def pid_alive(pid: int) -> bool:
@@ -153,10 +149,8 @@ def test_without_javascript_a_running_page_refreshes_itself(studio, monkeypatch)
     app, runs = studio
     client = app.test_client()
     upload(client, "slow")
-    deadline = time.monotonic() + 10
-    while "To be, or not" not in (page := client.get("/train/slow").text):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: "To be, or not" in client.get("/train/slow").text, 10)
+    page = client.get("/train/slow").text
     assert '<meta http-equiv="refresh" content="10">' in page
     assert 'id="train-cancel"' in page and "<progress" in page
     assert client.post("/train/slow/cancel").status_code == 303
@@ -189,10 +183,7 @@ def test_finish_now_keeps_the_model_as_it_is(studio, monkeypatch):
     app, runs = studio
     client = app.test_client()
     upload(client, "early")
-    deadline = time.monotonic() + 10
-    while not runs.metrics_path("early").exists():  # its Ctrl-C handler is in place
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(runs.metrics_path("early").exists, 10)  # its Ctrl-C handler is in place
     time.sleep(0.2)
     assert client.post("/train/early/finish").status_code == 303
     wait_for(runs, "early", "done")

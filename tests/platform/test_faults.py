@@ -33,7 +33,7 @@ import httpx
 import pytest
 import torch
 
-from tests.app_support import ENDLESS_CHAR
+from tests.app_support import ENDLESS_CHAR, wait_until
 from tests.gunicorn_server import ROOT, GunicornServer, server_environment
 from models_src import checkpoint as checkpoint_module
 from models_src.checkpoint import load_checkpoint, save_checkpoint
@@ -140,12 +140,6 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(checkpoint_dir, t
         assert "Worker exiting" in log and "SIGKILL" not in log, log
     finally:
         server.stop()
-
-
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 # ---- a full disk (or a crash) while training writes a checkpoint -------------------------

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
+from tests.gunicorn_server import GunicornServer, read_answer
 
 pytestmark = pytest.mark.server
 
@@ -32,18 +32,6 @@ def timed_health(url: str) -> float:
     started = time.monotonic()
     assert httpx.get(f"{url}/healthz", timeout=2 * STUCK_S).status_code == 200
     return time.monotonic() - started
-
-
-def read_answer(sock: socket.socket, timeout: float) -> bytes:
-    """Everything the server sends until it closes the connection (or ``timeout``)."""
-    sock.settimeout(timeout)
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return answer
 
 
 def probe_health(port: int) -> tuple[float, str, dict]:

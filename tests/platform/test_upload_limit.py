@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from app.platform.web import admin_credentials_match, is_train_upload
-from tests.gunicorn_server import GunicornServer
+from tests.gunicorn_server import GunicornServer, read_answer
 
 TOKEN = "admin-token-0123456789"
 BODY = 100 * 1024  # over FABLE_MAX_BODY_BYTES (64 KiB), under FABLE_TRAIN_UPLOAD_BYTES
@@ -147,13 +147,7 @@ def exchange(port: int, request: bytes) -> bytes:
             sock.sendall(request)
         except OSError:  # the server answered and closed while we were still sending
             pass
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return answer
+        return read_answer(sock, 10)
 
 
 @pytest.mark.server
