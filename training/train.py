@@ -657,19 +657,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         command = shlex.join(["python", "-m", "training.train", *argv]) if args.preset else None
         trainer = Trainer(cfg, quiet=args.quiet, command=command)
+        interrupted = None
         try:
             trainer.fit(resume=args.resume)
-        except TrainingInterrupted as e:
+        except TrainingInterrupted as e:  # Ctrl-C: the model as it is was published too
+            interrupted = e
             print(e, file=sys.stderr)
-            if args.preset and trainer.dist.main:  # Ctrl-C published the model as it is
-                finish_own_model(cfg)
-            return 130  # what a shell reports for Ctrl-C
         if args.preset and trainer.dist.main:
             finish_own_model(cfg)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
-    return 0
+    return 130 if interrupted else 0  # 130: what a shell reports for Ctrl-C
 
 
 if __name__ == "__main__":
