@@ -9,6 +9,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# A C compiler: Fable's decoding kernels (models_src/row_products.c) are built on first use
+# for the CPU the Space runs on, which is not the one that built the image; without one,
+# decoding keeps torch's products, about half as fast (benchmarks/README.md).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # Spaces run the container as uid 1000: build and run as that user.
 RUN useradd -m -u 1000 user
 USER user

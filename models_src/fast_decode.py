@@ -11,8 +11,8 @@ benchmarks/README.md.
 
 ``model.decode_precision`` (a checkpoint's ``decode_precision``) picks the products' kernel:
 "float32" (the default, the module path's numbers to ~1e-6) or "int8": each weight matrix
-quantized per output row, the activations per call (fbgemm's dynamic-quantization kernel,
-through ``torch.ops.quantized``), for about half the bytes read per token.
+quantized per output row, a quarter of the bytes read per token. On a CPU both run Fable's
+own kernels (``row_products``) where this machine's C compiler can build them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import ACTIVATIONS
 from .layers import KVCache
+from .row_products import RowProduct, library
 
 
 def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]],
@@ -108,9 +109,11 @@ def decode_products(module: nn.Module, linears: list[tuple[torch.Tensor, torch.T
 
 
 def _float_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
-    """From a contiguous (in, out) copy: MKL multiplies one row faster from this layout;
-    the sums come out in another order, so logits differ from the module path's in the
-    last bits (~1e-6)."""
+    """Fable's kernel for float32 on a CPU (``row_products``), else torch's ``addmm`` from a
+    contiguous (in, out) copy, the layout from which MKL multiplies one row faster. Either
+    adds in another order than the module path, so logits differ in the last bits (~1e-6)."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and (lib := library()):
+        return RowProduct(lib, weight, bias)
     weight_t = weight.t().contiguous()
     if bias is None:
         return lambda x: torch.mm(x, weight_t)
@@ -118,11 +121,16 @@ def _float_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
 
 
 def _int8_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
-    """fbgemm's int8 product: the weight symmetric per output row, the activations
-    quantized by the kernel on each call over their own range. ``reduce_range``, as
-    torch's dynamic quantization sets it on x86: 7-bit activations keep AVX2's paired
-    8-bit multiplies from saturating their 16-bit sums."""
+    """The weight symmetric per output row. Fable's kernel (``row_products``) keeps the
+    rows in float32; where it can't be built, fbgemm's product quantizes them too, on each
+    call over their own range (``reduce_range``, as torch's dynamic quantization sets it on
+    x86: 7-bit activations keep AVX2's paired 8-bit multiplies from saturating)."""
     dtype = weight.dtype
+    if lib := library():
+        product = RowProduct(lib, weight, bias, int8=True)
+        if dtype != torch.float32:
+            return lambda x: product(x.float()).to(dtype)
+        return product
     weight, bias = weight.float(), None if bias is None else bias.float()
     scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
     with warnings.catch_warnings():  # quantized tensors are deprecated, not yet replaced on CPU

@@ -5,7 +5,8 @@
 Builds ``Dockerfile`` unchanged with buildah (``--isolation chroot``: no daemon, no
 registry), starts the image's own CMD as its own user, and checks what breaks on Spaces:
 uid 1000 with a writable HOME and caches, gunicorn on 7860 with ``/healthz`` green, a
-generation through the API and through the page, the pages frameable by
+generation through the API and through the page, the decoding kernels built on first
+use by the image's compiler, the pages frameable by
 huggingface.co, SIGTERM draining a running stream, logs on the container's output, and
 what ``.dockerignore`` keeps out and lets in. Prints the build time and the image size.
 
@@ -281,6 +282,11 @@ def main() -> None:
                         os.kill(master, signal.SIGKILL)
                     server.kill()
                     server.wait(30)
+        kernels = run("buildah", "run", "--isolation", "chroot", container, "--", "sh", "-c",
+                      'ls "$XDG_CACHE_HOME/fable/kernels"').stdout.split()
+        check(any(name.endswith(".so") for name in kernels),
+              "the decoding kernels were built for this CPU on first use (the image's gcc)",
+              ", ".join(kernels) or "none")
         stdout, stderr = ((logs / name).read_text(errors="replace") for name in ("stdout", "stderr"))
         check("Listening at: http://0.0.0.0:7860" in stdout + stderr
               and '"GET /healthz HTTP/1.1" 200' in stdout,

@@ -33,7 +33,10 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-def test_int8_products_stay_within_a_few_percent_of_float32_in_every_decode_call():
+@pytest.mark.parametrize("kernels", [True, False], ids=["fable-kernels", "fbgemm"])
+def test_int8_products_stay_within_a_few_percent_of_float32_in_every_decode_call(kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.setattr("models_src.fast_decode.library", lambda: None)
     model = small_model(96)
     prompts = [[5, 9, 12, 40, 7], [3, 3, 60, 2, 8, 11, 90, 14]]
     with torch.inference_mode():

@@ -98,12 +98,16 @@ def test_awd_lstm_regularisers_train_and_are_off_in_eval():
     assert torch.equal(model(ids)[0], model(ids)[0])
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["fable-kernels", "torch-products"])
 @pytest.mark.parametrize("bias, activation", [(True, "gelu"), (False, "gelu"), (True, "gelu_tanh")])
-def test_gpt_decode_path_gives_the_module_path_numbers(bias, activation):
+def test_gpt_decode_path_gives_the_module_path_numbers(bias, activation, kernels, monkeypatch):
     """In eval mode GPT.step runs Block.decode (direct calls, no modules, weights laid out
     (in, out)); in training mode the modules. With no dropout both give the same logits up
     to the order of the sums. Uniform prefill, one-token steps and a ragged batch; the
-    exact GELU and GPT-2's tanh approximation."""
+    exact GELU and GPT-2's tanh approximation; Fable's C kernels (where this machine builds
+    them) and torch's products."""
+    if not kernels:
+        monkeypatch.setattr("models_src.fast_decode.library", lambda: None)
     model = make("gpt", bias=bias, activation=activation)
     ids = random_ids(2, 12)
     lengths = torch.tensor([5, 3])
