@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ACTIVATIONS
 from .layers import KVCache
-from .row_products import RowProduct, library
+from .row_products import MAX_HEAD_DIM, RowProduct, attend_one_token, library
 
 
 def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]],
@@ -75,7 +75,7 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
     h = torch.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
     qkv = qkv_of(h)
     if len(caches) == 1:
-        y = caches[0].attend(layer, qkv, attn.n_head)
+        y = _attend(caches[0], layer, qkv, attn.n_head)
     else:
         parts = qkv.split([c.step_rows for c in caches])
         y = torch.cat([c.attend(layer, part, attn.n_head) for c, part in zip(caches, parts)])
@@ -83,6 +83,17 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
     h = torch.layer_norm(x, (C,), ln_2._parameters["weight"], ln_2._parameters["bias"], ln_2.eps)
     h = _gelu_(fc_of(h), approximate)
     return x + mlp_of(h)
+
+
+def _attend(cache: KVCache, layer: int, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """``cache.attend``; a one-token step on a CPU in float32 by Fable's kernel, which stores
+    the token's key and value and attends in one call (SDPA's set-up, and the views around
+    it, cost more than a one-token attention's arithmetic)."""
+    storage = cache.one_token_storage(layer)
+    if (storage is not None and qkv.dtype == torch.float32 and qkv.device.type == "cpu"
+            and storage[0].size(3) <= MAX_HEAD_DIM and (lib := library())):
+        return attend_one_token(lib, qkv, *storage)
+    return cache.attend(layer, qkv, n_head)
 
 
 Product = Callable[[torch.Tensor], torch.Tensor]

@@ -123,6 +123,15 @@ class KVCache:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return y.transpose(1, 2).reshape(N, C3 // 3)
 
+    def one_token_storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """In a one-token step with every row at the same length (most decoding steps): the
+        layer's key and value storage (rows, heads, positions, head dim), which may hold
+        spare rows, and the position the token takes; else None. For an attention that
+        stores and attends in one call (``row_products.attend_one_token``)."""
+        if not self._uniform_step or self._T != 1:
+            return None
+        return self._k_rows[layer], self._v_rows[layer], self.uniform
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""
         if self._uniform_step:

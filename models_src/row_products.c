@@ -12,6 +12,7 @@
    the rows X stay float: Y = (X Q) * scale + b. */
 
 #include <stddef.h>
+#include <math.h>
 #include <stdint.h>
 
 /* A tile is 4 vector registers wide; ROWS rows' sums and one input's weights fill at
@@ -83,3 +84,55 @@ DEFINE_TILE(tile_i8, int8_t, float wi[TILE];
 
 DEFINE_PRODUCT(row_products_f32, tile_f32, float)
 DEFINE_PRODUCT(row_products_i8, tile_i8, int8_t)
+
+/* A one-token step's self-attention, every row at the same length: for each row b and
+   head h, the token's key and value (in qkv: query, key, value of C = heads * dim each) are
+   stored at `position` of the layer's cache (rows, heads, positions, dim), then its query
+   attends to positions 0..position, softmax over scaled dot products, into y (rows, C).
+   The softmax runs online over chunks of keys (no buffer as long as the context). */
+#define KEYS 64
+#define MAX_DIM 256
+
+void attend_one_token(int rows, int heads, int dim, const float *qkv, float *k_cache,
+                      float *v_cache, int positions, int position, float *y, int threads) {
+    const int C = heads * dim;
+    const float scale = 1.0f / sqrtf((float)dim);
+    _Pragma("omp parallel for collapse(2) schedule(static) num_threads(threads) if(threads > 1)")
+    for (int b = 0; b < rows; b++)
+        for (int h = 0; h < heads; h++) {
+            const float *q = qkv + (size_t)b * 3 * C + (size_t)h * dim;
+            const size_t head = ((size_t)b * heads + h) * positions * dim;
+            float *keys = k_cache + head, *values = v_cache + head;
+            for (int d = 0; d < dim; d++) {
+                keys[(size_t)position * dim + d] = q[C + d];
+                values[(size_t)position * dim + d] = q[2 * C + d];
+            }
+            float acc[MAX_DIM] = {0}, score[KEYS], top = -INFINITY, total = 0.f;
+            for (int start = 0; start <= position; start += KEYS) {
+                const int n = position + 1 - start < KEYS ? position + 1 - start : KEYS;
+                float chunk_top = -INFINITY;
+                for (int j = 0; j < n; j++) {
+                    const float *key = keys + (size_t)(start + j) * dim;
+                    float s = 0.f;
+                    _Pragma("omp simd reduction(+:s)") /* lanes of partial sums */
+                    for (int d = 0; d < dim; d++) s += q[d] * key[d];
+                    score[j] = s * scale;
+                    chunk_top = score[j] > chunk_top ? score[j] : chunk_top;
+                }
+                if (chunk_top > top) { /* rescale what was summed against the new maximum */
+                    const float factor = expf(top - chunk_top);
+                    total *= factor;
+                    for (int d = 0; d < dim; d++) acc[d] *= factor;
+                    top = chunk_top;
+                }
+                for (int j = 0; j < n; j++) {
+                    const float p = expf(score[j] - top);
+                    const float *value = values + (size_t)(start + j) * dim;
+                    total += p;
+                    for (int d = 0; d < dim; d++) acc[d] += p * value[d];
+                }
+            }
+            float *out = y + (size_t)b * C + (size_t)h * dim;
+            for (int d = 0; d < dim; d++) out[d] = acc[d] / total;
+        }
+}

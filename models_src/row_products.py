@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("row_products.c")
 # OpenMP where the compiler has it (gcc, clang with libomp), else the same code on one thread
-_FLAG_SETS = (["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp"],
-              ["-O3", "-march=native", "-shared", "-fPIC"])
+_FLAG_SETS = (["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-lm"],
+              ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp-simd", "-lm"])
 
 _lock = threading.Lock()
 _loaded: list = []  # [library or None] once tried: one build attempt per process
@@ -114,6 +114,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         function.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
         function.restype = None
     lib.row_products_tile.restype = ctypes.c_int
+    lib.attend_one_token.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
+                                     + [ctypes.c_void_p, ctypes.c_int])
+    lib.attend_one_token.restype = None
     return lib
 
 
@@ -155,3 +158,25 @@ class RowProduct:
 
 def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([values.float(), values.new_zeros(length - values.numel(), dtype=torch.float32)])
+
+
+MAX_HEAD_DIM = 256  # row_products.c's MAX_DIM: a head's sums are kept on the stack
+
+
+def attend_one_token(lib: ctypes.CDLL, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     position: int) -> torch.Tensor:
+    """``KVCache.attend`` of a one-token step with every row at ``position``: the token's
+    key and value (in ``qkv`` (rows, 3C)) stored into a layer's ``keys`` and ``values``
+    storage (rows or more, heads, positions, head dim; contiguous float32), and its attention
+    over positions 0..position, (rows, C)."""
+    rows, heads, dim = qkv.size(0), keys.size(1), keys.size(3)
+    if (qkv.dtype != torch.float32 or qkv.size(1) != 3 * heads * dim or keys.size(0) < rows
+            or not 0 <= position < keys.size(2) or dim > MAX_HEAD_DIM
+            or keys.dtype != torch.float32 or keys.is_cuda
+            or not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape)):
+        raise ValueError("attend_one_token: qkv and the cache do not match")
+    qkv = qkv.contiguous()
+    y = torch.empty(rows, heads * dim)
+    lib.attend_one_token(rows, heads, dim, qkv.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                         keys.size(2), position, y.data_ptr(), torch.get_num_threads())
+    return y

@@ -128,3 +128,41 @@ def test_decode_products_use_the_kernels_when_built_and_torch_otherwise(monkeypa
         assert not isinstance(fallback, RowProduct)
         torch.testing.assert_close(product(x), linear(x))
         torch.testing.assert_close(fallback(x), linear(x))
+
+
+@needs_compiler
+@pytest.mark.parametrize("position", [0, 1, 63, 64, 200])
+def test_one_token_attention_stores_and_attends_as_the_cache_does(lib, position):
+    """Against ``KVCache.attend`` (SDPA) on a copy of the same cache: keys past one chunk of
+    64, scores large enough that a softmax without its maximum would overflow, spare rows."""
+    from models_src.layers import KVCache
+    generator = torch.Generator().manual_seed(position)
+    rows, heads, dim = 3, 4, 16
+
+    def cache():
+        made = KVCache(2, rows, heads, 256, dim, device="cpu", dtype=torch.float32)
+        made.begin(position, None)  # fills positions 0..position-1 of both layers
+        for layer in range(2):
+            made.update(layer, *(30 * torch.randn(rows, heads, position, dim, generator=generator.manual_seed(layer))
+                                 for _ in range(2)))
+        made.end()
+        return made
+    ours, theirs = cache(), cache()
+    qkv = 3 * torch.randn(rows, 3 * heads * dim, generator=generator)
+    ours.begin(1, None)
+    theirs.begin(1, None)
+    got = row_products.attend_one_token(lib, qkv, *ours.one_token_storage(1))
+    want = theirs.attend(1, qkv, heads)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(ours.k, theirs.k)
+    torch.testing.assert_close(ours.v, theirs.v)
+
+
+@needs_compiler
+def test_one_token_attention_refuses_a_cache_that_does_not_match(lib):
+    keys = torch.zeros(2, 4, 8, 16)
+    for qkv, k, position in [(torch.zeros(2, 3 * 4 * 15), keys, 0), (torch.zeros(3, 192), keys, 0),
+                             (torch.zeros(2, 192), keys, 8), (torch.zeros(2, 192), keys.double(), 0)]:
+        with pytest.raises(ValueError, match="do not match"):
+            row_products.attend_one_token(lib, qkv, k, k.clone(), position)
