@@ -1,13 +1,16 @@
 """The one-row products of a batch-1 decoding step, kernel by kernel: what each of
 torch's CPU matrix kernels takes for the 17 products of one token of the TinyStories GPT
 (4 blocks of 256 -> 768, 256 -> 256, 256 -> 1024, 1024 -> 256, then the 256 -> 8,192 head).
+Fable's own kernels (``models_src/row_products.c``: what decoding runs where this machine's
+C compiler builds them) and torch's.
 
     python benchmarks/decode_products.py [--threads 1 2] [--repeats 300]
 
 Random weights of those shapes, one input row; each kernel's time for all 17 products,
-best of three runs of ``--repeats``. The kernels: float32 ``addmm`` from (in, out) copies
-(what ``decode_precision: float32`` runs) and ``F.linear``; fbgemm's int8 with per-row
-weights (``decode_precision: int8``) and per-tensor; fbgemm's fp16 weights; bfloat16
+best of three runs of ``--repeats``. The kernels: Fable's float32 and int8 (weights
+rounded per output row, rows in float32); float32 ``addmm`` from (in, out) copies
+(what ``decode_precision: float32`` runs without a compiler) and ``F.linear``; fbgemm's int8
+with per-row weights (``decode_precision: int8`` without one) and per-tensor; fbgemm's fp16 weights; bfloat16
 ``addmm``; MKL's packed ``_mkl_linear``; ``torch._weight_int8pack_mm``; and
 ``torch._int_mm`` on int8 inputs (the product alone, no quantizing).
 """
@@ -21,6 +24,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from _common import environment
+
+from models_src.row_products import RowProduct, library  # noqa: E402
 
 SHAPES = [(256, 768), (256, 256), (256, 1024), (1024, 256)] * 4 + [(256, 8192)]
 
@@ -72,7 +77,9 @@ def int_mm(w, b):
     return lambda x: torch._int_mm(x.to(torch.int8), q)
 
 
-KERNELS = {"float32 addmm, (in, out) weights": f32_addmm, "float32 F.linear": f32_linear,
+KERNELS = {"Fable's float32 kernel": lambda w, b: RowProduct(library(), w, b),
+           "Fable's int8 kernel": lambda w, b: RowProduct(library(), w, b, int8=True),
+           "float32 addmm, (in, out) weights": f32_addmm, "float32 F.linear": f32_linear,
            "fbgemm int8, per-row weights": fbgemm_int8,
            "fbgemm int8, per-tensor weights": lambda w, b: fbgemm_int8(w, b, per_row=False),
            "fbgemm fp16 weights": fbgemm_fp16, "bfloat16 addmm": bf16_addmm,
@@ -105,6 +112,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=300)
     args = parser.parse_args()
+    if library() is None:
+        raise SystemExit("Fable's kernels could not be built here (see the warning above): no C compiler?")
     print(f"# 17 one-row products of a TinyStories GPT token, ms per token -- {environment()}")
     with torch.inference_mode():
         for threads in args.threads:

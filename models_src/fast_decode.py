@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ACTIVATIONS
 from .layers import KVCache
-from .row_products import MAX_HEAD_DIM, RowProduct, attend_one_token, library
+from .row_products import MAX_HEAD_DIM, BlockStep, RowProduct, library
 
 
 def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]],
@@ -68,14 +68,18 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
     ln_1, ln_2 = modules["ln_1"], modules["ln_2"]
     c_attn, proj = attn._modules["c_attn"]._parameters, attn._modules["c_proj"]._parameters
     fc, mlp_proj = mlp._modules["c_fc"]._parameters, mlp._modules["c_proj"]._parameters
-    qkv_of, proj_of, fc_of, mlp_of = decode_products(
+    products = decode_products(
         block, [(c_attn["weight"], c_attn["bias"]), (proj["weight"], proj["bias"]),
                 (fc["weight"], fc["bias"]), (mlp_proj["weight"], mlp_proj["bias"])], precision)
+    if len(caches) == 1 and (storage := caches[0].one_token_storage(layer)) is not None:
+        if step := _block_step(block, products, approximate):
+            return step(x, *storage)
+    qkv_of, proj_of, fc_of, mlp_of = products
     C = x.size(1)
     h = torch.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
     qkv = qkv_of(h)
     if len(caches) == 1:
-        y = _attend(caches[0], layer, qkv, attn.n_head)
+        y = caches[0].attend(layer, qkv, attn.n_head)
     else:
         parts = qkv.split([c.step_rows for c in caches])
         y = torch.cat([c.attend(layer, part, attn.n_head) for c, part in zip(caches, parts)])
@@ -85,15 +89,25 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
     return x + mlp_of(h)
 
 
-def _attend(cache: KVCache, layer: int, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
-    """``cache.attend``; a one-token step on a CPU in float32 by Fable's kernel, which stores
-    the token's key and value and attends in one call (SDPA's set-up, and the views around
-    it, cost more than a one-token attention's arithmetic)."""
-    storage = cache.one_token_storage(layer)
-    if (storage is not None and qkv.dtype == torch.float32 and qkv.device.type == "cpu"
-            and storage[0].size(3) <= MAX_HEAD_DIM and (lib := library())):
-        return attend_one_token(lib, qkv, *storage)
-    return cache.attend(layer, qkv, n_head)
+def _block_step(block, products: list, approximate: str) -> BlockStep | None:
+    """The block's one-token step in one call of Fable's kernel, where its products are the
+    kernel's (float32 or int8 weights on a CPU, the library built); kept on the block and
+    made again when a product or a layer norm's parameter changes."""
+    if not all(isinstance(p, RowProduct) for p in products):
+        return None
+    modules = block._modules
+    norms = (modules["ln_1"], modules["ln_2"])
+    tensors = [t for ln in norms for t in (ln.weight, ln.bias) if t is not None]
+    heads = modules["attn"].n_head
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+            or products[1].linear.out // heads > MAX_HEAD_DIM):
+        return None
+    key = (id(products), [(t.data_ptr(), t._version) for t in tensors], approximate)
+    cached = block.__dict__.get("_decode_block_step")
+    if cached is None or cached[0] != key:
+        cached = (key, BlockStep(products[0].lib, products, *norms, heads, approximate))
+        block.__dict__["_decode_block_step"] = cached
+    return cached[1]
 
 
 Product = Callable[[torch.Tensor], torch.Tensor]

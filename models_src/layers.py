@@ -69,7 +69,7 @@ class KVCache:
 
     def begin(self, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
         """Prepare a step of T tokens; return their positions (B, T)."""
-        self._T, self._step_lengths = T, lengths
+        self._T, self._step_lengths, self._step_positions = T, lengths, None
         # Every row at the same length and every token real: one slice for all rows.
         self._uniform_step = self.uniform is not None and lengths is None
         if self._uniform_step:
@@ -81,22 +81,25 @@ class KVCache:
         if self._end > self.max_len:
             raise ValueError(f"sequence of {self._end} tokens exceeds the context of {self.max_len}")
         self._make_room(self.capacity, self._end)
-        # Every layer's views for this step at once (one op each, not one per layer): a
-        # one-token step is mostly per-op overhead.
-        self._k_seen = _layers(self.k[..., :self._end, :])
-        self._v_seen = _layers(self.v[..., :self._end, :])
+        self._views = None  # made by the first update: a step attended by row_products needs none
         if self._uniform_step:
-            self._mask = None if T == 1 or start == 0 else self._offset_mask(
-                torch.full_like(self.lengths, start), T)
-            self._causal = start == 0 and T > 1
-            self._k_now = _layers(self.k[..., start:self._end, :])
-            self._v_now = _layers(self.v[..., start:self._end, :])
+            self._start = start
             return torch.arange(start, self._end, device=self.lengths.device).expand(len(self.lengths), T)
         self._index = positions[:, None, :, None]
-        self._k_now, self._v_now = _layers(self.k), _layers(self.v)
-        self._mask = self._offset_mask(self.lengths, T)
-        self._causal = False
         return positions
+
+    def _layer_views(self):
+        """Every layer's views for this step at once (one op each, not one per layer: a
+        one-token step is mostly per-op overhead): keys and values seen, those written,
+        the mask and whether the step is causal."""
+        T, end = self._T, self._end
+        seen = _layers(self.k[..., :end, :]), _layers(self.v[..., :end, :])
+        if self._uniform_step:
+            start = self._start
+            mask = None if T == 1 or start == 0 else self._offset_mask(torch.full_like(self.lengths, start), T)
+            now = _layers(self.k[..., start:end, :]), _layers(self.v[..., start:end, :])
+            return seen, now, mask, start == 0 and T > 1
+        return seen, (_layers(self.k), _layers(self.v)), self._offset_mask(self.lengths, T), False
 
     def _offset_mask(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
         """(B, 1, T, L) additive mask: query i of row b may see key j iff j <= offsets[b] + i.
@@ -123,25 +126,30 @@ class KVCache:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return y.transpose(1, 2).reshape(N, C3 // 3)
 
-    def one_token_storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """In a one-token step with every row at the same length (most decoding steps): the
+    def one_token_storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """In a one-token step where every row's token is real (most decoding steps): the
         layer's key and value storage (rows, heads, positions, head dim), which may hold
-        spare rows, and the position the token takes; else None. For an attention that
-        stores and attends in one call (``row_products.attend_one_token``)."""
-        if not self._uniform_step or self._T != 1:
+        spare rows, and the position each row's token takes (int32); else None. For an
+        attention that stores and attends in one call (``row_products``)."""
+        if self._T != 1 or self._step_lengths is not None:
             return None
-        return self._k_rows[layer], self._v_rows[layer], self.uniform
+        if self._step_positions is None:  # once a step, for every layer
+            self._step_positions = self.lengths.to(torch.int32)
+        return self._k_rows[layer], self._v_rows[layer], self._step_positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""
+        if self._views is None:
+            self._views = self._layer_views()
+        (k_seen, v_seen), (k_now, v_now), mask, causal = self._views
         if self._uniform_step:
-            self._k_now[layer].copy_(k)
-            self._v_now[layer].copy_(v)
+            k_now[layer].copy_(k)
+            v_now[layer].copy_(v)
         else:
             index = self._index.expand_as(k)
-            self._k_now[layer].scatter_(2, index, k)
-            self._v_now[layer].scatter_(2, index, v)
-        return self._k_seen[layer], self._v_seen[layer], self._mask, self._causal
+            k_now[layer].scatter_(2, index, k)
+            v_now[layer].scatter_(2, index, v)
+        return k_seen[layer], v_seen[layer], mask, causal
 
     def end(self) -> None:
         if self._uniform_step:

@@ -108,15 +108,34 @@ def _build(compiler: str, flags: list[str], path: Path) -> str | None:
     return None
 
 
+class Linear(ctypes.Structure):
+    """row_products.c's Linear: a packed weight and what finishes its sums."""
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("inputs", ctypes.c_int), ("out", ctypes.c_int), ("int8", ctypes.c_int)]
+
+
+class Block(ctypes.Structure):
+    """row_products.c's Block: a GPT block's parameters for ``block_one_token``."""
+    _fields_ = [("ln1_weight", ctypes.c_void_p), ("ln1_bias", ctypes.c_void_p),
+                ("ln2_weight", ctypes.c_void_p), ("ln2_bias", ctypes.c_void_p),
+                ("ln1_eps", ctypes.c_float), ("ln2_eps", ctypes.c_float),
+                ("qkv", Linear), ("proj", Linear), ("fc", Linear), ("mlp", Linear),
+                ("heads", ctypes.c_int), ("gelu", ctypes.c_int)]
+
+
+GELU = {"none": 2, "tanh": 3}  # row_products.c's GELU_ERF and GELU_TANH, by F.gelu's approximate
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    for name in ("row_products_f32", "row_products_i8"):
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    signatures = {
+        "row_products_tile": ([], integer),
+        "row_product": ([ctypes.POINTER(Linear), integer, pointer, pointer, integer], None),
+        "block_one_token": ([ctypes.POINTER(Block), integer] + [pointer] * 5 + [integer, pointer, integer], None),
+    }
+    for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
-        function.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
-        function.restype = None
-    lib.row_products_tile.restype = ctypes.c_int
-    lib.attend_one_token.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
-                                     + [ctypes.c_void_p, ctypes.c_int])
-    lib.attend_one_token.restype = None
+        function.argtypes, function.restype = arguments, result
     return lib
 
 
@@ -127,32 +146,31 @@ class RowProduct:
 
     def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None,
                  int8: bool = False):
+        self.lib = lib
         weight = weight.detach().float()
-        self.out, self.inputs = weight.shape
+        out, inputs = weight.shape
         tile = lib.row_products_tile()
-        padded = -(-self.out // tile) * tile
+        padded = -(-out // tile) * tile
         self.scale = None
         if int8:
             scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
             weight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             self.scale = _padded(scale, padded)
-        self.function = lib.row_products_i8 if int8 else lib.row_products_f32
         # [out / tile][in][tile]: each tile of output columns one contiguous stream
-        columns = torch.zeros(self.inputs, padded, dtype=weight.dtype)
-        columns[:, :self.out] = weight.t()
-        self.packed = columns.view(self.inputs, padded // tile, tile).transpose(0, 1).contiguous()
+        columns = torch.zeros(inputs, padded, dtype=weight.dtype)
+        columns[:, :out] = weight.t()
+        self.packed = columns.view(inputs, padded // tile, tile).transpose(0, 1).contiguous()
         self.bias = None if bias is None else _padded(bias.detach().float(), padded)
-        self.pointers = [t.data_ptr() if t is not None else None
-                         for t in (self.packed, self.bias, self.scale)]
+        self.linear = Linear(self.packed.data_ptr(), _pointer(self.bias), _pointer(self.scale),
+                             inputs, out, int(int8))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.size(1) != self.inputs or x.dtype != torch.float32 or x.is_cuda:
-            raise ValueError(f"rows of {self.inputs} float32 on the CPU expected, not {tuple(x.shape)} {x.dtype}")
+        if x.dim() != 2 or x.size(1) != self.linear.inputs or x.dtype != torch.float32 or x.is_cuda:
+            raise ValueError(f"rows of {self.linear.inputs} float32 on the CPU expected, "
+                             f"not {tuple(x.shape)} {x.dtype}")
         x = x.contiguous()
-        y = torch.empty(x.size(0), self.out)
-        weight, bias, scale = self.pointers
-        self.function(x.size(0), x.data_ptr(), weight, bias, scale, y.data_ptr(),
-                      self.inputs, self.out, torch.get_num_threads())
+        y = torch.empty(x.size(0), self.linear.out)
+        self.lib.row_product(self.linear, x.size(0), x.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
 
@@ -160,23 +178,47 @@ def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([values.float(), values.new_zeros(length - values.numel(), dtype=torch.float32)])
 
 
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
 MAX_HEAD_DIM = 256  # row_products.c's MAX_DIM: a head's sums are kept on the stack
 
 
-def attend_one_token(lib: ctypes.CDLL, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     position: int) -> torch.Tensor:
-    """``KVCache.attend`` of a one-token step with every row at ``position``: the token's
-    key and value (in ``qkv`` (rows, 3C)) stored into a layer's ``keys`` and ``values``
-    storage (rows or more, heads, positions, head dim; contiguous float32), and its attention
-    over positions 0..position, (rows, C)."""
-    rows, heads, dim = qkv.size(0), keys.size(1), keys.size(3)
-    if (qkv.dtype != torch.float32 or qkv.size(1) != 3 * heads * dim or keys.size(0) < rows
-            or not 0 <= position < keys.size(2) or dim > MAX_HEAD_DIM
+def _check_cache(rows: int, width: int, keys: torch.Tensor, values: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+    """Shapes and types only (per layer, so no look at the values): the positions are a
+    KVCache's, each below its storage's (``KVCache.begin`` makes the room)."""
+    heads, dim = keys.size(1), keys.size(3)
+    if (width != heads * dim or keys.size(0) < rows or dim > MAX_HEAD_DIM
             or keys.dtype != torch.float32 or keys.is_cuda
-            or not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape)):
-        raise ValueError("attend_one_token: qkv and the cache do not match")
-    qkv = qkv.contiguous()
-    y = torch.empty(rows, heads * dim)
-    lib.attend_one_token(rows, heads, dim, qkv.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                         keys.size(2), position, y.data_ptr(), torch.get_num_threads())
-    return y
+            or not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape)
+            or positions.dtype != torch.int32 or positions.shape != (rows,) or not positions.is_contiguous()):
+        raise ValueError("a block's one-token step: the rows and the cache do not match")
+
+
+class BlockStep:
+    """A pre-LayerNorm GPT block's one-token step in one call (``block_one_token``): the
+    same operations as ``Block.forward`` in eval mode, from the block's four products (made
+    by ``RowProduct``) and its layer norms."""
+
+    def __init__(self, lib: ctypes.CDLL, products: list[RowProduct], ln_1: torch.nn.LayerNorm,
+                 ln_2: torch.nn.LayerNorm, heads: int, approximate: str):
+        self.lib, self.products, self.norms = lib, products, (ln_1, ln_2)
+        qkv, proj, fc, mlp = (p.linear for p in products)
+        params = [_pointer(t) for ln in (ln_1, ln_2) for t in (ln.weight, ln.bias)]
+        self.block = Block(*params, ln_1.eps, ln_2.eps, qkv, proj, fc, mlp, heads, GELU[approximate])
+        self.width, self.scratch = proj.out, 5 * proj.out + fc.out
+
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        rows = x.size(0)
+        if x.dim() != 2 or x.size(1) != self.width or x.dtype != torch.float32:
+            raise ValueError(f"rows of {self.width} float32 expected, not {tuple(x.shape)} {x.dtype}")
+        _check_cache(rows, self.width, keys, values, positions)
+        x = x.contiguous()
+        out, scratch = torch.empty(rows, self.width), torch.empty(rows * self.scratch)
+        self.lib.block_one_token(self.block, rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+                                 keys.data_ptr(), values.data_ptr(), keys.size(2),
+                                 positions.data_ptr(), torch.get_num_threads())
+        return out

@@ -130,29 +130,50 @@ def test_decode_products_use_the_kernels_when_built_and_torch_otherwise(monkeypa
         torch.testing.assert_close(fallback(x), linear(x))
 
 
-@needs_compiler
-@pytest.mark.parametrize("position", [0, 1, 63, 64, 200])
-def test_one_token_attention_stores_and_attends_as_the_cache_does(lib, position):
-    """Against ``KVCache.attend`` (SDPA) on a copy of the same cache: keys past one chunk of
-    64, scores large enough that a softmax without its maximum would overflow, spare rows."""
-    from models_src.layers import KVCache
-    generator = torch.Generator().manual_seed(position)
-    rows, heads, dim = 3, 4, 16
+def block_and_cache(bias: bool, activation: str, lengths: list[int], seed: int = 0):
+    """A GPT block and a cache whose rows hold ``lengths`` positions of the block's own keys
+    and values (written by the module path, Block.forward, from large inputs: scores that a
+    softmax without its maximum would overflow)."""
+    from models_src import ModelConfig, build_model
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(arch="gpt", vocab_size=50, n_layer=1, n_embd=64, n_head=4,
+                                    block_size=256, bias=bias, activation=activation)).eval()
+    block = model.blocks[0]
+    cache = model.init_state(len(lengths))
+    longest = max(lengths)
+    with torch.no_grad():
+        if not longest:
+            return model, block, cache
+        cache.begin(longest, torch.tensor(lengths))
+        block(30 * torch.randn(len(lengths), longest, 64), cache=cache, layer=0)
+        cache.end()
+    return model, block, cache
 
-    def cache():
-        made = KVCache(2, rows, heads, 256, dim, device="cpu", dtype=torch.float32)
-        made.begin(position, None)  # fills positions 0..position-1 of both layers
-        for layer in range(2):
-            made.update(layer, *(30 * torch.randn(rows, heads, position, dim, generator=generator.manual_seed(layer))
-                                 for _ in range(2)))
-        made.end()
-        return made
-    ours, theirs = cache(), cache()
-    qkv = 3 * torch.randn(rows, 3 * heads * dim, generator=generator)
-    ours.begin(1, None)
-    theirs.begin(1, None)
-    got = row_products.attend_one_token(lib, qkv, *ours.one_token_storage(1))
-    want = theirs.attend(1, qkv, heads)
+
+@needs_compiler
+@pytest.mark.parametrize("lengths", [[0], [1], [63], [64], [200], [5, 200, 64]])
+@pytest.mark.parametrize("bias, activation", [(True, "gelu"), (False, "gelu"), (True, "gelu_tanh")])
+def test_a_blocks_one_token_step_is_the_module_paths(lib, lengths, bias, activation):
+    """BlockStep against Block.forward on copies of the same cache: keys past one chunk of
+    64, rows at different positions, with and without biases, both GELUs; the token's key
+    and value are stored alike."""
+    import copy
+
+    from models_src.config import ACTIVATIONS
+    model, block, ours = block_and_cache(bias, activation, lengths)
+    theirs = copy.deepcopy(ours)
+    x = 3 * torch.randn(len(lengths), 64)
+    with torch.no_grad():
+        products = fast_decode.decode_products(block, [
+            (block.attn.c_attn.weight, block.attn.c_attn.bias), (block.attn.c_proj.weight, block.attn.c_proj.bias),
+            (block.mlp.c_fc.weight, block.mlp.c_fc.bias), (block.mlp.c_proj.weight, block.mlp.c_proj.bias)])
+        step = row_products.BlockStep(lib, products, block.ln_1, block.ln_2, 4, ACTIVATIONS[activation])
+        ours.begin(1, None)
+        got = step(x, *ours.one_token_storage(0))
+        ours.end()
+        theirs.begin(1, None)
+        want = block(x[:, None], cache=theirs, layer=0)[:, 0]
+        theirs.end()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(ours.k, theirs.k)
@@ -160,9 +181,18 @@ def test_one_token_attention_stores_and_attends_as_the_cache_does(lib, position)
 
 
 @needs_compiler
-def test_one_token_attention_refuses_a_cache_that_does_not_match(lib):
-    keys = torch.zeros(2, 4, 8, 16)
-    for qkv, k, position in [(torch.zeros(2, 3 * 4 * 15), keys, 0), (torch.zeros(3, 192), keys, 0),
-                             (torch.zeros(2, 192), keys, 8), (torch.zeros(2, 192), keys.double(), 0)]:
-        with pytest.raises(ValueError, match="do not match"):
-            row_products.attend_one_token(lib, qkv, k, k.clone(), position)
+def test_a_blocks_step_refuses_rows_or_a_cache_that_do_not_match(lib):
+    from models_src.config import ACTIVATIONS
+    _, block, cache = block_and_cache(True, "gelu", [3, 3])
+    with torch.no_grad():
+        products = fast_decode.decode_products(block, [
+            (block.attn.c_attn.weight, block.attn.c_attn.bias), (block.attn.c_proj.weight, block.attn.c_proj.bias),
+            (block.mlp.c_fc.weight, block.mlp.c_fc.bias), (block.mlp.c_proj.weight, block.mlp.c_proj.bias)])
+    step = row_products.BlockStep(lib, products, block.ln_1, block.ln_2, 4, ACTIVATIONS["gelu"])
+    cache.begin(1, None)
+    keys, values, positions = cache.one_token_storage(0)
+    for x, k, p in [(torch.zeros(2, 63), keys, positions), (torch.zeros(3, 64), keys, positions),
+                    (torch.zeros(2, 64), keys, positions.long()), (torch.zeros(2, 64), keys.double(), positions),
+                    (torch.zeros(2, 64), keys[:, :2], positions)]:
+        with pytest.raises(ValueError, match="expected|do not match"):
+            step(x, k, values if k is keys else k.clone(), p)
