@@ -8,11 +8,12 @@ C compiler builds them) and torch's.
 
 Random weights of those shapes, one input row; each kernel's time for all 17 products,
 best of three runs of ``--repeats``. The kernels: Fable's float32 and int8 (weights
-rounded per output row, rows in float32); float32 ``addmm`` from (in, out) copies
-(what ``decode_precision: float32`` runs without a compiler) and ``F.linear``; fbgemm's int8
-with per-row weights (``decode_precision: int8`` without one) and per-tensor; fbgemm's fp16 weights; bfloat16
-``addmm``; MKL's packed ``_mkl_linear``; ``torch._weight_int8pack_mm``; and
-``torch._int_mm`` on int8 inputs (the product alone, no quantizing).
+rounded per output row, rows in float32); float32 ``addmm`` from (in, out) copies (what
+``decode_precision: float32`` runs without a C compiler) and ``F.linear``; fbgemm's int8
+with per-row weights (``decode_precision: int8`` without one) and per-tensor; fbgemm's
+fp16 weights; bfloat16 ``addmm``; MKL's packed ``_mkl_linear``;
+``torch._weight_int8pack_mm``; and ``torch._int_mm`` on int8 inputs (the product alone,
+no quantizing).
 """
 
 from __future__ import annotations

@@ -9,10 +9,13 @@ parameter dicts directly and laid out (in, out) for one-row products. Module hoo
 not fire. ``tests/models/test_models.py`` holds it to the module path. The figures are in
 benchmarks/README.md.
 
-``model.decode_precision`` (a checkpoint's ``decode_precision``) picks the products' kernel:
+On a CPU, where this machine's C compiler builds them, Fable's own kernels
+(``row_products``) run the products, and a one-token step (every row's token real: most
+decoding steps) runs each block in one call of them; elsewhere torch's operators do.
+
+``model.decode_precision`` (a checkpoint's ``decode_precision``) picks the products' weights:
 "float32" (the default, the module path's numbers to ~1e-6) or "int8": each weight matrix
-quantized per output row, a quarter of the bytes read per token. On a CPU both run Fable's
-own kernels (``row_products``) where this machine's C compiler can build them.
+quantized per output row, a quarter of the bytes read per token.
 """
 
 from __future__ import annotations
@@ -91,23 +94,23 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
 
 def _block_step(block, products: list, approximate: str) -> BlockStep | None:
     """The block's one-token step in one call of Fable's kernel, where its products are the
-    kernel's (float32 or int8 weights on a CPU, the library built); kept on the block and
-    made again when a product or a layer norm's parameter changes."""
-    if not all(isinstance(p, RowProduct) for p in products):
-        return None
+    kernel's (float32 or int8 weights on a CPU, the library built); kept on the block (None
+    too) and made again when a product or a layer norm's parameter changes. Checked every
+    step, so kept cheap: the products by identity, the norms' four tensors by address."""
     modules = block._modules
     norms = (modules["ln_1"], modules["ln_2"])
-    tensors = [t for ln in norms for t in (ln.weight, ln.bias) if t is not None]
-    heads = modules["attn"].n_head
-    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
-            or products[1].linear.out // heads > MAX_HEAD_DIM):
-        return None
-    key = (id(products), [(t.data_ptr(), t._version) for t in tensors], approximate)
+    tensors = [t for ln in norms for t in ln._parameters.values() if t is not None]
+    key = [(t.data_ptr(), t._version, t.dtype) for t in tensors]
     cached = block.__dict__.get("_decode_block_step")
-    if cached is None or cached[0] != key:
-        cached = (key, BlockStep(products[0].lib, products, *norms, heads, approximate))
-        block.__dict__["_decode_block_step"] = cached
-    return cached[1]
+    if cached is not None and cached[0] is products and cached[1] == key and cached[2] == approximate:
+        return cached[3]
+    heads = modules["attn"].n_head
+    fits = (all(isinstance(p, RowProduct) for p in products)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and products[1].linear.out // heads <= MAX_HEAD_DIM)
+    step = BlockStep(products[0].lib, products, *norms, heads, approximate) if fits else None
+    block.__dict__["_decode_block_step"] = (products, key, approximate, step)
+    return step
 
 
 Product = Callable[[torch.Tensor], torch.Tensor]

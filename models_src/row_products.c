@@ -37,6 +37,33 @@ typedef struct {
     int in, out, int8;
 } Linear;
 
+/* expf and erff as the compiler can vectorize them (libm's are calls, one value at a time;
+   a one-token step takes thousands of each). exp: Cephes' expf, x = n ln2 + r, its
+   polynomial for e^r and 2^n put into the exponent bits; within 2 ulp for |x| < 87.
+   erf: Abramowitz and Stegun 7.1.26, absolute error under 1.5e-7. */
+static inline float exp_approx(float x) {
+    x = x < -87.f ? -87.f : (x > 87.f ? 87.f : x);
+    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; /* round to nearest */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
+static inline float erf_approx(float x) {
+    const float a = x < 0.f ? -x : x, t = 1.f / (1.f + 0.3275911f * a);
+    const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
+                     + t * (-1.453152027f + t * 1.061405429f))));
+    const float y = 1.f - poly * exp_approx(-a * a);
+    return x < 0.f ? -y : y;
+}
+
 /* What a product's result becomes: as is, plus a residual of the same shape, or GELU'd */
 enum { PLAIN = 0, RESIDUAL = 1, GELU_ERF = 2, GELU_TANH = 3 };
 
@@ -48,18 +75,21 @@ static void finish(int rows, float acc[ROWS][TILE], const float *bias, const flo
             if (mode == RESIDUAL)
                 v += residual[(size_t)r * ldy + k];
             else if (mode == GELU_ERF)
-                v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-            else if (mode == GELU_TANH)
-                v = 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+                v = 0.5f * v * (1.f + erf_approx(v * 0.70710678118654752f));
+            else if (mode == GELU_TANH) /* tanh(u) = 1 - 2 / (e^2u + 1) */
+                v = 0.5f * v * (2.f - 2.f / (exp_approx(1.5957691216057307f * (v + 0.044715f * v * v * v)) + 1.f));
             y[(size_t)r * ldy + k] = v;
         }
 }
 
-/* One tile, up to ROWS rows. The full-ROWS case is its own loop so that the compiler
-   unrolls the rows and keeps every sum in a register. */
+/* One tile, up to ROWS rows, finished into y. The sums are the function's own (not its
+   caller's) so that they live in registers, and the full-ROWS case is its own loop so that
+   the compiler unrolls the rows. */
 #define DEFINE_TILE(NAME, WEIGHT, WEIGHTS_OF_INPUT)                                       \
     static void NAME(int rows, const float *x, int ldx, const WEIGHT *w, int in,          \
-                     float acc[ROWS][TILE]) {                                             \
+                     const float *bias, const float *scale, float *y, int ldy, int width, \
+                     int mode, const float *residual) {                                   \
+        float acc[ROWS][TILE] = {{0}};                                                    \
         if (rows == ROWS) {                                                               \
             for (int i = 0; i < in; i++) {                                                \
                 WEIGHTS_OF_INPUT                                                          \
@@ -77,6 +107,7 @@ static void finish(int rows, float acc[ROWS][TILE], const float *bias, const flo
                 }                                                                         \
             }                                                                             \
         }                                                                                 \
+        finish(rows, acc, bias, scale, y, ldy, width, mode, residual);                    \
     }
 
 /* wi: input i's TILE weights as floats; int8 ones are converted once for all the rows */
@@ -95,14 +126,15 @@ static void product(const Linear *L, int m, const float *x, float *y, int mode,
             const int r0 = p * ROWS, rows = m - r0 < ROWS ? m - r0 : ROWS;
             const int width = L->out - t * TILE < TILE ? L->out - t * TILE : TILE;
             const size_t tile = (size_t)t * L->in * TILE, at = (size_t)r0 * L->out + t * TILE;
-            float acc[ROWS][TILE] = {{0}};
+            const float *bias = L->bias ? L->bias + t * TILE : NULL;
+            const float *scale = L->scale ? L->scale + t * TILE : NULL;
+            const float *res = residual ? residual + at : NULL;
             if (L->int8)
-                tile_i8(rows, x + (size_t)r0 * L->in, L->in, (const int8_t *)L->weight + tile, L->in, acc);
+                tile_i8(rows, x + (size_t)r0 * L->in, L->in, (const int8_t *)L->weight + tile,
+                        L->in, bias, scale, y + at, L->out, width, mode, res);
             else
-                tile_f32(rows, x + (size_t)r0 * L->in, L->in, (const float *)L->weight + tile, L->in, acc);
-            finish(rows, acc, L->bias ? L->bias + t * TILE : NULL,
-                   L->scale ? L->scale + t * TILE : NULL, y + at, L->out, width, mode,
-                   residual ? residual + at : NULL);
+                tile_f32(rows, x + (size_t)r0 * L->in, L->in, (const float *)L->weight + tile,
+                         L->in, bias, scale, y + at, L->out, width, mode, res);
         }
 }
 
@@ -163,16 +195,16 @@ static void attend(int rows, int heads, int dim, const float *qkv, float *k_cach
                     chunk_top = score[j] > chunk_top ? score[j] : chunk_top;
                 }
                 if (chunk_top > top) { /* rescale what was summed against the new maximum */
-                    const float factor = expf(top - chunk_top);
+                    const float factor = top == -INFINITY ? 0.f : exp_approx(top - chunk_top);
                     total *= factor;
                     for (int d = 0; d < dim; d++) acc[d] *= factor;
                     top = chunk_top;
                 }
+                for (int j = 0; j < n; j++) score[j] = exp_approx(score[j] - top);
                 for (int j = 0; j < n; j++) {
-                    const float p = expf(score[j] - top);
                     const float *value = values + (size_t)(start + j) * dim;
-                    total += p;
-                    for (int d = 0; d < dim; d++) acc[d] += p * value[d];
+                    total += score[j];
+                    for (int d = 0; d < dim; d++) acc[d] += score[j] * value[d];
                 }
             }
             float *out = y + (size_t)b * C + (size_t)h * dim;

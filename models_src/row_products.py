@@ -1,14 +1,17 @@
-"""Fable's own products for decoding on a CPU (``row_products.c``), built for the machine.
+"""Fable's own kernels for decoding on a CPU (``row_products.c``), built for the machine.
 
 A decoding step multiplies one row, or a few, by every weight matrix; MKL leaves such a
-product on one core and short of the caches' speed, so the step's products take ~3x what
-the C kernels here do (benchmarks/README.md, "Generation against llama.cpp"). The kernels are
-plain C: on first use they are compiled with this machine's C compiler (``$CC``, else
-``cc``) for its CPU (``-march=native``), OpenMP when the compiler has it, into
-``$XDG_CACHE_HOME/fable/kernels`` (default ``~/.cache``), named by the source, the
-flags and the CPU, so that a library is built once per machine and never loaded on a CPU
-it was not built for. Where no library can be built (no compiler), ``library()`` is None
-and the decode path keeps torch's products: the same numbers to ~1e-6, slower.
+product on one core and short of the caches' speed (the step's products took ~2-3x what the
+C kernels here do), and around the products a block's ~25 small torch calls cost more than
+their arithmetic. So ``RowProduct`` runs one product (packed weights, float32 or int8), and
+``BlockStep`` a GPT block's whole one-token step in one call (benchmarks/README.md,
+"Generation against llama.cpp"). The kernels are plain C: on first use they are compiled
+with this machine's C compiler (``$CC``, else ``cc``) for its CPU (``-march=native``),
+OpenMP when the compiler has it, into ``$XDG_CACHE_HOME/fable/kernels`` (default
+``~/.cache``), named by the source, the flags and the CPU, so that a library is built once
+per machine and never loaded on a CPU it was not built for. Where no library can be built
+(no compiler), ``library()`` is None and the decode path keeps torch's operators: the same
+numbers to ~1e-5, slower.
 
 The threads are torch's (``torch.get_num_threads()``, OpenMP's pool that torch already
 loaded, shared by soname), so a server's thread setting holds for these products too.
