@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import ACTIVATIONS
 from .layers import KVCache
-from .row_products import MAX_HEAD_DIM, BlockStep, RowProduct, library
+from .row_products import MAX_HEAD_DIM, GPTStep, RowProduct, library
 
 
 def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]],
@@ -47,6 +47,11 @@ def decode(model, groups: list[tuple[KVCache, torch.Tensor, torch.Tensor | None]
         positions = torch.cat([p.reshape(-1) for p in positions])
     x = (torch.embedding(modules["wte"]._parameters["weight"], ids)
          + torch.embedding(modules["wpe"]._parameters["weight"], positions))
+    if len(groups) == 1 and rows is None and (storage := caches[0].one_token_storage()) is not None:
+        if step := _one_token_step(model):
+            logits = step(x, *storage)
+            caches[0].end()
+            return logits
     approximate = ACTIVATIONS[model.config.activation]  # the GELU the module path uses
     for i, block in enumerate(modules["blocks"]._modules.values()):
         x = _block(block, x, caches, i, approximate, model.decode_precision)
@@ -67,17 +72,9 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
            precision: str) -> torch.Tensor:
     """``Block.forward(x, cache=cache, layer=layer)`` in eval mode on (N, C) rows."""
     modules = block._modules
-    attn, mlp = modules["attn"], modules["mlp"]
+    attn = modules["attn"]
     ln_1, ln_2 = modules["ln_1"], modules["ln_2"]
-    c_attn, proj = attn._modules["c_attn"]._parameters, attn._modules["c_proj"]._parameters
-    fc, mlp_proj = mlp._modules["c_fc"]._parameters, mlp._modules["c_proj"]._parameters
-    products = decode_products(
-        block, [(c_attn["weight"], c_attn["bias"]), (proj["weight"], proj["bias"]),
-                (fc["weight"], fc["bias"]), (mlp_proj["weight"], mlp_proj["bias"])], precision)
-    if len(caches) == 1 and (storage := caches[0].one_token_storage(layer)) is not None:
-        if step := _block_step(block, products, approximate):
-            return step(x, *storage)
-    qkv_of, proj_of, fc_of, mlp_of = products
+    qkv_of, proj_of, fc_of, mlp_of = _block_products(block, precision)
     C = x.size(1)
     h = torch.layer_norm(x, (C,), ln_1._parameters["weight"], ln_1._parameters["bias"], ln_1.eps)
     qkv = qkv_of(h)
@@ -92,25 +89,46 @@ def _block(block, x, caches: list[KVCache], layer: int, approximate: str,
     return x + mlp_of(h)
 
 
-def _block_step(block, products: list, approximate: str) -> BlockStep | None:
-    """The block's one-token step in one call of Fable's kernel, where its products are the
-    kernel's (float32 or int8 weights on a CPU, the library built); kept on the block (None
-    too) and made again when a product or a layer norm's parameter changes. Checked every
-    step, so kept cheap: the products by identity, the norms' four tensors by address."""
-    modules = block._modules
-    norms = (modules["ln_1"], modules["ln_2"])
-    tensors = [t for ln in norms for t in ln._parameters.values() if t is not None]
-    key = [(t.data_ptr(), t._version, t.dtype) for t in tensors]
-    cached = block.__dict__.get("_decode_block_step")
-    if cached is not None and cached[0] is products and cached[1] == key and cached[2] == approximate:
-        return cached[3]
-    heads = modules["attn"].n_head
-    fits = (all(isinstance(p, RowProduct) for p in products)
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and products[1].linear.out // heads <= MAX_HEAD_DIM)
-    step = BlockStep(products[0].lib, products, *norms, heads, approximate) if fits else None
-    block.__dict__["_decode_block_step"] = (products, key, approximate, step)
+def _block_products(block, precision: str) -> list[Product]:
+    """The block's four products: attention's qkv and projection, the MLP's two."""
+    attn, mlp = block._modules["attn"]._modules, block._modules["mlp"]._modules
+    return decode_products(block, [(m._parameters["weight"], m._parameters["bias"]) for m in (
+        attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])], precision)
+
+
+def _one_token_step(model) -> GPTStep | None:
+    """The model's one-token step in one call of Fable's kernel, where its products are the
+    kernel's (float32 or int8 weights on a CPU, the library built); kept on the model (None
+    too) and made again when a tensor it reads changes (a training step, a load, a move, a
+    new parameter) or the precision does. Checked every step, so kept cheap."""
+    modules = model._modules
+    blocks = list(modules["blocks"]._modules.values())
+    tensors = []
+    for block in blocks:
+        parts, attn, mlp = block._modules, block._modules["attn"]._modules, block._modules["mlp"]._modules
+        for module in (parts["ln_1"], attn["c_attn"], attn["c_proj"], parts["ln_2"], mlp["c_fc"], mlp["c_proj"]):
+            tensors += module._parameters.values()
+    tensors += [*modules["ln_f"]._parameters.values(), modules["lm_head"]._parameters["weight"]]
+    key = ([(id(t), t.data_ptr(), t._version) for t in tensors if t is not None], model.decode_precision)
+    cached = model.__dict__.get("_decode_one_token_step")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    step = _make_one_token_step(model, blocks, [t for t in tensors if t is not None])
+    model.__dict__["_decode_one_token_step"] = (key, step)
     return step
+
+
+def _make_one_token_step(model, blocks: list, tensors: list[torch.Tensor]) -> GPTStep | None:
+    modules, precision = model._modules, model.decode_precision
+    heads = model.config.n_head
+    parts = [(_block_products(b, precision), b._modules["ln_1"], b._modules["ln_2"]) for b in blocks]
+    head, = decode_products(model, [(modules["lm_head"]._parameters["weight"], None)], precision)
+    products = [p for block, _, _ in parts for p in block] + [head]
+    if (not blocks or not all(isinstance(p, RowProduct) for p in products)
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+            or model.config.n_embd // heads > MAX_HEAD_DIM):
+        return None
+    return GPTStep(head.lib, parts, modules["ln_f"], head, heads, ACTIVATIONS[model.config.activation])
 
 
 Product = Callable[[torch.Tensor], torch.Tensor]

@@ -69,7 +69,7 @@ class KVCache:
 
     def begin(self, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
         """Prepare a step of T tokens; return their positions (B, T)."""
-        self._T, self._step_lengths, self._step_positions = T, lengths, None
+        self._T, self._step_lengths = T, lengths
         # Every row at the same length and every token real: one slice for all rows.
         self._uniform_step = self.uniform is not None and lengths is None
         if self._uniform_step:
@@ -126,16 +126,14 @@ class KVCache:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return y.transpose(1, 2).reshape(N, C3 // 3)
 
-    def one_token_storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def one_token_storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """In a one-token step where every row's token is real (most decoding steps): the
-        layer's key and value storage (rows, heads, positions, head dim), which may hold
-        spare rows, and the position each row's token takes (int32); else None. For an
-        attention that stores and attends in one call (``row_products``)."""
+        whole key and value storage (layers, rows, heads, positions, head dim), which may
+        hold spare rows and positions, and the position each row's token takes (int32);
+        else None. For a step that stores and attends in one call (``row_products``)."""
         if self._T != 1 or self._step_lengths is not None:
             return None
-        if self._step_positions is None:  # once a step, for every layer
-            self._step_positions = self.lengths.to(torch.int32)
-        return self._k_rows[layer], self._v_rows[layer], self._step_positions
+        return self._k_rows, self._v_rows, self.lengths.to(torch.int32)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H, T, D); return all keys, values, mask and causality."""

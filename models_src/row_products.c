@@ -1,4 +1,4 @@
-/* Fable's kernels for decoding on a CPU: a GPT block's one-token step, and its parts.
+/* Fable's kernels for decoding on a CPU: a GPT's one-token step, and its products.
 
    A decoding step multiplies one row (or a few) by every weight matrix. The weights are
    read once per step, so the time is the speed at which they stream from the caches or
@@ -7,7 +7,8 @@
    contiguous stream, the tiles are shared among the threads, and a tile's TILE sums stay in
    vector registers over the whole input. Around the products, a block's small operations
    (layer norms, attention, GELU, residuals) cost more in calls than in arithmetic, so
-   block_one_token runs the whole block in one call and one OpenMP team. Plain C that the
+   gpt_one_token runs a whole one-token step, every block and the head, in one call and
+   one OpenMP team. Plain C that the
    compiler vectorizes for the machine it builds on (-march=native);
    models_src/row_products.py builds and loads it.
 
@@ -219,23 +220,52 @@ typedef struct {
     int heads, gelu; /* GELU_ERF or GELU_TANH */
 } Block;
 
+typedef struct {
+    const Block *blocks;
+    int layers;
+    const float *ln_weight, *ln_bias; /* the final layer norm; its bias may be NULL */
+    float ln_eps;
+    Linear head;
+} Model;
+
 /* out = x + attn(ln_1(x)); out += mlp(ln_2(out)): a pre-LayerNorm block's one-token step
-   (models_src.layers.Block.forward) for rows (rows, C), the cache as in attend. scratch
-   holds rows * (5 C + hidden) floats. Each stage ends at its loop's barrier. */
-void block_one_token(const Block *B, int rows, const float *x, float *out, float *scratch,
-                     float *k_cache, float *v_cache, int positions, const int *position,
-                     int threads) {
+   (models_src.layers.Block.forward) on rows (rows, C), the layer's cache as in attend, in
+   the team this runs in. scratch holds rows * (5 C + hidden) floats. Each stage ends at its
+   loop's barrier. */
+static void block_step(const Block *B, int rows, const float *x, float *out, float *scratch,
+                       float *k_cache, float *v_cache, int positions, const int *position) {
     const int C = B->proj.out, dim = C / B->heads;
     float *h = scratch, *qkv = h + (size_t)rows * C, *att = qkv + (size_t)rows * 3 * C;
     float *hidden = att + (size_t)rows * C;
+    layer_norm(rows, C, x, B->ln1_weight, B->ln1_bias, B->ln1_eps, h);
+    product(&B->qkv, rows, h, qkv, PLAIN, NULL);
+    attend(rows, B->heads, dim, qkv, k_cache, v_cache, positions, position, att);
+    product(&B->proj, rows, att, out, RESIDUAL, x);
+    layer_norm(rows, C, out, B->ln2_weight, B->ln2_bias, B->ln2_eps, h);
+    product(&B->fc, rows, h, hidden, B->gelu, NULL);
+    product(&B->mlp, rows, hidden, out, RESIDUAL, out);
+}
+
+/* A GPT's one-token step from its embedded rows x (rows, C) to the logits (rows, vocab):
+   every block, the final layer norm and the head, in one OpenMP team. The cache is every
+   layer's (layers, capacity, heads, positions, dim); scratch holds
+   rows * (7 C + hidden) floats. */
+void gpt_one_token(const Model *M, int rows, const float *x, float *logits, float *scratch,
+                   float *k_cache, float *v_cache, int capacity, int positions,
+                   const int *position, int threads) {
+    const int C = M->blocks[0].proj.out;
+    const size_t layer = (size_t)capacity * C * positions; /* heads * dim = C */
+    float *a = scratch, *b = a + (size_t)rows * C, *work = b + (size_t)rows * C;
     _Pragma("omp parallel num_threads(threads) if(threads > 1)")
     {
-        layer_norm(rows, C, x, B->ln1_weight, B->ln1_bias, B->ln1_eps, h);
-        product(&B->qkv, rows, h, qkv, PLAIN, NULL);
-        attend(rows, B->heads, dim, qkv, k_cache, v_cache, positions, position, att);
-        product(&B->proj, rows, att, out, RESIDUAL, x);
-        layer_norm(rows, C, out, B->ln2_weight, B->ln2_bias, B->ln2_eps, h);
-        product(&B->fc, rows, h, hidden, B->gelu, NULL);
-        product(&B->mlp, rows, hidden, out, RESIDUAL, out);
+        const float *in = x;
+        for (int l = 0; l < M->layers; l++) {
+            float *out = l % 2 ? b : a;
+            block_step(&M->blocks[l], rows, in, out, work, k_cache + l * layer,
+                       v_cache + l * layer, positions, position);
+            in = out;
+        }
+        layer_norm(rows, C, in, M->ln_weight, M->ln_bias, M->ln_eps, work);
+        product(&M->head, rows, work, logits, PLAIN, NULL);
     }
 }

@@ -4,7 +4,7 @@ A decoding step multiplies one row, or a few, by every weight matrix; MKL leaves
 product on one core and short of the caches' speed (the step's products took ~2-3x what the
 C kernels here do), and around the products a block's ~25 small torch calls cost more than
 their arithmetic. So ``RowProduct`` runs one product (packed weights, float32 or int8), and
-``BlockStep`` a GPT block's whole one-token step in one call (benchmarks/README.md,
+``GPTStep`` a GPT's whole one-token step in one call (benchmarks/README.md,
 "Generation against llama.cpp"). The kernels are plain C: on first use they are compiled
 with this machine's C compiler (``$CC``, else ``cc``) for its CPU (``-march=native``),
 OpenMP when the compiler has it, into ``$XDG_CACHE_HOME/fable/kernels`` (default
@@ -118,12 +118,19 @@ class Linear(ctypes.Structure):
 
 
 class Block(ctypes.Structure):
-    """row_products.c's Block: a GPT block's parameters for ``block_one_token``."""
+    """row_products.c's Block: a GPT block's parameters."""
     _fields_ = [("ln1_weight", ctypes.c_void_p), ("ln1_bias", ctypes.c_void_p),
                 ("ln2_weight", ctypes.c_void_p), ("ln2_bias", ctypes.c_void_p),
                 ("ln1_eps", ctypes.c_float), ("ln2_eps", ctypes.c_float),
                 ("qkv", Linear), ("proj", Linear), ("fc", Linear), ("mlp", Linear),
                 ("heads", ctypes.c_int), ("gelu", ctypes.c_int)]
+
+
+class Model(ctypes.Structure):
+    """row_products.c's Model: a GPT's blocks, final layer norm and head for ``gpt_one_token``."""
+    _fields_ = [("blocks", ctypes.POINTER(Block)), ("layers", ctypes.c_int),
+                ("ln_weight", ctypes.c_void_p), ("ln_bias", ctypes.c_void_p), ("ln_eps", ctypes.c_float),
+                ("head", Linear)]
 
 
 GELU = {"none": 2, "tanh": 3}  # row_products.c's GELU_ERF and GELU_TANH, by F.gelu's approximate
@@ -134,7 +141,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "row_products_tile": ([], integer),
         "row_product": ([ctypes.POINTER(Linear), integer, pointer, pointer, integer], None),
-        "block_one_token": ([ctypes.POINTER(Block), integer] + [pointer] * 5 + [integer, pointer, integer], None),
+        "gpt_one_token": ([ctypes.POINTER(Model), integer] + [pointer] * 5 + [integer] * 2 + [pointer, integer],
+                          None),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
@@ -188,40 +196,43 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 MAX_HEAD_DIM = 256  # row_products.c's MAX_DIM: a head's sums are kept on the stack
 
 
-def _check_cache(rows: int, width: int, keys: torch.Tensor, values: torch.Tensor,
-                 positions: torch.Tensor) -> None:
-    """Shapes and types only (per layer, so no look at the values): the positions are a
-    KVCache's, each below its storage's (``KVCache.begin`` makes the room)."""
-    heads, dim = keys.size(1), keys.size(3)
-    if (width != heads * dim or keys.size(0) < rows or dim > MAX_HEAD_DIM
-            or keys.dtype != torch.float32 or keys.is_cuda
-            or not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape)
-            or positions.dtype != torch.int32 or positions.shape != (rows,) or not positions.is_contiguous()):
-        raise ValueError("a block's one-token step: the rows and the cache do not match")
+class GPTStep:
+    """A GPT's one-token step in one call (``gpt_one_token``): from the embedded rows to the
+    logits, the same operations as the module path in eval mode (``Block.forward`` for
+    each block, ``ln_f``, ``lm_head``), from the products ``RowProduct`` made (the blocks'
+    four each, then the head) and the layer norms' parameters."""
 
-
-class BlockStep:
-    """A pre-LayerNorm GPT block's one-token step in one call (``block_one_token``): the
-    same operations as ``Block.forward`` in eval mode, from the block's four products (made
-    by ``RowProduct``) and its layer norms."""
-
-    def __init__(self, lib: ctypes.CDLL, products: list[RowProduct], ln_1: torch.nn.LayerNorm,
-                 ln_2: torch.nn.LayerNorm, heads: int, approximate: str):
-        self.lib, self.products, self.norms = lib, products, (ln_1, ln_2)
-        qkv, proj, fc, mlp = (p.linear for p in products)
-        params = [_pointer(t) for ln in (ln_1, ln_2) for t in (ln.weight, ln.bias)]
-        self.block = Block(*params, ln_1.eps, ln_2.eps, qkv, proj, fc, mlp, heads, GELU[approximate])
-        self.width, self.scratch = proj.out, 5 * proj.out + fc.out
+    def __init__(self, lib: ctypes.CDLL, blocks: list[tuple[list[RowProduct], torch.nn.LayerNorm,
+                                                               torch.nn.LayerNorm]],
+                 ln_f: torch.nn.LayerNorm, head: RowProduct, heads: int, approximate: str):
+        self.lib, self.parts = lib, (blocks, ln_f, head)  # what the pointers point into
+        array = (Block * len(blocks))()
+        for i, (products, ln_1, ln_2) in enumerate(blocks):
+            norms = [_pointer(t) for ln in (ln_1, ln_2) for t in (ln.weight, ln.bias)]
+            array[i] = Block(*norms, ln_1.eps, ln_2.eps, *(p.linear for p in products), heads, GELU[approximate])
+        self.model = Model(array, len(blocks), _pointer(ln_f.weight), _pointer(ln_f.bias), ln_f.eps, head.linear)
+        self.array = array
+        width, hidden = blocks[0][0][1].linear.out, blocks[0][0][2].linear.out
+        self.width, self.vocab, self.heads = width, head.linear.out, heads
+        self.scratch = 7 * width + hidden
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) for embedded rows x (rows, C) whose tokens take
+        ``positions`` (int32, one each, each below the storage's positions: a KVCache's);
+        ``keys`` and ``values`` are the cache's whole storage (layers, rows or more, heads,
+        positions, head dim), where the tokens' keys and values are written."""
         rows = x.size(0)
-        if x.dim() != 2 or x.size(1) != self.width or x.dtype != torch.float32:
-            raise ValueError(f"rows of {self.width} float32 expected, not {tuple(x.shape)} {x.dtype}")
-        _check_cache(rows, self.width, keys, values, positions)
+        if (x.dim() != 2 or x.size(1) != self.width or x.dtype != torch.float32
+                or keys.dim() != 5 or keys.size(0) != self.model.layers or keys.size(1) < rows
+                or keys.size(2) != self.heads or keys.size(2) * keys.size(4) != self.width
+                or keys.dtype != torch.float32 or keys.is_cuda
+                or not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape)
+                or positions.dtype != torch.int32 or positions.shape != (rows,) or not positions.is_contiguous()):
+            raise ValueError("a one-token step: the rows and the cache do not match the model")
         x = x.contiguous()
-        out, scratch = torch.empty(rows, self.width), torch.empty(rows * self.scratch)
-        self.lib.block_one_token(self.block, rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr(),
-                                 keys.data_ptr(), values.data_ptr(), keys.size(2),
-                                 positions.data_ptr(), torch.get_num_threads())
-        return out
+        logits, scratch = torch.empty(rows, self.vocab), torch.empty(rows * self.scratch)
+        self.lib.gpt_one_token(self.model, rows, x.data_ptr(), logits.data_ptr(), scratch.data_ptr(),
+                               keys.data_ptr(), values.data_ptr(), keys.size(1), keys.size(3),
+                               positions.data_ptr(), torch.get_num_threads())
+        return logits

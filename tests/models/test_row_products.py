@@ -130,69 +130,69 @@ def test_decode_products_use_the_kernels_when_built_and_torch_otherwise(monkeypa
         torch.testing.assert_close(fallback(x), linear(x))
 
 
-def block_and_cache(bias: bool, activation: str, lengths: list[int], seed: int = 0):
-    """A GPT block and a cache whose rows hold ``lengths`` positions of the block's own keys
-    and values (written by the module path, Block.forward, from large inputs: scores that a
-    softmax without its maximum would overflow)."""
+def model_and_cache(bias: bool, activation: str, lengths: list[int], seed: int = 0):
+    """A two-block GPT and a cache whose rows hold ``lengths`` positions, written by the
+    module path from tokens whose embeddings are scaled up: scores that a softmax without
+    its maximum would overflow."""
     from models_src import ModelConfig, build_model
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(arch="gpt", vocab_size=50, n_layer=1, n_embd=64, n_head=4,
-                                    block_size=256, bias=bias, activation=activation)).eval()
-    block = model.blocks[0]
-    cache = model.init_state(len(lengths))
-    longest = max(lengths)
+    model = build_model(ModelConfig(arch="gpt", vocab_size=50, n_layer=2, n_embd=64, n_head=4,
+                                    block_size=256, bias=bias, activation=activation))
     with torch.no_grad():
-        if not longest:
-            return model, block, cache
-        cache.begin(longest, torch.tensor(lengths))
-        block(30 * torch.randn(len(lengths), longest, 64), cache=cache, layer=0)
-        cache.end()
-    return model, block, cache
+        model.wte.weight.mul_(30)
+    cache = model.init_state(len(lengths))
+    if max(lengths):
+        ids = torch.randint(0, 50, (len(lengths), max(lengths)))
+        with torch.no_grad():
+            model.train().step(ids, cache, torch.tensor(lengths))
+    return model.eval(), cache
 
 
 @needs_compiler
 @pytest.mark.parametrize("lengths", [[0], [1], [63], [64], [200], [5, 200, 64]])
 @pytest.mark.parametrize("bias, activation", [(True, "gelu"), (False, "gelu"), (True, "gelu_tanh")])
-def test_a_blocks_one_token_step_is_the_module_paths(lib, lengths, bias, activation):
-    """BlockStep against Block.forward on copies of the same cache: keys past one chunk of
-    64, rows at different positions, with and without biases, both GELUs; the token's key
-    and value are stored alike."""
+def test_a_one_token_step_in_one_call_is_the_module_paths(lib, lengths, bias, activation):
+    """GPTStep (eval mode) against the module path (training mode, no dropout) on copies of
+    the same cache: keys past one chunk of 64, rows at different positions, with and
+    without biases, both GELUs; the tokens' keys and values are stored alike."""
     import copy
-
-    from models_src.config import ACTIVATIONS
-    model, block, ours = block_and_cache(bias, activation, lengths)
+    model, ours = model_and_cache(bias, activation, lengths)
     theirs = copy.deepcopy(ours)
-    x = 3 * torch.randn(len(lengths), 64)
+    tokens = torch.randint(0, 50, (len(lengths), 1))
     with torch.no_grad():
-        products = fast_decode.decode_products(block, [
-            (block.attn.c_attn.weight, block.attn.c_attn.bias), (block.attn.c_proj.weight, block.attn.c_proj.bias),
-            (block.mlp.c_fc.weight, block.mlp.c_fc.bias), (block.mlp.c_proj.weight, block.mlp.c_proj.bias)])
-        step = row_products.BlockStep(lib, products, block.ln_1, block.ln_2, 4, ACTIVATIONS[activation])
-        ours.begin(1, None)
-        got = step(x, *ours.one_token_storage(0))
-        ours.end()
-        theirs.begin(1, None)
-        want = block(x[:, None], cache=theirs, layer=0)[:, 0]
-        theirs.end()
+        got = model.eval().step(tokens, ours)[0]
+        assert model.__dict__["_decode_one_token_step"][1] is not None  # the kernel ran
+        want = model.train().step(tokens, theirs)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(ours.k, theirs.k)
     torch.testing.assert_close(ours.v, theirs.v)
+    assert torch.equal(ours.lengths, theirs.lengths)
 
 
 @needs_compiler
-def test_a_blocks_step_refuses_rows_or_a_cache_that_do_not_match(lib):
-    from models_src.config import ACTIVATIONS
-    _, block, cache = block_and_cache(True, "gelu", [3, 3])
-    with torch.no_grad():
-        products = fast_decode.decode_products(block, [
-            (block.attn.c_attn.weight, block.attn.c_attn.bias), (block.attn.c_proj.weight, block.attn.c_proj.bias),
-            (block.mlp.c_fc.weight, block.mlp.c_fc.bias), (block.mlp.c_proj.weight, block.mlp.c_proj.bias)])
-    step = row_products.BlockStep(lib, products, block.ln_1, block.ln_2, 4, ACTIVATIONS["gelu"])
+def test_a_one_token_step_refuses_rows_or_a_cache_that_do_not_match(lib):
+    model, cache = model_and_cache(True, "gelu", [3, 3])
+    step = fast_decode._one_token_step(model)
     cache.begin(1, None)
-    keys, values, positions = cache.one_token_storage(0)
+    keys, values, positions = cache.one_token_storage()
     for x, k, p in [(torch.zeros(2, 63), keys, positions), (torch.zeros(3, 64), keys, positions),
                     (torch.zeros(2, 64), keys, positions.long()), (torch.zeros(2, 64), keys.double(), positions),
-                    (torch.zeros(2, 64), keys[:, :2], positions)]:
-        with pytest.raises(ValueError, match="expected|do not match"):
+                    (torch.zeros(2, 64), keys[:1], positions), (torch.zeros(2, 64), keys[:, :, :2], positions)]:
+        with pytest.raises(ValueError, match="do not match"):
             step(x, k, values if k is keys else k.clone(), p)
+
+
+@needs_compiler
+def test_a_one_token_step_is_made_again_when_a_weight_or_the_precision_changes(lib):
+    model, _ = model_and_cache(True, "gelu", [3])
+    steps = [fast_decode._one_token_step(model)]
+    assert fast_decode._one_token_step(model) is steps[-1]
+    with torch.no_grad():
+        model.blocks[1].ln_2.weight.add_(1)  # in place: a new version
+    steps.append(fast_decode._one_token_step(model))
+    model.decode_precision = "int8"
+    steps.append(fast_decode._one_token_step(model))
+    model.blocks[0].mlp.c_fc.weight = torch.nn.Parameter(model.blocks[0].mlp.c_fc.weight.detach().clone())
+    steps.append(fast_decode._one_token_step(model))
+    assert None not in steps and len({id(step) for step in steps}) == 4
