@@ -4,7 +4,9 @@
         [--threads 1] [--decode-precision float32] [--compile] [--tokens 256]
 
 1. Fable's step as the server runs it (``model.step``, greedy, ``--tokens`` new tokens):
-   tokens/s, best of 5, and a torch.profiler table of one run, by operator, per token.
+   tokens/s, best of 5; the one call of Fable's kernel that a one-token step makes, timed
+   alone; and a torch.profiler table of one run, by operator, per token (torch's operators
+   only: the kernel's call is not one).
 2. With ``--compile``: the same model's one-token step written for ``torch.compile``
    (a static key/value cache of the whole context and a position mask, so one graph serves
    every step; ``fullgraph=True``, inductor's C++ code generation), its compile time, its
@@ -54,6 +56,23 @@ def profile_table(fn, tokens: int) -> None:
           "(the profiler adds to small operators)")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]:
         print(f"  {e.key:52s} {e.count / tokens:5.1f} a token {e.self_cpu_time_total / tokens:7.1f} µs")
+
+
+def kernel_call_ms(model, prompt: list[int], repeats: int = 2000) -> float | None:
+    """The one-token step's call of Fable's kernel alone (``fast_decode._one_token_step``),
+    at the prompt's end, best of 5 x ``repeats``; None where the kernels did not build. The
+    profiler sees torch's operators only: this is the rest of a step."""
+    from models_src import fast_decode
+
+    with torch.inference_mode():
+        _, state = model.prefill([prompt])
+        step = fast_decode._one_token_step(model)
+        if step is None:
+            return None
+        state.begin(1, None)  # the call writes the same position each time: nothing moves
+        keys, values, positions = state.one_token_storage()
+        x = torch.randn(1, model.config.n_embd)
+        return best_rate(lambda: [step(x, keys, values, positions) for _ in range(repeats)], repeats) ** -1 * 1e3
 
 
 def static_cache_step(model):
@@ -118,6 +137,9 @@ def main() -> None:
     run = lambda: fable_step_loop(model, prompt, args.tokens)  # noqa: E731
     rate = best_rate(run, args.tokens)
     print(f"Fable's step: {rate:,.0f} tokens/s ({1e3 / rate:.3f} ms a token)")
+    kernel = kernel_call_ms(model, prompt)
+    print("Fable's kernels did not build here: every operator is torch's" if kernel is None else
+          f"of which the one call of Fable's kernel (every block and the head): {kernel:.3f} ms")
     profile_table(run, args.tokens)
     if not args.compile:
         return
