@@ -60,6 +60,8 @@ def main(argv: list[str]) -> int:
         return 1
     if mode == "hang":
         try:
+            with open(work / "metrics.jsonl", "a") as records:  # said once Ctrl-C is handled
+                records.write(json.dumps({"time": time.time(), "event": "hanging"}) + "\n")
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:  # Ctrl-C (Finish now): publish what there is

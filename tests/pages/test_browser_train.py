@@ -82,7 +82,8 @@ def test_a_text_trains_live_and_its_model_writes_on_the_story_and_compare_pages(
     page2.close()
 
     page.click("#train-finish")  # stop now, keep the model
-    page.wait_for_function("() => document.querySelector('#train-state').textContent === 'done'",
+    # ?.: the click's POST and redirect load the page anew, and the predicate may run between
+    page.wait_for_function("() => document.querySelector('#train-state')?.textContent === 'done'",
                            timeout=60_000)
     assert page.locator("#train-done").is_visible()
     assert page.locator("#train-actions").is_hidden()
