@@ -25,7 +25,9 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -608,6 +610,15 @@ def finish_own_model(cfg: RunConfig) -> None:
           f"a server started now loads it with the others.")
 
 
+def ctrl_c_finishes() -> None:
+    """Ctrl-C (SIGINT) finishes the run early, as the training page's "Finish now" asks,
+    even when the command started with SIGINT ignored: a background job of a script, or of
+    a server started with ``nohup ... &``, inherits that, and Python then leaves it so. (Only
+    the main thread may set a handler: a caller running ``main`` in another keeps its own.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
@@ -638,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config key, e.g. training.max_steps=100")
     args = parser.parse_args(argv)
+    ctrl_c_finishes()
     if args.preset and not ((args.data or args.corpus) and args.name):
         parser.error("--preset needs --data FILE (or --corpus CORPUS/FILE) and --name NAME")
     if args.config and (args.data or args.corpus or args.name or args.checkpoint_dir or args.overwrite):

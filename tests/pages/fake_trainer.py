@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def parse(argv: list[str]) -> tuple[dict, dict, set]:
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as training.train's ctrl_c_finishes
     options, overrides, flags = parse(argv)
     text = Path(options["--data"]).read_text() if "--data" in options else "a corpus"
     if "--check" in flags:

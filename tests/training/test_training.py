@@ -346,6 +346,29 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, arch):
     assert len(rows) == 2  # the uninterrupted run and the killed-then-resumed one
 
 
+def test_sigint_finishes_the_command_even_when_it_started_with_sigint_ignored(tmp_path):
+    """The training page's "Finish now" is SIGINT to the command; a server started as a
+    background job (``nohup gunicorn ... &``) hands its children SIGINT ignored, and Python
+    would leave it so: the command takes Ctrl-C back, saves last and final, and says 130."""
+    raw = raw_config(tmp_path, max_steps=100_000, save_every=5, eval_every=100_000)
+    config = write_config(tmp_path, raw)
+    last = tmp_path / "runs" / "tiny-gpt" / "last"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$0" "$@"', sys.executable, "-m",
+                             "training.train", "--config", str(config), "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (last / "trainer_state.pt").exists():  # in the loop, its Ctrl-C handler in place
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted at step" in err.decode()
+    assert load_checkpoint(last.parent / "final").training.step > 0
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path):
     config = write_config(tmp_path, raw_config(tmp_path, max_steps=6, eval_every=3, save_every=3))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
