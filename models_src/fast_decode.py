@@ -109,11 +109,12 @@ def _one_token_step(model) -> GPTStep | None:
         for module in (parts["ln_1"], attn["c_attn"], attn["c_proj"], parts["ln_2"], mlp["c_fc"], mlp["c_proj"]):
             tensors += module._parameters.values()
     tensors += [*modules["ln_f"]._parameters.values(), modules["lm_head"]._parameters["weight"]]
-    key = ([(id(t), t.data_ptr(), t._version) for t in tensors if t is not None], model.decode_precision)
+    tensors = [t for t in tensors if t is not None]  # a model without biases has None's
+    key = ([(id(t), t.data_ptr(), t._version) for t in tensors], model.decode_precision)
     cached = model.__dict__.get("_decode_one_token_step")
     if cached is not None and cached[0] == key:
         return cached[1]
-    step = _make_one_token_step(model, blocks, [t for t in tensors if t is not None])
+    step = _make_one_token_step(model, blocks, tensors)
     model.__dict__["_decode_one_token_step"] = (key, step)
     return step
 

@@ -205,6 +205,9 @@ class GPTStep:
     def __init__(self, lib: ctypes.CDLL, blocks: list[tuple[list[RowProduct], torch.nn.LayerNorm,
                                                                torch.nn.LayerNorm]],
                  ln_f: torch.nn.LayerNorm, head: RowProduct, heads: int, approximate: str):
+        width = blocks[0][0][1].linear.out
+        if width % heads or width // heads > MAX_HEAD_DIM:  # the kernel keeps a head's sums on its stack
+            raise ValueError(f"heads of at most {MAX_HEAD_DIM} dimensions, not {width} / {heads}")
         self.lib, self.parts = lib, (blocks, ln_f, head)  # what the pointers point into
         array = (Block * len(blocks))()
         for i, (products, ln_1, ln_2) in enumerate(blocks):
@@ -212,8 +215,8 @@ class GPTStep:
             array[i] = Block(*norms, ln_1.eps, ln_2.eps, *(p.linear for p in products), heads, GELU[approximate])
         self.model = Model(array, len(blocks), _pointer(ln_f.weight), _pointer(ln_f.bias), ln_f.eps, head.linear)
         self.array = array
-        width, hidden = blocks[0][0][1].linear.out, blocks[0][0][2].linear.out
         self.width, self.vocab, self.heads = width, head.linear.out, heads
+        hidden = blocks[0][0][2].linear.out
         self.scratch = 7 * width + hidden
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

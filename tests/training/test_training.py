@@ -357,13 +357,17 @@ def test_sigint_finishes_the_command_even_when_it_started_with_sigint_ignored(tm
     proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$0" "$@"', sys.executable, "-m",
                              "training.train", "--config", str(config), "--quiet"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (last / "trainer_state.pt").exists():  # in the loop, its Ctrl-C handler in place
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not (last / "trainer_state.pt").exists():  # in the loop, its Ctrl-C handler in place
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:  # a command that ignored the signal would train on after the test
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, err.decode()[-2000:]
     assert "interrupted at step" in err.decode()
     assert load_checkpoint(last.parent / "final").training.step > 0
